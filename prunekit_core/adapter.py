@@ -1,0 +1,141 @@
+"""Architecture adapters: the base classes plugins implement.
+
+:class:`ArchitectureAdapter` is the whole contract. :class:`DecoderAdapter` implements the surgery steps
+that every Hugging Face decoder-only model shares (``num_hidden_layers``, per-layer config lists, KV-cache
+indices), so a family plugin only says where things are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .errors import PlanError
+from .ir import ModelIR
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (``""`` is the root)."""
+    return root.get_submodule(path) if path else root
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` with ``new``."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = get_module(root, parent_path)
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and leaf.isdigit():
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+def count_params(modules: Iterable[nn.Module]) -> int:
+    """Unique parameters (shared tensors once) in ``modules``."""
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+class ArchitectureAdapter(ABC):
+    """Maps one family of models into the IR and performs its family-specific surgery steps.
+
+    Subclasses set ``name`` (unique across plugins) and ``description``.
+    """
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def match(self, model: nn.Module) -> float | None:
+        """How well this adapter fits ``model``: ``None`` for not at all, higher is better.
+
+        Convention: 100 for an exact class match, 10 for a structural match (same module layout under
+        another class name). Equal best scores from two adapters are an error.
+        """
+
+    @abstractmethod
+    def build_ir(self, model: nn.Module) -> ModelIR:
+        """Describe ``model`` (in its current state, pruned or not) as a :class:`ModelIR`."""
+
+    def validate_removals(
+        self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
+    ) -> None:
+        """Raise :class:`PlanError` for removals this family cannot perform (default: all allowed)."""
+
+    @abstractmethod
+    def finalize_surgery(
+        self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
+    ) -> None:
+        """Update config fields and cache indices after the core removed blocks and branches.
+
+        ``kept_blocks`` maps a tower name to the indices (in ``ir_before``) of the blocks that remain, in
+        order. Branch stand-ins are already in place when this runs.
+        """
+
+
+class DecoderAdapter(ArchitectureAdapter):
+    """Shared surgery for Hugging Face decoder-only models with a ``config.num_hidden_layers`` stack.
+
+    It slices every per-layer config list (``layer_types`` and any list as long as the stack), remaps
+    ``mlp_only_layers`` and ``max_window_layers``, and renumbers the ``layer_idx`` of every remaining
+    cache-using sublayer densely in order, so the first cache slot always belongs to a live attention.
+    """
+
+    #: the tower whose blocks are counted by ``config.num_hidden_layers``
+    text_tower: str = "text"
+
+    def text_config(self, model: nn.Module):  # noqa: ANN201 - transformers config type
+        return model.config.get_text_config(decoder=True)
+
+    def validate_removals(
+        self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
+    ) -> None:
+        config = self.text_config(model)
+        layer_types: Sequence[str] | None = getattr(config, "layer_types", None)
+        cache_sublayers = [s for s in ir.sublayers() if s.uses_cache and s.id in removed_sublayers]
+        if cache_sublayers and layer_types is not None and len(set(layer_types)) > 1:
+            raise PlanError(
+                f"removing attention sublayers ({cache_sublayers[0].id}, ...) from a model with mixed "
+                f"layer types {sorted(set(layer_types))} is not supported: the KV cache slots would change "
+                "type. Remove whole blocks instead (--granularity block)."
+            )
+
+    def finalize_surgery(
+        self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
+    ) -> None:
+        kept = kept_blocks[self.text_tower]
+        config = self.text_config(model)
+        old_n = config.num_hidden_layers
+        for key, value in list(vars(config).items()):
+            if key.startswith("_"):
+                continue
+            if isinstance(value, (list, tuple)) and len(value) == old_n and key not in {"mlp_only_layers"}:
+                setattr(config, key, type(value)(value[i] for i in kept))
+        if getattr(config, "mlp_only_layers", None):
+            remap = {old: new for new, old in enumerate(kept)}
+            config.mlp_only_layers = [remap[i] for i in config.mlp_only_layers if i in remap]
+        mwl = getattr(config, "max_window_layers", None)
+        if isinstance(mwl, int):
+            config.max_window_layers = sum(1 for i in kept if i < mwl)
+        config.num_hidden_layers = len(kept)
+        if config is not model.config and hasattr(model.config, "num_hidden_layers"):
+            model.config.num_hidden_layers = len(kept)
+        self.renumber_cache_indices(model)
+
+    def cache_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Live modules that own a KV-cache slot, in forward order (after surgery)."""
+        ir = self.build_ir(model)
+        return [get_module(model, s.module) for s in ir.sublayers() if s.uses_cache]
+
+    def renumber_cache_indices(self, model: nn.Module) -> None:
+        for new_idx, module in enumerate(self.cache_modules(model)):
+            if not hasattr(module, "layer_idx"):
+                raise PlanError(f"{type(module).__name__} has no layer_idx; the adapter must renumber it")
+            module.layer_idx = new_idx

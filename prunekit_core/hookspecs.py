@@ -1,0 +1,60 @@
+"""Every hook a prunekit plugin can implement.
+
+A plugin is a module (named by an entry point in the ``prunekit`` group) with functions decorated by
+``prunekit_core.hookimpl``. Hooks hand over objects; behaviour lives in the core's base classes
+(:class:`~prunekit_core.adapter.ArchitectureAdapter`, :class:`~prunekit_core.metrics.ImportanceMetric`,
+:class:`~prunekit_core.quant.QuantFormat`). The core always calls hooks with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .adapter import ArchitectureAdapter
+    from .metrics import ImportanceMetric
+    from .quant import QuantFormat
+
+hookspec = pluggy.HookspecMarker("prunekit")
+hookimpl = pluggy.HookimplMarker("prunekit")
+
+
+# --- architectures ---------------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_register_adapters(register: Callable[[ArchitectureAdapter], Any]) -> None:
+    """Register architecture adapters.
+
+    Call ``register(adapter)`` once for each :class:`ArchitectureAdapter` instance the plugin provides.
+    An adapter maps a concrete model into the pruning IR and performs the family-specific steps of surgery
+    (config fields, cache indices). Adapter names must be unique across plugins.
+    """
+
+
+# --- importance metrics ----------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_register_metrics(register: Callable[[ImportanceMetric], Any]) -> None:
+    """Register importance metrics.
+
+    Call ``register(metric)`` once for each :class:`ImportanceMetric` instance. A metric declares the unit
+    it scores (block, sublayer, span) and what it needs (activation statistics from the shared calibration
+    pass, or removal trials); the core supplies those through a scoring context.
+    """
+
+
+# --- quantization formats --------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_register_quant_formats(register: Callable[[QuantFormat], Any]) -> None:
+    """Register quantization formats.
+
+    Call ``register(fmt)`` once for each :class:`QuantFormat` instance: its name, its exact bit accounting
+    and a function that quantizes (or fake-quantizes) a weight tensor.
+    """

@@ -1,0 +1,190 @@
+"""The pruning IR: what an architecture plugin tells the core about a model.
+
+Every model prunekit handles is a set of residual streams with branches hung on them. A plugin maps a
+concrete ``nn.Module`` into this picture; the core scores, plans and cuts using only the IR.
+
+Unit ids read like paths and are stable for a given model: ``text.blocks.12`` (a block),
+``text.blocks.12.attn`` / ``text.blocks.12.mlp`` (sublayers), ``text.blocks.12.attn.kv_groups`` (a channel
+group family). A block's id uses its index in the model *as loaded*.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SublayerKind = Literal["attention", "mlp", "moe", "conv_mixer", "conv_ffn", "other"]
+BranchOutput = Literal["tensor", "tuple"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Dim(_Frozen):
+    """A named dimension, e.g. the residual width of a tower."""
+
+    name: str
+    size: int
+
+
+class GroupMember(_Frozen):
+    """One parameter that shrinks when a channel group is removed.
+
+    Group ``i`` of its family owns the slice ``[offset + i*width, offset + (i+1)*width)`` of ``param``
+    along ``axis``.
+    """
+
+    param: str
+    axis: int
+    width: int
+    offset: int = 0
+
+
+class ChannelGroup(_Frozen):
+    """A family of ``count`` interchangeable groups whose members must be sliced together.
+
+    Examples: the KV groups of an attention sublayer (one KV head, its query heads' q rows, its k/v rows
+    and the matching o columns), the channels of an FFN (a gate row, an up row, a down column).
+    """
+
+    id: str
+    kind: Literal["kv_group", "ffn_channel", "conv_channel", "expert_channel"]
+    count: int
+    members: tuple[GroupMember, ...]
+    params_per_group: int
+
+
+class ResidualEdge(_Frozen):
+    """Where a branch adds into a residual stream: ``x[target] = x[source] + branch(norm(x[source]))``.
+
+    Points are numbered along the stream of a tower: point 0 enters the first sublayer.
+    """
+
+    stream: str
+    source: int
+    target: int
+
+
+class Expert(_Frozen):
+    """An expert inside an MoE sublayer (declared by MoE plugins)."""
+
+    id: str
+    index: int
+    router_row: int | None
+    shared: bool = False
+    params: int
+
+
+class Sublayer(_Frozen):
+    """A branch on a residual edge: attention, MLP, MoE, conv mixer, ..."""
+
+    id: str
+    kind: SublayerKind
+    module: str = Field(description="dotted path of the branch module inside the model")
+    norm: str | None = Field(description="dotted path of its pre-norm, removed with the branch")
+    output: BranchOutput = Field(description="whether the branch module returns a tensor or a tuple")
+    residual: ResidualEdge
+    params: int = Field(description="parameters of the branch and its pre-norm")
+    removable: bool = True
+    uses_cache: bool = False
+    channel_groups: tuple[ChannelGroup, ...] = ()
+    experts: tuple[Expert, ...] = ()
+
+
+class Block(_Frozen):
+    """An ordered list of sublayers; removable when every sublayer is."""
+
+    id: str
+    index: int
+    module: str
+    sublayers: tuple[Sublayer, ...]
+    params: int = Field(description="all parameters inside the block module")
+
+    @property
+    def removable(self) -> bool:
+        return all(s.removable for s in self.sublayers)
+
+
+class Stage(_Frozen):
+    """A part of a tower that is not on a residual edge (embeddings, final norm, head, a stem conv)."""
+
+    id: str
+    kind: Literal["embedding", "norm", "head", "stem", "projector", "other"]
+    module: str
+    params: int
+    tied_to: str | None = None
+
+
+class Tower(_Frozen):
+    """One residual stream with its blocks and non-removable stages."""
+
+    name: str
+    width: Dim
+    blocks_path: str = Field(description="dotted path of the ModuleList holding the blocks")
+    blocks: tuple[Block, ...]
+    stages: tuple[Stage, ...]
+    final_norm: str | None = None
+    head: str | None = None
+
+
+class Connection(_Frozen):
+    """Which tower's output feeds which tower's input, and at what width."""
+
+    source: str
+    target: str
+    dim: int
+
+
+class ModelIR(_Frozen):
+    """The whole model as prunekit sees it."""
+
+    architecture: str
+    model_type: str
+    adapter: str
+    towers: tuple[Tower, ...]
+    connections: tuple[Connection, ...] = ()
+    total_params: int
+
+    def tower(self, name: str) -> Tower:
+        for t in self.towers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tower {name!r}; towers: {[t.name for t in self.towers]}")
+
+    def blocks(self) -> list[Block]:
+        return [b for t in self.towers for b in t.blocks]
+
+    def sublayers(self) -> list[Sublayer]:
+        return [s for b in self.blocks() for s in b.sublayers]
+
+    def block_params(self) -> int:
+        """Parameters inside decoder/encoder blocks: the base of every ``--ratio`` budget."""
+        return sum(b.params for b in self.blocks())
+
+    def units(self) -> dict[str, Block | Sublayer]:
+        """Every removable-or-not unit by id (blocks and sublayers)."""
+        out: dict[str, Block | Sublayer] = {}
+        for b in self.blocks():
+            out[b.id] = b
+            for s in b.sublayers:
+                out[s.id] = s
+        return out
+
+    def block_of(self, unit_id: str) -> Block:
+        for b in self.blocks():
+            if unit_id == b.id or any(s.id == unit_id for s in b.sublayers):
+                return b
+        raise KeyError(unit_id)
+
+    def structure_signature(self) -> list[tuple[str, str, int]]:
+        """A compact, order-preserving description used for fingerprints."""
+        sig: list[tuple[str, str, int]] = []
+        for t in self.towers:
+            for st in t.stages:
+                sig.append((st.id, st.kind, st.params))
+            for b in t.blocks:
+                for s in b.sublayers:
+                    sig.append((s.id, s.kind, s.params))
+        return sig

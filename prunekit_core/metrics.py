@@ -1,0 +1,52 @@
+"""The base class for importance metrics, and the scores they return.
+
+Convention: a score is an *importance*: higher means "keep". Planners remove the least important units
+first. Metrics never run the model themselves; the :class:`~prunekit_core.scoring.ScoringContext` hands
+them the statistics of the shared calibration pass and a removal-trial runner.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from .scoring import ScoringContext
+
+Unit = Literal["block", "sublayer", "span"]
+Need = Literal["activations", "trials"]
+
+
+class Scores(BaseModel):
+    """Importance per unit id (higher = more important), from one metric."""
+
+    metric: str
+    unit: Unit
+    values: dict[str, float]
+    span: int | None = Field(None, description="for span metrics: blocks per span; ids name the first block")
+    per_param: bool = Field(False, description="values are already divided by the unit's parameter count")
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """Least important first."""
+        return sorted(self.values.items(), key=lambda kv: kv[1])
+
+
+class ImportanceMetric(ABC):
+    """Scores units of a model's IR.
+
+    Subclasses set ``name``, ``description``, ``unit`` (what they score), ``needs`` (``activations``: the
+    statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked)
+    and ``reference`` (the paper).
+    """
+
+    name: str = ""
+    description: str = ""
+    unit: Unit = "block"
+    needs: frozenset[Need] = frozenset({"activations"})
+    reference: str = ""
+
+    @abstractmethod
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        """Scores for every removable unit of kind ``unit`` in ``ctx.ir``."""

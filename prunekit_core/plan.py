@@ -1,0 +1,125 @@
+"""Pruning plans: what to remove, for which model, and why.
+
+A :class:`PrunePlan` is a versioned pydantic model that round-trips through JSON. It names units by their
+IR ids and carries the fingerprint of the model it was made for; applying it to another model is a
+:class:`~prunekit_core.errors.PlanMismatchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from .errors import PlanError, PlanMismatchError
+from .ir import ModelIR
+
+PLAN_VERSION = 1
+Granularity = Literal["block", "sublayer", "mixed"]
+
+
+class Fingerprint(BaseModel):
+    """Identifies a model: its structure, and a digest of its weights."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    structure: str = Field(description="sha256 of the IR's units and parameter counts")
+    weights: str = Field(description="sha256 over a fixed sample of every parameter's values")
+
+
+class PrunePlan(BaseModel):
+    """Units to remove from one specific model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PLAN_VERSION
+    fingerprint: Fingerprint
+    remove: list[str] = Field(
+        description="unit ids: blocks (text.blocks.3) or sublayers (text.blocks.3.attn)"
+    )
+    method: str = ""
+    granularity: Granularity = "block"
+    target_ratio: float | None = None
+    removed_params: int = 0
+    block_params: int = Field(0, description="parameters of all blocks before pruning (the budget base)")
+    scores: dict[str, float] = Field(default_factory=dict, description="metric value per unit, for reports")
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.removed_params / self.block_params if self.block_params else 0.0
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when only whole blocks are removed: plain ``from_pretrained`` reloads the result."""
+        return all(_is_block_id(u) for u in self.remove)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc
+        if isinstance(data, dict) and data.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise PlanError(
+                f"plan {path} has version {data['version']}; this prunekit reads up to {PLAN_VERSION}. Upgrade."
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PlanError(f"plan file {path} is not a prunekit plan: {exc}") from exc
+
+
+def _is_block_id(unit: str) -> bool:
+    return unit.rsplit(".", 1)[-1].isdigit()
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].to(torch.float64)
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module, ir: ModelIR) -> Fingerprint:
+    """The fingerprint of ``model`` as it is now (pruning changes it)."""
+    sig = json.dumps([ir.architecture, ir.structure_signature()], separators=(",", ":"))
+    return Fingerprint(
+        architecture=ir.architecture,
+        structure=hashlib.sha256(sig.encode()).hexdigest()[:16],
+        weights=_weights_digest(model),
+    )
+
+
+def check_fingerprint(plan: PrunePlan, actual: Fingerprint) -> None:
+    want = plan.fingerprint
+    if want.architecture != actual.architecture or want.structure != actual.structure:
+        raise PlanMismatchError(
+            f"this plan was made for another model ({want.architecture}, structure {want.structure}); "
+            f"the model given is {actual.architecture}, structure {actual.structure}. "
+            "Make a new plan for this model (prunekit prune / prunekit_core.plan_pruning)."
+        )
+    if want.weights != actual.weights:
+        raise PlanMismatchError(
+            f"this plan was made for a model with the same structure but different weights "
+            f"(weights {want.weights}, given {actual.weights}). Scores do not transfer between checkpoints: "
+            "make a new plan for this model."
+        )

@@ -1,0 +1,170 @@
+"""Structural surgery on the IR: remove blocks and residual branches for real.
+
+A branch hung on a residual edge (``x + f(norm(x))``) is removed by replacing the branch with
+:class:`RemovedBranch`, a parameter-free module whose output is a zero scalar, and its pre-norm with
+``nn.Identity``: ``x + 0`` equals ``x`` exactly, the weights are gone from the state dict, and the branch
+costs nothing at run time. A block is removed by deleting it from its ``ModuleList``. The adapter then
+updates the config and cache indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ArchitectureAdapter, get_module, set_module
+from .errors import PlanError
+from .ir import BranchOutput, ModelIR, Sublayer
+from .plan import PrunePlan, check_fingerprint, fingerprint
+
+
+class RemovedBranch(nn.Module):
+    """Stands in for a removed residual branch: returns a zero that broadcasts against the stream.
+
+    ``output="tuple"`` returns ``(zero, None)`` for branches whose callers unpack two values (Hugging Face
+    attention modules); a bare tensor there would silently unpack along the batch dimension.
+    """
+
+    def __init__(self, kind: str, output: BranchOutput, norm_path: str | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.output = output
+        self.norm_path = norm_path
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, None]:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("RemovedBranch expects the hidden states as first argument or hidden_states=")
+        zero = x.new_zeros(())
+        return (zero, None) if self.output == "tuple" else zero
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, output={self.output!r}"
+
+
+def local_name(unit_id: str, block_id: str) -> str:
+    """``text.blocks.3.attn`` -> ``attn`` for block ``text.blocks.3``."""
+    return unit_id[len(block_id) + 1 :]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A plan resolved against an IR: whole blocks and single branches to remove."""
+
+    blocks: frozenset[str]
+    sublayers: frozenset[str]
+
+
+def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
+    """Validate unit ids and fold "every sublayer of a block" into a block removal."""
+    units = ir.units()
+    if len(set(remove)) != len(remove):
+        dupes = sorted({u for u in remove if remove.count(u) > 1})
+        raise PlanError(f"the plan lists units more than once: {dupes}")
+    unknown = [u for u in remove if u not in units]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], list(units), n=1)
+        raise PlanError(
+            f"unknown unit id(s) {unknown[:5]} for this model"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + ". Run `prunekit inspect MODEL` to list unit ids."
+        )
+    blocks: set[str] = set()
+    subs: set[str] = set()
+    for u in remove:
+        unit = units[u]
+        if isinstance(unit, Sublayer):
+            if not unit.removable:
+                raise PlanError(f"{u} ({unit.kind}) is not removable")
+            subs.add(u)
+        else:
+            if not unit.removable:
+                raise PlanError(f"block {u} is not removable")
+            blocks.add(u)
+    for b in ir.blocks():
+        if b.id in blocks:
+            subs -= {s.id for s in b.sublayers}
+        elif b.sublayers and all(s.id in subs for s in b.sublayers):
+            blocks.add(b.id)
+            subs -= {s.id for s in b.sublayers}
+    for tower in ir.towers:
+        if tower.blocks and all(b.id in blocks for b in tower.blocks):
+            raise PlanError(
+                f"the plan removes every block of tower {tower.name!r} ({len(tower.blocks)} blocks); "
+                "at least one must remain. Use a smaller --ratio."
+            )
+    return Resolved(frozenset(blocks), frozenset(subs))
+
+
+def removed_params(ir: ModelIR, resolved: Resolved) -> int:
+    units = ir.units()
+    return sum(units[u].params for u in resolved.blocks | resolved.sublayers)
+
+
+def remove_branch(model: nn.Module, sub: Sublayer) -> None:
+    """Replace one branch (and its pre-norm) by a parameter-free stand-in."""
+    set_module(model, sub.module, RemovedBranch(sub.kind, sub.output, sub.norm))
+    if sub.norm:
+        set_module(model, sub.norm, nn.Identity())
+
+
+def apply_removals(
+    model: nn.Module, adapter: ArchitectureAdapter, ir: ModelIR, resolved: Resolved
+) -> dict[str, list[int]]:
+    """Remove branches and blocks in place; returns the kept block indices per tower."""
+    adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
+    units = ir.units()
+    for sid in sorted(resolved.sublayers):
+        remove_branch(model, units[sid])  # type: ignore[arg-type]
+    kept: dict[str, list[int]] = {}
+    for tower in ir.towers:
+        keep = [b.index for b in tower.blocks if b.id not in resolved.blocks]
+        kept[tower.name] = keep
+        if len(keep) == len(tower.blocks):
+            continue
+        container = get_module(model, tower.blocks_path)
+        if not isinstance(container, nn.ModuleList):
+            raise PlanError(f"{tower.blocks_path} is a {type(container).__name__}, expected nn.ModuleList")
+        new = nn.ModuleList([container[i] for i in keep])
+        set_module(model, tower.blocks_path, new)
+    adapter.finalize_surgery(model, ir, kept)
+    return kept
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan, *, adapter: ArchitectureAdapter | None = None) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place and return it.
+
+    Checks the plan's fingerprint first; nothing is modified when validation fails. Afterwards the
+    removed weights are gone from the module tree and the config describes the new shape.
+    """
+    from .plugins import select_adapter
+
+    adapter = adapter or select_adapter(model)
+    ir = adapter.build_ir(model)
+    check_fingerprint(plan, fingerprint(model, ir))
+    resolved = resolve_removals(ir, plan.remove)
+    apply_removals(model, adapter, ir, resolved)
+    model._prunekit_plan = plan  # type: ignore[attr-defined]  # save_pruned records it
+    return model
+
+
+@contextmanager
+def branches_masked(model: nn.Module, subs: list[Sublayer]) -> Iterator[None]:
+    """Temporarily swap branches for :class:`RemovedBranch` (removal trials); restores on exit."""
+    saved: list[tuple[str, nn.Module]] = []
+    try:
+        for s in subs:
+            saved.append((s.module, get_module(model, s.module)))
+            if s.norm:
+                saved.append((s.norm, get_module(model, s.norm)))
+            remove_branch(model, s)
+        yield
+    finally:
+        for path, module in reversed(saved):
+            set_module(model, path, module)
