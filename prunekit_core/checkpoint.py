@@ -159,6 +159,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as exc:  # missing or corrupt weight files: OSError, SafetensorError, ...
+        raise CheckpointError(f"{path} could not be loaded: {type(exc).__name__}: {exc}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
     expected_missing: set[str] = set()

@@ -104,11 +104,13 @@ class _Registry:
         version: str | None,
         builtin: bool,
         ep: md.EntryPoint | None = None,
+        module: ModuleType | None = None,
     ) -> None:
         info = PluginInfo(name=name, module=module_name, version=version, builtin=builtin)
         staged: dict[str, list[tuple[str, Any]]] = {"adapters": [], "metrics": [], "formats": []}
         try:
-            module = ep.load() if ep is not None else importlib.import_module(module_name)
+            if module is None:
+                module = ep.load() if ep is not None else importlib.import_module(module_name)
             if not isinstance(module, ModuleType):
                 raise PluginError(f"entry point {name!r} must name a module, got {type(module).__name__}")
             self.pm.register(module, name=f"{name}:{module_name}")
@@ -194,7 +196,11 @@ def register_module(module: ModuleType, *, name: str | None = None) -> None:
     before = len(reg.failures)
     with _env_strict():
         reg._load_one(
-            name=name or module.__name__, module_name=module.__name__, version=None, builtin=False, ep=None
+            name=name or module.__name__,
+            module_name=module.__name__,
+            version=None,
+            builtin=False,
+            module=module,
         )
     if len(reg.failures) > before:  # pragma: no cover - strict mode re-raises first
         raise PluginError(reg.failures[-1].error)

@@ -133,8 +133,18 @@ def apply_removals(
             raise PlanError(f"{tower.blocks_path} is a {type(container).__name__}, expected nn.ModuleList")
         new = nn.ModuleList([container[i] for i in keep])
         set_module(model, tower.blocks_path, new)
+        _renumber_norm_paths(new, tower.blocks_path, keep)
     adapter.finalize_surgery(model, ir, kept)
     return kept
+
+
+def _renumber_norm_paths(blocks: nn.ModuleList, blocks_path: str, keep: list[int]) -> None:
+    """Point stand-ins' ``norm_path`` at the blocks' new indices (checkpoints rebuild norms from it)."""
+    for new_i, old_i in enumerate(keep):
+        old_prefix, new_prefix = f"{blocks_path}.{old_i}.", f"{blocks_path}.{new_i}."
+        for m in blocks[new_i].modules():
+            if isinstance(m, RemovedBranch) and m.norm_path and m.norm_path.startswith(old_prefix):
+                m.norm_path = new_prefix + m.norm_path[len(old_prefix) :]
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan, *, adapter: ArchitectureAdapter | None = None) -> nn.Module:

@@ -77,7 +77,12 @@ def test_perplexity_accepts_text_windows():
 
 @pytest.mark.parametrize(
     "bad",
-    [torch.zeros(8, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), torch.zeros(0, 8, dtype=torch.long), torch.zeros(2, 8)],
+    [
+        torch.zeros(8, dtype=torch.long),
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.zeros(0, 8, dtype=torch.long),
+        torch.zeros(2, 8),
+    ],
 )
 def test_perplexity_rejects_bad_windows(bad):
     with pytest.raises(CalibrationError):

@@ -50,7 +50,9 @@ def test_wiki_doc_tags_are_stripped():
 
 def test_read_text_file_strips_doc_lines(tmp_path: Path):
     f = tmp_path / "t.txt"
-    f.write_text('<doc id="1" title="x">\nTitle\n\nBody with <doc> inline stays.\n</doc>\n<doc id="2">\nMore\n</doc>\n')
+    f.write_text(
+        '<doc id="1" title="x">\nTitle\n\nBody with <doc> inline stays.\n</doc>\n<doc id="2">\nMore\n</doc>\n'
+    )
     assert read_text(f) == "Title\n\nBody with <doc> inline stays.\nMore\n"
     assert read_text(str(f)) == read_text(f)
 

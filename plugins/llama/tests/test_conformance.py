@@ -1,0 +1,71 @@
+"""The core conformance suite, run on tiny random Llama, Mistral and Qwen2 models."""
+
+from __future__ import annotations
+
+import torch
+from prunekit_llama import LlamaFamilyAdapter
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from prunekit_core.testing import AdapterConformance
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def _tiny(model_cls, config_cls, **overrides):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**TINY, **overrides})).eval()
+
+
+class TestLlama(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        return _tiny(LlamaForCausalLM, LlamaConfig)
+
+
+class TestLlamaNoGQA(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        return _tiny(LlamaForCausalLM, LlamaConfig, num_key_value_heads=4)
+
+
+class TestLlamaTiedEmbeddings(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        model = _tiny(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return model
+
+
+class TestMistralSlidingWindow(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+    seq_len = 20  # longer than the window, so cached decoding has to evict
+
+    def make_model(self):
+        return _tiny(MistralForCausalLM, MistralConfig, sliding_window=8)
+
+
+class TestQwen2(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        model = _tiny(Qwen2ForCausalLM, Qwen2Config)
+        assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2 has q/k/v bias
+        return model

@@ -1,0 +1,117 @@
+"""Built-in importance metrics, registered through the same hook a third-party plugin uses.
+
+Similarity metrics (``bi``, ``angular``, ``sublayer_drop``) read the statistics of the one shared
+calibration pass. Trial metrics (``nri``, ``sleb``) measure calibration loss with units masked, through the
+shared :class:`~prunekit_core.scoring.TrialRunner`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import PlanError
+from ..hookspecs import hookimpl
+from ..metrics import ImportanceMetric, Scores
+from ..scoring import ScoringContext
+
+
+class BlockInfluence(ImportanceMetric):
+    name = "bi"
+    description = "ShortGPT Block Influence: 1 - mean cos(x_in, x_out) of each block over all tokens"
+    unit = "block"
+    reference = "ShortGPT, arXiv 2403.03853"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        stats = ctx.stats()
+        return Scores(metric=self.name, unit="block", values={b: 1.0 - c for b, c in stats.block_cos.items()})
+
+
+class AngularDistance(ImportanceMetric):
+    name = "angular"
+    description = (
+        "Gromov et al.: arccos(cos(x_l, x_l+n))/pi on the last token, averaged; per span of n blocks"
+    )
+    unit = "span"
+    reference = "The Unreasonable Ineffectiveness of the Deeper Layers, arXiv 2403.17887"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        n = span or 1
+        stats = ctx.stats()
+        last = stats.boundary_last  # [windows, blocks + 1, hidden]
+        blocks = [b.id for b in ctx.ir.tower(stats.tower).blocks]
+        if n < 1 or n > len(blocks):
+            raise PlanError(f"span of {n} blocks is impossible with {len(blocks)} blocks")
+        values: dict[str, float] = {}
+        for start in range(len(blocks) - n + 1):
+            cos = torch.nn.functional.cosine_similarity(last[:, start], last[:, start + n], dim=-1)
+            values[blocks[start]] = float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean())
+        return Scores(metric=self.name, unit="span", values=values, span=n)
+
+
+class SublayerDrop(ImportanceMetric):
+    name = "sublayer_drop"
+    description = "'What Matters in Transformers': S = 1 - cos(X, X + f(LN(X))) per attention/MLP sublayer"
+    unit = "sublayer"
+    reference = "What Matters in Transformers? arXiv 2406.15786"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        stats = ctx.stats()
+        return Scores(
+            metric=self.name, unit="sublayer", values={s: 1.0 - c for s, c in stats.sub_cos.items()}
+        )
+
+
+def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
+    if ctx.candidates is not None:
+        return list(ctx.candidates)
+    if default_unit == "block":
+        return [b.id for b in ctx.ir.blocks() if b.removable]
+    return [s.id for s in ctx.ir.sublayers() if s.removable]
+
+
+class NRI(ImportanceMetric):
+    name = "nri"
+    description = (
+        "relative perplexity increase when the unit alone is removed, per parameter (removal trials)"
+    )
+    unit = "sublayer"
+    needs = frozenset({"trials"})
+    reference = "Rethinking the Impact of Heterogeneous Sublayers (OpenReview qG1S5eXMzx)"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        runner = ctx.trials()
+        units = ctx.ir.units()
+        base = runner.current_loss
+        values = {}
+        for uid in _trial_candidates(ctx, self.unit):
+            rel = math.exp(runner.loss([uid]) - base) - 1.0  # ppl ratio - 1
+            values[uid] = rel / units[uid].params
+        return Scores(metric=self.name, unit=self.unit, values=values, per_param=True)
+
+
+class SLEB(ImportanceMetric):
+    name = "sleb"
+    description = (
+        "SLEB: calibration loss after removing the unit alone (removal trials); lower = remove first"
+    )
+    unit = "block"
+    needs = frozenset({"trials"})
+    reference = "SLEB, arXiv 2402.09025"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        runner = ctx.trials()
+        values = {uid: runner.loss([uid]) for uid in _trial_candidates(ctx, self.unit)}
+        return Scores(metric=self.name, unit=self.unit, values=values)
+
+
+BUILTIN_METRICS = (BlockInfluence, AngularDistance, SublayerDrop, NRI, SLEB)
+
+
+@hookimpl
+def prunekit_register_metrics(register: Callable[[Any], Any]) -> None:
+    for cls in BUILTIN_METRICS:
+        register(cls())

@@ -1,0 +1,255 @@
+"""Planning to a parameter budget.
+
+``ratio`` is a fraction of the parameters inside blocks (embeddings, final norm and head excluded): a plan
+removes *at least* ``ceil(ratio * block_params)`` parameters.
+
+Two planners:
+
+- ``rank``: score once with any metric, remove the least important units until the budget is met (span
+  metrics: the least important span of the fewest blocks that meets the budget).
+- ``greedy``: re-score after every removal with a trial metric (NRI or SLEB). Each round picks the unit with
+  the lowest estimated cost of finishing the budget: its measured loss increase if it finishes the budget
+  alone, otherwise its loss increase per parameter times the parameters still to remove. After the first
+  full round only a shortlist of the best candidates is re-measured (``shortlist``; ``None`` = all).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from torch import nn
+
+from .adapter import ArchitectureAdapter
+from .errors import PlanError
+from .ir import ModelIR
+from .metrics import ImportanceMetric, Scores
+from .plan import Granularity, PrunePlan, fingerprint
+from .plugins import get_metric, select_adapter
+from .scoring import Calibration, ScoringContext
+from .surgery import resolve_removals
+
+log = logging.getLogger(__name__)
+
+PlannerName = Literal["rank", "greedy"]
+GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "mixed")
+
+
+def budget_params(ir: ModelIR, ratio: float) -> int:
+    if not 0.0 < ratio < 1.0:
+        raise PlanError(
+            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
+        )
+    return math.ceil(ratio * ir.block_params())
+
+
+def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Units a plan at ``granularity`` may remove next, given what is already removed."""
+    if granularity not in GRANULARITIES:
+        raise PlanError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    out: list[str] = []
+    for b in ir.blocks():
+        if b.id in removed or not b.removable:
+            continue
+        live = [s for s in b.sublayers if s.id not in removed and s.removable]
+        untouched = len(live) == len(b.sublayers)
+        if granularity in ("block", "mixed") and untouched:
+            out.append(b.id)
+        if granularity in ("sublayer", "mixed"):
+            out.extend(s.id for s in live)
+    return out
+
+
+def _removed_params(ir: ModelIR, remove: list[str]) -> int:
+    units = ir.units()
+    resolved = resolve_removals(ir, remove)
+    return sum(units[u].params for u in resolved.blocks | resolved.sublayers)
+
+
+def _would_empty_a_tower(ir: ModelIR, remove: list[str]) -> bool:
+    try:
+        resolve_removals(ir, remove)
+    except PlanError:
+        return True
+    return False
+
+
+def _check_metric_fits(metric: ImportanceMetric, granularity: Granularity) -> None:
+    if "trials" in metric.needs:
+        return
+    if metric.unit in ("block", "span") and granularity != "block":
+        raise PlanError(
+            f"metric {metric.name!r} scores blocks; use --granularity block (or a trial metric: nri)"
+        )
+    if metric.unit == "sublayer" and granularity == "block":
+        raise PlanError(
+            f"metric {metric.name!r} scores sublayers; use --granularity sublayer or mixed (or metric bi for blocks)"
+        )
+
+
+def plan_pruning(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    ratio: float,
+    metric: str = "nri",
+    granularity: Granularity = "mixed",
+    planner: PlannerName = "greedy",
+    adapter: ArchitectureAdapter | None = None,
+    shortlist: int | None = 8,
+    trial_windows: int = 8,
+    loss_stride: int = 4,
+    on_step: Callable[[str], None] | None = None,
+) -> PrunePlan:
+    """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``."""
+    adapter = adapter or select_adapter(model)
+    ir = adapter.build_ir(model)
+    target = budget_params(ir, ratio)
+    m = get_metric(metric)
+    if planner not in ("rank", "greedy"):
+        raise PlanError(f"unknown planner {planner!r}; choose rank or greedy")
+    if planner == "greedy" and "trials" not in m.needs:
+        raise PlanError(
+            f"the greedy planner re-measures after each removal: use a trial metric (nri, sleb), not {metric!r}"
+        )
+    _check_metric_fits(m, granularity)
+    ctx = ScoringContext(
+        model=model,
+        adapter=adapter,
+        ir=ir,
+        calibration=calibration,
+        trial_windows=trial_windows,
+        loss_stride=loss_stride,
+    )
+    t0 = time.perf_counter()
+    if planner == "rank":
+        remove, scores = _plan_rank(ctx, m, granularity, target)
+    else:
+        remove, scores = _plan_greedy(ctx, m, granularity, target, shortlist, on_step)
+    removed = _removed_params(ir, remove)
+    notes = [
+        f"budget: at least {target} of {ir.block_params()} block parameters (embeddings and head excluded)",
+        f"planning took {time.perf_counter() - t0:.1f} s on {calibration.tokens} calibration tokens",
+    ]
+    if ctx._trials is not None:
+        notes.append(f"{ctx._trials.trials} removal trials on {ctx._trials.windows.numel()} tokens")
+    return PrunePlan(
+        fingerprint=fingerprint(model, ir),
+        remove=remove,
+        method=f"{planner}:{metric}",
+        granularity=granularity,
+        target_ratio=ratio,
+        removed_params=removed,
+        block_params=ir.block_params(),
+        scores=scores,
+        notes=notes,
+    )
+
+
+def _plan_rank(
+    ctx: ScoringContext, m: ImportanceMetric, granularity: Granularity, target: int
+) -> tuple[list[str], dict[str, float]]:
+    ir = ctx.ir
+    units = ir.units()
+    if m.unit == "span":
+        blocks = [b for b in ir.blocks() if b.removable]
+        for n in range(1, len(blocks)):
+            scores = m.score(ctx, span=n)
+            order = [b.id for b in ir.blocks()]
+            fits = []
+            for start, value in scores.values.items():
+                i = order.index(start)
+                span_ids = order[i : i + n]
+                if (
+                    all(units[u].removable for u in span_ids)
+                    and sum(units[u].params for u in span_ids) >= target
+                ):
+                    fits.append((value, span_ids))
+            if fits:
+                fits.sort(key=lambda f: f[0])
+                return fits[0][1], scores.values
+        raise PlanError("no span of blocks meets the budget without removing every block; lower --ratio")
+    ctx.candidates = candidates_for(ir, granularity)
+    scores = m.score(ctx)
+    remove: list[str] = []
+    for uid, _ in scores.ranked():
+        if uid not in candidates_for(ir, granularity, set(remove)):
+            continue
+        if _would_empty_a_tower(ir, remove + [uid]):
+            continue
+        remove.append(uid)
+        if _removed_params(ir, remove) >= target:
+            return remove, scores.values
+    raise PlanError(
+        f"the budget ({target} parameters) cannot be met without removing every block; lower --ratio"
+    )
+
+
+def _plan_greedy(
+    ctx: ScoringContext,
+    m: ImportanceMetric,
+    granularity: Granularity,
+    target: int,
+    shortlist: int | None,
+    on_step: Callable[[str], None] | None,
+) -> tuple[list[str], dict[str, float]]:
+    ir = ctx.ir
+    units = ir.units()
+    runner = ctx.trials()
+    remove: list[str] = []
+    first_scores: dict[str, float] = {}
+    ranking: list[str] | None = None
+    while (done := _removed_params(ir, remove)) < target:
+        need = target - done
+        live = [
+            u
+            for u in candidates_for(ir, granularity, set(remove))
+            if not _would_empty_a_tower(ir, remove + [u])
+        ]
+        if not live:
+            raise PlanError(f"the budget ({target} parameters) cannot be met without removing every block")
+        if ranking is not None and shortlist:
+            pool = [u for u in ranking if u in live][:shortlist]
+            # a unit that alone finishes the budget is always worth measuring at the end
+            pool += [u for u in live if u not in pool and _gain(ir, remove, u) >= need][
+                : max(0, shortlist // 2)
+            ]
+        else:
+            pool = live
+        ctx.candidates = pool
+        base = runner.current_loss
+        scores = _as_losses(m.score(ctx), runner, units, base)
+        if not first_scores:
+            first_scores = {u: s for u, s in scores.items()}
+        cost = {}
+        for u, loss in scores.items():
+            delta = loss - base
+            gain = _gain(ir, remove, u)
+            cost[u] = delta if gain >= need else delta * need / max(gain, 1)
+        best = min(cost, key=cost.get)  # type: ignore[arg-type]
+        ranking = sorted(cost, key=cost.get)  # type: ignore[arg-type]
+        if ranking is not None and pool is not live:
+            ranking += [u for u in live if u not in cost]
+        remove.append(best)
+        runner.commit([best])
+        msg = f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/{target})"
+        log.info(msg)
+        if on_step:
+            on_step(msg)
+    return remove, first_scores
+
+
+def _gain(ir: ModelIR, remove: list[str], unit: str) -> int:
+    return _removed_params(ir, remove + [unit]) - _removed_params(ir, remove)
+
+
+def _as_losses(scores: Scores, runner, units, base: float) -> dict[str, float]:  # noqa: ANN001
+    """Turn a trial metric's scores back into the loss after removing each unit."""
+    if scores.metric == "sleb":
+        return dict(scores.values)
+    if scores.metric == "nri":
+        return {u: base + math.log1p(v * units[u].params) for u, v in scores.values.items()}
+    raise PlanError(f"the greedy planner does not know how to read metric {scores.metric!r}")

@@ -1,0 +1,333 @@
+"""Calibration: one forward pass for every similarity metric, and cheap removal trials.
+
+:func:`calibrate` runs the model once over the calibration windows with hooks on the residual stream. At
+every point where a branch reads the stream (the input of its pre-norm) and at the end of the stack (the
+input of the final norm) it records, on the fly, the mean cosine similarity between consecutive points,
+between the two ends of every block, and the last-token states at block boundaries. Memory stays at one
+batch of activations whatever the depth.
+
+:class:`TrialRunner` measures calibration loss with branches masked. It caches the input of every block
+once and replays only the blocks after the first masked one, with the keyword arguments (rotary
+embeddings, masks) captured from the real forward, so a trial never re-runs the prefix or copies the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ArchitectureAdapter, get_module
+from .errors import CalibrationError
+from .ir import ModelIR, Sublayer, Tower
+from .surgery import branches_masked
+
+
+@dataclass
+class StreamStats:
+    """Statistics of one tower's residual stream over the calibration tokens."""
+
+    tower: str
+    point_after: list[str]  # point p+1 is the stream after sublayer ``point_after[p]``
+    sub_cos: dict[str, float]  # sublayer id -> mean cos(x_in, x_in + branch)
+    block_cos: dict[str, float]  # block id -> mean cos(x_in, x_out)
+    boundary_last: torch.Tensor  # [windows, blocks + 1, hidden] last-token stream at block boundaries
+    tokens: int
+
+
+@dataclass
+class Calibration:
+    """Everything the activation metrics need, from one pass; plus the windows for trials."""
+
+    windows: torch.Tensor
+    towers: dict[str, StreamStats] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.windows.numel())
+
+
+def _stream_points(tower: Tower) -> list[tuple[Sublayer | None, str]]:
+    """Module whose first input is the stream at each point, in order (last: the final norm)."""
+    pts: list[tuple[Sublayer | None, str]] = []
+    for b in tower.blocks:
+        for s in b.sublayers:
+            pts.append((s, s.norm or s.module))
+    if tower.final_norm is None:
+        raise CalibrationError(
+            f"tower {tower.name} declares no final_norm; the stream end cannot be observed"
+        )
+    pts.append((None, tower.final_norm))
+    return pts
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, torch.Tensor):
+        return hs
+    raise CalibrationError("could not find the hidden states among a hooked module's inputs")
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+) -> Calibration:
+    """Run ``windows`` ([n, seq_len] token ids) through ``model`` once and collect stream statistics."""
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise CalibrationError(
+            f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
+        )
+    cal = Calibration(windows=windows)
+    for tower in ir.towers:
+        if not tower.blocks:
+            continue
+        pts = _stream_points(tower)
+        sub_ids = [s.id for s, _ in pts[:-1] if s is not None]
+        # which point starts/ends each block
+        block_start: list[int] = []
+        idx = 0
+        for b in tower.blocks:
+            block_start.append(idx)
+            idx += len(b.sublayers)
+        block_bounds = block_start + [idx]
+        sub_sum = torch.zeros(len(pts) - 1, dtype=torch.float64)
+        blk_sum = torch.zeros(len(tower.blocks), dtype=torch.float64)
+        lasts: list[torch.Tensor] = []
+        state: dict[str, Any] = {}
+
+        def make_hook(p: int):
+            def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                x = _first_tensor(args, kwargs).float()
+                prev = state.get("prev")
+                if prev is not None:
+                    sub_sum[p - 1] += F.cosine_similarity(prev, x, dim=-1).double().sum()
+                state["prev"] = x
+                if p in block_index_of_point:
+                    bi = block_index_of_point[p]
+                    state["last"][:, bi] = x[:, -1]
+                    if bi > 0:
+                        start = state["block_in"]
+                        blk_sum[bi - 1] += F.cosine_similarity(start, x, dim=-1).double().sum()
+                    state["block_in"] = x
+
+            return hook
+
+        block_index_of_point = {pt: bi for bi, pt in enumerate(block_bounds)}
+        handles = [
+            get_module(model, path).register_forward_pre_hook(make_hook(p), with_kwargs=True)
+            for p, (_, path) in enumerate(pts)
+        ]
+        try:
+            for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
+                batch = windows[start : start + batch_size]
+                state.clear()
+                state["last"] = torch.zeros(batch.shape[0], len(block_bounds), _width(tower))
+                model(input_ids=batch, use_cache=False)
+                lasts.append(state["last"])
+        finally:
+            for h in handles:
+                h.remove()
+        ntok = windows.numel()
+        cal.towers[tower.name] = StreamStats(
+            tower=tower.name,
+            point_after=sub_ids,
+            sub_cos={sid: float(sub_sum[i] / ntok) for i, sid in enumerate(sub_ids)},
+            block_cos={b.id: float(blk_sum[i] / ntok) for i, b in enumerate(tower.blocks)},
+            boundary_last=torch.cat(lasts),
+            tokens=ntok,
+        )
+    return cal
+
+
+def _width(tower: Tower) -> int:
+    return tower.width.size
+
+
+def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
+    if not enabled:
+        return it
+    from rich.progress import track
+
+    seq = list(it)
+    return track(seq, description=label, transient=True)
+
+
+class TrialRunner:
+    """Calibration loss of ``model`` with some blocks skipped and some branches masked.
+
+    Only the text tower of a causal LM is supported (the head consumes the last tower's stream).
+    ``loss_positions`` subsamples the positions whose next-token loss is measured (the LM head over a
+    49k vocabulary costs as much as several blocks); every position still flows through attention.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchitectureAdapter,
+        windows: torch.Tensor,
+        *,
+        tower: str = "text",
+        loss_stride: int = 1,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.ir = adapter.build_ir(model)
+        self.tower = self.ir.tower(tower)
+        if not self.tower.final_norm or not self.tower.head:
+            raise CalibrationError(f"tower {tower} has no final norm/head; trials need a language-model head")
+        self.windows = windows
+        self.loss_stride = max(1, loss_stride)
+        self.blocks = [get_module(model, b.module) for b in self.tower.blocks]
+        self.norm = get_module(model, self.tower.final_norm)
+        self.head = get_module(model, self.tower.head)
+        self.skipped: set[str] = set()
+        self.masked: set[str] = set()
+        self.trials = 0
+        self._capture()
+
+    # The cached state ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """One real forward: the input and keyword arguments of every block."""
+        inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
+        kwargs_of: list[dict[str, Any] | None] = [None] * len(self.blocks)
+
+        def make_hook(i: int):
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                inputs[i] = _first_tensor(args, kwargs)
+                kw = dict(kwargs)
+                kw.pop("hidden_states", None)
+                kwargs_of[i] = {"__args__": args[1:], **kw}
+
+            return hook
+
+        handles = [
+            b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)
+        ]
+        try:
+            self.model(input_ids=self.windows, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(x is None for x in inputs):
+            raise CalibrationError("some blocks did not run during the trial capture pass")
+        self.inputs: list[torch.Tensor] = inputs  # type: ignore[assignment]
+        self.kwargs: list[dict[str, Any]] = kwargs_of  # type: ignore[assignment]
+        labels = self.windows[:, 1:]
+        self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
+        self.base_loss = self._run_from(0, set(), set())
+
+    def _call_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        kw = dict(self.kwargs[i])
+        args = kw.pop("__args__")
+        out = self.blocks[i](x, *args, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _subs(self, ids: Iterable[str]) -> list[Sublayer]:
+        units = self.ir.units()
+        return [units[i] for i in ids]  # type: ignore[misc]
+
+    @torch.inference_mode()
+    def _run_from(self, start: int, skipped: set[str], masked: set[str]) -> float:
+        x = self.inputs[start]
+        with branches_masked(self.model, self._subs(masked)):
+            for i in range(start, len(self.blocks)):
+                if self.tower.blocks[i].id in skipped:
+                    continue
+                x = self._call_block(i, x)
+        return self._loss(x)
+
+    def _loss(self, x: torch.Tensor) -> float:
+        h = self.norm(x[:, :-1])
+        if self.loss_stride > 1:
+            h = h[:, :: self.loss_stride]
+        logits = self.head(h).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1))
+        return float(loss)
+
+    # Public -------------------------------------------------------------------------------------------
+
+    def block_index(self, unit_id: str) -> int:
+        for i, b in enumerate(self.tower.blocks):
+            if unit_id == b.id or unit_id.startswith(b.id + "."):
+                return i
+        raise KeyError(unit_id)
+
+    def loss(self, remove: Iterable[str] = ()) -> float:
+        """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
+        extra = set(remove)
+        blocks = {u for u in extra if u in {b.id for b in self.tower.blocks}}
+        subs = extra - blocks
+        if not extra:
+            return self.current_loss
+        start = min(self.block_index(u) for u in extra)
+        self.trials += 1
+        return self._run_from(start, self.skipped | blocks, self.masked | subs)
+
+    def commit(self, remove: Iterable[str]) -> None:
+        """Make removals permanent for later trials and refresh the cached block inputs after them."""
+        extra = set(remove)
+        if not extra:
+            return
+        block_ids = {b.id for b in self.tower.blocks}
+        self.skipped |= {u for u in extra if u in block_ids}
+        self.masked |= {u for u in extra if u not in block_ids}
+        start = min(self.block_index(u) for u in extra)
+        self._refresh_from(start)
+
+    @torch.inference_mode()
+    def _refresh_from(self, start: int) -> None:
+        x = self.inputs[start]
+        with branches_masked(self.model, self._subs(self.masked)):
+            for i in range(start, len(self.blocks)):
+                self.inputs[i] = x
+                if self.tower.blocks[i].id in self.skipped:
+                    continue
+                x = self._call_block(i, x)
+        self._current = self._loss(x)
+
+    @property
+    def current_loss(self) -> float:
+        return getattr(self, "_current", self.base_loss)
+
+    @staticmethod
+    def perplexity(loss: float) -> float:
+        return math.exp(loss)
+
+
+@dataclass
+class ScoringContext:
+    """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
+
+    model: nn.Module
+    adapter: ArchitectureAdapter
+    ir: ModelIR
+    calibration: Calibration
+    candidates: list[str] | None = None
+    trial_windows: int = 8
+    loss_stride: int = 4
+    _trials: TrialRunner | None = None
+
+    def trials(self) -> TrialRunner:
+        """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows)."""
+        if self._trials is None:
+            self._trials = TrialRunner(
+                self.model,
+                self.adapter,
+                self.calibration.windows[: self.trial_windows],
+                loss_stride=self.loss_stride,
+            )
+        return self._trials
+
+    def stats(self, tower: str = "text") -> StreamStats:
+        if tower not in self.calibration.towers:
+            raise CalibrationError(f"no calibration statistics for tower {tower!r}; run calibrate() first")
+        return self.calibration.towers[tower]

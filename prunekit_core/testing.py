@@ -1,0 +1,486 @@
+"""A conformance suite for architecture plugins.
+
+Subclass :class:`AdapterConformance` in your plugin's tests, set ``adapter`` and implement ``make_model``
+(a tiny, seeded, randomly initialised model in eval mode; a fresh one on every call)::
+
+    class TestMyFamily(AdapterConformance):
+        adapter = MyFamilyAdapter()
+
+        def make_model(self):
+            torch.manual_seed(0)
+            return MyForCausalLM(MyConfig(hidden_size=64, num_hidden_layers=4, ...)).eval()
+
+pytest collects every ``test_*`` method for the subclass. Each test compares the adapter's surgery with a
+reference computed without it: a removed branch must equal the unpruned model with that branch's output
+forced to zero by a forward hook, a removed block must equal the model with that block bypassed by a
+hook, and cached token-by-token decoding must equal one full forward. Only ``tmp_path`` is taken as a
+fixture, so a test can also be called directly (``TestMyFamily().test_config_consistent()``), which is how
+prunekit proves that the suite catches broken adapters.
+
+Models need at least three removable blocks. Override :meth:`block_removals` and :meth:`mixed_removal`
+to choose other units.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from .adapter import ArchitectureAdapter, get_module
+from .errors import PlanError, PlanMismatchError
+from .ir import ModelIR
+from .plan import PrunePlan, fingerprint
+from .surgery import apply_plan
+
+__all__ = ["AdapterConformance"]
+
+
+class AdapterConformance:
+    """Conformance tests every architecture adapter must pass. Subclass it; see the module docstring."""
+
+    #: the adapter under test (an instance)
+    adapter: ArchitectureAdapter
+    #: token ids are drawn below this; ``None`` reads ``config.vocab_size``
+    vocab_size: int | None = None
+    #: length of the test sequences; make it longer than any sliding window of the model
+    seq_len: int = 16
+    #: absolute tolerance for comparisons that go through different kernels (cache vs full forward)
+    atol: float = 1e-5
+
+    def make_model(self) -> nn.Module:
+        """A fresh, tiny, seeded model in eval mode (the same weights on every call)."""
+        raise NotImplementedError("subclasses of AdapterConformance must implement make_model()")
+
+    @pytest.fixture(autouse=True)
+    def _one_thread(self) -> Iterator[None]:
+        # tiny models run many times faster on one thread: intra-op threading costs more than it saves
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    # helpers ---------------------------------------------------------------------------------------
+
+    def input_ids(self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
+        """Deterministic random token ids, ``[batch, length]``."""
+        vocab = self.vocab_size or _text_config(model).vocab_size
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(3, vocab, (batch, length or self.seq_len), generator=gen)
+
+    def block_removals(self, ir: ModelIR) -> list[list[str]]:
+        """Block sets to test: each removable block alone, then two non-adjacent blocks together."""
+        blocks = [b.id for b in ir.blocks() if b.removable]
+        sets = [[b] for b in blocks]
+        if len(blocks) >= 4:
+            sets.append([blocks[1], blocks[3]])
+        return sets
+
+    def mixed_removal(self, ir: ModelIR) -> list[str]:
+        """A plan mixing granularities: the cache-using branch of the first block, the whole second block
+        and a cache-free branch of the last block (so every later KV-cache index has to shift)."""
+        blocks = [b for b in ir.blocks() if b.removable and len(b.sublayers) >= 2]
+        assert len(blocks) >= 3, "the conformance model needs at least 3 blocks with 2+ sublayers each"
+        first, second, last = blocks[0], blocks[1], blocks[-1]
+        first_sub = next((s for s in first.sublayers if s.uses_cache), first.sublayers[0])
+        last_sub = next((s for s in reversed(last.sublayers) if not s.uses_cache), last.sublayers[-1])
+        return [first_sub.id, second.id, last_sub.id]
+
+    def block_plan(self, ir: ModelIR) -> list[str]:
+        """A block-only (uniform) plan: the last of :meth:`block_removals`."""
+        return self.block_removals(ir)[-1]
+
+    def prune(self, model: nn.Module, remove: list[str]) -> nn.Module:
+        """Apply a plan made for ``model`` in place, through the public path (fingerprint checked)."""
+        ir = self.adapter.build_ir(model)
+        plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove))
+        return apply_plan(model, plan, adapter=self.adapter)
+
+    # tests -----------------------------------------------------------------------------------------
+
+    def test_adapter_matches(self) -> None:
+        from . import plugins
+
+        model = self.make_model()
+        assert self.adapter.match(model) is not None, f"{self.adapter.name} does not match its own model"
+        registered = plugins.adapters().get(self.adapter.name)
+        if registered is None or type(registered) is not type(self.adapter):
+            return  # not installed through an entry point (e.g. a test-only adapter): nothing to select
+        chosen = plugins.select_adapter(model)
+        assert chosen is registered, f"select_adapter chose {chosen.name!r}, expected {self.adapter.name!r}"
+
+    def test_ir_covers_every_parameter(self) -> None:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        params = dict(model.named_parameters())  # shared (tied) tensors appear once
+        total = sum(p.numel() for p in params.values())
+        assert ir.total_params == total, f"IR total_params {ir.total_params} != model's {total}"
+
+        owners: dict[str, list[str]] = {name: [] for name in params}
+        for tower in ir.towers:
+            for unit_id, path in [(b.id, b.module) for b in tower.blocks] + [
+                (s.id, s.module) for s in tower.stages
+            ]:
+                for name in _params_under(params, path):
+                    owners[name].append(unit_id)
+        unowned = [n for n, o in owners.items() if not o]
+        shared = {n: o for n, o in owners.items() if len(o) > 1}
+        assert not unowned, f"parameters in no block or stage: {unowned[:5]}"
+        assert not shared, f"parameters in more than one block/stage: {dict(list(shared.items())[:5])}"
+
+        for tower in ir.towers:
+            for st in tower.stages:
+                own = _numel(params, _params_under(params, st.module))
+                assert st.params == own, f"stage {st.id} declares {st.params} params, its module has {own}"
+            for b in tower.blocks:
+                own = _numel(params, _params_under(params, b.module))
+                assert b.params == own, f"block {b.id} declares {b.params} params, its module has {own}"
+                assert get_module(model, b.module) is get_module(model, tower.blocks_path)[b.index]
+                sub_total = 0
+                for s in b.sublayers:
+                    assert s.module.startswith(b.module + "."), f"{s.id} lives outside its block"
+                    names = set(_params_under(params, s.module))
+                    if s.norm:
+                        names |= set(_params_under(params, s.norm))
+                    own = _numel(params, names)
+                    assert s.params == own, f"sublayer {s.id} declares {s.params} params, it has {own}"
+                    sub_total += s.params
+                assert sub_total <= b.params, f"sublayers of {b.id} hold more params than the block"
+        block_sum = sum(b.params for b in ir.blocks())
+        stage_sum = sum(st.params for t in ir.towers for st in t.stages)
+        assert block_sum + stage_sum == total, (
+            f"blocks ({block_sum}) + stages ({stage_sum}) != all parameters ({total})"
+        )
+
+        ids = [u for t in ir.towers for u in [b.id for b in t.blocks] + [s.id for s in t.stages]]
+        ids += [s.id for s in ir.sublayers()]
+        ids += [g.id for s in ir.sublayers() for g in s.channel_groups]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        assert not dupes, f"unit ids are not unique: {dupes}"
+
+        for s in ir.sublayers():
+            for g in s.channel_groups:
+                assert g.count > 0, f"{g.id} has no groups"
+                spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+                per_group = 0
+                for m in g.members:
+                    assert m.param in params, f"{g.id} names {m.param!r}, which is not a parameter"
+                    shape = params[m.param].shape
+                    assert 0 <= m.axis < len(shape), f"{g.id}: {m.param} has no axis {m.axis}"
+                    spans.setdefault((m.param, m.axis), []).append((m.offset, m.offset + g.count * m.width))
+                    per_group += m.width * params[m.param].numel() // shape[m.axis]
+                for (pname, axis), ranges in spans.items():
+                    ranges.sort()
+                    dim = params[pname].shape[axis]
+                    covered = ranges[0][0] == 0 and ranges[-1][1] == dim
+                    covered = covered and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+                    assert covered, (
+                        f"{g.id}: {g.count} groups of {pname} cover {ranges} along axis {axis}, "
+                        f"but that axis has {dim} entries"
+                    )
+                assert g.params_per_group == per_group, (
+                    f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
+                )
+
+    def test_prune_nothing_changes_nothing(self) -> None:
+        model = self.make_model()
+        ids = self.input_ids(model)
+        before = _logits(model, ids)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.prune(model, [])
+        assert torch.equal(_logits(model, ids), before), "an empty plan changed the logits"
+        after = model.state_dict()
+        assert after.keys() == state.keys(), "an empty plan changed the state dict"
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+
+    def test_branch_removal_equals_zeroed_branch(self) -> None:
+        model = self.make_model()
+        ids = self.input_ids(model)
+        ir = self.adapter.build_ir(model)
+        mixed = [u for u in self.mixed_removal(ir) if u in {s.id for s in ir.sublayers()}]
+        removable = [s for s in ir.sublayers() if s.removable]
+        cases = [[s.id] for s in removable] + [mixed]
+        subs = {s.id: s for s in ir.sublayers()}
+        total = _numel(dict(model.named_parameters()))
+        for case in cases:
+            reference = copy.deepcopy(model)
+            with _zeroed(reference, [subs[u].module for u in case]):
+                want = _logits(reference, ids)
+            pruned = copy.deepcopy(model)
+            self.prune(pruned, case)
+            torch.testing.assert_close(
+                _logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+            )
+            gone = 0
+            named = dict(model.named_parameters())
+            for u in case:
+                names = set(_params_under(named, subs[u].module))
+                if subs[u].norm:
+                    names |= set(_params_under(named, subs[u].norm))
+                gone += _numel(named, names)
+            left = _numel(dict(pruned.named_parameters()))
+            assert left == total - gone, f"removing {case} left {left} params, expected {total - gone}"
+
+    def test_block_removal_equals_skipped_block(self) -> None:
+        model = self.make_model()
+        ids = self.input_ids(model)
+        ir = self.adapter.build_ir(model)
+        blocks = {b.id: b for b in ir.blocks()}
+        total = _numel(dict(model.named_parameters()))
+        for case in self.block_removals(ir):
+            reference = copy.deepcopy(model)
+            with _skipped(reference, [blocks[u].module for u in case]):
+                want = _logits(reference, ids)
+            pruned = copy.deepcopy(model)
+            self.prune(pruned, case)
+            torch.testing.assert_close(
+                _logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+            )
+            named = dict(model.named_parameters())
+            gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
+            left = _numel(dict(pruned.named_parameters()))
+            assert left == total - gone, f"removing {case} left {left} params, expected {total - gone}"
+
+    def test_config_consistent(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        probe = self.make_model()
+        ir = self.adapter.build_ir(probe)
+        for remove, uniform in ((self.block_plan(ir), True), (self.mixed_removal(ir), False)):
+            model = self.make_model()
+            config = _text_config(model)
+            n_before = config.num_hidden_layers
+            lists_before = {
+                k: list(v)
+                for k, v in vars(config).items()
+                if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == n_before
+            }
+            self.prune(model, remove)
+            removed = {u for u in remove if u in {b.id for b in ir.blocks()}}
+            kept = [b.index for b in ir.blocks() if b.id not in removed]
+            config = _text_config(model)
+            stack = get_module(model, ir.towers[0].blocks_path)
+            assert len(stack) == len(kept), f"{len(stack)} blocks left, expected {len(kept)}"
+            assert config.num_hidden_layers == len(kept), (
+                f"after removing {remove}: config.num_hidden_layers={config.num_hidden_layers}, "
+                f"but {len(kept)} blocks remain"
+            )
+            if model.config is not config and hasattr(model.config, "num_hidden_layers"):
+                assert model.config.num_hidden_layers == len(kept), "outer config.num_hidden_layers is stale"
+            for key, old in lists_before.items():
+                new = getattr(config, key)
+                assert list(new) == [old[i] for i in kept], f"config.{key}={new}, expected it sliced"
+            rebuilt = self.adapter.build_ir(model)
+            assert len(rebuilt.blocks()) == len(kept)
+            assert rebuilt.total_params == _numel(dict(model.named_parameters()))
+            if uniform:
+                fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+                assert _numel(dict(fresh.named_parameters())) == _numel(dict(model.named_parameters())), (
+                    "a model built from the pruned config has a different parameter count"
+                )
+
+    def test_cached_generation_matches_full_forward(self) -> None:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        self.prune(model, self.mixed_removal(ir))
+        ids = self.input_ids(model)
+        full = _logits(model, ids)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+            pos = prefill - 1 + step
+            torch.testing.assert_close(
+                got,
+                full[:, pos],
+                atol=self.atol,
+                rtol=0,
+                msg=lambda m, p=pos: f"cached logits at position {p} differ from the full forward: {m}",
+            )
+
+    def test_left_padded_generate(self) -> None:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        self.prune(model, self.mixed_removal(ir))
+        short = self.input_ids(model, batch=1, length=5, seed=1)
+        long = self.input_ids(model, batch=1, length=9, seed=2)
+        pad = 0
+        batch = torch.full((2, 9), pad, dtype=torch.long)
+        mask = torch.zeros((2, 9), dtype=torch.long)
+        batch[0, 4:], mask[0, 4:] = short[0], 1
+        batch[1], mask[1] = long[0], 1
+        got = _greedy(model, batch, mask, pad)
+        for row, prompt in enumerate((short, long)):
+            alone = _greedy(model, prompt, torch.ones_like(prompt), pad)
+            assert torch.equal(got.sequences[row, 9:], alone.sequences[0, prompt.shape[1] :]), (
+                f"row {row} of a left-padded batch generated {got.sequences[row, 9:].tolist()}, "
+                f"alone it generates {alone.sequences[0, prompt.shape[1] :].tolist()}"
+            )
+            for step, (a, b) in enumerate(zip(got.scores, alone.scores, strict=True)):
+                torch.testing.assert_close(
+                    a[row],
+                    b[0],
+                    atol=1e-4,
+                    rtol=0,
+                    msg=lambda m, r=row, s=step: f"row {r}, step {s}: padded scores differ: {m}",
+                )
+
+    def test_save_reload_roundtrip(self, tmp_path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from .checkpoint import load_pruned, save_pruned
+
+        probe = self.make_model()
+        ir = self.adapter.build_ir(probe)
+        ids = self.input_ids(probe)
+        mask = torch.ones_like(ids)
+
+        model = self.prune(self.make_model(), self.mixed_removal(ir))
+        out = save_pruned(model, tmp_path / "mixed")
+        loaded = load_pruned(out)
+        torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)
+        assert torch.equal(_greedy(loaded, ids, mask, 0).sequences, _greedy(model, ids, mask, 0).sequences)
+        for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(model, ids, 4), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        plan = getattr(loaded, "_prunekit_plan", None)
+        assert plan is not None and plan.remove == model._prunekit_plan.remove
+
+        model = self.prune(self.make_model(), self.block_plan(ir))
+        out = save_pruned(model, tmp_path / "uniform")
+        plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        plain.eval()
+        assert not info["missing_keys"] and not info["unexpected_keys"], (
+            f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
+            f"unexpected {info['unexpected_keys']}"
+        )
+        torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), atol=0, rtol=0)
+        for a, b in zip(_cached_logits(plain, ids, 4), _cached_logits(model, ids, 4), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+    def test_plan_for_other_model_rejected(self) -> None:
+        source = self.make_model()
+        ir = self.adapter.build_ir(source)
+        plan = PrunePlan(fingerprint=fingerprint(source, ir), remove=self.mixed_removal(ir))
+
+        other_structure = self.prune(self.make_model(), [self.block_removals(ir)[0][0]])
+        other_weights = self.make_model()
+        with torch.no_grad():
+            for p in other_weights.parameters():
+                p.add_(0.01)
+        for target in (other_structure, other_weights):
+            snapshot = _snapshot(target)
+            with pytest.raises(PlanMismatchError):
+                apply_plan(target, plan, adapter=self.adapter)
+            assert _snapshot(target) == snapshot, "a rejected plan modified the model"
+
+    def test_remove_every_block_rejected(self) -> None:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        every_block = [b.id for b in ir.blocks()]
+        every_branch = [s.id for s in ir.sublayers()]
+        for remove in (every_block, every_branch):
+            snapshot = _snapshot(model)
+            with pytest.raises(PlanError):
+                self.prune(model, remove)
+            assert _snapshot(model) == snapshot, "a rejected plan modified the model"
+
+
+# reference computations: plain PyTorch hooks, independent of prunekit's surgery -------------------------
+
+
+@contextmanager
+def _zeroed(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Force the first output of each module at ``paths`` to zero."""
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handles = [model.get_submodule(p).register_forward_hook(hook) for p in paths]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Make each block at ``paths`` return its input hidden states unchanged."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    handles = [model.get_submodule(p).register_forward_hook(hook, with_kwargs=True) for p in paths]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _text_config(model: nn.Module) -> Any:
+    return model.config.get_text_config(decoder=True)
+
+
+def _params_under(params: dict[str, nn.Parameter], path: str) -> list[str]:
+    return [n for n in params if n.startswith(path + ".")]
+
+
+def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:
+    return sum(params[n].numel() for n in (params if names is None else names))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    """Last-position logits after a prefill of ``prefill`` tokens, then after each further token.
+
+    A crash inside the cache (e.g. a KV-cache index past the end) is reported as a failed comparison.
+    """
+    try:
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        steps = [out.logits[:, -1]]
+        cache = out.past_key_values
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    except (IndexError, RuntimeError, KeyError) as exc:
+        raise AssertionError(f"cached decoding failed after surgery: {type(exc).__name__}: {exc}") from exc
+    return steps
+
+
+@torch.no_grad()
+def _greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> Any:
+    try:
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=5,
+            min_new_tokens=5,
+            do_sample=False,
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    except (IndexError, RuntimeError, KeyError) as exc:
+        raise AssertionError(f"generate() failed after surgery: {type(exc).__name__}: {exc}") from exc
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    """Everything a plan could change: module tree, config, weights (by value)."""
+    state = tuple((k, tuple(v.shape), v.double().sum().item()) for k, v in model.state_dict().items())
+    return (repr(model), model.config.to_json_string(), state)

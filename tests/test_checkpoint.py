@@ -1,0 +1,234 @@
+"""Checkpoints: atomic saves, refusing to clobber, and loud failures on damaged folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from prunekit_llama import LlamaFamilyAdapter
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned
+from prunekit_core.errors import CheckpointError
+from prunekit_core.plan import PrunePlan, fingerprint
+from prunekit_core.surgery import apply_plan
+
+WEIGHTS = "model.safetensors"
+
+
+def tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def pruned() -> LlamaForCausalLM:
+    model = tiny()
+    adapter = LlamaFamilyAdapter()
+    remove = ["text.blocks.0", "text.blocks.2.attn"]  # the removed branch moves to layer 1
+    plan = PrunePlan(fingerprint=fingerprint(model, adapter.build_ir(model)), remove=remove)
+    return apply_plan(model, plan, adapter=adapter)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.arange(3, 13).unsqueeze(0), use_cache=False).logits
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    return save_pruned(pruned(), tmp_path / "ckpt")
+
+
+# --- atomic saves ------------------------------------------------------------------------------------
+
+
+def test_save_writes_a_complete_folder(saved: Path) -> None:
+    assert {p.name for p in saved.iterdir()} >= {WEIGHTS, "config.json", RECORD_FILE, PLAN_FILE}
+    assert leftovers(saved.parent) == []
+    record = json.loads((saved / RECORD_FILE).read_text())
+    assert [(r["module"], r["norm"]) for r in record["removed_branches"]] == [
+        ("model.layers.1.self_attn", "model.layers.1.input_layernorm")
+    ]
+    assert record["cache_indices"] == {"model.layers.0.self_attn": 0}
+    torch.testing.assert_close(logits(load_pruned(saved)), logits(pruned()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_crash_while_writing_weights_leaves_nothing(tmp_path: Path, monkeypatch, error) -> None:
+    model = pruned()
+    real = model.save_pretrained
+
+    def crash(folder, **kwargs):  # noqa: ANN001, ANN202
+        real(folder, **kwargs)  # half the folder is written when the crash comes
+        raise error
+
+    monkeypatch.setattr(model, "save_pretrained", crash)
+    with pytest.raises(type(error)):
+        save_pruned(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert leftovers(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_while_writing_tokenizer_leaves_nothing(tmp_path: Path) -> None:
+    class BrokenTokenizer:
+        def save_pretrained(self, folder) -> None:  # noqa: ANN001
+            (Path(folder) / "tokenizer.json").write_text("{")
+            raise OSError("tokenizer save failed")
+
+    with pytest.raises(OSError, match="tokenizer save failed"):
+        save_pruned(pruned(), tmp_path / "ckpt", tokenizer=BrokenTokenizer())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_while_overwriting_keeps_the_old_checkpoint(saved: Path, monkeypatch) -> None:
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model = tiny()
+
+    def crash(folder, **kwargs):  # noqa: ANN001, ANN202
+        raise OSError("boom")
+
+    monkeypatch.setattr(model, "save_pretrained", crash)
+    with pytest.raises(OSError, match="boom"):
+        save_pruned(model, saved, overwrite=True)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert leftovers(saved.parent) == []
+
+
+def test_existing_target_without_overwrite_is_refused(saved: Path) -> None:
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_pruned(tiny(), saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert leftovers(saved.parent) == []
+
+
+def test_overwrite_replaces_a_prunekit_checkpoint(saved: Path) -> None:
+    model = tiny()
+    save_pruned(model, saved, overwrite=True)
+    assert not (saved / PLAN_FILE).exists()  # the new model has no plan
+    torch.testing.assert_close(logits(load_pruned(saved)), logits(model), atol=0, rtol=0)
+    assert leftovers(saved.parent) == []
+
+
+def test_overwrite_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    target = tmp_path / "my-thesis"
+    target.mkdir()
+    (target / "chapter1.tex").write_text("precious")
+    with pytest.raises(CheckpointError, match="not a prunekit checkpoint"):
+        save_pruned(tiny(), target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["chapter1.tex"]
+    assert (target / "chapter1.tex").read_text() == "precious"
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_accepts_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    save_pruned(tiny(), tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / RECORD_FILE).is_file()
+
+
+def test_overwrite_refuses_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.bin"
+    target.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        save_pruned(tiny(), target, overwrite=True)
+    assert target.read_text() == "not a folder"
+
+
+def test_missing_parent_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save_pruned(tiny(), tmp_path / "nope" / "ckpt")
+
+
+# --- damaged folders ---------------------------------------------------------------------------------
+
+
+def test_load_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_pruned(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [("config.json", "no config.json"), (RECORD_FILE, "not written by prunekit"), (WEIGHTS, WEIGHTS)],
+)
+def test_load_folder_missing_a_file(saved: Path, missing: str, message: str) -> None:
+    (saved / missing).unlink()
+    with pytest.raises(CheckpointError, match=message):
+        load_pruned(saved)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"format": "something-else"}), "not a prunekit structure record"),
+        (json.dumps({"format": "prunekit-checkpoint", "version": 99}), "version 99"),
+    ],
+)
+def test_load_corrupted_record(saved: Path, content: str, message: str) -> None:
+    (saved / RECORD_FILE).write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_pruned(saved)
+
+
+def test_load_truncated_weights(saved: Path) -> None:
+    data = (saved / WEIGHTS).read_bytes()
+    (saved / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_pruned(saved)
+
+
+def test_load_with_a_weight_deleted_names_the_key(saved: Path) -> None:
+    tensors = load_file(saved / WEIGHTS)
+    victim = "model.layers.1.mlp.down_proj.weight"
+    assert victim in tensors
+    del tensors[victim]
+    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing weights.*model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_pruned(saved)
+
+
+def test_load_with_an_unexpected_weight_names_it(saved: Path) -> None:
+    tensors = load_file(saved / WEIGHTS)
+    tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2)
+    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected weights.*model\.layers\.7\.mlp\.extra\.weight"):
+        load_pruned(saved)
+
+
+def test_load_with_weights_for_a_removed_branch(saved: Path) -> None:
+    """A record that claims a branch is removed while the weights still hold it is inconsistent."""
+    tensors = load_file(saved / WEIGHTS)
+    donor = tiny().state_dict()
+    for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        name = f"model.layers.1.self_attn.{key}.weight"
+        tensors[name] = donor[name].contiguous()
+    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="weights present for removed branches"):
+        load_pruned(saved)
+
+
+def test_load_restores_plan_and_cache_indices(saved: Path) -> None:
+    model = load_pruned(saved)
+    assert model._prunekit_plan.remove == ["text.blocks.0", "text.blocks.2.attn"]
+    assert model.model.layers[0].self_attn.layer_idx == 0
+    assert type(model.model.layers[1].self_attn).__name__ == "RemovedBranch"
+    assert type(model.model.layers[1].input_layernorm).__name__ == "Identity"
+    assert not model.training
