@@ -1,6 +1,109 @@
-"""prunekit core: the pruning IR, plugin system, metrics, planners, surgery, evaluation and checkpoints."""
+"""prunekit core: the pruning IR, plugin system, metrics, planners, surgery, evaluation and checkpoints.
 
+Ten lines do what ``prunekit prune`` does::
+
+    import prunekit_core as pk
+
+    model, tok, _ = pk.load_model("smollm2-135m")
+    cal = pk.calibrate(model, pk.load_windows(tok, "c4", seq_len=256, num_windows=32).ids)
+    plan = pk.plan_pruning(model, cal, ratio=0.1)
+    pk.apply_plan(model, plan)
+    print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
+    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)
+    model = pk.load_pruned("out/smollm2-pruned")
+"""
+
+from .adapter import ArchitectureAdapter, DecoderAdapter
+from .api import calibrate, inspect, score
+from .checkpoint import load_pruned, save_pruned
+from .errors import (
+    AmbiguousAdapterError,
+    CalibrationError,
+    CheckpointError,
+    ModelNotFoundError,
+    PlanError,
+    PlanMismatchError,
+    PluginError,
+    PrunekitError,
+    TextNotFoundError,
+    UnknownMetricError,
+    UnsupportedModelError,
+)
+from .evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
 from .hookspecs import hookimpl
+from .ir import Block, ChannelGroup, Dim, Expert, GroupMember, ModelIR, ResidualEdge, Stage, Sublayer, Tower
+from .loading import MODEL_ALIASES, load_model
+from .metrics import ImportanceMetric, Scores
+from .plan import Fingerprint, PrunePlan, fingerprint
+from .planning import plan_pruning
+from .plugins import adapters as list_adapters
+from .plugins import check_pending, load_failures, select_adapter
+from .plugins import metrics as list_metrics
+from .plugins import plugins as list_plugins
+from .plugins import quant_formats as list_quant_formats
+
+# (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
+from .quant import QuantFormat
+from .scoring import Calibration, ScoringContext
+from .surgery import RemovedBranch, apply_plan
+from .text import TEXT_ALIASES, load_windows
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl"]
+
+__all__ = [
+    "AmbiguousAdapterError",
+    "ArchitectureAdapter",
+    "Block",
+    "Calibration",
+    "CalibrationError",
+    "ChannelGroup",
+    "CheckpointError",
+    "DecoderAdapter",
+    "Dim",
+    "Expert",
+    "Fingerprint",
+    "GroupMember",
+    "ImportanceMetric",
+    "MODEL_ALIASES",
+    "ModelIR",
+    "ModelNotFoundError",
+    "PerplexityResult",
+    "PlanError",
+    "PlanMismatchError",
+    "PluginError",
+    "PrunePlan",
+    "PrunekitError",
+    "QuantFormat",
+    "RemovedBranch",
+    "ResidualEdge",
+    "Scores",
+    "ScoringContext",
+    "Stage",
+    "Sublayer",
+    "TEXT_ALIASES",
+    "TextNotFoundError",
+    "Tower",
+    "UnknownMetricError",
+    "UnsupportedModelError",
+    "list_adapters",
+    "apply_plan",
+    "calibrate",
+    "check_pending",
+    "count_parameters",
+    "fingerprint",
+    "hookimpl",
+    "inspect",
+    "load_failures",
+    "load_model",
+    "load_pruned",
+    "load_windows",
+    "list_metrics",
+    "perplexity",
+    "plan_pruning",
+    "list_plugins",
+    "list_quant_formats",
+    "save_pruned",
+    "score",
+    "select_adapter",
+    "size_on_disk",
+]

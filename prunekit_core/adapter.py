@@ -64,7 +64,7 @@ class ArchitectureAdapter(ABC):
     def build_ir(self, model: nn.Module) -> ModelIR:
         """Describe ``model`` (in its current state, pruned or not) as a :class:`ModelIR`."""
 
-    def validate_removals(
+    def validate_removals(  # noqa: B027 - a hook with a deliberate no-op default
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
     ) -> None:
         """Raise :class:`PlanError` for removals this family cannot perform (default: all allowed)."""

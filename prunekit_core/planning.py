@@ -35,6 +35,9 @@ from .surgery import resolve_removals
 log = logging.getLogger(__name__)
 
 PlannerName = Literal["rank", "greedy"]
+
+#: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
+BEST: dict[str, str] = {"planner": "greedy", "metric": "nri", "granularity": "mixed"}
 GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "mixed")
 
 

@@ -75,6 +75,58 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise CalibrationError("could not find the hidden states among a hooked module's inputs")
 
 
+class _TowerRecorder:
+    """Accumulates one tower's stream statistics from pre-hooks at its stream points."""
+
+    def __init__(self, tower: Tower) -> None:
+        self.tower = tower
+        self.points = _stream_points(tower)
+        self.sub_ids = [s.id for s, _ in self.points[:-1] if s is not None]
+        bounds: list[int] = []
+        idx = 0
+        for b in tower.blocks:
+            bounds.append(idx)
+            idx += len(b.sublayers)
+        bounds.append(idx)
+        self.block_of_point = {pt: bi for bi, pt in enumerate(bounds)}
+        self.n_bounds = len(bounds)
+        self.sub_sum = torch.zeros(len(self.points) - 1, dtype=torch.float64)
+        self.blk_sum = torch.zeros(len(tower.blocks), dtype=torch.float64)
+        self.lasts: list[torch.Tensor] = []
+        self.prev: torch.Tensor | None = None
+        self.block_in: torch.Tensor | None = None
+
+    def start_batch(self, batch: int) -> None:
+        self.prev = None
+        self.block_in = None
+        self.lasts.append(torch.zeros(batch, self.n_bounds, self.tower.width.size))
+
+    def hook(self, p: int):  # noqa: ANN201 - a torch hook
+        def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs).float()
+            if self.prev is not None:
+                self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
+            self.prev = x
+            bi = self.block_of_point.get(p)
+            if bi is not None:
+                self.lasts[-1][:, bi] = x[:, -1]
+                if bi > 0 and self.block_in is not None:
+                    self.blk_sum[bi - 1] += F.cosine_similarity(self.block_in, x, dim=-1).double().sum()
+                self.block_in = x
+
+        return fn
+
+    def result(self, ntok: int) -> StreamStats:
+        return StreamStats(
+            tower=self.tower.name,
+            point_after=self.sub_ids,
+            sub_cos={sid: float(self.sub_sum[i] / ntok) for i, sid in enumerate(self.sub_ids)},
+            block_cos={b.id: float(self.blk_sum[i] / ntok) for i, b in enumerate(self.tower.blocks)},
+            boundary_last=torch.cat(self.lasts),
+            tokens=ntok,
+        )
+
+
 @torch.inference_mode()
 def calibrate(
     model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
@@ -84,70 +136,25 @@ def calibrate(
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
         )
+    recorders = [_TowerRecorder(t) for t in ir.towers if t.blocks]
+    handles = [
+        get_module(model, path).register_forward_pre_hook(rec.hook(p), with_kwargs=True)
+        for rec in recorders
+        for p, (_, path) in enumerate(rec.points)
+    ]
+    try:
+        for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
+            batch = windows[start : start + batch_size]
+            for rec in recorders:
+                rec.start_batch(batch.shape[0])
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
     cal = Calibration(windows=windows)
-    for tower in ir.towers:
-        if not tower.blocks:
-            continue
-        pts = _stream_points(tower)
-        sub_ids = [s.id for s, _ in pts[:-1] if s is not None]
-        # which point starts/ends each block
-        block_start: list[int] = []
-        idx = 0
-        for b in tower.blocks:
-            block_start.append(idx)
-            idx += len(b.sublayers)
-        block_bounds = block_start + [idx]
-        sub_sum = torch.zeros(len(pts) - 1, dtype=torch.float64)
-        blk_sum = torch.zeros(len(tower.blocks), dtype=torch.float64)
-        lasts: list[torch.Tensor] = []
-        state: dict[str, Any] = {}
-
-        def make_hook(p: int):
-            def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                x = _first_tensor(args, kwargs).float()
-                prev = state.get("prev")
-                if prev is not None:
-                    sub_sum[p - 1] += F.cosine_similarity(prev, x, dim=-1).double().sum()
-                state["prev"] = x
-                if p in block_index_of_point:
-                    bi = block_index_of_point[p]
-                    state["last"][:, bi] = x[:, -1]
-                    if bi > 0:
-                        start = state["block_in"]
-                        blk_sum[bi - 1] += F.cosine_similarity(start, x, dim=-1).double().sum()
-                    state["block_in"] = x
-
-            return hook
-
-        block_index_of_point = {pt: bi for bi, pt in enumerate(block_bounds)}
-        handles = [
-            get_module(model, path).register_forward_pre_hook(make_hook(p), with_kwargs=True)
-            for p, (_, path) in enumerate(pts)
-        ]
-        try:
-            for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
-                batch = windows[start : start + batch_size]
-                state.clear()
-                state["last"] = torch.zeros(batch.shape[0], len(block_bounds), _width(tower))
-                model(input_ids=batch, use_cache=False)
-                lasts.append(state["last"])
-        finally:
-            for h in handles:
-                h.remove()
-        ntok = windows.numel()
-        cal.towers[tower.name] = StreamStats(
-            tower=tower.name,
-            point_after=sub_ids,
-            sub_cos={sid: float(sub_sum[i] / ntok) for i, sid in enumerate(sub_ids)},
-            block_cos={b.id: float(blk_sum[i] / ntok) for i, b in enumerate(tower.blocks)},
-            boundary_last=torch.cat(lasts),
-            tokens=ntok,
-        )
+    for rec in recorders:
+        cal.towers[rec.tower.name] = rec.result(windows.numel())
     return cal
-
-
-def _width(tower: Tower) -> int:
-    return tower.width.size
 
 
 def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:

@@ -1,0 +1,44 @@
+"""The high-level Python API the CLI is built on: each function is one step of the flow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ir import ModelIR
+from .metrics import Scores
+from .plugins import get_metric, select_adapter
+from .scoring import Calibration, ScoringContext
+from .scoring import calibrate as _calibrate
+
+
+def inspect(model: nn.Module) -> ModelIR:
+    """The pruning IR of ``model`` (towers, blocks, sublayers, channel groups, parameter counts)."""
+    return select_adapter(model).build_ir(model)
+
+
+def calibrate(
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+) -> Calibration:
+    """One forward pass over ``windows`` ([n, seq_len] token ids) collecting every similarity statistic."""
+    return _calibrate(model, inspect(model), windows, batch_size=batch_size, progress=progress)
+
+
+def score(
+    model: nn.Module,
+    calibration: Calibration,
+    metric: str,
+    *,
+    span: int | None = None,
+    candidates: list[str] | None = None,
+) -> Scores:
+    """Importance scores (higher = keep) of ``metric`` for ``model``; ``span`` for span metrics."""
+    adapter = select_adapter(model)
+    ctx = ScoringContext(
+        model=model,
+        adapter=adapter,
+        ir=adapter.build_ir(model),
+        calibration=calibration,
+        candidates=candidates,
+    )
+    return get_metric(metric).score(ctx, span=span)

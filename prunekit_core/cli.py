@@ -1,0 +1,1016 @@
+"""The ``prunekit`` command line: ``plugins``, ``inspect``, ``score``, ``prune``, ``eval`` and ``demo``.
+
+Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
+
+* ``--json`` prints exactly one JSON object on stdout and nothing else; progress and timings go to stderr.
+* Every :class:`~prunekit_core.errors.PrunekitError` is printed as ``error: <message>`` on stderr with exit
+  code 2 and no traceback; usage errors exit 2 as well.
+* Inputs (ratio, files, text, model, output folder) are validated before any expensive work, and nothing
+  is written when a command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
+
+__all__ = ["build_parser", "cli_markdown", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SCORE_METRICS = ("bi", "sublayer_drop", "angular")
+
+_TEXT_HELP = "an alias ({aliases}) or a path to a UTF-8 text file"
+_MODEL_HELP = (
+    "a model alias ({aliases}), a Hugging Face folder (config.json), a .gguf file, a folder written by "
+    "`prunekit prune`, or a hub id org/name (needs internet)"
+)
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+class UI:
+    """Where a command writes: results on stdout (tables or one JSON object), progress on stderr."""
+
+    def __init__(self, *, json_mode: bool) -> None:
+        from rich.console import Console
+
+        self.json_mode = json_mode
+        # piped output (files, tests, grep) gets wide tables instead of rows wrapped at 80 columns
+        piped = not sys.stdout.isatty()
+        self.out = Console(file=sys.stdout, highlight=False, width=160 if piped else None)
+        self.err = Console(file=sys.stderr, highlight=False)
+
+    def say(self, message: str = "") -> None:
+        """A result line for people (suppressed with ``--json``)."""
+        if not self.json_mode:
+            self.out.print(message, markup=False)
+
+    def table(self, table: Any) -> None:
+        if not self.json_mode:
+            self.out.print(table)
+
+    def info(self, message: str) -> None:
+        """Progress and timings: always on stderr, so stdout stays clean for ``--json``."""
+        self.err.print(message, markup=False, highlight=False)
+
+    def emit_json(self, obj: Any) -> None:
+        sys.stdout.write(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+    @contextmanager
+    def step(self, label: str) -> Iterator[dict[str, float]]:
+        """Run one step under a spinner and report how long it took (``timing['s']``)."""
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with self.err.status(label + " ..."):
+            yield timing
+        timing["s"] = time.perf_counter() - t0
+        self.info(f"{label}: {timing['s']:.1f} s")
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: they become null (the accompanying nll still says what happened)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _bars() -> bool:
+    """Progress bars only on an interactive stderr (piped logs get the timing lines instead)."""
+    return sys.stderr.isatty()
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n:,}"
+
+
+def _ppl_dict(res: Any) -> dict[str, Any]:
+    return {
+        "perplexity": res.perplexity,
+        "nll": res.nll,
+        "tokens": res.tokens,
+        "windows": res.windows,
+        "seq_len": res.seq_len,
+    }
+
+
+# --- logging and third-party noise -------------------------------------------------------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (pytest swaps it between tests)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+_LOGGERS = ("prunekit_core", "prunekit_llama")
+
+
+@contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Silence transformers/hub progress bars and warnings unless ``-v``; route our logs to stderr."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved_levels = []
+    for name in _LOGGERS:
+        lg = logging.getLogger(name)
+        saved_levels.append((lg, lg.level))
+        lg.setLevel(logging.INFO if verbose else logging.WARNING)
+        lg.addHandler(handler)
+    old_verbosity = transformers.logging.get_verbosity()
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    if verbose:
+        transformers.logging.set_verbosity_warning()
+    else:
+        transformers.logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover - hub is a transformers dependency
+            pass
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in saved_levels:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        transformers.logging.set_verbosity(old_verbosity)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# --- shared validation ---------------------------------------------------------------------------------
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (the semantics of ``planning.budget_params``)."""
+    from .ir import ModelIR
+    from .planning import budget_params
+
+    budget_params(ModelIR(architecture="", model_type="", adapter="", towers=(), total_params=0), ratio)
+
+
+def _check_text(spec: str) -> Path:
+    """Resolve a text alias or file and make sure it is readable and not empty (cheap: no tokenizer)."""
+    from .text import read_text, resolve_text
+
+    path = resolve_text(spec)
+    read_text(spec)
+    return path
+
+
+def _check_model(spec: str) -> Any:
+    from .loading import resolve_model_source
+
+    return resolve_model_source(spec)
+
+
+def _load_model(ui: UI, spec: str) -> tuple[Any, Any, Any]:
+    from .loading import load_model
+
+    with ui.step(f"load {spec}"):
+        try:
+            return load_model(spec)
+        except PrunekitError:
+            raise
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelNotFoundError(f"could not load model {spec!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _windows(tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None):
+    from .text import load_windows
+
+    return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)
+
+
+def _positive(name: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {n}")
+        return n
+
+    return parse
+
+
+def _seq_len(value: str) -> int:
+    n = _positive("--seq-len")(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"--seq-len must be at least 2, got {n}")
+    return n
+
+
+# --- prunekit plugins -------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
+    from rich.table import Table
+
+    from .plugins import load_failures, plugins
+
+    infos = [p.to_dict() for p in plugins()]
+    failures = [f.to_dict() for f in load_failures()]
+    if ui.json_mode:
+        ui.emit_json({"plugins": infos, "failures": failures})
+        return EXIT_OK
+    table = Table(title="prunekit plugins")
+    for col in ("plugin", "version", "builtin", "adapters", "metrics", "quant formats"):
+        table.add_column(col)
+    for p in infos:
+        table.add_row(
+            p["name"],
+            p["version"] or "-",
+            "yes" if p["builtin"] else "no",
+            ", ".join(p["adapters"]) or "-",
+            ", ".join(p["metrics"]) or "-",
+            ", ".join(p["quant_formats"]) or "-",
+        )
+    ui.table(table)
+    if failures:
+        fail = Table(title="plugins that failed to load")
+        for col in ("plugin", "module", "error"):
+            fail.add_column(col)
+        for f in failures:
+            fail.add_row(f["name"], f["module"], f["error"])
+        ui.table(fail)
+    else:
+        ui.say("no plugin failed to load")
+    return EXIT_OK
+
+
+# --- prunekit inspect -------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
+    from rich.table import Table
+
+    from .api import inspect
+    from .plan import fingerprint
+
+    _check_model(args.model)
+    model, _tok, _src = _load_model(ui, args.model)
+    ir = inspect(model)
+    fp = fingerprint(model, ir)
+    if ui.json_mode:
+        ui.emit_json(
+            {**ir.model_dump(mode="json"), "block_params": ir.block_params(), "fingerprint": fp.model_dump()}
+        )
+        return EXIT_OK
+    ui.say(f"architecture: {ir.architecture} (model_type {ir.model_type})")
+    ui.say(f"adapter:      {ir.adapter}")
+    ui.say(f"total params: {_fmt_params(ir.total_params)}")
+    share = ir.block_params() / ir.total_params if ir.total_params else 0.0
+    ui.say(f"block params: {_fmt_params(ir.block_params())} ({share:.1%} of total; the base of --ratio)")
+    ui.say(f"fingerprint:  structure {fp.structure}, weights {fp.weights}")
+    for tower in ir.towers:
+        table = Table(title=f"tower {tower.name}: {len(tower.blocks)} blocks, width {tower.width.size}")
+        for col in ("unit", "kind", "module", "params", "channel groups"):
+            table.add_column(col, justify="right" if col == "params" else "left")
+        for b in tower.blocks:
+            table.add_row(
+                b.id, "block" + ("" if b.removable else " (fixed)"), b.module, _fmt_params(b.params), ""
+            )
+            for s in b.sublayers:
+                groups = ", ".join(f"{g.kind} x{g.count}" for g in s.channel_groups)
+                table.add_row(
+                    "  " + s.id,
+                    s.kind + ("" if s.removable else " (fixed)"),
+                    s.module,
+                    _fmt_params(s.params),
+                    groups,
+                )
+        ui.table(table)
+        stages = Table(title=f"tower {tower.name}: stages (never removed)")
+        for col in ("stage", "kind", "module", "params", "tied to"):
+            stages.add_column(col, justify="right" if col == "params" else "left")
+        for st in tower.stages:
+            stages.add_row(st.id, st.kind, st.module, _fmt_params(st.params), st.tied_to or "-")
+        ui.table(stages)
+    return EXIT_OK
+
+
+# --- prunekit score ---------------------------------------------------------------------------------
+
+
+def cmd_score(args: argparse.Namespace, ui: UI) -> int:
+    from rich.table import Table
+
+    from .api import calibrate, inspect, score
+    from .plugins import get_metric
+
+    names = list(dict.fromkeys(args.metric or DEFAULT_SCORE_METRICS))
+    metrics = [get_metric(n) for n in names]
+    span = args.span if args.span is not None else 1
+    _check_text(args.calib)
+    _check_model(args.model)
+    model, tok, _src = _load_model(ui, args.model)
+    ir = inspect(model)
+    windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
+    ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
+    with ui.step("calibrate"):
+        cal = calibrate(model, windows.ids)
+    results: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for m in metrics:
+        with ui.step(f"score {m.name}"):
+            s = score(model, cal, m.name, span=span if m.unit == "span" else None)
+        results[m.name] = s
+        labels[m.name] = f"{m.name} (span {s.span})" if s.span else m.name
+    if ui.json_mode:
+        ui.emit_json({name: dict(s.values) for name, s in results.items()})
+        return EXIT_OK
+    table = Table(title=f"importance scores (higher = keep) on {windows.num_tokens} tokens of {args.calib}")
+    table.add_column("unit")
+    for name in results:
+        table.add_column(labels[name], justify="right")
+    order = [u for b in ir.blocks() for u in [b.id, *(s.id for s in b.sublayers)]]
+    for uid in order:
+        cells = []
+        for s in results.values():
+            v = s.values.get(uid)
+            cells.append("" if v is None else f"{v:.4g}")
+        if any(cells):
+            table.add_row(uid, *cells)
+    ui.table(table)
+    for m in metrics:
+        ui.say(f"{m.name}: {m.description}")
+    return EXIT_OK
+
+
+# --- prunekit prune ---------------------------------------------------------------------------------
+
+
+def default_planner(metric: Any) -> str:
+    """``greedy`` for trial metrics (it re-measures after each removal), ``rank`` for the others."""
+    return "greedy" if "trials" in metric.needs else "rank"
+
+
+def default_granularity(metric: Any) -> str:
+    """The granularity a metric can plan at: BEST's for trial metrics, else what the metric scores."""
+    from .planning import BEST
+
+    if "trials" in metric.needs:
+        return BEST["granularity"]
+    return "sublayer" if metric.unit == "sublayer" else "block"
+
+
+def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
+    from .checkpoint import _check_target
+    from .errors import CheckpointError
+
+    if not plan_only:
+        _check_target(out.absolute(), force)
+        return
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --force")
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder; with --plan-only, --out is the plan file to write")
+    if not out.absolute().parent.is_dir():
+        raise CheckpointError(f"parent folder {out.absolute().parent} does not exist")
+
+
+def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
+    from rich.table import Table
+
+    from .api import calibrate, inspect
+    from .checkpoint import save_pruned
+    from .evaluate import count_parameters, perplexity
+    from .plan import PrunePlan
+    from .planning import BEST, _check_metric_fits, budget_params, plan_pruning
+    from .plugins import get_metric
+    from .surgery import apply_plan
+
+    # cheap checks first: nothing is loaded, computed or written before all of them pass
+    given_plan: PrunePlan | None = None
+    if args.plan is not None:
+        if args.plan_only:
+            raise PlanError("--plan-only makes a plan; --plan applies an existing one: choose one")
+        given_plan = PrunePlan.load(args.plan)
+    else:
+        if args.ratio is None:
+            raise PlanError(
+                "--ratio is required (a fraction of block parameters in (0, 1)) unless --plan is given"
+            )
+        check_ratio(args.ratio)
+        if args.calib is None:
+            raise CalibrationError("--calib TEXT is required to plan (or pass an existing plan with --plan)")
+    metric_name = args.metric or BEST["metric"]
+    metric = get_metric(metric_name)
+    planner = args.planner or default_planner(metric)
+    granularity = args.granularity or default_granularity(metric)
+    if given_plan is None:
+        if planner == "greedy" and "trials" not in metric.needs:
+            raise PlanError(
+                f"the greedy planner re-measures after each removal: use a trial metric (nri, sleb), "
+                f"not {metric_name!r}"
+            )
+        _check_metric_fits(metric, granularity)  # type: ignore[arg-type]
+        _check_text(args.calib)
+    if args.eval is not None:
+        _check_text(args.eval)
+    out = Path(args.out).expanduser()
+    _check_out(out, plan_only=args.plan_only, force=args.force)
+    _check_model(args.model)
+
+    model, tok, _src = _load_model(ui, args.model)
+    ir = inspect(model)
+    cal_windows = None
+    if given_plan is None:
+        cal_windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
+    eval_windows = None
+    if args.eval is not None:
+        eval_windows = _windows(
+            tok, args.eval, seq_len=args.eval_seq_len, num_windows=None, max_tokens=args.eval_tokens
+        )
+
+    result: dict[str, Any] = {"model": args.model, "out": str(out.absolute())}
+    params_before = count_parameters(model)
+    ppl_before = None
+    if eval_windows is not None:
+        with ui.step(f"perplexity before on {args.eval}"):
+            ppl_before = perplexity(model, eval_windows.ids, progress=_bars())
+        ui.say(
+            f"perplexity before: {ppl_before.perplexity:.3f} on {ppl_before.tokens} tokens of {args.eval} "
+            f"(seq_len {ppl_before.seq_len})"
+        )
+
+    if given_plan is None:
+        assert cal_windows is not None
+        target = budget_params(ir, args.ratio)
+        ui.say(
+            f"budget: at least {args.ratio:g} of the {_fmt_params(ir.block_params())} block parameters "
+            f"(embeddings and head excluded) = {_fmt_params(target)} parameters"
+        )
+        ui.info(
+            f"calibration: {cal_windows.num_windows} windows x {cal_windows.seq_len} tokens of {args.calib}; "
+            f"planner {planner}, metric {metric_name}, granularity {granularity}"
+        )
+        with ui.step("calibrate"):
+            cal = calibrate(model, cal_windows.ids)
+        with ui.step(f"plan ({planner}:{metric_name}, {granularity})"):
+            plan = plan_pruning(
+                model,
+                cal,
+                ratio=args.ratio,
+                metric=metric_name,
+                granularity=granularity,  # type: ignore[arg-type]
+                planner=planner,  # type: ignore[arg-type]
+                on_step=lambda msg: ui.info("  " + msg),
+            )
+        result["budget"] = {
+            "ratio": args.ratio,
+            "target_params": target,
+            "block_params": ir.block_params(),
+            "excludes": "embeddings and head",
+        }
+    else:
+        plan = given_plan
+        ui.say(f"plan: {args.plan} ({plan.method or 'no method recorded'}, {len(plan.remove)} units)")
+
+    units = ir.units()
+    table = Table(title=f"plan: remove {len(plan.remove)} unit(s)")
+    for col in ("unit", "kind", "params", "score"):
+        table.add_column(col, justify="right" if col in ("params", "score") else "left")
+    for uid in plan.remove:
+        unit = units.get(uid)
+        kind = getattr(unit, "kind", "block") if unit is not None else "?"
+        sc = plan.scores.get(uid)
+        table.add_row(uid, kind, _fmt_params(unit.params) if unit else "?", "" if sc is None else f"{sc:.4g}")
+    ui.table(table)
+    ui.say(
+        f"achieved: {_fmt_params(plan.removed_params)} of {_fmt_params(plan.block_params)} block parameters "
+        f"removed ({plan.achieved_ratio:.2%}); {'uniform (whole blocks)' if plan.is_uniform else 'non-uniform'}"
+    )
+    result["plan"] = plan.model_dump(mode="json")
+    result["removed"] = list(plan.remove)
+    result["achieved_ratio"] = plan.achieved_ratio
+    result["uniform"] = plan.is_uniform
+
+    if args.plan_only:
+        plan.save(out)
+        ui.say(f"plan written to {out}")
+        result["written"] = "plan"
+        if ui.json_mode:
+            ui.emit_json(result)
+        return EXIT_OK
+
+    with ui.step("apply plan"):
+        apply_plan(model, plan)
+    params_after = count_parameters(model)
+    ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
+    result["params_before"] = params_before.total
+    result["params_after"] = params_after.total
+    ppl_after = None
+    if eval_windows is not None:
+        with ui.step(f"perplexity after on {args.eval}"):
+            ppl_after = perplexity(model, eval_windows.ids, progress=_bars())
+        ui.say(
+            f"perplexity after:  {ppl_after.perplexity:.3f} on {ppl_after.tokens} tokens of {args.eval} "
+            f"(seq_len {ppl_after.seq_len})"
+        )
+    result["perplexity_before"] = _ppl_dict(ppl_before) if ppl_before else None
+    result["perplexity_after"] = _ppl_dict(ppl_after) if ppl_after else None
+    with ui.step(f"save {out}"):
+        saved = save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=args.force)
+    loader = (
+        "AutoModelForCausalLM.from_pretrained(dir)" if plan.is_uniform else "prunekit_core.load_pruned(dir)"
+    )
+    ui.say(f"saved to {saved}; reload with {loader}")
+    result["out"] = str(saved)
+    result["written"] = "checkpoint"
+    if ui.json_mode:
+        ui.emit_json(result)
+    return EXIT_OK
+
+
+# --- prunekit eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
+    from .evaluate import count_parameters, perplexity, size_on_disk
+
+    if args.max_tokens is not None and args.max_tokens < args.seq_len:
+        raise CalibrationError(
+            f"--max-tokens {args.max_tokens} is smaller than one window of --seq-len {args.seq_len}"
+        )
+    _check_text(args.text)
+    source = _check_model(args.model)
+    model, tok, source = _load_model(ui, args.model)
+    windows = _windows(
+        tok, args.text, seq_len=args.seq_len, num_windows=args.windows, max_tokens=args.max_tokens
+    )
+    ui.info(f"evaluating {windows.num_windows} windows x {windows.seq_len} tokens of {args.text}")
+    with ui.step("perplexity"):
+        res = perplexity(model, windows.ids, batch_size=args.batch_size, progress=_bars())
+    counts = count_parameters(model)
+    size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
+    result = {
+        "model": args.model,
+        "text": args.text,
+        **_ppl_dict(res),
+        "params": {
+            "total": counts.total,
+            "embeddings": counts.embeddings,
+            "head": counts.head,
+            "body": counts.body,
+            "tied": counts.tied,
+        },
+        "size_on_disk_bytes": size,
+    }
+    if ui.json_mode:
+        ui.emit_json(result)
+        return EXIT_OK
+    ui.say(f"perplexity: {res.perplexity:.4f} (nll {res.nll:.4f})")
+    ui.say(
+        f"text: {args.text}; seq_len {res.seq_len}; {res.windows} windows; {res.tokens} predicted tokens "
+        "(the first token of each window is context only)"
+    )
+    ui.say(
+        f"params: total {_fmt_params(counts.total)}, embeddings {_fmt_params(counts.embeddings)}, "
+        f"head {_fmt_params(counts.head)}{' (tied)' if counts.tied else ''}, body {_fmt_params(counts.body)}"
+    )
+    if size is not None:
+        ui.say(f"size on disk: {size / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+# --- prunekit demo ----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, ui: UI) -> int:
+    from .demo import run_demo
+
+    check_ratio(args.ratio)
+    result = run_demo(
+        out=Path(args.out),
+        ratio=args.ratio,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        calib_windows=args.calib_windows,
+        calib_seq_len=args.calib_seq_len,
+        log=ui.info,
+        say=ui.say,
+        status=ui.err.status,
+    )
+    if ui.json_mode:
+        ui.emit_json(result)
+    return EXIT_OK
+
+
+# --- the parser ---------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps description paragraphs (blank-line separated) and keeps the examples epilog as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return text
+        return "\n\n".join(
+            super(_HelpFormatter, self)._fill_text(p, width, indent) for p in text.split("\n\n")
+        )
+
+
+def _epilog(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .loading import MODEL_ALIASES
+    from .planning import BEST, GRANULARITIES
+    from .text import TEXT_ALIASES
+
+    text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
+    model_help = _MODEL_HELP.format(aliases=", ".join(MODEL_ALIASES))
+    fmt = _HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description=(
+            "Structured pruning of LLMs: inspect a model's pruning IR, score its blocks and sublayers, prune to "
+            "a parameter budget, evaluate perplexity, save and reload. Errors exit with code 2."
+        ),
+        formatter_class=fmt,
+        epilog=_epilog(
+            "prunekit demo",
+            "prunekit plugins",
+            "prunekit inspect smollm2-135m",
+            "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --eval wiki --out out/smollm2-10",
+            "prunekit eval out/smollm2-10 --text wiki --max-tokens 8192 --json",
+        ),
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show INFO logs and third-party warnings/progress bars"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout and nothing else (progress: stderr)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="same as prunekit -v"
+    )
+
+    p = sub.add_parser(
+        "plugins",
+        parents=[common],
+        formatter_class=fmt,
+        help="list installed plugins, what they register, and load failures",
+        description=(
+            "List every prunekit plugin (built-in and installed through the 'prunekit' entry-point group): "
+            "name, version, the adapters, metrics and quantization formats it registers, and the plugins that "
+            "failed to load (with the error)."
+        ),
+        epilog=_epilog("prunekit plugins", "prunekit plugins --json"),
+    )
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        formatter_class=fmt,
+        help="show a model's pruning IR: blocks, sublayers, parameters",
+        description=(
+            "Load MODEL and print its pruning IR: architecture, adapter, total and block parameters, every "
+            "block with its sublayers (unit ids, modules, parameters, channel groups) and the stages that are "
+            "never removed. --json prints the IR (ModelIR.model_dump()) plus the model's fingerprint."
+        ),
+        epilog=_epilog("prunekit inspect smollm2-135m", "prunekit inspect ./my-llama --json"),
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "score",
+        parents=[common],
+        formatter_class=fmt,
+        help="score blocks and sublayers with importance metrics",
+        description=(
+            "Calibrate MODEL on TEXT (one forward pass for all similarity metrics) and print the importance "
+            "of every unit (higher = keep) for each metric, in unit order. Default metrics: "
+            + ", ".join(DEFAULT_SCORE_METRICS)
+            + " (angular over spans of --span blocks, default 1). Trial metrics (nri, sleb) measure the "
+            "calibration loss with each unit removed. --json prints {metric: {unit: score}}."
+        ),
+        epilog=_epilog(
+            "prunekit score smollm2-135m --calib c4",
+            "prunekit score smollm2-135m --calib c4 --metric bi --metric angular --span 4 --json",
+            "prunekit score ./my-llama --calib notes.txt --seq-len 128 --windows 8 --metric nri",
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--calib", required=True, metavar="TEXT", help="calibration text: " + text_help)
+    p.add_argument(
+        "--metric",
+        action="append",
+        metavar="M",
+        help="a metric name (repeat for several; see `prunekit plugins`); default: "
+        + " ".join(DEFAULT_SCORE_METRICS),
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
+    )
+    p.add_argument(
+        "--windows",
+        type=_positive("--windows"),
+        default=32,
+        metavar="N",
+        help="calibration windows (default 32)",
+    )
+    p.add_argument(
+        "--span",
+        type=_positive("--span"),
+        default=None,
+        metavar="N",
+        help="blocks per span for span metrics (default 1)",
+    )
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        formatter_class=fmt,
+        help="plan and apply pruning to a parameter budget, evaluate, save",
+        description=(
+            "Remove at least --ratio of the parameters inside MODEL's blocks (embeddings and head excluded), "
+            "choosing units with a metric and a planner, and save the pruned model to --out (safetensors, "
+            "config, tokenizer, plan.json, prunekit.json). Plans that remove whole blocks only reload with "
+            "plain transformers; any plan reloads with prunekit_core.load_pruned.\n\n"
+            f"Defaults: metric {BEST['metric']}, planner {BEST['planner']}, granularity {BEST['granularity']} "
+            "(prunekit's best planner). With another --metric the planner defaults to greedy for trial "
+            "metrics (nri, sleb) and rank otherwise, and the granularity to what the metric scores (block for "
+            "bi/angular, sublayer for sublayer_drop).\n\n"
+            "Inputs are checked before anything is loaded; nothing is written when a command fails."
+        ),
+        epilog=_epilog(
+            "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --out out/smollm2-10",
+            "prunekit prune smollm2-135m --ratio 0.2 --calib c4 --granularity block --metric bi --out out/bi20",
+            "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --plan-only --out plan.json",
+            "prunekit prune smollm2-135m --plan plan.json --eval wiki --out out/from-plan --json",
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument(
+        "--ratio",
+        type=float,
+        metavar="R",
+        help="fraction of block parameters to remove, strictly between 0 and 1 (required unless --plan)",
+    )
+    p.add_argument("--calib", metavar="TEXT", help="calibration text (required unless --plan): " + text_help)
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder for the pruned model (with --plan-only: the plan JSON file to write)",
+    )
+    p.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        help="what may be removed: whole blocks, single sublayers (attention/MLP), or both",
+    )
+    p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
+    p.add_argument(
+        "--planner",
+        choices=("rank", "greedy"),
+        help="rank: score once, drop the least important; greedy: re-measure after each removal (trial metrics)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
+    )
+    p.add_argument(
+        "--windows",
+        type=_positive("--windows"),
+        default=32,
+        metavar="N",
+        help="calibration windows (default 32)",
+    )
+    p.add_argument("--plan-only", action="store_true", help="write only the plan JSON to --out (a file path)")
+    p.add_argument(
+        "--plan",
+        metavar="PLAN.json",
+        help="apply this plan instead of planning (checked against the model's fingerprint)",
+    )
+    p.add_argument(
+        "--eval", metavar="TEXT", help="also report perplexity before and after on this text: " + text_help
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=_positive("--eval-tokens"),
+        default=8192,
+        metavar="N",
+        help="tokens of --eval text to evaluate, in whole windows (default 8192)",
+    )
+    p.add_argument(
+        "--eval-seq-len",
+        type=_seq_len,
+        default=1024,
+        metavar="N",
+        help="tokens per evaluation window (default 1024)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
+    )
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        formatter_class=fmt,
+        help="perplexity, parameter counts and size on disk of a model or pruned folder",
+        description=(
+            "Perplexity of MODEL_OR_DIR on TEXT over non-overlapping windows of --seq-len tokens (each window "
+            "is an independent sequence; its first token is context only), plus parameter counts and, for a "
+            "folder, its size on disk. By default the whole text is used; cap it with --max-tokens or --windows."
+        ),
+        epilog=_epilog(
+            "prunekit eval smollm2-135m --text wiki --max-tokens 8192",
+            "prunekit eval out/smollm2-10 --text wiki --seq-len 1024 --windows 8 --json",
+        ),
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help=model_help)
+    p.add_argument("--text", required=True, metavar="TEXT", help="evaluation text: " + text_help)
+    p.add_argument(
+        "--seq-len", type=_seq_len, default=1024, metavar="N", help="tokens per window (default 1024)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive("--max-tokens"),
+        default=None,
+        metavar="N",
+        help="evaluate at most N tokens, in whole windows (default: the whole text)",
+    )
+    p.add_argument(
+        "--windows", type=_positive("--windows"), default=None, metavar="N", help="evaluate at most N windows"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive("--batch-size"),
+        default=4,
+        metavar="N",
+        help="windows per forward pass (default 4; speed only)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        formatter_class=fmt,
+        help="prune SmolLM2-135M by 10%% end to end (a few minutes on a laptop CPU)",
+        description=(
+            "On the real SmolLM2-135M (alias smollm2-135m): calibrate on c4, measure perplexity on wiki, prune "
+            "--ratio of the block parameters with prunekit's best planner, measure again, save to --out, reload "
+            "the result (plain transformers for a whole-block plan, prunekit_core.load_pruned otherwise) and "
+            "check its logits, and write scores.png (per-block BI and per-sublayer drop scores, removed units "
+            "highlighted). Timings are printed per step. --out is replaced only when it holds a previous "
+            "prunekit output."
+        ),
+        epilog=_epilog("prunekit demo", "prunekit demo --out /tmp/demo --ratio 0.2 --eval-windows 4 --json"),
+    )
+    p.add_argument(
+        "--out",
+        default="prunekit-demo-out",
+        metavar="DIR",
+        help="output folder (default ./prunekit-demo-out)",
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=0.1,
+        metavar="R",
+        help="fraction of block parameters to remove (default 0.1)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=_positive("--eval-windows"),
+        default=8,
+        metavar="N",
+        help="wiki windows to evaluate (default 8)",
+    )
+    p.add_argument(
+        "--eval-seq-len",
+        type=_seq_len,
+        default=1024,
+        metavar="N",
+        help="tokens per evaluation window (default 1024)",
+    )
+    p.add_argument(
+        "--calib-windows",
+        type=_positive("--calib-windows"),
+        default=32,
+        metavar="N",
+        help="c4 calibration windows (default 32)",
+    )
+    p.add_argument(
+        "--calib-seq-len",
+        type=_seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """The parser of every subcommand, by name (docs and tests walk them)."""
+    parser = parser or build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def cli_markdown() -> str:
+    """The generated part of docs/cli.md: ``--help`` of the tool and of every subcommand."""
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps help to $COLUMNS: keep the docs stable
+    try:
+        parser = build_parser()
+        parts = ["## prunekit\n", "```text", parser.format_help().rstrip(), "```\n"]
+        for name, sp in subcommand_parsers(parser).items():
+            parts += [f"## prunekit {name}\n", "```text", sp.format_help().rstrip(), "```\n"]
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    return "\n".join(parts)
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 error or usage error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help (0) and usage errors (2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_ERROR
+    verbose = bool(getattr(args, "verbose", False))
+    ui = UI(json_mode=bool(getattr(args, "json", False)))
+    try:
+        with _quiet_libraries(verbose):
+            return int(args.func(args, ui))
+    except PrunekitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""``prunekit demo``: the whole flow on the real SmolLM2-135M, with timings.
+
+calibrate on c4 -> perplexity on wiki -> plan with prunekit's best planner -> prune -> perplexity again ->
+save -> reload (plain transformers for a whole-block plan, :func:`~prunekit_core.load_pruned` otherwise)
+and check that the reloaded model computes the same logits -> plot the scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+DEMO_MODEL = "smollm2-135m"
+CALIB_TEXT = "c4"
+EVAL_TEXT = "wiki"
+PLOT_FILE = "scores.png"
+
+
+def _null_status(_label: str) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse ``out`` unless it is new, an empty folder, or a previous prunekit output (has prunekit.json)."""
+    from .checkpoint import _check_target
+
+    _check_target(out.absolute(), True)
+
+
+def run_demo(
+    *,
+    out: str | Path = "prunekit-demo-out",
+    ratio: float = 0.1,
+    eval_windows: int = 8,
+    eval_seq_len: int = 1024,
+    calib_windows: int = 32,
+    calib_seq_len: int = 256,
+    model_spec: str = DEMO_MODEL,
+    log: Callable[[str], None] = print,
+    say: Callable[[str], None] = print,
+    status: Callable[[str], contextlib.AbstractContextManager[Any]] = _null_status,
+) -> dict[str, Any]:
+    """Run the demo and return what it measured (JSON-serialisable).
+
+    ``log`` receives progress and timing lines, ``say`` the results; ``status`` wraps long steps (a
+    spinner). Raises :class:`~prunekit_core.errors.PrunekitError` subclasses for unusable inputs before
+    anything is written.
+    """
+    import prunekit_core as pk
+
+    from .planning import BEST, budget_params
+    from .plotting import plot_scores
+    from .text import resolve_text
+
+    out = Path(out).expanduser()
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(name: str, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with status(label + " ..."):
+            yield
+        timings[name] = time.perf_counter() - t0
+        log(f"[{sum(timings.values()):6.1f} s] {label}: {timings[name]:.1f} s")
+
+    # cheap checks before the minutes of work
+    check_demo_out(out)
+    resolve_text(CALIB_TEXT)
+    resolve_text(EVAL_TEXT)
+    from .loading import resolve_model_source
+
+    resolve_model_source(model_spec)
+
+    with step("load", f"load {model_spec}"):
+        model, tok, _src = pk.load_model(model_spec)
+        ir = pk.inspect(model)
+        cal_w = pk.load_windows(tok, CALIB_TEXT, seq_len=calib_seq_len, num_windows=calib_windows)
+        eval_w = pk.load_windows(tok, EVAL_TEXT, seq_len=eval_seq_len, num_windows=eval_windows)
+    target = budget_params(ir, ratio)
+    say(
+        f"model: {ir.architecture}, {len(ir.blocks())} blocks, {ir.total_params:,} parameters "
+        f"({ir.block_params():,} in blocks)"
+    )
+    say(
+        f"budget: at least {ratio:g} of the {ir.block_params():,} block parameters "
+        f"(embeddings and head excluded) = {target:,} parameters"
+    )
+
+    with step("calibrate", f"calibrate on {cal_w.num_windows} x {cal_w.seq_len} tokens of {CALIB_TEXT}"):
+        cal = pk.calibrate(model, cal_w.ids)
+        block_scores = pk.score(model, cal, "bi")
+        sublayer_scores = pk.score(model, cal, "sublayer_drop")
+
+    with step(
+        "perplexity_before",
+        f"perplexity before on {eval_w.num_windows} x {eval_w.seq_len} tokens of {EVAL_TEXT}",
+    ):
+        before = pk.perplexity(model, eval_w.ids)
+    say(
+        f"perplexity before: {before.perplexity:.3f} ({before.tokens} tokens of {EVAL_TEXT}, seq_len {before.seq_len})"
+    )
+
+    planner, metric, granularity = BEST["planner"], BEST["metric"], BEST["granularity"]
+    with step("plan", f"plan ({planner}:{metric}, {granularity})"):
+        plan = pk.plan_pruning(
+            model,
+            cal,
+            ratio=ratio,
+            metric=metric,
+            granularity=granularity,  # type: ignore[arg-type]
+            planner=planner,  # type: ignore[arg-type]
+            on_step=lambda msg: log("    " + msg),
+        )
+    say(f"plan: remove {', '.join(plan.remove)}")
+    say(
+        f"achieved: {plan.removed_params:,} of {plan.block_params:,} block parameters removed "
+        f"({plan.achieved_ratio:.2%}); {'uniform (whole blocks)' if plan.is_uniform else 'non-uniform'}"
+    )
+    params_before = pk.count_parameters(model).total
+
+    with step("apply", "apply plan"):
+        pk.apply_plan(model, plan)
+    params_after = pk.count_parameters(model).total
+
+    with step("perplexity_after", "perplexity after"):
+        after = pk.perplexity(model, eval_w.ids)
+    say(f"perplexity after:  {after.perplexity:.3f} (x{after.perplexity / before.perplexity:.3f})")
+    say(f"parameters: {params_before:,} -> {params_after:,}")
+
+    with step("save", f"save {out}"):
+        saved = pk.save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=True)
+
+    probe = eval_w.ids[:1, :16]
+    with step("reload", "reload and compare logits"):
+        reload = _reload_and_compare(model, saved, probe, uniform=plan.is_uniform)
+    say(
+        f"reloaded with {reload['loader']}: {len(reload['missing_keys'])} missing, "
+        f"{len(reload['unexpected_keys'])} unexpected keys; max |logit diff| {reload['max_logit_diff']:.2e}"
+    )
+
+    with step("plot", "plot scores"):
+        plot = plot_scores(block_scores, sublayer_scores, list(plan.remove), saved / PLOT_FILE)
+    size = pk.size_on_disk(saved)
+    total = time.perf_counter() - t_start
+    say(f"saved to {saved} ({size / 2**20:.0f} MiB); plot: {plot}")
+    log(f"total: {total:.1f} s")
+    return {
+        "model": model_spec,
+        "out": str(saved),
+        "ratio": ratio,
+        "budget": {
+            "ratio": ratio,
+            "target_params": target,
+            "block_params": ir.block_params(),
+            "excludes": "embeddings and head",
+        },
+        "calibration": {"text": CALIB_TEXT, "windows": cal_w.num_windows, "seq_len": cal_w.seq_len},
+        "plan": {
+            "method": plan.method,
+            "granularity": plan.granularity,
+            "remove": list(plan.remove),
+            "removed_params": plan.removed_params,
+            "block_params": plan.block_params,
+            "achieved_ratio": plan.achieved_ratio,
+            "uniform": plan.is_uniform,
+        },
+        "perplexity_before": _ppl(before, EVAL_TEXT),
+        "perplexity_after": _ppl(after, EVAL_TEXT),
+        "params_before": params_before,
+        "params_after": params_after,
+        "size_on_disk_bytes": size,
+        "reload": reload,
+        "plot": str(plot),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "total_s": round(total, 2),
+    }
+
+
+def _ppl(res: Any, text: str) -> dict[str, Any]:
+    return {
+        "perplexity": res.perplexity,
+        "nll": res.nll,
+        "tokens": res.tokens,
+        "windows": res.windows,
+        "seq_len": res.seq_len,
+        "text": text,
+    }
+
+
+def _reload_and_compare(
+    model: torch.nn.Module, folder: Path, probe: torch.Tensor, *, uniform: bool
+) -> dict[str, Any]:
+    """Reload ``folder`` and check it computes the in-memory model's logits on ``probe``."""
+    if uniform:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        loader = "transformers.AutoModelForCausalLM.from_pretrained"
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        missing = sorted(info.get("missing_keys", ()))
+        unexpected = sorted(info.get("unexpected_keys", ()))
+    else:
+        from .checkpoint import load_pruned
+
+        loader = "prunekit_core.load_pruned"
+        reloaded = load_pruned(folder)  # raises on any missing or unexpected weight
+        missing, unexpected = [], []
+    reloaded.eval()
+    with torch.inference_mode():
+        want = model(input_ids=probe, use_cache=False).logits
+        got = reloaded(input_ids=probe, use_cache=False).logits
+    diff = float((want.float() - got.float()).abs().max())
+    ok = not missing and not unexpected and diff <= 1e-4
+    if not ok:
+        raise CheckpointError(
+            f"the reloaded model in {folder} differs from the pruned model in memory "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, max logit diff {diff:.3g})"
+        )
+    return {
+        "loader": loader,
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+        "max_logit_diff": diff,
+        "ok": ok,
+    }

