@@ -87,6 +87,9 @@ class Sublayer(_Frozen):
     output: BranchOutput = Field(description="whether the branch module returns a tensor or a tuple")
     residual: ResidualEdge
     params: int = Field(description="parameters of the branch and its pre-norm")
+    out_proj: str | None = Field(
+        None, description="dotted path of the nn.Linear whose output is the branch's contribution (repair)"
+    )
     removable: bool = True
     uses_cache: bool = False
     channel_groups: tuple[ChannelGroup, ...] = ()

@@ -46,6 +46,10 @@ class PrunePlan(BaseModel):
     method: str = ""
     granularity: Granularity = "block"
     target_ratio: float | None = None
+    repair: Literal["none", "lsq"] = Field(
+        "none",
+        description="lsq: fold removed branches into surviving projections when applied (needs windows)",
+    )
     removed_params: int = 0
     block_params: int = Field(0, description="parameters of all blocks before pruning (the budget base)")
     scores: dict[str, float] = Field(default_factory=dict, description="metric value per unit, for reports")

@@ -106,12 +106,15 @@ def plan_pruning(
     trial_windows: int = 8,
     loss_stride: int = 4,
     on_step: Callable[[str], None] | None = None,
+    repair: Literal["none", "lsq"] = "none",
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``."""
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
     target = budget_params(ir, ratio)
     m = get_metric(metric)
+    if repair not in ("none", "lsq"):
+        raise PlanError(f"unknown repair {repair!r}; choose none or lsq")
     if planner not in ("rank", "greedy"):
         raise PlanError(f"unknown planner {planner!r}; choose rank or greedy")
     if planner == "greedy" and "trials" not in m.needs:
@@ -145,6 +148,7 @@ def plan_pruning(
         method=f"{planner}:{metric}",
         granularity=granularity,
         target_ratio=ratio,
+        repair=repair,
         removed_params=removed,
         block_params=ir.block_params(),
         scores=scores,

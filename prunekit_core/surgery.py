@@ -147,11 +147,19 @@ def _renumber_norm_paths(blocks: nn.ModuleList, blocks_path: str, keep: list[int
                 m.norm_path = new_prefix + m.norm_path[len(old_prefix) :]
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan, *, adapter: ArchitectureAdapter | None = None) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: PrunePlan,
+    *,
+    adapter: ArchitectureAdapter | None = None,
+    repair_windows: torch.Tensor | None = None,
+) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it.
 
-    Checks the plan's fingerprint first; nothing is modified when validation fails. Afterwards the
-    removed weights are gone from the module tree and the config describes the new shape.
+    Checks the plan's fingerprint first; nothing is modified when validation fails. A plan with
+    ``repair="lsq"`` first folds the removed branches into surviving projections, fitted on
+    ``repair_windows`` (token ids [n, seq_len], e.g. the calibration windows). Afterwards the removed
+    weights are gone from the module tree and the config describes the new shape.
     """
     from .plugins import select_adapter
 
@@ -159,6 +167,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan, *, adapter: ArchitectureAdapte
     ir = adapter.build_ir(model)
     check_fingerprint(plan, fingerprint(model, ir))
     resolved = resolve_removals(ir, plan.remove)
+    adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
+    if plan.repair == "lsq":
+        if repair_windows is None:
+            raise PlanError(
+                "this plan repairs weights by least squares (repair=lsq): pass repair_windows "
+                "(calibration token windows) to apply_plan, or --calib on the command line"
+            )
+        from .repair import lsq_repair
+
+        lsq_repair(model, ir, resolved, repair_windows)
     apply_removals(model, adapter, ir, resolved)
     model._prunekit_plan = plan  # type: ignore[attr-defined]  # save_pruned records it
     return model

@@ -79,6 +79,7 @@ class LlamaFamilyAdapter(DecoderAdapter):
                         output="tuple",
                         residual=ResidualEdge(stream="text", source=point, target=point + 1),
                         params=count_params([layer.self_attn, layer.input_layernorm]),
+                        out_proj=f"{path}.self_attn.o_proj",
                         uses_cache=True,
                         channel_groups=(self._kv_groups(bid, path, layer.self_attn, config),),
                     )
@@ -94,6 +95,7 @@ class LlamaFamilyAdapter(DecoderAdapter):
                         output="tensor",
                         residual=ResidualEdge(stream="text", source=point, target=point + 1),
                         params=count_params([layer.mlp, layer.post_attention_layernorm]),
+                        out_proj=f"{path}.mlp.down_proj",
                         channel_groups=(self._ffn_channels(bid, path, layer.mlp),),
                     )
                 )

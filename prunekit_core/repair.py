@@ -1,0 +1,186 @@
+"""Least-squares repair: fold what removed branches contributed into a surviving output projection.
+
+For every run of consecutive removed branches on a residual stream, the nearest surviving branch before
+the run that declares an ``out_proj`` (an ``nn.Linear`` writing into the stream, e.g. ``mlp.down_proj``)
+absorbs the run's contribution: with ``A`` the inputs of that projection and ``D = x_after_run -
+x_before_run`` on the calibration tokens, its weight gets ``dW = argmin ||A dW^T - D||^2 + lam ||dW||^2``.
+Shapes never change, so a uniform plan still reloads with plain ``from_pretrained``.
+
+Runs are processed front to back on the model with earlier runs already masked, so each fit sees the
+stream its projection will really receive. The ridge strength is chosen per run on held-out calibration
+tokens (every fourth window; with fewer than four windows a default strength) from a small grid, then refit on all tokens. Statistics are accumulated
+batch by batch (``A^T A`` and ``A^T D``), so memory does not grow with the number of windows, and each
+forward stops as soon as the run's end is observed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import get_module
+from .errors import PlanError
+from .ir import ModelIR, Sublayer
+from .scoring import _first_tensor
+from .surgery import Resolved, branches_masked
+
+log = logging.getLogger(__name__)
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_RIDGE = 0.1
+
+
+@dataclass(frozen=True)
+class RepairStep:
+    """One run of removed branches and the projection that absorbed it."""
+
+    removed: tuple[str, ...]
+    writer: str
+    ridge: float
+    holdout_gain: float  # fraction of the held-out residual energy the fit explains
+
+
+class _Stop(Exception):
+    pass
+
+
+def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Sublayer], str]]:
+    """(writer, removed run, path whose input is the stream after the run) per run, per tower."""
+    out = []
+    for tower in ir.towers:
+        subs = [s for b in tower.blocks for s in b.sublayers]
+        i = 0
+        while i < len(subs):
+            if subs[i].id not in removed:
+                i += 1
+                continue
+            j = i
+            while j < len(subs) and subs[j].id in removed:
+                j += 1
+            writer = next((s for s in reversed(subs[:i]) if s.out_proj and s.id not in removed), None)
+            end_path = (subs[j].norm or subs[j].module) if j < len(subs) else tower.final_norm
+            if end_path is None:
+                raise PlanError(f"tower {tower.name} declares no final_norm; cannot repair its last branches")
+            out.append((writer, subs[i:j], end_path))
+            i = j
+    return out
+
+
+@torch.inference_mode()
+def lsq_repair(
+    model: nn.Module, ir: ModelIR, resolved: Resolved, windows: torch.Tensor, *, batch_size: int = 8
+) -> list[RepairStep]:
+    """Update surviving output projections in place so they absorb the removed branches' contribution.
+
+    ``resolved`` are the removals (blocks count as all their sublayers). Call before the surgery.
+    """
+    units = ir.units()
+    removed: set[str] = set(resolved.sublayers)
+    for bid in resolved.blocks:
+        removed |= {s.id for s in units[bid].sublayers}  # type: ignore[union-attr]
+    steps: list[RepairStep] = []
+    done: list[Sublayer] = []
+    for writer, run, end_path in _runs(ir, removed):
+        if writer is None:
+            log.info("no surviving projection before %s; left unrepaired", run[0].id)
+            done.extend(run)
+            continue
+        proj = get_module(model, writer.out_proj)  # type: ignore[arg-type]
+        if not isinstance(proj, nn.Linear):
+            raise PlanError(f"{writer.out_proj} is a {type(proj).__name__}; repair needs an nn.Linear")
+        start_path = run[0].norm or run[0].module
+        held = torch.arange(windows.shape[0]) % 4 == 3
+        stats = {
+            part: _accumulate(model, done, proj, start_path, end_path, windows[mask], batch_size)
+            for part, mask in (("fit", ~held), ("hold", held))
+        }
+        ridge, gain, dw = _solve(stats)
+        with torch.no_grad():
+            proj.weight += dw.to(proj.weight.dtype)
+        steps.append(RepairStep(tuple(s.id for s in run), writer.out_proj or "", ridge, gain))
+        log.info(
+            "repaired %s into %s (ridge %g, held-out gain %.3f)", run[0].id, writer.out_proj, ridge, gain
+        )
+        done.extend(run)
+    return steps
+
+
+def _accumulate(
+    model: nn.Module,
+    masked: list[Sublayer],
+    proj: nn.Linear,
+    start_path: str,
+    end_path: str,
+    windows: torch.Tensor,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    d_in, d_out = proj.in_features, proj.out_features
+    stats = {
+        "G": torch.zeros(d_in, d_in, dtype=torch.float64),
+        "C": torch.zeros(d_in, d_out, dtype=torch.float64),
+        "dd": torch.zeros((), dtype=torch.float64),
+    }
+    cur: dict[str, Any] = {}
+
+    def on_proj(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        cur["A"] = args[0]
+
+    def on_start(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cur["x0"] = _first_tensor(args, kwargs)
+
+    def on_end(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cur["x1"] = _first_tensor(args, kwargs)
+        raise _Stop
+
+    with branches_masked(model, masked):
+        handles = [
+            proj.register_forward_pre_hook(on_proj),
+            get_module(model, start_path).register_forward_pre_hook(on_start, with_kwargs=True),
+            get_module(model, end_path).register_forward_pre_hook(on_end, with_kwargs=True),
+        ]
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                cur.clear()
+                try:
+                    model(input_ids=windows[start : start + batch_size], use_cache=False)
+                except _Stop:
+                    pass
+                a = cur["A"].reshape(-1, d_in).double()
+                d = (cur["x1"] - cur["x0"]).reshape(-1, d_out).double()
+                stats["G"] += a.T @ a
+                stats["C"] += a.T @ d
+                stats["dd"] += (d * d).sum()
+        finally:
+            for h in handles:
+                h.remove()
+    return stats
+
+
+def _ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    reg = lam * G.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    return torch.linalg.solve(G + reg * eye, C).T  # [out, in]
+
+
+def _solve(stats: dict[str, dict[str, torch.Tensor]]) -> tuple[float, float, torch.Tensor]:
+    fit, hold = stats["fit"], stats["hold"]
+    best = (DEFAULT_RIDGE, float("nan"))  # too few windows to hold any out: default strength
+    if hold["dd"] > 0:
+        best = (RIDGE_GRID[-1], float("-inf"))
+        for lam in RIDGE_GRID:
+            dw = _ridge_solve(fit["G"], fit["C"], lam)
+            # ||A dW^T - D||^2 = tr(dW G dW^T) - 2 tr(dW C) + ||D||^2, on held-out tokens
+            resid = (dw @ hold["G"] * dw).sum() - 2 * (dw * hold["C"].T).sum() + hold["dd"]
+            gain = float(1 - resid / hold["dd"])
+            if gain > best[1]:
+                best = (lam, gain)
+    lam, gain = best
+    G = fit["G"] + hold["G"]
+    C = fit["C"] + hold["C"]
+    if gain <= 0:  # (False for nan) the fit does not generalise: leave the weights alone
+        return lam, gain, torch.zeros(C.shape[1], C.shape[0], dtype=torch.float64)
+    return lam, gain, _ridge_solve(G, C, lam)

@@ -1,0 +1,99 @@
+"""Least-squares repair: it must help where it can, do nothing where nothing was lost, and keep shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from prunekit_core import PlanError, PrunePlan, apply_plan, fingerprint, inspect, load_pruned, save_pruned
+from prunekit_core.repair import lsq_repair
+from prunekit_core.surgery import resolve_removals
+
+
+def _model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _windows(n: int = 8, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 50, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _plan(model, remove, repair="lsq") -> PrunePlan:
+    return PrunePlan(fingerprint=fingerprint(model, inspect(model)), remove=remove, repair=repair)
+
+
+def _stream_after(model, windows, block: int) -> torch.Tensor:
+    out = model(input_ids=windows, output_hidden_states=True)
+    return out.hidden_states[block]
+
+
+def test_repair_reduces_reconstruction_error() -> None:
+    ref = _model()
+    w = _windows(16)
+    target = _stream_after(ref, w, 3).detach()  # stream after block 2 in the unpruned model
+    plain, fixed = copy.deepcopy(ref), copy.deepcopy(ref)
+    apply_plan(plain, _plan(plain, ["text.blocks.2"], repair="none"))
+    apply_plan(fixed, _plan(fixed, ["text.blocks.2"]), repair_windows=w)
+    with torch.no_grad():
+        err_plain = (_stream_after(plain, w, 2) - target).pow(2).sum()
+        err_fixed = (_stream_after(fixed, w, 2) - target).pow(2).sum()
+    assert err_fixed < 0.9 * err_plain
+    # only the writer (block 1's down_proj) changed
+    changed = [n for n, p in fixed.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_nothing_lost_means_nothing_changed() -> None:
+    model = _model()
+    with torch.no_grad():  # block 2 contributes exactly zero
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    before = copy.deepcopy(model.model.layers[1].mlp.down_proj.weight)
+    ir = inspect(model)
+    steps = lsq_repair(model, ir, resolve_removals(ir, ["text.blocks.2"]), _windows(8))
+    assert len(steps) == 1 and steps[0].writer == "model.layers.1.mlp.down_proj"
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
+
+
+def test_sublayer_run_uses_attention_writer_and_first_run_is_skipped() -> None:
+    model = _model()
+    ir = inspect(model)
+    steps = lsq_repair(
+        model, ir, resolve_removals(ir, ["text.blocks.0.attn", "text.blocks.2.mlp"]), _windows(8)
+    )
+    # block 0's attention has no surviving writer before it; block 2's MLP folds into its attention
+    assert [s.writer for s in steps] == ["model.layers.2.self_attn.o_proj"]
+
+
+def test_repair_plan_needs_windows_and_leaves_model_untouched() -> None:
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PlanError, match="repair_windows"):
+        apply_plan(model, _plan(model, ["text.blocks.1"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(model.model.layers) == 4
+
+
+def test_repaired_uniform_plan_reloads_with_plain_transformers(tmp_path) -> None:
+    model = _model()
+    w = _windows(8)
+    apply_plan(model, _plan(model, ["text.blocks.1", "text.blocks.2"]), repair_windows=w)
+    out = save_pruned(model, tmp_path / "m")
+    plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.allclose(plain(w).logits, model(w).logits, atol=1e-6)
+        assert torch.allclose(load_pruned(out)(w).logits, model(w).logits, atol=1e-6)
