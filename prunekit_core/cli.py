@@ -435,8 +435,13 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             raise CalibrationError("--calib TEXT is required to plan (or pass an existing plan with --plan)")
     metric_name = args.metric or BEST["metric"]
     metric = get_metric(metric_name)
-    planner = args.planner or default_planner(metric)
-    granularity = args.granularity or default_granularity(metric)
+    if args.metric is None:  # prunekit's best combination, unless the user overrides a part of it
+        planner = args.planner or BEST["planner"]
+        granularity = args.granularity or BEST["granularity"]
+    else:
+        planner = args.planner or default_planner(metric)
+        granularity = args.granularity or default_granularity(metric)
+    repair = args.repair or BEST.get("repair", "none")
     if given_plan is None:
         if planner == "greedy" and "trials" not in metric.needs:
             raise PlanError(
@@ -444,6 +449,13 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 f"not {metric_name!r}"
             )
         _check_metric_fits(metric, granularity)  # type: ignore[arg-type]
+        _check_text(args.calib)
+    elif given_plan.repair != "none":
+        if args.calib is None:
+            raise CalibrationError(
+                f"the plan repairs weights (repair={given_plan.repair}) when applied: pass --calib TEXT "
+                "(the calibration text it was made with)"
+            )
         _check_text(args.calib)
     if args.eval is not None:
         _check_text(args.eval)
@@ -454,7 +466,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     model, tok, _src = _load_model(ui, args.model)
     ir = inspect(model)
     cal_windows = None
-    if given_plan is None:
+    if args.calib is not None and (given_plan is None or given_plan.repair != "none"):
         cal_windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     eval_windows = None
     if args.eval is not None:
@@ -482,7 +494,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         )
         ui.info(
             f"calibration: {cal_windows.num_windows} windows x {cal_windows.seq_len} tokens of {args.calib}; "
-            f"planner {planner}, metric {metric_name}, granularity {granularity}"
+            f"planner {planner}, metric {metric_name}, granularity {granularity}, repair {repair}"
         )
         with ui.step("calibrate"):
             cal = calibrate(model, cal_windows.ids)
@@ -494,6 +506,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 metric=metric_name,
                 granularity=granularity,  # type: ignore[arg-type]
                 planner=planner,  # type: ignore[arg-type]
+                repair=repair,  # type: ignore[arg-type]
                 on_step=lambda msg: ui.info("  " + msg),
             )
         result["budget"] = {
@@ -533,8 +546,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             ui.emit_json(result)
         return EXIT_OK
 
-    with ui.step("apply plan"):
-        apply_plan(model, plan)
+    with ui.step("apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
+        apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
     result["params_before"] = params_before.total
@@ -782,8 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
             "choosing units with a metric and a planner, and save the pruned model to --out (safetensors, "
             "config, tokenizer, plan.json, prunekit.json). Plans that remove whole blocks only reload with "
             "plain transformers; any plan reloads with prunekit_core.load_pruned.\n\n"
-            f"Defaults: metric {BEST['metric']}, planner {BEST['planner']}, granularity {BEST['granularity']} "
-            "(prunekit's best planner). With another --metric the planner defaults to greedy for trial "
+            f"Defaults: metric {BEST['metric']}, planner {BEST['planner']}, granularity {BEST['granularity']}, "
+            f"repair {BEST.get('repair', 'none')} (prunekit's best planner). With another --metric the planner defaults to greedy for trial "
             "metrics (nri, sleb) and rank otherwise, and the granularity to what the metric scores (block for "
             "bi/angular, sublayer for sublayer_drop).\n\n"
             "Inputs are checked before anything is loaded; nothing is written when a command fails."
@@ -802,7 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="fraction of block parameters to remove, strictly between 0 and 1 (required unless --plan)",
     )
-    p.add_argument("--calib", metavar="TEXT", help="calibration text (required unless --plan): " + text_help)
+    p.add_argument(
+        "--calib",
+        metavar="TEXT",
+        help="calibration text (required, except with a --plan that does not repair weights): " + text_help,
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -819,6 +836,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--planner",
         choices=("rank", "greedy"),
         help="rank: score once, drop the least important; greedy: re-measure after each removal (trial metrics)",
+    )
+    p.add_argument(
+        "--repair",
+        choices=("none", "lsq"),
+        help="lsq: fold what removed branches contributed into surviving output projections, fitted by least "
+        f"squares on the calibration text (default {BEST.get('repair', 'none')})",
     )
     p.add_argument(
         "--seq-len",

@@ -109,7 +109,8 @@ def run_demo(
     )
 
     planner, metric, granularity = BEST["planner"], BEST["metric"], BEST["granularity"]
-    with step("plan", f"plan ({planner}:{metric}, {granularity})"):
+    repair = BEST.get("repair", "none")
+    with step("plan", f"plan ({planner}:{metric}, {granularity}, repair {repair})"):
         plan = pk.plan_pruning(
             model,
             cal,
@@ -117,6 +118,7 @@ def run_demo(
             metric=metric,
             granularity=granularity,  # type: ignore[arg-type]
             planner=planner,  # type: ignore[arg-type]
+            repair=repair,  # type: ignore[arg-type]
             on_step=lambda msg: log("    " + msg),
         )
     say(f"plan: remove {', '.join(plan.remove)}")
@@ -126,8 +128,8 @@ def run_demo(
     )
     params_before = pk.count_parameters(model).total
 
-    with step("apply", "apply plan"):
-        pk.apply_plan(model, plan)
+    with step("apply", "apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
+        pk.apply_plan(model, plan, repair_windows=cal_w.ids)
     params_after = pk.count_parameters(model).total
 
     with step("perplexity_after", "perplexity after"):
@@ -166,6 +168,7 @@ def run_demo(
         "plan": {
             "method": plan.method,
             "granularity": plan.granularity,
+            "repair": plan.repair,
             "remove": list(plan.remove),
             "removed_params": plan.removed_params,
             "block_params": plan.block_params,

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PlannerName = Literal["rank", "greedy"]
 
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: dict[str, str] = {"planner": "greedy", "metric": "nri", "granularity": "mixed"}
+BEST: dict[str, str] = {"planner": "rank", "metric": "bi", "granularity": "block", "repair": "lsq"}
 GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "mixed")
 
 

@@ -169,6 +169,10 @@ def test_prune_best_planner_mixed_greedy_nri(
         *FAST,
         "--granularity",
         "mixed",
+        "--metric",
+        "nri",
+        "--planner",
+        "greedy",
         "--eval",
         assets["text"],
         "--eval-tokens",
@@ -207,6 +211,7 @@ def test_prune_defaults_and_human_output(
         saved["method"] == f"{BEST['planner']}:{BEST['metric']}"
         and saved["granularity"] == BEST["granularity"]
     )
+    assert saved["repair"] == BEST.get("repair", "none")
 
 
 def test_metric_without_planner_picks_rank(
@@ -227,7 +232,12 @@ def test_plan_only_then_apply_plan(
     data = run_json(capsys, *common, "--metric", "bi", "--plan-only", "--out", plan_file)
     assert data["written"] == "plan" and plan_file.is_file() and "params_after" not in data
     assert files_under(tmp_path) == {"plan.json"}
-    applied = run_json(capsys, "prune", assets["model"], "--plan", plan_file, "--out", tmp_path / "o")
+    apply = ["prune", assets["model"], "--plan", plan_file, "--out", tmp_path / "o"]
+    if data["plan"]["repair"] != "none":  # the repair is fitted when the plan is applied: it needs --calib
+        code, _, err = run(capsys, *apply)
+        assert code == 2 and "--calib" in err and not (tmp_path / "o").exists()
+        apply += ["--calib", assets["text"], *FAST]
+    applied = run_json(capsys, *apply)
     assert applied["removed"] == data["removed"] and (tmp_path / "o" / "config.json").is_file()
 
 
@@ -347,7 +357,17 @@ def test_plan_for_another_model_is_refused(
     plan_file = tmp_path / "plan.json"
     common = ["--ratio", "0.3", "--calib", assets["text"], "--metric", "bi", *FAST]
     run_json(capsys, "prune", assets["model"], *common, "--plan-only", "--out", plan_file)
-    code, _, err = run(capsys, "prune", assets["other"], "--plan", plan_file, "--out", tmp_path / "o")
+    code, _, err = run(
+        capsys,
+        "prune",
+        assets["other"],
+        "--plan",
+        plan_file,
+        "--calib",
+        assets["text"],
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 2 and "another model" in err and "Traceback" not in err
     assert files_under(tmp_path) == {"plan.json"}
 

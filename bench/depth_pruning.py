@@ -1,0 +1,141 @@
+"""Depth-pruning benchmark on SmolLM2-135M: published metrics vs prunekit's best planner, side by side.
+
+Protocol (the same for every method, measured in one run): calibrate on the c4 text (32 x 256 tokens),
+evaluate perplexity on the wiki text (16 x 1024 tokens, non-overlapping windows from the start), fp32, no
+fine-tuning. Budgets are fractions of the decoder blocks' parameters (embeddings and head excluded); every
+plan removes at least that much. The last column divides each perplexity by ShortGPT BI's at the same
+budget: the goal for prunekit's best planner is at most 0.85.
+
+    python bench/depth_pruning.py                      # full protocol, about 20-30 minutes on 2 cores
+    python bench/depth_pruning.py --eval-windows 4     # quicker, noisier
+    python bench/depth_pruning.py --methods bi,best --ratios 0.1
+
+Writes the Markdown table to stdout and to ``--out`` (default bench/results/depth_pruning.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import prunekit_core as pk  # noqa: E402
+from prunekit_core.planning import BEST  # noqa: E402
+
+METHODS: dict[str, tuple[str, dict]] = {
+    "bi": ("ShortGPT Block Influence", {"metric": "bi", "granularity": "block", "planner": "rank"}),
+    "angular": ("Angular distance (span)", {"metric": "angular", "granularity": "block", "planner": "rank"}),
+    "whatmatters": (
+        '"What Matters" joint sublayer drop',
+        {"metric": "sublayer_drop", "granularity": "sublayer", "planner": "rank"},
+    ),
+    "nri": (
+        "NRI, re-scored after each removal",
+        {"metric": "nri", "granularity": "sublayer", "planner": "greedy"},
+    ),
+    "sleb": ("SLEB greedy blocks", {"metric": "sleb", "granularity": "block", "planner": "greedy"}),
+    "bi+lsq": (
+        "BI + least-squares repair",
+        {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "lsq"},
+    ),
+    "best": (f"prunekit best ({BEST['planner']}:{BEST['metric']}, {BEST['granularity']})", dict(BEST)),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--eval", dest="eval_text", default="wiki")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seq-len", type=int, default=1024)
+    ap.add_argument("--ratios", default="0.1,0.2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "depth_pruning.md"))
+    args = ap.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+
+    t0 = time.perf_counter()
+    model, tok, _ = pk.load_model(args.model)
+    calib = pk.load_windows(tok, args.calib, seq_len=args.calib_seq_len, num_windows=args.calib_windows).ids
+    evalw = pk.load_windows(tok, args.eval_text, seq_len=args.eval_seq_len, num_windows=args.eval_windows).ids
+    cal = pk.calibrate(model, calib)
+    base = pk.perplexity(model, evalw)
+    print(
+        f"baseline perplexity {base.perplexity:.2f} on {base.tokens} {args.eval_text} tokens "
+        f"({base.windows} x {base.seq_len}); calibration {cal.tokens} {args.calib} tokens; "
+        f"block parameters {pk.inspect(model).block_params()} (embeddings and head excluded)",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows = []
+    for ratio in ratios:
+        for key in methods:
+            label, kwargs = METHODS[key]
+            t = time.perf_counter()
+            plan = pk.plan_pruning(model, cal, ratio=ratio, **kwargs)
+            plan_s = time.perf_counter() - t
+            pruned = copy.deepcopy(model)
+            t = time.perf_counter()
+            pk.apply_plan(pruned, plan, repair_windows=calib)
+            apply_s = time.perf_counter() - t
+            ppl = pk.perplexity(pruned, evalw).perplexity
+            row = {
+                "ratio": ratio,
+                "method": key,
+                "label": label,
+                "removed": plan.remove,
+                "achieved": plan.achieved_ratio,
+                "perplexity": ppl,
+                "plan_s": plan_s,
+                "apply_s": apply_s,
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            del pruned
+    table = render(rows, base.perplexity, args, time.perf_counter() - t0)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    return 0
+
+
+def render(rows: list[dict], base: float, args: argparse.Namespace, total_s: float) -> str:
+    bi = {r["ratio"]: r["perplexity"] for r in rows if r["method"] == "bi"}
+    lines = [
+        f"# Depth pruning on {args.model}",
+        "",
+        f"Calibration: {args.calib_windows} x {args.calib_seq_len} tokens of `{args.calib}`; evaluation: "
+        f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_text}`; fp32; no healing. "
+        f"Baseline perplexity **{base:.2f}**. Budget = fraction of block parameters (embeddings and head "
+        f"excluded). torch {torch.__version__}, {torch.get_num_threads()} threads; total {total_s / 60:.1f} min.",
+        "",
+        "| budget | method | removed | achieved | perplexity | vs ShortGPT BI | plan s | apply s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rel = f"{r['perplexity'] / bi[r['ratio']]:.3f}x" if r["ratio"] in bi else "-"
+        removed = ", ".join(u.replace("text.blocks.", "") for u in r["removed"])
+        lines.append(
+            f"| {r['ratio']:.0%} | {r['label']} | {removed} | {r['achieved']:.1%} | {r['perplexity']:.2f} | "
+            f"{rel} | {r['plan_s']:.1f} | {r['apply_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
