@@ -37,16 +37,25 @@ METHODS: dict[str, tuple[str, dict]] = {
         {"metric": "sublayer_drop", "granularity": "sublayer", "planner": "rank"},
     ),
     "nri": (
-        "NRI, re-scored after each removal",
-        {"metric": "nri", "granularity": "sublayer", "planner": "greedy"},
+        "NRI (one removal trial per sublayer)",
+        {"metric": "nri", "granularity": "sublayer", "planner": "rank"},
+    ),
+    "bi_lsq": (
+        "repaired BI (bi_lsq) + LSQ repair",
+        {"metric": "bi_lsq", "granularity": "block", "planner": "rank", "repair": "lsq"},
+    ),
+    "best": (
+        "prunekit best: " + ", ".join(f"{k} {v}" for k, v in BEST.items()),
+        dict(BEST),
+    ),
+    # slow (hundreds of trials on 2 cores); run explicitly with --methods
+    "greedy": (
+        "NRI greedy, re-scored after each removal (mixed)",
+        {"metric": "nri", "granularity": "mixed", "planner": "greedy"},
     ),
     "sleb": ("SLEB greedy blocks", {"metric": "sleb", "granularity": "block", "planner": "greedy"}),
-    "bi+lsq": (
-        "BI + least-squares repair",
-        {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "lsq"},
-    ),
-    "best": (f"prunekit best ({BEST['planner']}:{BEST['metric']}, {BEST['granularity']})", dict(BEST)),
 }
+DEFAULT_METHODS = "bi,angular,whatmatters,nri,bi_lsq,best"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--ratios", default="0.1,0.2")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "depth_pruning.md"))
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -97,3 +97,38 @@ def test_repaired_uniform_plan_reloads_with_plain_transformers(tmp_path) -> None
     with torch.no_grad():
         assert torch.allclose(plain(w).logits, model(w).logits, atol=1e-6)
         assert torch.allclose(load_pruned(out)(w).logits, model(w).logits, atol=1e-6)
+
+
+def test_repaired_block_influence_ranks_a_silent_block_first_and_never_exceeds_unrepaired_loss() -> None:
+    from prunekit_core.repair import block_repair_residuals
+
+    model = _model()
+    with torch.no_grad():  # block 2 contributes exactly zero
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    w = _windows(8)
+    ir = inspect(model)
+    repaired = block_repair_residuals(model, ir, w)
+    assert repaired["text.blocks.2"] == 0.0
+    assert min(repaired, key=repaired.get) == "text.blocks.2"
+    # the unrepaired share of each block, from the hidden states: the fold can only lower it
+    with torch.no_grad():
+        hs = model(input_ids=w, output_hidden_states=True).hidden_states
+    for i in range(3):  # hidden_states[4] is after the final norm
+        d, x = (hs[i + 1] - hs[i]).double(), hs[i + 1].double()
+        plain = float((d * d).sum() / (x * x).sum())
+        assert repaired[f"text.blocks.{i}"] <= plain + 1e-9
+    assert repaired["text.blocks.0"] == pytest.approx(
+        float(((hs[1] - hs[0]).double() ** 2).sum() / (hs[1].double() ** 2).sum()), rel=1e-9
+    )  # no writer before block 0: nothing to fold into
+
+
+def test_bi_lsq_metric_is_registered_and_plans_blocks() -> None:
+    import prunekit_core as pk
+
+    model = _model()
+    cal = pk.calibrate(model, _windows(8))
+    scores = pk.score(model, cal, "bi_lsq")
+    assert scores.unit == "block" and set(scores.values) == {f"text.blocks.{i}" for i in range(4)}
+    plan = pk.plan_pruning(model, cal, ratio=0.2, metric="bi_lsq", granularity="block", planner="rank")
+    assert plan.remove == [min(scores.values, key=scores.values.get)]

@@ -65,6 +65,22 @@ class SublayerDrop(ImportanceMetric):
         )
 
 
+class RepairedBlockInfluence(ImportanceMetric):
+    name = "bi_lsq"
+    description = (
+        "share of the stream's energy a block's removal loses after the least-squares fold into the previous "
+        "block's output projection (pair with --repair lsq)"
+    )
+    unit = "block"
+    reference = "prunekit; repair in the spirit of LLM-Streamline (arXiv 2403.19135), folded into existing weights"
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        from ..repair import block_repair_residuals
+
+        values = block_repair_residuals(ctx.model, ctx.ir, ctx.calibration.windows)
+        return Scores(metric=self.name, unit="block", values=values)
+
+
 def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
     if ctx.candidates is not None:
         return list(ctx.candidates)
@@ -108,7 +124,7 @@ class SLEB(ImportanceMetric):
         return Scores(metric=self.name, unit=self.unit, values=values)
 
 
-BUILTIN_METRICS = (BlockInfluence, AngularDistance, SublayerDrop, NRI, SLEB)
+BUILTIN_METRICS = (BlockInfluence, RepairedBlockInfluence, AngularDistance, SublayerDrop, NRI, SLEB)
 
 
 @hookimpl
