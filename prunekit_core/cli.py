@@ -438,10 +438,11 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if args.metric is None:  # prunekit's best combination, unless the user overrides a part of it
         planner = args.planner or BEST["planner"]
         granularity = args.granularity or BEST["granularity"]
-    else:
+        repair = args.repair or BEST.get("repair", "none")
+    else:  # a metric chosen by name runs as published: no repair unless asked for
         planner = args.planner or default_planner(metric)
         granularity = args.granularity or default_granularity(metric)
-    repair = args.repair or BEST.get("repair", "none")
+        repair = args.repair or "none"
     if given_plan is None:
         if planner == "greedy" and "trials" not in metric.needs:
             raise PlanError(
@@ -841,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair",
         choices=("none", "lsq"),
         help="lsq: fold what removed branches contributed into surviving output projections, fitted by least "
-        f"squares on the calibration text (default {BEST.get('repair', 'none')})",
+        f"squares on the calibration text (default {BEST.get('repair', 'none')} with the default metric, none "
+        "when --metric is given)",
     )
     p.add_argument(
         "--seq-len",

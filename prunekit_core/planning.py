@@ -98,17 +98,21 @@ def plan_pruning(
     calibration: Calibration,
     *,
     ratio: float,
-    metric: str = "nri",
-    granularity: Granularity = "mixed",
-    planner: PlannerName = "greedy",
+    metric: str = "bi",
+    granularity: Granularity = "block",
+    planner: PlannerName = "rank",
     adapter: ArchitectureAdapter | None = None,
     shortlist: int | None = 8,
     trial_windows: int = 8,
     loss_stride: int = 4,
     on_step: Callable[[str], None] | None = None,
-    repair: Literal["none", "lsq"] = "none",
+    repair: Literal["none", "lsq"] = "lsq",
 ) -> PrunePlan:
-    """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``."""
+    """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
+
+    The defaults are :data:`BEST`. A plan with ``repair="lsq"`` needs the calibration windows again
+    when it is applied (``apply_plan(model, plan, repair_windows=...)``).
+    """
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
     target = budget_params(ir, ratio)

@@ -72,7 +72,9 @@ class RepairedBlockInfluence(ImportanceMetric):
         "block's output projection (pair with --repair lsq)"
     )
     unit = "block"
-    reference = "prunekit; repair in the spirit of LLM-Streamline (arXiv 2403.19135), folded into existing weights"
+    reference = (
+        "prunekit; repair in the spirit of LLM-Streamline (arXiv 2403.19135), folded into existing weights"
+    )
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         from ..repair import block_repair_residuals
