@@ -30,19 +30,33 @@ import prunekit_core as pk  # noqa: E402
 from prunekit_core.planning import BEST  # noqa: E402
 
 METHODS: dict[str, tuple[str, dict]] = {
-    "bi": ("ShortGPT Block Influence", {"metric": "bi", "granularity": "block", "planner": "rank"}),
-    "angular": ("Angular distance (span)", {"metric": "angular", "granularity": "block", "planner": "rank"}),
+    "bi": (
+        "ShortGPT Block Influence",
+        {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "none"},
+    ),
+    "angular": (
+        "Angular distance (span)",
+        {"metric": "angular", "granularity": "block", "planner": "rank", "repair": "none"},
+    ),
     "whatmatters": (
         '"What Matters" joint sublayer drop',
-        {"metric": "sublayer_drop", "granularity": "sublayer", "planner": "rank"},
+        {"metric": "sublayer_drop", "granularity": "sublayer", "planner": "rank", "repair": "none"},
     ),
     "nri": (
         "NRI (one removal trial per sublayer)",
-        {"metric": "nri", "granularity": "sublayer", "planner": "rank"},
+        {"metric": "nri", "granularity": "sublayer", "planner": "rank", "repair": "none"},
     ),
     "bi_lsq": (
         "repaired BI (bi_lsq) + LSQ repair",
         {"metric": "bi_lsq", "granularity": "block", "planner": "rank", "repair": "lsq"},
+    ),
+    "angular+lsq": (
+        "Angular distance span + LSQ repair",
+        {"metric": "angular", "granularity": "block", "planner": "rank", "repair": "lsq"},
+    ),
+    "bi+lsq": (
+        "ShortGPT BI + LSQ repair",
+        {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "lsq"},
     ),
     "best": (
         "prunekit best: " + ", ".join(f"{k} {v}" for k, v in BEST.items()),
@@ -51,9 +65,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     # slow (hundreds of trials on 2 cores); run explicitly with --methods
     "greedy": (
         "NRI greedy, re-scored after each removal (mixed)",
-        {"metric": "nri", "granularity": "mixed", "planner": "greedy"},
+        {"metric": "nri", "granularity": "mixed", "planner": "greedy", "repair": "none"},
     ),
-    "sleb": ("SLEB greedy blocks", {"metric": "sleb", "granularity": "block", "planner": "greedy"}),
+    "sleb": (
+        "SLEB greedy blocks",
+        {"metric": "sleb", "granularity": "block", "planner": "greedy", "repair": "none"},
+    ),
 }
 DEFAULT_METHODS = "bi,angular,whatmatters,nri,bi_lsq,best"
 

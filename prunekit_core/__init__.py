@@ -7,7 +7,7 @@ Ten lines do what ``prunekit prune`` does::
     model, tok, _ = pk.load_model("smollm2-135m")
     calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=32).ids
     cal = pk.calibrate(model, calib)
-    plan = pk.plan_pruning(model, cal, ratio=0.1)  # prunekit's best: BI blocks + least-squares repair
+    plan = pk.plan_pruning(model, cal, ratio=0.1)  # prunekit's best: an angular-distance span + least-squares repair
     pk.apply_plan(model, plan, repair_windows=calib)
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
     pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)

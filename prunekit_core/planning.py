@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PlannerName = Literal["rank", "greedy"]
 
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: dict[str, str] = {"planner": "rank", "metric": "bi", "granularity": "block", "repair": "lsq"}
+BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
 GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "mixed")
 
 
@@ -98,7 +98,7 @@ def plan_pruning(
     calibration: Calibration,
     *,
     ratio: float,
-    metric: str = "bi",
+    metric: str = "angular",
     granularity: Granularity = "block",
     planner: PlannerName = "rank",
     adapter: ArchitectureAdapter | None = None,

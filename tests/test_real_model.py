@@ -26,7 +26,9 @@ def test_prune_repair_save_reload_smollm2(tmp_path) -> None:
     wiki = pk.load_windows(tok, "wiki", seq_len=512, num_windows=2).ids
     before = pk.perplexity(model, wiki).perplexity
     cal = pk.calibrate(model, calib)
-    plan = pk.plan_pruning(model, cal, ratio=0.05)  # BEST: two BI blocks + least-squares repair
+    plan = pk.plan_pruning(
+        model, cal, ratio=0.05
+    )  # BEST: an angular-distance span of two blocks + least-squares repair
     assert plan.is_uniform and len(plan.remove) == 2
     pk.apply_plan(model, plan, repair_windows=calib)
     after = pk.perplexity(model, wiki).perplexity
