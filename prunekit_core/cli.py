@@ -379,20 +379,6 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
 # --- prunekit prune ---------------------------------------------------------------------------------
 
 
-def default_planner(metric: Any) -> str:
-    """``greedy`` for trial metrics (it re-measures after each removal), ``rank`` for the others."""
-    return "greedy" if "trials" in metric.needs else "rank"
-
-
-def default_granularity(metric: Any) -> str:
-    """The granularity a metric can plan at: BEST's for trial metrics, else what the metric scores."""
-    from .planning import BEST
-
-    if "trials" in metric.needs:
-        return BEST["granularity"]
-    return "sublayer" if metric.unit == "sublayer" else "block"
-
-
 def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     from .checkpoint import _check_target
     from .errors import CheckpointError
@@ -415,8 +401,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .checkpoint import save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
-    from .planning import BEST, _check_metric_fits, budget_params, plan_pruning
-    from .plugins import get_metric
+    from .planning import budget_params, plan_pruning, resolve_method
     from .surgery import apply_plan
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
@@ -433,23 +418,11 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         check_ratio(args.ratio)
         if args.calib is None:
             raise CalibrationError("--calib TEXT is required to plan (or pass an existing plan with --plan)")
-    metric_name = args.metric or BEST["metric"]
-    metric = get_metric(metric_name)
-    if args.metric is None:  # prunekit's best combination, unless the user overrides a part of it
-        planner = args.planner or BEST["planner"]
-        granularity = args.granularity or BEST["granularity"]
-        repair = args.repair or BEST.get("repair", "none")
-    else:  # a metric chosen by name runs as published: no repair unless asked for
-        planner = args.planner or default_planner(metric)
-        granularity = args.granularity or default_granularity(metric)
-        repair = args.repair or "none"
+    # BEST unless a metric is named; a named metric runs as published (planning.resolve_method)
+    metric_name, planner, granularity, repair = resolve_method(
+        args.metric, args.planner, args.granularity, args.repair
+    )
     if given_plan is None:
-        if planner == "greedy" and "trials" not in metric.needs:
-            raise PlanError(
-                f"the greedy planner re-measures after each removal: use a trial metric (nri, sleb), "
-                f"not {metric_name!r}"
-            )
-        _check_metric_fits(metric, granularity)  # type: ignore[arg-type]
         _check_text(args.calib)
     elif given_plan.repair != "none":
         if args.calib is None:

@@ -93,39 +93,69 @@ def _check_metric_fits(metric: ImportanceMetric, granularity: Granularity) -> No
         )
 
 
+def resolve_method(
+    metric: str | None = None,
+    planner: str | None = None,
+    granularity: str | None = None,
+    repair: str | None = None,
+) -> tuple[str, PlannerName, Granularity, Literal["none", "lsq"]]:
+    """Fill unset planning choices and validate the combination (the CLI and the API share this).
+
+    With no metric named, every unset choice comes from :data:`BEST`. With a metric named, it runs as
+    published: ``greedy`` for trial metrics and ``rank`` otherwise, the granularity the metric scores
+    (:data:`BEST`'s for trial metrics), and no repair.
+    """
+    if metric is None:
+        metric = BEST["metric"]
+        planner = planner or BEST["planner"]
+        granularity = granularity or BEST["granularity"]
+        repair = repair or BEST.get("repair", "none")
+    m = get_metric(metric)
+    trials = "trials" in m.needs
+    planner = planner or ("greedy" if trials else "rank")
+    if granularity is None:
+        granularity = BEST["granularity"] if trials else ("sublayer" if m.unit == "sublayer" else "block")
+    repair = repair or "none"
+    if repair not in ("none", "lsq"):
+        raise PlanError(f"unknown repair {repair!r}; choose none or lsq")
+    if planner not in ("rank", "greedy"):
+        raise PlanError(f"unknown planner {planner!r}; choose rank or greedy")
+    if planner == "greedy" and not trials:
+        raise PlanError(
+            f"the greedy planner re-measures after each removal: use a trial metric (nri, sleb), not {metric!r}"
+        )
+    if granularity not in GRANULARITIES:
+        raise PlanError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    _check_metric_fits(m, granularity)  # type: ignore[arg-type]
+    return metric, planner, granularity, repair  # type: ignore[return-value]
+
+
 def plan_pruning(
     model: nn.Module,
     calibration: Calibration,
     *,
     ratio: float,
-    metric: str = "angular",
-    granularity: Granularity = "block",
-    planner: PlannerName = "rank",
+    metric: str | None = None,
+    granularity: Granularity | None = None,
+    planner: PlannerName | None = None,
     adapter: ArchitectureAdapter | None = None,
     shortlist: int | None = 8,
     trial_windows: int = 8,
     loss_stride: int = 4,
     on_step: Callable[[str], None] | None = None,
-    repair: Literal["none", "lsq"] = "lsq",
+    repair: Literal["none", "lsq"] | None = None,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
-    The defaults are :data:`BEST`. A plan with ``repair="lsq"`` needs the calibration windows again
-    when it is applied (``apply_plan(model, plan, repair_windows=...)``).
+    Unset choices are filled by :func:`resolve_method`: :data:`BEST` when no metric is named, the
+    metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
+    calibration windows again when it is applied (``apply_plan(model, plan, repair_windows=...)``).
     """
+    metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
     target = budget_params(ir, ratio)
     m = get_metric(metric)
-    if repair not in ("none", "lsq"):
-        raise PlanError(f"unknown repair {repair!r}; choose none or lsq")
-    if planner not in ("rank", "greedy"):
-        raise PlanError(f"unknown planner {planner!r}; choose rank or greedy")
-    if planner == "greedy" and "trials" not in m.needs:
-        raise PlanError(
-            f"the greedy planner re-measures after each removal: use a trial metric (nri, sleb), not {metric!r}"
-        )
-    _check_metric_fits(m, granularity)
     ctx = ScoringContext(
         model=model,
         adapter=adapter,
