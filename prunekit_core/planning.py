@@ -271,9 +271,8 @@ def _plan_greedy(
             gain = _gain(ir, remove, u)
             cost[u] = delta if gain >= need else delta * need / max(gain, 1)
         best = min(cost, key=cost.get)  # type: ignore[arg-type]
-        ranking = sorted(cost, key=cost.get)  # type: ignore[arg-type]
-        if ranking is not None and pool is not live:
-            ranking += [u for u in live if u not in cost]
+        # units not measured this round keep their place after the measured ones
+        ranking = sorted(cost, key=cost.get) + [u for u in live if u not in cost]  # type: ignore[arg-type]
         remove.append(best)
         runner.commit([best])
         msg = f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/{target})"
