@@ -175,12 +175,6 @@ class ModelIR(_Frozen):
                 out[s.id] = s
         return out
 
-    def block_of(self, unit_id: str) -> Block:
-        for b in self.blocks():
-            if unit_id == b.id or any(s.id == unit_id for s in b.sublayers):
-                return b
-        raise KeyError(unit_id)
-
     def structure_signature(self) -> list[tuple[str, str, int]]:
         """A compact, order-preserving description used for fingerprints."""
         sig: list[tuple[str, str, int]] = []

@@ -30,7 +30,7 @@ from .metrics import ImportanceMetric, Scores
 from .plan import Granularity, PrunePlan, fingerprint
 from .plugins import get_metric, select_adapter
 from .scoring import Calibration, ScoringContext
-from .surgery import resolve_removals
+from .surgery import removed_params, resolve_removals
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = fr
 
 
 def _removed_params(ir: ModelIR, remove: list[str]) -> int:
-    units = ir.units()
-    resolved = resolve_removals(ir, remove)
-    return sum(units[u].params for u in resolved.blocks | resolved.sublayers)
+    return removed_params(ir, resolve_removals(ir, remove))
 
 
 def _would_empty_a_tower(ir: ModelIR, remove: list[str]) -> bool:

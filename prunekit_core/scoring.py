@@ -13,7 +13,6 @@ embeddings, masks) captured from the real forward, so a trial never re-runs the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,10 +303,6 @@ class TrialRunner:
     @property
     def current_loss(self) -> float:
         return getattr(self, "_current", self.base_loss)
-
-    @staticmethod
-    def perplexity(loss: float) -> float:
-        return math.exp(loss)
 
 
 @dataclass

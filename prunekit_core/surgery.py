@@ -46,11 +46,6 @@ class RemovedBranch(nn.Module):
         return f"kind={self.kind!r}, output={self.output!r}"
 
 
-def local_name(unit_id: str, block_id: str) -> str:
-    """``text.blocks.3.attn`` -> ``attn`` for block ``text.blocks.3``."""
-    return unit_id[len(block_id) + 1 :]
-
-
 @dataclass(frozen=True)
 class Resolved:
     """A plan resolved against an IR: whole blocks and single branches to remove."""
