@@ -12,6 +12,7 @@ Every command is a thin layer over the Python API (:mod:`prunekit_core`). What c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -104,13 +105,7 @@ def _fmt_params(n: int) -> str:
 
 
 def _ppl_dict(res: Any) -> dict[str, Any]:
-    return {
-        "perplexity": res.perplexity,
-        "nll": res.nll,
-        "tokens": res.tokens,
-        "windows": res.windows,
-        "seq_len": res.seq_len,
-    }
+    return dataclasses.asdict(res)
 
 
 # --- logging and third-party noise -------------------------------------------------------------------

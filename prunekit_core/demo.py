@@ -8,6 +8,7 @@ and check that the reloaded model computes the same logits -> plot the scores.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -188,14 +189,7 @@ def run_demo(
 
 
 def _ppl(res: Any, text: str) -> dict[str, Any]:
-    return {
-        "perplexity": res.perplexity,
-        "nll": res.nll,
-        "tokens": res.tokens,
-        "windows": res.windows,
-        "seq_len": res.seq_len,
-        "text": text,
-    }
+    return {**dataclasses.asdict(res), "text": text}
 
 
 def _reload_and_compare(

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit_core import PlanError, PrunePlan, apply_plan, fingerprint, inspect, load_pruned, save_pruned
 from prunekit_core.repair import lsq_repair
@@ -14,17 +15,7 @@ from prunekit_core.surgery import resolve_removals
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=4, tied=False, seed=seed)
 
 
 def _windows(n: int = 8, seq: int = 16) -> torch.Tensor:
@@ -115,11 +106,11 @@ def test_repaired_block_influence_ranks_a_silent_block_first_and_never_exceeds_u
     with torch.no_grad():
         hs = model(input_ids=w, output_hidden_states=True).hidden_states
     for i in range(3):  # hidden_states[4] is after the final norm
-        d, x = (hs[i + 1] - hs[i]).double(), hs[i + 1].double()
+        d, x = hs[i + 1].double() - hs[i].double(), hs[i + 1].double()
         plain = float((d * d).sum() / (x * x).sum())
         assert repaired[f"text.blocks.{i}"] <= plain + 1e-9
     assert repaired["text.blocks.0"] == pytest.approx(
-        float(((hs[1] - hs[0]).double() ** 2).sum() / (hs[1].double() ** 2).sum()), rel=1e-9
+        float(((hs[1].double() - hs[0].double()) ** 2).sum() / (hs[1].double() ** 2).sum()), rel=1e-9
     )  # no writer before block 0: nothing to fold into
 
 
