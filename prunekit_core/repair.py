@@ -48,6 +48,38 @@ class _Stop(Exception):
     pass
 
 
+@dataclass
+class _Normal:
+    """Normal equations of ``min ||A dW^T - D||^2``: ``A^T A``, ``A^T D`` and ``||D||^2``, in float64."""
+
+    G: torch.Tensor
+    C: torch.Tensor
+    dd: torch.Tensor
+
+    @classmethod
+    def zeros(cls, d_in: int, d_out: int) -> _Normal:
+        f64 = torch.float64
+        return cls(
+            torch.zeros(d_in, d_in, dtype=f64),
+            torch.zeros(d_in, d_out, dtype=f64),
+            torch.zeros((), dtype=f64),
+        )
+
+    def add(self, a: torch.Tensor, d: torch.Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).double()
+        d = d.reshape(-1, d.shape[-1]).double()
+        self.G += a.T @ a
+        self.C += a.T @ d
+        self.dd += (d * d).sum()
+
+    def __add__(self, other: _Normal) -> _Normal:
+        return _Normal(self.G + other.G, self.C + other.C, self.dd + other.dd)
+
+    def residual(self, dw: torch.Tensor) -> torch.Tensor:
+        """``||A dW^T - D||^2 = tr(dW G dW^T) - 2 tr(dW C) + ||D||^2``."""
+        return (dw @ self.G * dw).sum() - 2 * (dw * self.C.T).sum() + self.dd
+
+
 def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Sublayer], str]]:
     """(writer, removed run, path whose input is the stream after the run) per run, per tower."""
     out = []
@@ -98,7 +130,7 @@ def lsq_repair(
             part: _accumulate(model, done, proj, start_path, end_path, windows[mask], batch_size)
             for part, mask in (("fit", ~held), ("hold", held))
         }
-        ridge, gain, dw = _solve(stats)
+        ridge, gain, dw = _solve(stats["fit"], stats["hold"])
         with torch.no_grad():
             proj.weight += dw.to(proj.weight.dtype)
         steps.append(RepairStep(tuple(s.id for s in run), writer.out_proj or "", ridge, gain))
@@ -117,13 +149,8 @@ def _accumulate(
     end_path: str,
     windows: torch.Tensor,
     batch_size: int,
-) -> dict[str, torch.Tensor]:
-    d_in, d_out = proj.in_features, proj.out_features
-    stats = {
-        "G": torch.zeros(d_in, d_in, dtype=torch.float64),
-        "C": torch.zeros(d_in, d_out, dtype=torch.float64),
-        "dd": torch.zeros((), dtype=torch.float64),
-    }
+) -> _Normal:
+    stats = _Normal.zeros(proj.in_features, proj.out_features)
     cur: dict[str, Any] = {}
 
     def on_proj(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -149,11 +176,7 @@ def _accumulate(
                     model(input_ids=windows[start : start + batch_size], use_cache=False)
                 except _Stop:
                     pass
-                a = cur["A"].reshape(-1, d_in).double()
-                d = (cur["x1"] - cur["x0"]).reshape(-1, d_out).double()
-                stats["G"] += a.T @ a
-                stats["C"] += a.T @ d
-                stats["dd"] += (d * d).sum()
+                stats.add(cur["A"], cur["x1"] - cur["x0"])
         finally:
             for h in handles:
                 h.remove()
@@ -166,24 +189,20 @@ def _ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(G + reg * eye, C).T  # [out, in]
 
 
-def _solve(stats: dict[str, dict[str, torch.Tensor]]) -> tuple[float, float, torch.Tensor]:
-    fit, hold = stats["fit"], stats["hold"]
+def _solve(fit: _Normal, hold: _Normal) -> tuple[float, float, torch.Tensor]:
+    """Ridge strength chosen on ``hold``, then the fit on both; returns (ridge, held-out gain, dW)."""
     best = (DEFAULT_RIDGE, float("nan"))  # too few windows to hold any out: default strength
-    if hold["dd"] > 0:
+    if hold.dd > 0:
         best = (RIDGE_GRID[-1], float("-inf"))
         for lam in RIDGE_GRID:
-            dw = _ridge_solve(fit["G"], fit["C"], lam)
-            # ||A dW^T - D||^2 = tr(dW G dW^T) - 2 tr(dW C) + ||D||^2, on held-out tokens
-            resid = (dw @ hold["G"] * dw).sum() - 2 * (dw * hold["C"].T).sum() + hold["dd"]
-            gain = float(1 - resid / hold["dd"])
+            gain = float(1 - hold.residual(_ridge_solve(fit.G, fit.C, lam)) / hold.dd)
             if gain > best[1]:
                 best = (lam, gain)
     lam, gain = best
-    G = fit["G"] + hold["G"]
-    C = fit["C"] + hold["C"]
+    both = fit + hold
     if gain <= 0:  # (False for nan) the fit does not generalise: leave the weights alone
-        return lam, gain, torch.zeros(C.shape[1], C.shape[0], dtype=torch.float64)
-    return lam, gain, _ridge_solve(G, C, lam)
+        return lam, gain, torch.zeros(both.C.shape[1], both.C.shape[0], dtype=torch.float64)
+    return lam, gain, _ridge_solve(both.G, both.C, lam)
 
 
 @torch.inference_mode()
@@ -215,14 +234,7 @@ def block_repair_residuals(
             writers.append(get_module(model, w) if w else None)  # type: ignore[arg-type]
         held_mask = torch.arange(windows.shape[0]) % 4 == 3
         acc = [
-            {
-                part: {
-                    "G": torch.zeros(w.in_features, w.in_features, dtype=torch.float64),
-                    "C": torch.zeros(w.in_features, w.out_features, dtype=torch.float64),
-                    "dd": torch.zeros((), dtype=torch.float64),
-                }
-                for part in ("fit", "hold")
-            }
+            {part: _Normal.zeros(w.in_features, w.out_features) for part in ("fit", "hold")}
             if w is not None
             else None
             for w in writers
@@ -262,21 +274,15 @@ def block_repair_residuals(
                         dd_all[i] += (d * d).sum()
                         xx_all[i] += (x_out * x_out).sum()
                         if acc[i] is not None:
-                            a = feats[i].reshape(-1, feats[i].shape[-1]).double()
-                            s = acc[i][part]
-                            s["G"] += a.T @ a
-                            s["C"] += a.T @ d
-                            s["dd"] += (d * d).sum()
+                            acc[i][part].add(feats[i], d)
         finally:
             for h in handles:
                 h.remove()
         for i, b in enumerate(blocks):
             resid = dd_all[i]
             if acc[i] is not None:
-                _, gain, dw = _solve(acc[i])
+                _, gain, dw = _solve(acc[i]["fit"], acc[i]["hold"])
                 if gain > 0:
-                    G = acc[i]["fit"]["G"] + acc[i]["hold"]["G"]
-                    C = acc[i]["fit"]["C"] + acc[i]["hold"]["C"]
-                    resid = (dw @ G * dw).sum() - 2 * (dw * C.T).sum() + dd_all[i]
+                    resid = (acc[i]["fit"] + acc[i]["hold"]).residual(dw)
             out[b.id] = float(resid / xx_all[i].clamp_min(1e-30))
     return out
