@@ -152,7 +152,7 @@ def test_prune_block_rank_bi_reloads_with_plain_transformers(
     torch.testing.assert_close(logits(plain.eval()), logits(ours))
 
 
-def test_prune_best_planner_mixed_greedy_nri(
+def test_prune_mixed_greedy_nri(
     capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "pruned"
