@@ -69,6 +69,15 @@ class ArchitectureAdapter(ABC):
     ) -> None:
         """Raise :class:`PlanError` for removals this family cannot perform (default: all allowed)."""
 
+    def finalize_width(  # noqa: B027 - a hook with a deliberate no-op default
+        self, model: nn.Module, ir_before: ModelIR, cuts: dict
+    ) -> None:
+        """Family-specific fix-ups after the core narrowed channel groups (default: none needed).
+
+        The core has already sliced parameters, synced layer shapes, set declared counters and config
+        fields; ``cuts`` maps family ids to :class:`~prunekit_core.width.WidthCut`.
+        """
+
     @abstractmethod
     def finalize_surgery(
         self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
@@ -106,6 +115,17 @@ class DecoderAdapter(ArchitectureAdapter):
                 f"layer types {sorted(set(layer_types))} is not supported: the KV cache slots would change "
                 "type. Remove whole blocks instead (--granularity block)."
             )
+
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+        """Pin ``head_dim`` in the config: derived from ``hidden_size // num_attention_heads`` otherwise."""
+        config = self.text_config(model)
+        if getattr(config, "head_dim", None) is not None:
+            return
+        for cut in cuts.values():
+            head_dim = getattr(get_module(model, cut.sublayer.module), "head_dim", None)
+            if cut.family.kind == "kv_group" and isinstance(head_dim, int):
+                config.head_dim = head_dim
+                return
 
     def finalize_surgery(
         self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "prunekit.json"
 PLAN_FILE = "plan.json"
 RECORD_FORMAT = "prunekit-checkpoint"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 def structure_record(model: nn.Module) -> dict[str, Any]:
@@ -47,13 +47,19 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, int) and not isinstance(idx, bool):
             cache_indices[name] = idx
+    width = getattr(model, "_prunekit_width", None) or {"uniform": True, "counters": {}}
     return {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
         "architecture": type(model).__name__,
-        "uniform": not removed,
+        "uniform": not removed and width["uniform"],
+        "width_uniform": width["uniform"],
         "removed_branches": removed,
         "cache_indices": cache_indices,
+        # width pruning: every parameter's shape (per-layer widths the config cannot describe) and the
+        # module counters the plugin declared
+        "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
+        "counters": width["counters"],
     }
 
 
@@ -144,6 +150,28 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
+def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
+    """Replace parameters built at the config's width by the narrower tensors the checkpoint holds."""
+    from safetensors import safe_open
+
+    from .width import sync_module_shape
+
+    wanted = set(keys)
+    found: dict[str, Any] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in wanted & set(fh.keys()):
+                found[key] = fh.get_tensor(key)
+    if wanted - set(found):
+        raise CheckpointError(f"{path}: narrowed weights {sorted(wanted - set(found))[:5]} are not on disk")
+    for key, tensor in found.items():
+        module_path, _, leaf = key.rpartition(".")
+        module = get_module(model, module_path)
+        old = getattr(module, leaf)
+        setattr(module, leaf, nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad))
+        sync_module_shape(module)
+
+
 def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     """Load a checkpoint written by :func:`save_pruned`, rebuilding removed branches.
 
@@ -157,8 +185,11 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     record = read_record(path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
+    shapes: dict[str, list[int]] = record.get("param_shapes", {})
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except Exception as exc:  # missing or corrupt weight files: OSError, SafetensorError, ...
         raise CheckpointError(f"{path} could not be loaded: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -177,16 +208,33 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
             problems.append(f"weights present for removed branches {sorted(expected_missing - missing)[:5]}")
     if info.get("unexpected_keys"):
         problems.append(f"unexpected weights {sorted(info['unexpected_keys'])[:5]}")
-    if info.get("mismatched_keys"):
-        problems.append(f"weights with wrong shapes {list(info['mismatched_keys'])[:5]}")
+    narrowed = []
+    for key, *rest in info.get("mismatched_keys", ()) or ():
+        saved_shape = list(rest[0]) if rest else None
+        if key in shapes and saved_shape == shapes[key]:
+            narrowed.append(key)
+        else:
+            problems.append(
+                f"weight {key} has shape {saved_shape}, the structure record says {shapes.get(key)}"
+            )
     if problems:
         raise CheckpointError(f"{path} does not match its structure record: " + "; ".join(problems))
+    if narrowed:
+        _load_narrowed(model, path, narrowed)
     for rb in record["removed_branches"]:
         set_module(model, rb["module"], RemovedBranch(rb["kind"], rb["output"], rb["norm"]))
         if rb["norm"]:
             set_module(model, rb["norm"], nn.Identity())
     for name, idx in record["cache_indices"].items():
         get_module(model, name).layer_idx = idx
+    for name, value in record.get("counters", {}).items():
+        module, _, attr = name.rpartition(".")
+        setattr(get_module(model, module), attr, value)
+    if record.get("counters") or narrowed:
+        model._prunekit_width = {  # type: ignore[attr-defined]
+            "uniform": bool(record.get("width_uniform", True)),
+            "counters": record.get("counters", {}),
+        }
     if (path / PLAN_FILE).is_file():
         model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[attr-defined]
     model.eval()

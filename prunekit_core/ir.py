@@ -42,11 +42,24 @@ class GroupMember(_Frozen):
     offset: int = 0
 
 
+class ModuleCounter(_Frozen):
+    """A module attribute that counts groups: ``module.attr == per_group * live groups``."""
+
+    module: str
+    attr: str
+    per_group: int
+
+
 class ChannelGroup(_Frozen):
     """A family of ``count`` interchangeable groups whose members must be sliced together.
 
     Examples: the KV groups of an attention sublayer (one KV head, its query heads' q rows, its k/v rows
     and the matching o columns), the channels of an FFN (a gate row, an up row, a down column).
+
+    Width surgery (``prunekit_core.width``) slices every member, updates ``nn.Linear``/``nn.Conv*``
+    feature counts from the new shapes, sets every ``counters`` attribute, and sets each text-config field
+    in ``config_fields`` (field -> units per group) to ``per_group * live groups`` when every family naming
+    that field keeps the same count (otherwise to the largest; the checkpoint then needs ``load_pruned``).
     """
 
     id: str
@@ -54,6 +67,8 @@ class ChannelGroup(_Frozen):
     count: int
     members: tuple[GroupMember, ...]
     params_per_group: int
+    config_fields: dict[str, int] = Field(default_factory=dict)
+    counters: tuple[ModuleCounter, ...] = ()
 
 
 class ResidualEdge(_Frozen):
@@ -165,6 +180,10 @@ class ModelIR(_Frozen):
     def block_params(self) -> int:
         """Parameters inside decoder/encoder blocks: the base of every ``--ratio`` budget."""
         return sum(b.params for b in self.blocks())
+
+    def channel_groups(self) -> dict[str, tuple[Sublayer, ChannelGroup]]:
+        """Every channel-group family by id, with the sublayer that owns it."""
+        return {g.id: (s, g) for s in self.sublayers() for g in s.channel_groups}
 
     def units(self) -> dict[str, Block | Sublayer]:
         """Every removable-or-not unit by id (blocks and sublayers)."""

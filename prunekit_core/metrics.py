@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+from .errors import PlanError
+
 if TYPE_CHECKING:
+    import torch
+
     from .scoring import ScoringContext
 
-Unit = Literal["block", "sublayer", "span"]
+Unit = Literal["block", "sublayer", "span", "channel"]
 Need = Literal["activations", "trials"]
 
 
@@ -50,3 +54,23 @@ class ImportanceMetric(ABC):
     @abstractmethod
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         """Scores for every removable unit of kind ``unit`` in ``ctx.ir``."""
+
+
+class ChannelMetric(ImportanceMetric):
+    """Scores the groups of every channel-group family (width pruning).
+
+    ``score_groups`` returns, per family id, a float tensor of ``family.count`` importances (higher =
+    keep). Width and mixed planners order each family's groups by it.
+    """
+
+    unit: Unit = "channel"
+
+    @abstractmethod
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        """Importance of every group of every channel-group family in ``ctx.ir``."""
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        raise PlanError(
+            f"metric {self.name!r} scores channel groups, not blocks or sublayers: use --granularity width "
+            "or mixed"
+        )

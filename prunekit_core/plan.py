@@ -19,8 +19,8 @@ from torch import nn
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 
-PLAN_VERSION = 1
-Granularity = Literal["block", "sublayer", "mixed"]
+PLAN_VERSION = 2
+Granularity = Literal["block", "sublayer", "width", "mixed"]
 
 
 class Fingerprint(BaseModel):
@@ -43,12 +43,21 @@ class PrunePlan(BaseModel):
     remove: list[str] = Field(
         description="unit ids: blocks (text.blocks.3) or sublayers (text.blocks.3.attn)"
     )
+    remove_groups: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="width pruning: channel-group family id (text.blocks.3.mlp.channels) -> indices of the "
+        "groups to remove, counted in the model the plan was made for",
+    )
+    width_uniform: bool = Field(
+        True, description="every family of a kind keeps the same number of groups (config describes it)"
+    )
     method: str = ""
     granularity: Granularity = "block"
     target_ratio: float | None = None
     repair: Literal["none", "lsq"] = Field(
         "none",
-        description="lsq: fold removed branches into surviving projections when applied (needs windows)",
+        description="lsq: fold removed branches into surviving projections and refit narrowed output "
+        "projections on their kept channels, when applied (needs windows)",
     )
     removed_params: int = 0
     block_params: int = Field(0, description="parameters of all blocks before pruning (the budget base)")
@@ -61,8 +70,12 @@ class PrunePlan(BaseModel):
 
     @property
     def is_uniform(self) -> bool:
-        """True when only whole blocks are removed: plain ``from_pretrained`` reloads the result."""
-        return all(_is_block_id(u) for u in self.remove)
+        """True when the config alone describes the result: plain ``from_pretrained`` reloads it.
+
+        That holds when only whole blocks are removed and every narrowed family of a kind keeps the same
+        number of groups.
+        """
+        return all(_is_block_id(u) for u in self.remove) and (not self.remove_groups or self.width_uniform)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")

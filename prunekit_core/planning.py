@@ -26,9 +26,9 @@ from torch import nn
 from .adapter import ArchitectureAdapter
 from .errors import PlanError
 from .ir import ModelIR
-from .metrics import ImportanceMetric, Scores
+from .metrics import ChannelMetric, ImportanceMetric, Scores
 from .plan import Granularity, PrunePlan, fingerprint
-from .plugins import get_metric, select_adapter
+from .plugins import get_metric, metrics, select_adapter
 from .scoring import Calibration, ScoringContext
 from .surgery import removed_params, resolve_removals
 
@@ -38,7 +38,10 @@ PlannerName = Literal["rank", "greedy"]
 
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
 BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
-GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "mixed")
+#: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
+BEST_WIDTH: dict[str, str] = {"metric": "wanda", "repair": "lsq"}
+GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed")
+DEFAULT_ROUND_TO = 32
 
 
 def budget_params(ir: ModelIR, ratio: float) -> int:
@@ -51,8 +54,8 @@ def budget_params(ir: ModelIR, ratio: float) -> int:
 
 def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Units a plan at ``granularity`` may remove next, given what is already removed."""
-    if granularity not in GRANULARITIES:
-        raise PlanError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    if granularity not in GRANULARITIES or granularity == "width":
+        raise PlanError(f"unknown granularity {granularity!r}; choose one of block, sublayer, mixed")
     out: list[str] = []
     for b in ir.blocks():
         if b.id in removed or not b.removable:
@@ -78,8 +81,26 @@ def _would_empty_a_tower(ir: ModelIR, remove: list[str]) -> bool:
     return False
 
 
+def uses_width(metric: str, granularity: str) -> bool:
+    """Whether a (metric, granularity) pair runs the width/mixed planner over channel groups."""
+    return granularity == "width" or (
+        granularity == "mixed" and isinstance(get_metric(metric), ChannelMetric)
+    )
+
+
 def _check_metric_fits(metric: ImportanceMetric, granularity: Granularity) -> None:
-    if "trials" in metric.needs:
+    channel = isinstance(metric, ChannelMetric)
+    if granularity == "width" and not channel:
+        names = ", ".join(sorted(n for n, m in metrics().items() if isinstance(m, ChannelMetric)))
+        raise PlanError(
+            f"metric {metric.name!r} does not score channel groups; for width use one of: {names}"
+        )
+    if channel and granularity not in ("width", "mixed"):
+        raise PlanError(
+            f"metric {metric.name!r} scores channel groups; use --granularity width or mixed "
+            "(or a block/sublayer metric such as angular or sublayer_drop)"
+        )
+    if channel or "trials" in metric.needs:
         return
     if metric.unit in ("block", "span") and granularity != "block":
         raise PlanError(
@@ -103,6 +124,9 @@ def resolve_method(
     published: ``greedy`` for trial metrics and ``rank`` otherwise, the granularity the metric scores
     (:data:`BEST`'s for trial metrics), and no repair.
     """
+    if metric is None and granularity in ("width", "mixed"):
+        metric = BEST_WIDTH["metric"]
+        repair = repair or BEST_WIDTH["repair"]
     if metric is None:
         metric = BEST["metric"]
         planner = planner or BEST["planner"]
@@ -110,6 +134,8 @@ def resolve_method(
         repair = repair or BEST.get("repair", "none")
     m = get_metric(metric)
     trials = "trials" in m.needs
+    if isinstance(m, ChannelMetric) and granularity is None:
+        granularity = "width"
     planner = planner or ("greedy" if trials else "rank")
     if granularity is None:
         granularity = BEST["granularity"] if trials else ("sublayer" if m.unit == "sublayer" else "block")
@@ -142,6 +168,8 @@ def plan_pruning(
     loss_stride: int = 4,
     on_step: Callable[[str], None] | None = None,
     repair: Literal["none", "lsq"] | None = None,
+    round_to: int = DEFAULT_ROUND_TO,
+    width_allocation: Literal["global", "uniform"] = "global",
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
@@ -163,6 +191,18 @@ def plan_pruning(
         loss_stride=loss_stride,
     )
     t0 = time.perf_counter()
+    if uses_width(metric, granularity):
+        return _plan_width(
+            ctx,
+            m,
+            granularity,
+            target,
+            ratio,
+            repair,
+            round_to,
+            width_allocation,
+            t0,  # type: ignore[arg-type]
+        )
     if planner == "rank":
         remove, scores = _plan_rank(ctx, m, granularity, target)
     else:
@@ -178,6 +218,56 @@ def plan_pruning(
         fingerprint=fingerprint(model, ir),
         remove=remove,
         method=f"{planner}:{metric}",
+        granularity=granularity,
+        target_ratio=ratio,
+        repair=repair,
+        removed_params=removed,
+        block_params=ir.block_params(),
+        scores=scores,
+        notes=notes,
+    )
+
+
+def _plan_width(
+    ctx: ScoringContext,
+    m: ChannelMetric,
+    granularity: Granularity,
+    target: int,
+    ratio: float,
+    repair: Literal["none", "lsq"],
+    round_to: int,
+    allocation: Literal["global", "uniform"],
+    t0: float,
+) -> PrunePlan:
+    from .width import resolve_width, width_is_uniform
+    from .width_scoring import plan_width
+
+    ir = ctx.ir
+    wp = plan_width(
+        ctx,
+        m,
+        target=target,
+        mixed=granularity == "mixed",
+        repair=repair == "lsq",
+        round_to=round_to,
+        allocation=allocation,
+    )
+    resolved = resolve_removals(ir, wp.remove) if wp.remove else None
+    whole = (resolved.blocks | resolved.sublayers) if resolved else frozenset()
+    cuts = resolve_width(ir, wp.remove_groups, removed_units=whole)
+    removed = (removed_params(ir, resolved) if resolved else 0) + sum(c.removed_params for c in cuts.values())
+    notes = [
+        f"budget: at least {target} of {ir.block_params()} block parameters (embeddings and head excluded)",
+        *wp.notes,
+        f"planning took {time.perf_counter() - t0:.1f} s on {ctx.calibration.tokens} calibration tokens",
+    ]
+    scores = dict(wp.sublayer_loss)  # measured loss increase of removing each sublayer
+    return PrunePlan(
+        fingerprint=fingerprint(ctx.model, ir),
+        remove=wp.remove,
+        remove_groups=wp.remove_groups,
+        width_uniform=width_is_uniform(ir, cuts, whole),
+        method=f"{granularity}:{m.name}",
         granularity=granularity,
         target_ratio=ratio,
         repair=repair,

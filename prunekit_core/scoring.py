@@ -317,6 +317,8 @@ class ScoringContext:
     trial_windows: int = 8
     loss_stride: int = 4
     _trials: TrialRunner | None = None
+    _width_stats: Any = None
+    _taylor: dict[str, torch.Tensor] | None = None
 
     def trials(self) -> TrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows)."""
@@ -328,6 +330,22 @@ class ScoringContext:
                 loss_stride=self.loss_stride,
             )
         return self._trials
+
+    def width_stats(self) -> Any:
+        """Input statistics of every channel-group member (one pass over the calibration windows)."""
+        if self._width_stats is None:
+            from .width_scoring import collect_width_stats
+
+            self._width_stats = collect_width_stats(self.model, self.ir, self.calibration.windows)
+        return self._width_stats
+
+    def taylor_grads(self) -> dict[str, torch.Tensor]:
+        """Calibration-loss gradients of every channel-group member parameter (one backward pass)."""
+        if self._taylor is None:
+            from .width_scoring import taylor_grads
+
+            self._taylor = taylor_grads(self.model, self.ir, self.calibration.windows)
+        return self._taylor
 
     def stats(self, tower: str = "text") -> StreamStats:
         if tower not in self.calibration.towers:

@@ -157,22 +157,34 @@ def apply_plan(
     weights are gone from the module tree and the config describes the new shape.
     """
     from .plugins import select_adapter
+    from .width import apply_width, resolve_width
 
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
     check_fingerprint(plan, fingerprint(model, ir))
-    resolved = resolve_removals(ir, plan.remove)
+    resolved = resolve_removals(ir, plan.remove) if plan.remove else Resolved(frozenset(), frozenset())
+    whole = resolved.blocks | resolved.sublayers
+    cuts = resolve_width(ir, plan.remove_groups, removed_units=whole)
     adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
-    if plan.repair == "lsq":
-        if repair_windows is None:
-            raise PlanError(
-                "this plan repairs weights by least squares (repair=lsq): pass repair_windows "
-                "(calibration token windows) to apply_plan, or --calib on the command line"
-            )
-        from .repair import lsq_repair
+    if plan.repair == "lsq" and repair_windows is None:
+        raise PlanError(
+            "this plan repairs weights by least squares (repair=lsq): pass repair_windows "
+            "(calibration token windows) to apply_plan, or --calib on the command line"
+        )
+    if cuts:
+        if plan.repair == "lsq":
+            from .width_scoring import refit_narrowed
 
-        lsq_repair(model, ir, resolved, repair_windows)
-    apply_removals(model, adapter, ir, resolved)
+            refit_narrowed(model, ir, cuts, repair_windows)  # type: ignore[arg-type]
+        uniform = apply_width(model, adapter, ir, cuts, skip=whole)
+        plan = plan.model_copy(update={"width_uniform": uniform})
+    if plan.remove or not cuts:
+        ir_now = adapter.build_ir(model) if cuts else ir
+        if plan.repair == "lsq":
+            from .repair import lsq_repair
+
+            lsq_repair(model, ir_now, resolved, repair_windows)  # type: ignore[arg-type]
+        apply_removals(model, adapter, ir_now, resolved)
     model._prunekit_plan = plan  # type: ignore[attr-defined]  # save_pruned records it
     return model
 

@@ -19,6 +19,13 @@ prunekit proves that the suite catches broken adapters.
 
 Models need at least three removable blocks. Override :meth:`block_removals` and :meth:`mixed_removal`
 to choose other units.
+
+Plugins that declare channel groups (width pruning) also get the ``test_width_*`` checks: narrowing a
+family equals zeroing every member slice of the removed groups (a group whose weights are all zero
+contributes nothing), cached decoding of a narrowed model equals its full forward, the config of a
+uniformly narrowed model rebuilds it exactly and plain ``from_pretrained`` reloads it, per-layer widths
+reload through ``load_pruned``, and removing every group of a family is refused. Override
+:meth:`width_removals` to choose other groups. Models without channel groups skip these checks.
 """
 
 from __future__ import annotations
@@ -98,11 +105,32 @@ class AdapterConformance:
         """A block-only (uniform) plan: the last of :meth:`block_removals`."""
         return self.block_removals(ir)[-1]
 
-    def prune(self, model: nn.Module, remove: list[str]) -> nn.Module:
+    def prune(
+        self, model: nn.Module, remove: list[str], groups: dict[str, list[int]] | None = None
+    ) -> nn.Module:
         """Apply a plan made for ``model`` in place, through the public path (fingerprint checked)."""
         ir = self.adapter.build_ir(model)
-        plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove))
+        plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove), remove_groups=groups or {})
         return apply_plan(model, plan, adapter=self.adapter)
+
+    def width_removals(self, ir: ModelIR, *, uniform: bool) -> dict[str, list[int]]:
+        """Groups to remove. Uniform: the first and last group of every family with 3+ groups (one group
+        of a 2-group family); per-layer: the same, but only in the first block's families."""
+        fams = ir.channel_groups()
+        first = ir.blocks()[0].id + "."
+        out: dict[str, list[int]] = {}
+        for fid, (_sub, fam) in fams.items():
+            if fam.count < 2 or (not uniform and not fid.startswith(first)):
+                continue
+            out[fid] = [0, fam.count - 1] if fam.count >= 3 else [fam.count - 1]
+        return out
+
+    def _width_model(self) -> tuple[nn.Module, ModelIR]:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        if not any(f.count >= 2 for _s, f in ir.channel_groups().values()):
+            pytest.skip(f"{self.adapter.name} declares no channel group family with 2+ groups for this model")
+        return model, ir
 
     # tests -----------------------------------------------------------------------------------------
 
@@ -389,6 +417,84 @@ class AdapterConformance:
             with pytest.raises(PlanError):
                 self.prune(model, remove)
             assert _snapshot(model) == snapshot, "a rejected plan modified the model"
+
+    # width ---------------------------------------------------------------------------------------------
+
+    def test_width_removal_equals_zeroed_groups(self) -> None:
+        from .width import group_slices
+
+        model, ir = self._width_model()
+        ids = self.input_ids(model)
+        fams = ir.channel_groups()
+        for uniform in (True, False):
+            groups = self.width_removals(ir, uniform=uniform)
+            reference = self.make_model()
+            with torch.no_grad():
+                for fid, removed in groups.items():
+                    fam = fams[fid][1]
+                    for member, tensor in group_slices(reference, fam):
+                        for g in removed:  # the IR's documented slice of group g, zeroed
+                            tensor.narrow(member.axis, member.offset + g * member.width, member.width).zero_()
+            pruned = self.prune(self.make_model(), [], groups)
+            for fid, removed in groups.items():
+                fam = fams[fid][1]
+                after = self.adapter.build_ir(pruned).channel_groups()[fid][1]
+                assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
+            torch.testing.assert_close(
+                _logits(pruned, ids),
+                _logits(reference, ids),
+                atol=self.atol,
+                rtol=0,
+                msg=lambda m: f"narrowed model differs from the model with those groups zeroed: {m}",
+            )
+
+    def test_width_cached_generation_matches_full_forward(self) -> None:
+        model, ir = self._width_model()
+        groups = self.width_removals(ir, uniform=False)
+        remove = [self.mixed_removal(ir)[1]]  # a whole block too: depth and width in one plan
+        groups = {f: g for f, g in groups.items() if not f.startswith(remove[0] + ".")}
+        self.prune(model, remove, groups)
+        ids = self.input_ids(model)
+        full = _logits(model, ids)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+
+    def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from .checkpoint import load_pruned, save_pruned
+
+        model, ir = self._width_model()
+        ids = self.input_ids(model)
+        uniform = self.prune(model, [], self.width_removals(ir, uniform=True))
+        assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
+        out = save_pruned(uniform, tmp_path / "uniform")
+        plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        plain.eval()
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        torch.testing.assert_close(_logits(plain, ids), _logits(uniform, ids), atol=0, rtol=0)
+        fresh = type(uniform)(uniform.config)
+        assert _numel(dict(fresh.named_parameters())) == _numel(dict(uniform.named_parameters())), (
+            "a model built from the narrowed config has a different parameter count"
+        )
+
+        per_layer = self.prune(self.make_model(), [], self.width_removals(ir, uniform=False))
+        assert not per_layer._prunekit_width["uniform"]
+        out = save_pruned(per_layer, tmp_path / "per_layer")
+        loaded = load_pruned(out)
+        torch.testing.assert_close(_logits(loaded, ids), _logits(per_layer, ids), atol=0, rtol=0)
+        for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(per_layer, ids, 4), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert loaded._prunekit_plan.remove_groups == per_layer._prunekit_plan.remove_groups
+
+    def test_width_remove_every_group_rejected(self) -> None:
+        model, ir = self._width_model()
+        fid, (_sub, fam) = next((f, v) for f, v in ir.channel_groups().items() if v[1].count >= 2)
+        snapshot = _snapshot(model)
+        with pytest.raises(PlanError, match="remove the sublayer instead"):
+            self.prune(model, [], {fid: list(range(fam.count))})
+        assert _snapshot(model) == snapshot, "a rejected plan modified the model"
 
 
 # reference computations: plain PyTorch hooks, independent of prunekit's surgery -------------------------

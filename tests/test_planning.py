@@ -36,7 +36,9 @@ def test_named_metric_runs_as_published(metric: str, expected: tuple[str, ...]) 
         ({"metric": "sublayer_drop", "granularity": "block"}, "scores sublayers"),
         ({"metric": "bi", "repair": "magic"}, "unknown repair"),
         ({"metric": "bi", "planner": "annealing"}, "unknown planner"),
-        ({"metric": "nri", "granularity": "width"}, "unknown granularity"),
+        ({"metric": "nri", "granularity": "width"}, "does not score channel groups"),
+        ({"metric": "wanda", "granularity": "block"}, "scores channel groups"),
+        ({"metric": "nri", "granularity": "depth"}, "unknown granularity"),
         ({"metric": "bii"}, "did you mean 'bi'"),
     ],
 )

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import PlanError
 from ..hookspecs import hookimpl
-from ..metrics import ImportanceMetric, Scores
+from ..metrics import ChannelMetric, ImportanceMetric, Scores
 from ..scoring import ScoringContext
 
 
@@ -126,7 +126,56 @@ class SLEB(ImportanceMetric):
         return Scores(metric=self.name, unit=self.unit, values=values)
 
 
-BUILTIN_METRICS = (BlockInfluence, RepairedBlockInfluence, AngularDistance, SublayerDrop, NRI, SLEB)
+class Magnitude(ChannelMetric):
+    name = "magnitude"
+    description = "width: L2 norm of each channel group's weights (every coupled slice)"
+    reference = "Li et al., Pruning Filters for Efficient ConvNets, arXiv 1608.08710; Torch-Pruning's default"
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        from ..width_scoring import magnitude_scores
+
+        return {fid: magnitude_scores(ctx.model, fam) for fid, (_, fam) in ctx.ir.channel_groups().items()}
+
+
+class Wanda(ChannelMetric):
+    name = "wanda"
+    description = "width: sum of |W_ij| * ||X_j|| over each channel group's weights (calibration inputs)"
+    reference = "Wanda, arXiv 2306.11695 (structured: Wanda-sp / FLAP)"
+    needs = frozenset({"activations"})
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        from ..width_scoring import wanda_scores
+
+        stats = ctx.width_stats()
+        return {fid: wanda_scores(ctx.model, fam, stats) for fid, (_, fam) in ctx.ir.channel_groups().items()}
+
+
+class Taylor(ChannelMetric):
+    name = "taylor"
+    description = "width: |sum of w * dL/dw| over each channel group (first order, calibration gradients)"
+    reference = "LLM-Pruner, arXiv 2305.11627; Molchanov et al., arXiv 1906.10771"
+    needs = frozenset({"activations"})
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        from ..width_scoring import taylor_scores
+
+        grads = ctx.taylor_grads()
+        return {
+            fid: taylor_scores(ctx.model, fam, grads) for fid, (_, fam) in ctx.ir.channel_groups().items()
+        }
+
+
+BUILTIN_METRICS = (
+    BlockInfluence,
+    RepairedBlockInfluence,
+    AngularDistance,
+    SublayerDrop,
+    NRI,
+    SLEB,
+    Magnitude,
+    Wanda,
+    Taylor,
+)
 
 
 @hookimpl

@@ -159,23 +159,27 @@ class LlamaFamilyAdapter(DecoderAdapter):
             count=n_kv,
             members=tuple(members),
             params_per_group=per_group,
+            config_fields={"num_key_value_heads": 1, "num_attention_heads": q_per_kv},
         )
 
     @staticmethod
     def _ffn_channels(bid: str, path: str, mlp: nn.Module) -> ChannelGroup:
         inter = mlp.gate_proj.out_features
         hidden = mlp.gate_proj.in_features
-        members = (
+        members = [
             GroupMember(param=f"{path}.mlp.gate_proj.weight", axis=0, width=1),
             GroupMember(param=f"{path}.mlp.up_proj.weight", axis=0, width=1),
             GroupMember(param=f"{path}.mlp.down_proj.weight", axis=1, width=1),
-        )
+        ]
+        biases = [p for p in ("gate_proj", "up_proj") if getattr(mlp, p).bias is not None]
+        members += [GroupMember(param=f"{path}.mlp.{p}.bias", axis=0, width=1) for p in biases]
         return ChannelGroup(
             id=f"{bid}.mlp.channels",
             kind="ffn_channel",
             count=inter,
-            members=members,
-            params_per_group=3 * hidden,
+            members=tuple(members),
+            params_per_group=3 * hidden + len(biases),
+            config_fields={"intermediate_size": 1},
         )
 
 

@@ -45,6 +45,38 @@ class TestLlamaNoGQA(AdapterConformance):
         return _tiny(LlamaForCausalLM, LlamaConfig, num_key_value_heads=4)
 
 
+class TestLlamaGQA3(AdapterConformance):
+    """Three query heads per KV head (SmolLM2's ratio), head_dim not hidden // heads."""
+
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        return _tiny(
+            LlamaForCausalLM,
+            LlamaConfig,
+            hidden_size=96,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+
+
+class TestLlamaGQA4(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        return _tiny(LlamaForCausalLM, LlamaConfig, num_attention_heads=8, num_key_value_heads=2)
+
+
+class TestLlamaMlpBias(AdapterConformance):
+    adapter = LlamaFamilyAdapter()
+
+    def make_model(self):
+        model = _tiny(LlamaForCausalLM, LlamaConfig, mlp_bias=True, attention_bias=True)
+        assert model.model.layers[0].mlp.gate_proj.bias is not None
+        return model
+
+
 class TestLlamaTiedEmbeddings(AdapterConformance):
     adapter = LlamaFamilyAdapter()
 

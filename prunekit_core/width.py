@@ -1,0 +1,222 @@
+"""Width surgery: narrow sublayers by removing channel groups declared in the IR.
+
+A plugin declares, per sublayer, *families* of coupled channel groups (:class:`~prunekit_core.ir.ChannelGroup`):
+the KV groups of an attention (a KV head with its query heads), the channels of an FFN, the channels inside
+an expert. Group ``i`` of a family owns the slice ``[offset + i*width, offset + (i+1)*width)`` of every member
+parameter along the member's axis. Removing groups slices every member, so the narrowed sublayer computes
+exactly what the full one computes with those groups' contributions zeroed.
+
+The core does all of it from the IR alone: it slices the parameters, updates ``nn.Linear`` / ``nn.Conv*``
+feature counts from the new shapes, sets the module counters the family declares, and sets the config
+fields the family declares (``num_key_value_heads``, ``intermediate_size``, ...). When every family that
+names a config field keeps the same count, the config describes the model exactly and plain
+``from_pretrained`` reloads it; otherwise the field gets the largest count and the checkpoint's structure
+record carries the per-module shapes for :func:`~prunekit_core.load_pruned`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ArchitectureAdapter, get_module
+from .errors import PlanError
+from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+
+
+@dataclass(frozen=True)
+class WidthCut:
+    """Groups to remove from one family."""
+
+    family: ChannelGroup
+    sublayer: Sublayer
+    removed: tuple[int, ...]
+
+    @property
+    def kept(self) -> list[int]:
+        gone = set(self.removed)
+        return [i for i in range(self.family.count) if i not in gone]
+
+    @property
+    def removed_params(self) -> int:
+        return len(self.removed) * self.family.params_per_group
+
+
+def _block_of(ir: ModelIR, sub_id: str) -> str:
+    for b in ir.blocks():
+        if any(s.id == sub_id for s in b.sublayers):
+            return b.id
+    raise KeyError(sub_id)
+
+
+def resolve_width(
+    ir: ModelIR,
+    remove_groups: Mapping[str, list[int]],
+    *,
+    removed_units: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, WidthCut]:
+    """Validate a plan's width part against ``ir``: known families, valid distinct indices, something left.
+
+    ``removed_units`` are the blocks and sublayers the same plan removes whole; narrowing one of them is
+    an error (the plan would remove the same parameters twice).
+    """
+    families = ir.channel_groups()
+    cuts: dict[str, WidthCut] = {}
+    for fid, indices in remove_groups.items():
+        if fid not in families:
+            hint = difflib.get_close_matches(fid, list(families), n=1)
+            raise PlanError(
+                f"unknown channel-group family {fid!r} for this model"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + ". Run `prunekit inspect MODEL` to list channel groups."
+            )
+        sub, fam = families[fid]
+        if not indices:
+            continue
+        bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < fam.count]
+        if bad:
+            raise PlanError(f"{fid} has {fam.count} groups (0..{fam.count - 1}); the plan names {bad[:5]}")
+        if len(set(indices)) != len(indices):
+            raise PlanError(f"the plan lists groups of {fid} more than once")
+        if len(indices) >= fam.count:
+            raise PlanError(
+                f"the plan removes all {fam.count} groups of {fid}, which would leave {sub.id} with no "
+                f"{'head' if fam.kind == 'kv_group' else 'channel'}; remove the sublayer instead "
+                f"(add {sub.id!r} to remove)"
+            )
+        if sub.id in removed_units or _block_of(ir, sub.id) in removed_units:
+            raise PlanError(f"the plan both removes {sub.id} (or its block) and narrows it ({fid})")
+        cuts[fid] = WidthCut(fam, sub, tuple(sorted(indices)))
+    return cuts
+
+
+def member_index(member: GroupMember, count: int, kept: list[int], size: int) -> torch.Tensor:
+    """Indices along ``member.axis`` that survive when only groups ``kept`` (of ``count``) remain."""
+    span = member.offset + count * member.width
+    if span > size:
+        raise PlanError(
+            f"{member.param}: {count} groups of width {member.width} at offset {member.offset} need {span} "
+            f"entries along axis {member.axis}, the tensor has {size}; the plugin's IR is wrong"
+        )
+    keep = list(range(member.offset))
+    for g in kept:
+        start = member.offset + g * member.width
+        keep.extend(range(start, start + member.width))
+    keep.extend(range(span, size))
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def _split(path: str) -> tuple[str, str]:
+    module, _, leaf = path.rpartition(".")
+    return module, leaf
+
+
+def group_slices(model: nn.Module, fam: ChannelGroup) -> list[tuple[GroupMember, torch.Tensor]]:
+    """Every member tensor of ``fam`` as it is now (no copy)."""
+    out = []
+    for m in fam.members:
+        module, leaf = _split(m.param)
+        out.append((m, getattr(get_module(model, module), leaf)))
+    return out
+
+
+def sync_module_shape(module: nn.Module) -> None:
+    """Make a layer's feature counters agree with its (sliced) weight."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+def _config_targets(
+    ir: ModelIR, cuts: Mapping[str, WidthCut], skip: frozenset[str] | set[str]
+) -> dict[str, list[int]]:
+    """For each declared config field: the value every live family implies after the cuts."""
+    values: dict[str, list[int]] = {}
+    for sub in ir.sublayers():
+        if sub.id in skip or _block_of(ir, sub.id) in skip:
+            continue
+        for fam in sub.channel_groups:
+            live = len(cuts[fam.id].kept) if fam.id in cuts else fam.count
+            for field, per in fam.config_fields.items():
+                values.setdefault(field, []).append(per * live)
+    return values
+
+
+def _config_valid(config: object) -> bool:
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return True
+    try:
+        validate()
+    except Exception:  # noqa: BLE001 - transformers raises several types for an invalid config
+        return False
+    return True
+
+
+def width_is_uniform(
+    ir: ModelIR, cuts: Mapping[str, WidthCut], skip: frozenset[str] | set[str] = frozenset()
+) -> bool:
+    """True when every config field a family declares gets one value for all live families."""
+    return all(len(set(v)) == 1 for v in _config_targets(ir, cuts, skip).values())
+
+
+@torch.no_grad()
+def apply_width(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    ir: ModelIR,
+    cuts: Mapping[str, WidthCut],
+    *,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> bool:
+    """Remove the groups in ``cuts`` in place; returns whether the config describes every module exactly.
+
+    ``skip`` are units the same plan removes whole (their families do not constrain the config).
+    """
+    touched: dict[str, nn.Module] = {}
+    record = getattr(model, "_prunekit_width", None) or {"uniform": True, "counters": {}}
+    counters: dict[str, int] = dict(record["counters"])
+    for cut in cuts.values():
+        fam = cut.family
+        kept = cut.kept
+        for member, tensor in group_slices(model, fam):
+            module_path, leaf = _split(member.param)
+            module = get_module(model, module_path)
+            index = member_index(member, fam.count, kept, tensor.shape[member.axis])
+            new = tensor.detach().index_select(member.axis, index.to(tensor.device)).clone()
+            setattr(module, leaf, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            touched[module_path] = module
+        for counter in fam.counters:
+            setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
+            counters[f"{counter.module}.{counter.attr}"] = counter.per_group * len(kept)
+    for module in touched.values():
+        sync_module_shape(module)
+    config = adapter.text_config(model) if hasattr(adapter, "text_config") else model.config
+    uniform = True
+    old: dict[str, object] = {}
+    for field, vals in _config_targets(ir, cuts, skip).items():
+        if not hasattr(config, field):
+            raise PlanError(f"the IR names config field {field!r}, which {type(config).__name__} lacks")
+        uniform &= len(set(vals)) == 1
+        old[field] = getattr(config, field)
+        setattr(config, field, max(vals))
+    adapter.finalize_width(model, ir, dict(cuts))
+    if not _config_valid(config):
+        # e.g. LlamaConfig insists on hidden_size % num_attention_heads == 0 even with an explicit
+        # head_dim: keep the config's original counts; the structure record carries the real shapes
+        for field, value in old.items():
+            setattr(config, field, value)
+        uniform = False
+    uniform = uniform and record["uniform"]
+    model._prunekit_width = {"uniform": uniform, "counters": counters}  # type: ignore[attr-defined]
+    return uniform

@@ -1,0 +1,562 @@
+"""Width scoring and planning: channel-group importance, a loss-per-parameter cost model, the planners.
+
+One calibration pass (:func:`collect_width_stats`) records, for every module a channel-group member sits
+in, the squared norm of each input feature, and for every sublayer's output projection the full input
+Gram matrix ``A^T A``. From these:
+
+- **metrics** order the groups of a family (least important first): ``magnitude`` (L2 norm of the group's
+  weights), ``wanda`` (sum of ``|W_ij| * ||X_j||`` over the group's weights, Wanda's score aggregated per
+  group) and ``taylor`` (``|sum w * dL/dw|`` over the group, first order, gradients on calibration data);
+- the **cost model** turns "remove the k least important groups of this family" into an estimated loss
+  increase. The branch's output error is exact and analytic: ``||W_S a_S||^2`` without repair, and with
+  repair (the output projection refit on the kept channels by least squares) the residual of projecting
+  ``W a`` on the kept inputs, read off one Cholesky factor of the Gram for every k at once. One removal
+  trial per sublayer measures the loss increase of removing the whole branch; the sublayer's estimated
+  loss for a partial cut is that measurement scaled by the fraction of the branch's output energy the cut
+  loses (the second-order picture: loss grows with the squared size of the perturbation);
+- the **planner** takes, over every family, the lower convex hull of (parameters removed, estimated loss)
+  and removes hull segments in order of loss per parameter until the budget is met (the last step picks
+  the cheapest single move that finishes the budget). ``mixed`` lets a family go all the way, which
+  removes its sublayer (both sublayers of a block: the block) with its measured loss; ``width`` keeps at
+  least one group everywhere.
+
+Group counts that remain are multiples of a rounding step: the smallest number of groups whose slice along
+the narrowest member is a multiple of ``round_to`` (FFN channels: ``round_to`` channels; KV groups of
+head_dim 64 with ``round_to`` 32: any number of groups).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .adapter import get_module
+from .errors import PlanError
+from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+from .width import WidthCut, _split, group_slices, member_index
+
+log = logging.getLogger(__name__)
+
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+Allocation = Literal["global", "uniform"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration statistics
+
+
+@dataclass
+class WidthStats:
+    """Input statistics of every module a channel-group member lives in."""
+
+    sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [in_features] float64
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # out_proj path -> [in, in] float64
+    gram_hold: dict[str, torch.Tensor] = field(default_factory=dict)  # the held-out windows' part
+    tokens: int = 0
+
+
+def _member_modules(fams: list[ChannelGroup]) -> set[str]:
+    return {_split(m.param)[0] for f in fams for m in f.members}
+
+
+@torch.inference_mode()
+def collect_width_stats(
+    model: nn.Module,
+    ir: ModelIR,
+    windows: torch.Tensor,
+    *,
+    families: list[str] | None = None,
+    grams: bool = True,
+    batch_size: int = 8,
+    hold_every: int = 0,
+) -> WidthStats:
+    """One pass over ``windows``: per-feature input energy for member modules, Grams for output projections.
+
+    With ``hold_every=n`` the Gram of every n-th window also goes to ``gram_hold`` (ridge choice).
+    """
+    fams = ir.channel_groups()
+    chosen = list(fams) if families is None else families
+    modules = _member_modules([fams[f][1] for f in chosen])
+    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
+    stats = WidthStats()
+    state: dict[str, Any] = {"hold": False}
+
+    def make_hook(path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq = (x * x).sum(0)
+            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
+            if path in outs:
+                g = x.T @ x
+                key = stats.gram_hold if state["hold"] else stats.gram
+                key[path] = key[path] + g if path in key else g
+
+        return hook
+
+    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    try:
+        n = windows.shape[0]
+        if hold_every:
+            order = [i for i in range(n) if i % hold_every != hold_every - 1]
+            held = [i for i in range(n) if i % hold_every == hold_every - 1]
+        else:
+            order, held = list(range(n)), []
+        for part, is_hold in ((order, False), (held, True)):
+            state["hold"] = is_hold
+            for start in range(0, len(part), batch_size):
+                idx = part[start : start + batch_size]
+                model(input_ids=windows[idx], use_cache=False)
+        stats.tokens = int(windows.numel())
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Group reduction and metrics
+
+
+def reduce_member(member: GroupMember, count: int, values: torch.Tensor) -> torch.Tensor:
+    """Sum an element-wise score tensor (shaped like the member's parameter) per group: ``[count]``."""
+    v = values.movedim(member.axis, 0)
+    v = v[member.offset : member.offset + count * member.width]
+    return v.reshape(count, -1).sum(1)
+
+
+def magnitude_scores(model: nn.Module, fam: ChannelGroup) -> torch.Tensor:
+    total = torch.zeros(fam.count, dtype=torch.float64)
+    for member, t in group_slices(model, fam):
+        total += reduce_member(member, fam.count, t.detach().double() ** 2)
+    return total.sqrt()
+
+
+def _input_norm(member: GroupMember, tensor: torch.Tensor, stats: WidthStats) -> torch.Tensor:
+    module = _split(member.param)[0]
+    if module not in stats.sumsq:
+        raise PlanError(f"no calibration statistics for {module}; collect_width_stats did not see it run")
+    norm = stats.sumsq[module].sqrt()
+    if tensor.dim() == 1:  # a bias: no input
+        return torch.ones_like(tensor, dtype=torch.float64)
+    shape = [1] * tensor.dim()
+    shape[1] = -1
+    return norm.reshape(shape)
+
+
+def wanda_scores(model: nn.Module, fam: ChannelGroup, stats: WidthStats) -> torch.Tensor:
+    total = torch.zeros(fam.count, dtype=torch.float64)
+    for member, t in group_slices(model, fam):
+        w = t.detach().double().abs()
+        total += reduce_member(member, fam.count, w * _input_norm(member, t, stats))
+    return total
+
+
+def taylor_grads(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
+    """Gradient of the mean calibration loss w.r.t. every channel-group member parameter."""
+    params: dict[str, nn.Parameter] = {}
+    for _, fam in ir.channel_groups().values():
+        for member, t in group_slices(model, fam):
+            params[member.param] = t  # type: ignore[assignment]
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        n = windows.shape[0]
+        with torch.enable_grad():
+            for start in range(0, n, batch_size):
+                batch = windows[start : start + batch_size]
+                out = model(input_ids=batch, labels=batch, use_cache=False)
+                (out.loss * batch.shape[0] / n).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                grads[name] += p.grad.double()
+                p.grad = None
+    finally:
+        for n_, p in model.named_parameters():
+            p.requires_grad_(saved[n_])
+    return grads
+
+
+def taylor_scores(model: nn.Module, fam: ChannelGroup, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(fam.count, dtype=torch.float64)
+    for member, t in group_slices(model, fam):
+        total += reduce_member(member, fam.count, t.detach().double() * grads[member.param])
+    return total.abs()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Repair of narrowed output projections
+
+
+def _out_member(sub: Sublayer, fam: ChannelGroup) -> GroupMember | None:
+    if not sub.out_proj:
+        return None
+    for m in fam.members:
+        if m.param == f"{sub.out_proj}.weight" and m.axis == 1:
+            return m
+    return None
+
+
+def _refit(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    Gk = G[keep][:, keep]
+    reg = lam * Gk.diagonal().mean().clamp_min(1e-12)
+    rhs = G[keep] @ W.T  # [k, out]
+    return torch.linalg.solve(Gk + reg * torch.eye(len(keep), dtype=G.dtype), rhs).T  # [out, k]
+
+
+def _output_error(W: torch.Tensor, Wk: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
+    """``E||W a - Wk a_K||^2`` from the Gram ``G`` of ``a``."""
+    cross = (W @ G[:, keep] * Wk).sum()
+    return float((W @ G * W).sum() - 2 * cross + (Wk @ G[keep][:, keep] * Wk).sum())
+
+
+@torch.no_grad()
+def refit_narrowed(
+    model: nn.Module, ir: ModelIR, cuts: dict[str, WidthCut], windows: torch.Tensor, *, batch_size: int = 8
+) -> dict[str, float]:
+    """Refit each narrowed sublayer's output projection on its kept input channels (before slicing).
+
+    The projection's columns of kept channels get ``W G[:, K] (G_KK + lam I)^-1``: the least-squares map
+    from the kept channels to the full branch output on the calibration tokens. The ridge strength is
+    chosen on every fourth window; the plain slice is kept where the refit does not help held-out tokens.
+    Returns the held-out fraction of the cut's output error the refit removed, per family.
+    """
+    fams = [f for f, c in cuts.items() if _out_member(c.sublayer, c.family) is not None]
+    if not fams:
+        return {}
+    stats = collect_width_stats(model, ir, windows, families=fams, batch_size=batch_size, hold_every=4)
+    gains: dict[str, float] = {}
+    for fid in fams:
+        cut = cuts[fid]
+        member = _out_member(cut.sublayer, cut.family)
+        assert member is not None
+        proj = get_module(model, cut.sublayer.out_proj)  # type: ignore[arg-type]
+        W = proj.weight.detach().double()
+        keep = member_index(member, cut.family.count, cut.kept, W.shape[1])
+        G, H = stats.gram[cut.sublayer.out_proj], stats.gram_hold.get(cut.sublayer.out_proj)  # type: ignore[index]
+        plain = W[:, keep]
+        if H is not None:
+            base = _output_error(W, plain, H, keep)
+            best = min(RIDGE_GRID, key=lambda lam: _output_error(W, _refit(W, G, keep, lam), H, keep))
+            err = _output_error(W, _refit(W, G, keep, best), H, keep)
+            gains[fid] = 1 - err / base if base > 0 else 0.0
+            if err >= base:
+                continue
+            new = _refit(W, G + H, keep, best)
+        else:
+            new = _refit(W, G, keep, RIDGE_GRID[1])
+            gains[fid] = float("nan")
+        proj.weight[:, keep] = new.to(proj.weight.dtype)
+    return gains
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost model
+
+
+def round_step(fam: ChannelGroup, round_to: int) -> int:
+    """Groups per rounding step: kept groups * narrowest member width is a multiple of ``round_to``."""
+    if round_to < 1:
+        raise PlanError(f"--round-to must be a positive number of channels, got {round_to}")
+    width = min(m.width for m in fam.members)
+    return round_to // math.gcd(round_to, width)
+
+
+def allowed_cuts(fam: ChannelGroup, round_to: int, *, allow_all: bool) -> list[int]:
+    """Numbers of groups that may be removed: the kept count is a multiple of the rounding step."""
+    step = round_step(fam, round_to)
+    ks = [k for k in range(fam.count) if (fam.count - k) % step == 0 and fam.count - k >= step]
+    if 0 not in ks:
+        ks.insert(0, 0)  # leaving a family untouched is always allowed
+    if allow_all:
+        ks.append(fam.count)
+    return ks
+
+
+@dataclass
+class FamilyCost:
+    """Estimated loss increase of removing the ``k`` least important groups, for each allowed ``k``."""
+
+    family: str
+    sublayer: str
+    order: list[int]  # group indices, least important first
+    ks: list[int]
+    params: list[int]
+    cost: list[float]
+
+
+def _output_energy_curve(
+    W: torch.Tensor, G: torch.Tensor, member: GroupMember, count: int, order: list[int], repair: bool
+) -> torch.Tensor:
+    """Branch-output error after removing the first k groups of ``order``, for k = 0..count."""
+    w = member.width
+    desc = list(reversed(order))  # most important first: kept sets are prefixes
+    feat = torch.cat([torch.arange(member.offset + g * w, member.offset + (g + 1) * w) for g in desc])
+    Wp = W[:, feat]
+    Gp = G[feat][:, feat]
+    total = float((Wp @ Gp * Wp).sum())
+    if repair:
+        jitter = 1e-8 * Gp.diagonal().mean().clamp_min(1e-12)
+        L = torch.linalg.cholesky(Gp + jitter * torch.eye(len(feat), dtype=Gp.dtype))
+        energy = ((Wp @ L) ** 2).sum(0)  # explained energy per feature in the prefix order
+        explained = torch.cat([torch.zeros(1, dtype=energy.dtype), energy.cumsum(0)])
+        kept_feats = torch.tensor([(count - k) * w for k in range(count + 1)])
+        return (total - explained[kept_feats]).clamp_min(0)
+    M = (Wp.T @ Wp) * Gp  # [f, f]; err(S) = sum of M over S x S
+    B = M.reshape(count, w, count, w).sum((1, 3))  # group blocks, most important first
+    # removing k groups removes the last k of `desc`: the bottom-right k x k corner
+    rev = B.flip(0).flip(1)
+    corner = rev.cumsum(0).cumsum(1).diagonal()
+    return torch.cat([torch.zeros(1, dtype=corner.dtype), corner]).clamp_min(0)
+
+
+def family_costs(
+    model: nn.Module,
+    ir: ModelIR,
+    orders: dict[str, list[int]],
+    stats: WidthStats,
+    sublayer_loss: dict[str, float],
+    *,
+    repair: bool,
+    round_to: int,
+    allow_all: bool,
+) -> list[FamilyCost]:
+    """The cost curve of every family (see the module docstring)."""
+    out = []
+    for fid, (sub, fam) in ir.channel_groups().items():
+        if fid not in orders:
+            continue
+        member = _out_member(sub, fam)
+        if member is None or sub.out_proj not in stats.gram:
+            raise PlanError(
+                f"{fid}: the cost model needs the sublayer's out_proj among the family's members (axis 1)"
+            )
+        W = get_module(model, sub.out_proj).weight.detach().double()
+        G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+        curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
+        full = float(curve[-1])
+        measured = max(sublayer_loss.get(sub.id, 0.0), 1e-6)
+        scale = measured / full if full > 0 else 0.0
+        ks = allowed_cuts(fam, round_to, allow_all=allow_all)
+        params, cost = [], []
+        for k in ks:
+            if k == fam.count:
+                params.append(sub.params)  # the whole branch goes, pre-norm included
+                cost.append(measured)
+            else:
+                params.append(k * fam.params_per_group)
+                cost.append(scale * float(curve[k]))
+        out.append(FamilyCost(fid, sub.id, orders[fid], ks, params, cost))
+    return out
+
+
+def _hull(fc: FamilyCost) -> list[int]:
+    """Indices into ``fc.ks`` of the lower convex hull from the origin (increasing slopes)."""
+    pts = list(zip(fc.params, fc.cost, strict=True))
+    hull = [0]
+    for i in range(1, len(pts)):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = pts[hull[-2]], pts[hull[-1]]
+            x3, y3 = pts[i]
+            if (y2 - y1) * (x3 - x1) >= (y3 - y1) * (x2 - x1):  # middle point not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def allocate_global(costs: list[FamilyCost], target: int) -> dict[str, int]:
+    """Position in ``ks`` per family: hull segments by loss per parameter, cheapest finisher last."""
+    pos = {fc.family: 0 for fc in costs}
+    by_id = {fc.family: fc for fc in costs}
+    segs = []
+    for fc in costs:
+        h = _hull(fc)
+        for a, b in zip(h, h[1:], strict=False):
+            dp = fc.params[b] - fc.params[a]
+            segs.append(((fc.cost[b] - fc.cost[a]) / max(dp, 1), fc.family, a, b))
+    segs.sort(key=lambda s: s[0])
+    done = 0
+    for _slope, fid, a, b in segs:
+        if pos[fid] != a:
+            continue  # an earlier finisher moved this family past the segment's start
+        fc = by_id[fid]
+        gain = fc.params[b] - fc.params[a]
+        need = target - done
+        if gain >= need:
+            # finish with the cheapest single move over all families (any allowed level, hull or not)
+            best = (fc.cost[b] - fc.cost[a], fid, b)
+            for other in costs:
+                p0, c0 = other.params[pos[other.family]], other.cost[pos[other.family]]
+                for j in range(pos[other.family] + 1, len(other.ks)):
+                    if other.params[j] - p0 >= need:
+                        if other.cost[j] - c0 < best[0]:
+                            best = (other.cost[j] - c0, other.family, j)
+                        break
+            _, fid, b = best
+            pos[fid] = b
+            return pos
+        pos[fid] = b
+        done += gain
+    raise PlanError(
+        f"the budget ({target} parameters) cannot be met at this granularity: at most {done} can go. "
+        "Lower --ratio, or use --granularity mixed (which may also remove whole sublayers and blocks)."
+    )
+
+
+def allocate_uniform(costs: list[FamilyCost], ir: ModelIR, target: int) -> dict[str, int]:
+    """The same number of groups removed from every family of a kind; the cheapest such plan that fits."""
+    fams = ir.channel_groups()
+    kinds: dict[tuple[str, int], list[FamilyCost]] = {}
+    for fc in costs:
+        fam = fams[fc.family][1]
+        kinds.setdefault((fam.kind, fam.count), []).append(fc)
+    keys = sorted(kinds)
+    common: dict[tuple[str, int], list[int]] = {}
+    for key in keys:
+        sets = [set(fc.ks) - {fams[fc.family][1].count} for fc in kinds[key]]
+        common[key] = sorted(set.intersection(*sets))
+    best: tuple[float, dict[tuple[str, int], int]] | None = None
+
+    def visit(i: int, chosen: dict[tuple[str, int], int]) -> None:
+        nonlocal best
+        if i == len(keys):
+            params = cost = 0.0
+            for key, k in chosen.items():
+                for fc in kinds[key]:
+                    j = fc.ks.index(k)
+                    params += fc.params[j]
+                    cost += fc.cost[j]
+            if params >= target and (best is None or cost < best[0]):
+                best = (cost, dict(chosen))
+            return
+        for k in common[keys[i]]:
+            chosen[keys[i]] = k
+            visit(i + 1, chosen)
+        chosen.pop(keys[i], None)
+
+    if math.prod(len(v) for v in common.values()) > 200_000:
+        raise PlanError("too many uniform width combinations to search; use --width-allocation global")
+    visit(0, {})
+    if best is None:
+        raise PlanError(
+            f"no uniform width plan removes {target} parameters (every layer keeping at least one rounding "
+            "step per family); lower --ratio or --round-to, or use --width-allocation global"
+        )
+    return {
+        fc.family: fc.ks.index(best[1][(fams[fc.family][1].kind, fams[fc.family][1].count)]) for fc in costs
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The width and mixed planners
+
+
+@dataclass
+class WidthPlan:
+    remove: list[str]
+    remove_groups: dict[str, list[int]]
+    estimated_loss: float
+    sublayer_loss: dict[str, float]
+    notes: list[str]
+
+
+def plan_width(
+    ctx: Any,
+    metric: Any,
+    *,
+    target: int,
+    mixed: bool,
+    repair: bool,
+    round_to: int,
+    allocation: Allocation = "global",
+) -> WidthPlan:
+    """Choose groups (and, when ``mixed``, whole sublayers/blocks) to remove ``target`` parameters.
+
+    ``ctx`` is a :class:`~prunekit_core.scoring.ScoringContext`, ``metric`` a
+    :class:`~prunekit_core.metrics.ChannelMetric` that orders the groups inside each family.
+    """
+    ir: ModelIR = ctx.ir
+    fams = ir.channel_groups()
+    if not fams:
+        raise PlanError(
+            f"the {ir.adapter} plugin declares no channel groups for this model: width pruning needs them. "
+            "Use --granularity block or sublayer."
+        )
+    if mixed and allocation == "uniform":
+        raise PlanError("--width-allocation uniform applies to --granularity width only")
+    scores = metric.score_groups(ctx)
+    orders = {fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items()}
+    runner = ctx.trials()
+    base = runner.base_loss
+    subs_with = {sub.id for sub, _ in fams.values()}
+    per_sub: dict[str, int] = {}
+    for sub, _ in fams.values():
+        per_sub[sub.id] = per_sub.get(sub.id, 0) + 1
+    measured: dict[str, float] = {}
+    for sub in ir.sublayers():
+        if sub.removable and (sub.id in subs_with or mixed):
+            measured[sub.id] = runner.loss([sub.id]) - base
+    stats = ctx.width_stats()
+    single = {fid for fid, (sub, _) in fams.items() if per_sub[sub.id] == 1 and sub.removable}
+    costs = []
+    for fid in orders:
+        costs += family_costs(
+            ctx.model,
+            ir,
+            {fid: orders[fid]},
+            stats,
+            measured,
+            repair=repair,
+            round_to=round_to,
+            allow_all=mixed and fid in single,
+        )
+    if mixed:  # sublayers that cannot go all the way through one family: whole-branch moves
+        covered = {fams[f][0].id for f in single}
+        for sub in ir.sublayers():
+            if sub.removable and sub.id not in covered:
+                costs.append(FamilyCost(sub.id, sub.id, [], [0, 1], [0, sub.params], [0.0, measured[sub.id]]))
+    pos = allocate_uniform(costs, ir, target) if allocation == "uniform" else allocate_global(costs, target)
+    removed_subs: set[str] = set()
+    remove_groups: dict[str, list[int]] = {}
+    est = 0.0
+    for fc in costs:
+        j = pos[fc.family]
+        k = fc.ks[j]
+        est += fc.cost[j]
+        if k == 0:
+            continue
+        if fc.family not in fams or k == fams[fc.family][1].count:
+            removed_subs.add(fc.sublayer)
+        else:
+            remove_groups[fc.family] = sorted(fc.order[:k])
+    remove_groups = {f: g for f, g in remove_groups.items() if fams[f][0].id not in removed_subs}
+    remove: list[str] = []
+    for b in ir.blocks():
+        ids = [s.id for s in b.sublayers]
+        if ids and all(i in removed_subs for i in ids):
+            remove.append(b.id)
+        else:
+            remove += [i for i in ids if i in removed_subs]
+    towers_empty = [t.name for t in ir.towers if t.blocks and all(b.id in remove for b in t.blocks)]
+    if towers_empty:
+        raise PlanError(f"the plan would remove every block of tower {towers_empty[0]}; lower --ratio")
+    notes = [
+        f"{'mixed' if mixed else 'width'} planner ({allocation} allocation, round to {round_to} channels): "
+        f"estimated calibration loss increase {est:.4f} over {base:.4f}; "
+        f"{len(measured)} removal trials on {runner.windows.numel()} tokens calibrate the cost model",
+    ]
+    return WidthPlan(remove, remove_groups, est, measured, notes)
