@@ -396,7 +396,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .checkpoint import save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
-    from .planning import budget_params, plan_pruning, resolve_method
+    from .planning import budget_params, plan_pruning, resolve_method, uses_width
+    from .scoring import Calibration
     from .surgery import apply_plan
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
@@ -465,8 +466,11 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             f"calibration: {cal_windows.num_windows} windows x {cal_windows.seq_len} tokens of {args.calib}; "
             f"planner {planner}, metric {metric_name}, granularity {granularity}, repair {repair}"
         )
-        with ui.step("calibrate"):
-            cal = calibrate(model, cal_windows.ids)
+        if uses_width(metric_name, granularity):
+            cal = Calibration(windows=cal_windows.ids)  # width planners read the windows, not stream stats
+        else:
+            with ui.step("calibrate"):
+                cal = calibrate(model, cal_windows.ids)
         with ui.step(f"plan ({planner}:{metric_name}, {granularity})"):
             plan = plan_pruning(
                 model,
@@ -477,6 +481,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 planner=planner,  # type: ignore[arg-type]
                 repair=repair,  # type: ignore[arg-type]
                 on_step=lambda msg: ui.info("  " + msg),
+                round_to=args.round_to,
+                width_allocation=args.width_allocation,
             )
         result["budget"] = {
             "ratio": args.ratio,
@@ -486,10 +492,17 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         }
     else:
         plan = given_plan
-        ui.say(f"plan: {args.plan} ({plan.method or 'no method recorded'}, {len(plan.remove)} units)")
+        ui.say(
+            f"plan: {args.plan} ({plan.method or 'no method recorded'}, {len(plan.remove)} units, "
+            f"{len(plan.remove_groups)} narrowed channel-group families)"
+        )
 
     units = ir.units()
-    table = Table(title=f"plan: remove {len(plan.remove)} unit(s)")
+    families = ir.channel_groups()
+    title = f"plan: remove {len(plan.remove)} unit(s)"
+    if plan.remove_groups:
+        title += f", narrow {len(plan.remove_groups)} channel-group familie(s)"
+    table = Table(title=title)
     for col in ("unit", "kind", "params", "score"):
         table.add_column(col, justify="right" if col in ("params", "score") else "left")
     for uid in plan.remove:
@@ -497,10 +510,15 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         kind = getattr(unit, "kind", "block") if unit is not None else "?"
         sc = plan.scores.get(uid)
         table.add_row(uid, kind, _fmt_params(unit.params) if unit else "?", "" if sc is None else f"{sc:.4g}")
+    for fid, groups in plan.remove_groups.items():
+        fam = families[fid][1] if fid in families else None
+        kind = f"{fam.kind} -{len(groups)}/{fam.count}" if fam else "?"
+        table.add_row(fid, kind, _fmt_params(len(groups) * fam.params_per_group) if fam else "?", "")
     ui.table(table)
+    shape = "uniform (the config describes it)" if plan.is_uniform else "non-uniform"
     ui.say(
         f"achieved: {_fmt_params(plan.removed_params)} of {_fmt_params(plan.block_params)} block parameters "
-        f"removed ({plan.achieved_ratio:.2%}); {'uniform (whole blocks)' if plan.is_uniform else 'non-uniform'}"
+        f"removed ({plan.achieved_ratio:.2%}); {shape}"
     )
     result["plan"] = plan.model_dump(mode="json")
     result["removed"] = list(plan.remove)
@@ -517,6 +535,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
     with ui.step("apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
         apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
+    plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
+    result["uniform"] = plan.is_uniform
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
     result["params_before"] = params_before.total
@@ -638,7 +658,7 @@ def _epilog(*lines: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import MODEL_ALIASES
-    from .planning import BEST, GRANULARITIES
+    from .planning import BEST, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
     from .text import TEXT_ALIASES
 
     text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
@@ -798,7 +818,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        help="what may be removed: whole blocks, single sublayers (attention/MLP), or both",
+        help="what may be removed: whole blocks, single sublayers (attention/MLP), channel groups inside "
+        "sublayers (width: KV groups with their query heads, FFN channels), or mixed: blocks and sublayers, "
+        "plus channel groups when the metric scores them (the default metric for width and mixed: "
+        f"{BEST_WIDTH['metric']}, repair {BEST_WIDTH['repair']})",
+    )
+    p.add_argument(
+        "--round-to",
+        type=_positive("--round-to"),
+        default=DEFAULT_ROUND_TO,
+        metavar="N",
+        help="width: kept channels of every family are a multiple of N (along its narrowest member; "
+        f"default {DEFAULT_ROUND_TO})",
+    )
+    p.add_argument(
+        "--width-allocation",
+        choices=("global", "uniform"),
+        default="global",
+        help="width: global spreads the budget over layers by estimated loss per parameter (per-layer widths, "
+        "reload with load_pruned); uniform removes the same number of groups of each kind from every layer "
+        "(plain from_pretrained reloads it when the config can describe it)",
     )
     p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
     p.add_argument(

@@ -347,7 +347,7 @@ def family_costs(
         G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
         curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
         full = float(curve[-1])
-        measured = max(sublayer_loss.get(sub.id, 0.0), 1e-6)
+        measured = max(sublayer_loss.get(sub.id, 0.0), 0.0)  # removal that helps is free
         scale = measured / full if full > 0 else 0.0
         ks = allowed_cuts(fam, round_to, allow_all=allow_all)
         params, cost = [], []
@@ -417,8 +417,17 @@ def allocate_global(costs: list[FamilyCost], target: int) -> dict[str, int]:
     )
 
 
-def allocate_uniform(costs: list[FamilyCost], ir: ModelIR, target: int) -> dict[str, int]:
-    """The same number of groups removed from every family of a kind; the cheapest such plan that fits."""
+def allocate_uniform(
+    costs: list[FamilyCost],
+    ir: ModelIR,
+    target: int,
+    describable: Callable[[dict[str, int]], bool] | None = None,
+) -> dict[str, int]:
+    """The same number of groups removed from every family of a kind; the cheapest such plan that fits.
+
+    ``describable(fields)`` says whether the model's config accepts the config fields such a plan implies
+    (e.g. ``LlamaConfig`` wants ``hidden_size % num_attention_heads == 0``); rejected choices are skipped.
+    """
     fams = ir.channel_groups()
     kinds: dict[tuple[str, int], list[FamilyCost]] = {}
     for fc in costs:
@@ -441,7 +450,12 @@ def allocate_uniform(costs: list[FamilyCost], ir: ModelIR, target: int) -> dict[
                     params += fc.params[j]
                     cost += fc.cost[j]
             if params >= target and (best is None or cost < best[0]):
-                best = (cost, dict(chosen))
+                fields: dict[str, int] = {}
+                for (kind, count), k in chosen.items():
+                    fam = fams[kinds[(kind, count)][0].family][1]
+                    fields.update({f: per * (count - k) for f, per in fam.config_fields.items()})
+                if describable is None or describable(fields):
+                    best = (cost, dict(chosen))
             return
         for k in common[keys[i]]:
             chosen[keys[i]] = k
@@ -472,6 +486,23 @@ class WidthPlan:
     estimated_loss: float
     sublayer_loss: dict[str, float]
     notes: list[str]
+
+
+def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
+    import copy
+
+    from .width import _config_valid
+
+    text_config = getattr(ctx.adapter, "text_config", None)
+    config = text_config(ctx.model) if text_config else ctx.model.config
+
+    def check(fields: dict[str, int]) -> bool:
+        probe = copy.deepcopy(config)
+        for name, value in fields.items():
+            setattr(probe, name, value)
+        return _config_valid(probe)
+
+    return check
 
 
 def plan_width(
@@ -529,7 +560,10 @@ def plan_width(
         for sub in ir.sublayers():
             if sub.removable and sub.id not in covered:
                 costs.append(FamilyCost(sub.id, sub.id, [], [0, 1], [0, sub.params], [0.0, measured[sub.id]]))
-    pos = allocate_uniform(costs, ir, target) if allocation == "uniform" else allocate_global(costs, target)
+    if allocation == "uniform":
+        pos = allocate_uniform(costs, ir, target, describable=_describable(ctx))
+    else:
+        pos = allocate_global(costs, target)
     removed_subs: set[str] = set()
     remove_groups: dict[str, list[int]] = {}
     est = 0.0

@@ -1,0 +1,201 @@
+"""Width-pruning benchmark on SmolLM2-135M: prunekit vs Torch-Pruning 1.6.1, and mixed vs single granularity.
+
+Protocol (the same for every method, measured in one run): calibrate on the c4 text (32 x 256 tokens),
+evaluate perplexity on the wiki text (16 x 1024 tokens, non-overlapping windows from the start), fp32, no
+fine-tuning. Budgets are fractions of the decoder blocks' parameters (embeddings and head excluded); every
+method removes at least that much (the achieved column says how much). Each tool runs with each of its
+criteria; the summary compares each tool's best. Wall time covers scoring, planning and surgery (and
+prunekit's least-squares refit), not the evaluation.
+
+Width methods remove attention KV groups (a KV head with its query heads) and FFN channels, never the
+residual width. prunekit's planners: ``width`` (channel groups only), ``depth`` (prunekit's best depth
+planner: an angular-distance span of blocks with least-squares repair) and ``mixed`` (blocks, sublayers
+and channel groups under one budget, on one loss-per-parameter scale).
+
+    python bench/width_pruning.py                          # full protocol (Torch-Pruning needs .[bench])
+    python bench/width_pruning.py --eval-windows 4         # quicker, noisier
+    python bench/width_pruning.py --methods pk:wanda,mixed --ratios 0.1
+
+Writes the Markdown table to stdout and to ``--out`` (default bench/results/width_pruning.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import prunekit_core as pk  # noqa: E402
+from prunekit_core.planning import BEST  # noqa: E402
+from prunekit_core.scoring import Calibration  # noqa: E402
+
+#: method key -> (tool, label, plan_pruning keyword arguments or Torch-Pruning importance)
+PK_METHODS: dict[str, tuple[str, dict]] = {
+    "pk:magnitude": (
+        "width, magnitude + refit",
+        {"metric": "magnitude", "granularity": "width", "repair": "lsq"},
+    ),
+    "pk:wanda": ("width, Wanda + refit", {"metric": "wanda", "granularity": "width", "repair": "lsq"}),
+    "pk:taylor": ("width, Taylor + refit", {"metric": "taylor", "granularity": "width", "repair": "lsq"}),
+    "pk:wanda-norefit": (
+        "width, Wanda, no refit",
+        {"metric": "wanda", "granularity": "width", "repair": "none"},
+    ),
+    "depth": ("depth only (best depth planner)", {**{k: v for k, v in BEST.items()}}),
+    "mixed": (
+        "mixed depth + width (Wanda + refit)",
+        {"metric": "wanda", "granularity": "mixed", "repair": "lsq"},
+    ),
+}
+TP_METHODS = ("tp:magnitude", "tp:taylor")
+DEFAULT = ",".join([*PK_METHODS, *TP_METHODS])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default=DEFAULT, help=f"comma-separated (default: {DEFAULT})")
+    ap.add_argument("--ratios", default="0.1,0.2")
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--eval-text", default="wiki")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seq-len", type=int, default=1024)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "width_pruning.md"))
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in PK_METHODS and m not in TP_METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {DEFAULT}")
+    tp = None
+    if any(m in TP_METHODS for m in methods):
+        try:
+            import tp_baseline as tp  # noqa: PLC0415 - optional, needs torch-pruning
+        except ImportError as exc:
+            ap.error(f"{exc}. Install the benchmark extra: .venv/bin/pip install -e '.[bench]'")
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    t0 = time.perf_counter()
+    model, tok, _ = pk.load_model(args.model)
+    calib = pk.load_windows(tok, args.calib, seq_len=args.calib_seq_len, num_windows=args.calib_windows).ids
+    evalw = pk.load_windows(tok, args.eval_text, seq_len=args.eval_seq_len, num_windows=args.eval_windows).ids
+    base = pk.perplexity(model, evalw)
+    print(
+        f"baseline perplexity {base.perplexity:.2f} on {base.tokens} {args.eval_text} tokens", file=sys.stderr
+    )
+    rows = []
+    for ratio in ratios:
+        for key in methods:
+            pruned = copy.deepcopy(model)
+            t = time.perf_counter()
+            if key in PK_METHODS:
+                label, kwargs = PK_METHODS[key]
+                # width planners read only the windows; depth metrics need the stream statistics
+                needs_stats = kwargs.get("granularity") not in ("width", "mixed")
+                cal = pk.calibrate(pruned, calib) if needs_stats else Calibration(windows=calib)
+                plan = pk.plan_pruning(pruned, cal, ratio=ratio, **kwargs)
+                pk.apply_plan(pruned, plan, repair_windows=calib)
+                achieved, tool = plan.achieved_ratio, "prunekit"
+                detail = _describe(plan)
+            else:
+                label = f"Torch-Pruning, {key.split(':')[1]}"
+                info = tp.prune_with_torch_pruning(pruned, calib, ratio, key.split(":")[1])  # type: ignore[union-attr]
+                achieved, tool = info["achieved_ratio"], "Torch-Pruning"
+                detail = f"heads {_summary(info['heads_per_layer'])}; FFN {_summary(info['ffn_per_layer'])}"
+            wall = time.perf_counter() - t
+            ppl = pk.perplexity(pruned, evalw).perplexity
+            row = {
+                "ratio": ratio,
+                "method": key,
+                "tool": tool,
+                "label": label,
+                "achieved": achieved,
+                "perplexity": ppl,
+                "wall_s": wall,
+                "detail": detail,
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            del pruned
+    table = render(rows, base.perplexity, args, time.perf_counter() - t0)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    return 0
+
+
+def _summary(values: list[int]) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi} per layer"
+
+
+def _describe(plan: pk.PrunePlan) -> str:
+    parts = []
+    if plan.remove:
+        parts.append("removes " + ", ".join(u.replace("text.blocks.", "") for u in plan.remove))
+    kv = [len(g) for f, g in plan.remove_groups.items() if f.endswith("kv_groups")]
+    ffn = [len(g) for f, g in plan.remove_groups.items() if f.endswith("channels")]
+    if kv:
+        parts.append(f"{sum(kv)} KV groups from {len(kv)} layers")
+    if ffn:
+        parts.append(f"FFN channels from {len(ffn)} layers ({_summary(ffn)})")
+    return "; ".join(parts) or "-"
+
+
+def render(rows: list[dict], base: float, args: argparse.Namespace, total_s: float) -> str:
+    lines = [
+        f"# Width pruning on {args.model}",
+        "",
+        f"Calibration: {args.calib_windows} x {args.calib_seq_len} tokens of `{args.calib}`; evaluation: "
+        f"{args.eval_windows} x {args.eval_seq_len} tokens of `{args.eval_text}`; fp32; no healing. "
+        f"Baseline perplexity **{base:.2f}**. Budget = fraction of block parameters (embeddings and head "
+        f"excluded). torch {torch.__version__}, {torch.get_num_threads()} threads; total {total_s / 60:.1f} min.",
+        "",
+        "| budget | tool | method | achieved | perplexity | wall s | what goes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['ratio']:.0%} | {r['tool']} | {r['label']} | {r['achieved']:.1%} | {r['perplexity']:.2f} | "
+            f"{r['wall_s']:.1f} | {r['detail']} |"
+        )
+    lines += ["", "Summary (each tool's best criterion; mixed vs single-granularity planners):", ""]
+    for ratio in sorted({r["ratio"] for r in rows}):
+        at = [r for r in rows if r["ratio"] == ratio]
+        best = {}
+        for group, pred in (
+            ("prunekit width", lambda r: r["method"].startswith("pk:")),
+            ("Torch-Pruning", lambda r: r["method"].startswith("tp:")),
+            ("prunekit depth", lambda r: r["method"] == "depth"),
+            ("prunekit mixed", lambda r: r["method"] == "mixed"),
+        ):
+            cands = [r for r in at if pred(r)]
+            if cands:
+                best[group] = min(cands, key=lambda r: r["perplexity"])
+        parts = [f"{g} {r['perplexity']:.2f} ({r['label']})" for g, r in best.items()]
+        lines.append(f"- {ratio:.0%}: " + "; ".join(parts))
+        if "prunekit width" in best and "Torch-Pruning" in best:
+            q = best["prunekit width"]["perplexity"] / best["Torch-Pruning"]["perplexity"]
+            lines.append(f"  - prunekit width / Torch-Pruning perplexity: {q:.3f}x")
+        if "prunekit mixed" in best:
+            others = [best[g]["perplexity"] for g in ("prunekit width", "prunekit depth") if g in best]
+            if others:
+                lines.append(
+                    f"  - mixed / best single granularity: {best['prunekit mixed']['perplexity'] / min(others):.3f}x"
+                )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
