@@ -44,6 +44,10 @@ PK_METHODS: dict[str, tuple[str, dict]] = {
     ),
     "pk:wanda": ("width, Wanda + refit", {"metric": "wanda", "granularity": "width", "repair": "lsq"}),
     "pk:taylor": ("width, Taylor + refit", {"metric": "taylor", "granularity": "width", "repair": "lsq"}),
+    "pk:wanda-uniform": (
+        "width, Wanda + refit, same width every layer",
+        {"metric": "wanda", "granularity": "width", "repair": "lsq", "width_allocation": "uniform"},
+    ),
     "pk:wanda-norefit": (
         "width, Wanda, no refit",
         {"metric": "wanda", "granularity": "width", "repair": "none"},

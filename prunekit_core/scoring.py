@@ -278,6 +278,12 @@ class TrialRunner:
         self.trials += 1
         return self._run_from(start, self.skipped | blocks, self.masked | subs)
 
+    def replay(self, unit_id: str) -> float:
+        """Calibration loss after an in-place change inside ``unit_id``'s block (e.g. a weight temporarily
+        edited by a caller), with the committed removals; replays only from that block."""
+        self.trials += 1
+        return self._run_from(self.block_index(unit_id), self.skipped, self.masked)
+
     def commit(self, remove: Iterable[str]) -> None:
         """Make removals permanent for later trials and refresh the cached block inputs after them."""
         extra = set(remove)

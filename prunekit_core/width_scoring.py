@@ -295,6 +295,7 @@ class FamilyCost:
     ks: list[int]
     params: list[int]
     cost: list[float]
+    count: int = -1  # groups in the family: removing all of them removes the branch (-1: never whole)
 
 
 def _output_energy_curve(
@@ -322,6 +323,54 @@ def _output_energy_curve(
     return torch.cat([torch.zeros(1, dtype=corner.dtype), corner]).clamp_min(0)
 
 
+@torch.no_grad()
+def _probe(
+    ctx: Any,
+    runner: Any,
+    orders: dict[str, list[int]],
+    stats: WidthStats,
+    *,
+    repair: bool,
+    round_to: int,
+    fractions: tuple[float, ...],
+) -> dict[str, dict[int, float]]:
+    """Measured loss increase of cutting each family at a few fractions of its groups (trials).
+
+    The cut is simulated in place on the output projection: the removed groups' input columns are zeroed
+    (exactly what removing them does to the branch output) and, with repair, the kept columns get their
+    least-squares refit; the weight is restored afterwards.
+    """
+    ir: ModelIR = ctx.ir
+    fams = ir.channel_groups()
+    base = runner.current_loss
+    out: dict[str, dict[int, float]] = {}
+    for fid, order in orders.items():
+        sub, fam = fams[fid]
+        member = _out_member(sub, fam)
+        if member is None or not sub.removable:
+            continue
+        ks = [k for k in allowed_cuts(fam, round_to, allow_all=False) if k > 0]
+        picks = sorted(
+            {min(ks, key=lambda k, f=f: abs(k - f * fam.count)) for f in fractions} if ks else set()
+        )
+        proj = get_module(ctx.model, sub.out_proj)  # type: ignore[arg-type]
+        saved = proj.weight.detach().clone()
+        W = saved.double()
+        G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)  # type: ignore[index]
+        out[fid] = {}
+        for k in picks:
+            kept = sorted(order[k:])
+            keep = member_index(member, fam.count, kept, W.shape[1])
+            new = torch.zeros_like(W)
+            new[:, keep] = _refit(W, G, keep, RIDGE_GRID[1]) if repair else W[:, keep]
+            try:
+                proj.weight.copy_(new.to(saved.dtype))
+                out[fid][k] = runner.replay(sub.id) - base
+            finally:
+                proj.weight.copy_(saved)
+    return out
+
+
 def family_costs(
     model: nn.Module,
     ir: ModelIR,
@@ -332,6 +381,7 @@ def family_costs(
     repair: bool,
     round_to: int,
     allow_all: bool,
+    probes: dict[str, dict[int, float]] | None = None,
 ) -> list[FamilyCost]:
     """The cost curve of every family (see the module docstring)."""
     out = []
@@ -346,19 +396,26 @@ def family_costs(
         W = get_module(model, sub.out_proj).weight.detach().double()
         G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
         curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
-        full = float(curve[-1])
         measured = max(sublayer_loss.get(sub.id, 0.0), 0.0)  # removal that helps is free
-        scale = measured / full if full > 0 else 0.0
+        anchors = {0: 0.0, **(probes or {}).get(fid, {}), fam.count: measured}
+        ks_a = sorted(anchors)
+        vals = [max(anchors[k], 0.0) for k in ks_a]
+        for i in range(1, len(vals)):  # removing more never costs less
+            vals[i] = max(vals[i], vals[i - 1])
         ks = allowed_cuts(fam, round_to, allow_all=allow_all)
         params, cost = [], []
         for k in ks:
             if k == fam.count:
                 params.append(sub.params)  # the whole branch goes, pre-norm included
-                cost.append(measured)
-            else:
-                params.append(k * fam.params_per_group)
-                cost.append(scale * float(curve[k]))
-        out.append(FamilyCost(fid, sub.id, orders[fid], ks, params, cost))
+                cost.append(vals[-1])
+                continue
+            params.append(k * fam.params_per_group)
+            j = next(i for i in range(1, len(ks_a)) if ks_a[i] >= k)
+            a, b = ks_a[j - 1], ks_a[j]
+            ea, eb, ek = float(curve[a]), float(curve[b]), float(curve[k])
+            t = (ek - ea) / (eb - ea) if eb > ea else (k - a) / (b - a)
+            cost.append(vals[j - 1] + min(max(t, 0.0), 1.0) * (vals[j] - vals[j - 1]))
+        out.append(FamilyCost(fid, sub.id, orders[fid], ks, params, cost, fam.count))
     return out
 
 
@@ -488,6 +545,143 @@ class WidthPlan:
     notes: list[str]
 
 
+def _to_plan(
+    ir: ModelIR, costs: list[FamilyCost], pos: dict[str, int]
+) -> tuple[list[str], dict[str, list[int]], float]:
+    """Turn allocator positions into (units to remove, groups to remove, estimated loss)."""
+    fams = ir.channel_groups()
+    removed_subs: set[str] = set()
+    remove_groups: dict[str, list[int]] = {}
+    est = 0.0
+    for fc in costs:
+        j = pos.get(fc.family, 0)
+        k = fc.ks[j]
+        est += fc.cost[j]
+        if k == 0:
+            continue
+        if fc.family not in fams or k == fams[fc.family][1].count:
+            removed_subs.add(fc.sublayer)
+        else:
+            remove_groups[fc.family] = sorted(fc.order[:k])
+    remove_groups = {f: g for f, g in remove_groups.items() if fams[f][0].id not in removed_subs}
+    remove: list[str] = []
+    for b in ir.blocks():
+        ids = [s.id for s in b.sublayers]
+        if ids and all(i in removed_subs for i in ids):
+            remove.append(b.id)
+        else:
+            remove += [i for i in ids if i in removed_subs]
+    towers_empty = [t.name for t in ir.towers if t.blocks and all(b.id in remove for b in t.blocks)]
+    if towers_empty:
+        raise PlanError(f"the plan would remove every block of tower {towers_empty[0]}; lower --ratio")
+    return remove, remove_groups, est
+
+
+def _depth_spans(ctx: Any, target: int) -> list[list[str]]:
+    """Prunekit's depth choice (least angular-distance span) for every span length below the budget and
+    the shortest one that meets it."""
+    from .plugins import get_metric
+    from .scoring import calibrate
+
+    if not ctx.calibration.towers:
+        ctx.calibration = calibrate(ctx.model, ctx.ir, ctx.calibration.windows)
+    ir: ModelIR = ctx.ir
+    order = [b.id for b in ir.blocks()]
+    units = ir.units()
+    spans = []
+    for n in range(1, len(order)):
+        values = get_metric("angular").score(ctx, span=n).values
+        fits = []
+        for start, v in values.items():
+            ids = order[order.index(start) : order.index(start) + n]
+            if all(units[u].removable for u in ids):
+                fits.append((v, ids))
+        if not fits:
+            break
+        ids = min(fits)[1]
+        spans.append(ids)
+        if sum(units[u].params for u in ids) >= target:
+            break
+    return spans
+
+
+def _choose_mixed(
+    ctx: Any,
+    costs: list[FamilyCost],
+    one_scale: tuple[list[str], dict[str, list[int]], float],
+    target: int,
+    repair: bool,
+    measured: dict[str, float],
+    notes: list[str],
+) -> WidthPlan:
+    """Candidates under the same budget, applied to a copy and measured; the lowest calibration loss wins.
+
+    Candidates: the one-scale plan, every split "span of n blocks (prunekit's depth choice) + width for the
+    rest of the budget" (n = 0 is width only; the last n meets the budget alone: depth only).
+    """
+    import copy
+
+    from .plan import PrunePlan, fingerprint
+    from .surgery import apply_plan
+
+    ir: ModelIR = ctx.ir
+    units = ir.units()
+    cands: list[tuple[str, list[str], dict[str, list[int]]]] = [("one scale", one_scale[0], one_scale[1])]
+    for span in [[], *_depth_spans(ctx, target)]:
+        got = sum(units[u].params for u in span)
+        if got >= target:
+            cands.append((f"depth only ({len(span)} blocks)", span, {}))
+            continue
+        gone = set(span)
+        rest = [fc for fc in costs if not any(fc.sublayer.startswith(b + ".") for b in gone)]
+        rest = [_without_whole(fc) for fc in rest]
+        try:
+            pos = allocate_global(rest, target - got)
+        except PlanError:
+            continue
+        _, groups, _ = _to_plan(ir, rest, pos)
+        cands.append((f"{len(span)} blocks + width" if span else "width only", span, groups))
+    windows = ctx.calibration.windows
+    select = windows[-min(8, windows.shape[0]) :]
+    fp = fingerprint(ctx.model, ir)
+    results = []
+    for label, remove, groups in cands:
+        plan = PrunePlan(
+            fingerprint=fp, remove=remove, remove_groups=groups, repair="lsq" if repair else "none"
+        )
+        trial = copy.deepcopy(ctx.model)
+        apply_plan(trial, plan, adapter=ctx.adapter, repair_windows=windows)
+        with torch.inference_mode():
+            loss = float(trial(input_ids=select, labels=select, use_cache=False).loss)
+        del trial
+        results.append((loss, label, remove, groups))
+        log.info("mixed candidate %s: calibration loss %.4f", label, loss)
+    loss, label, remove, groups = min(results, key=lambda r: r[0])
+    notes = notes + [
+        "mixed: candidates measured on the last "
+        f"{select.shape[0]} calibration windows after surgery"
+        + (" and repair" if repair else "")
+        + ": "
+        + "; ".join(f"{lab} {lo:.4f}" for lo, lab, _, _ in results)
+        + f"; chosen: {label}"
+    ]
+    return WidthPlan(remove, groups, loss, measured, notes)
+
+
+def _without_whole(fc: FamilyCost) -> FamilyCost:
+    """The same cost curve without the "remove the whole branch" level (width-only moves)."""
+    keep = [i for i, k in enumerate(fc.ks) if k != fc.count]
+    return FamilyCost(
+        fc.family,
+        fc.sublayer,
+        fc.order,
+        [fc.ks[i] for i in keep],
+        [fc.params[i] for i in keep],
+        [fc.cost[i] for i in keep],
+        fc.count,
+    )
+
+
 def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
     import copy
 
@@ -514,6 +708,7 @@ def plan_width(
     repair: bool,
     round_to: int,
     allocation: Allocation = "global",
+    probe_fractions: tuple[float, ...] = (0.25, 0.5),
 ) -> WidthPlan:
     """Choose groups (and, when ``mixed``, whole sublayers/blocks) to remove ``target`` parameters.
 
@@ -542,6 +737,7 @@ def plan_width(
         if sub.removable and (sub.id in subs_with or mixed):
             measured[sub.id] = runner.loss([sub.id]) - base
     stats = ctx.width_stats()
+    probes = _probe(ctx, runner, orders, stats, repair=repair, round_to=round_to, fractions=probe_fractions)
     single = {fid for fid, (sub, _) in fams.items() if per_sub[sub.id] == 1 and sub.removable}
     costs = []
     for fid in orders:
@@ -554,43 +750,26 @@ def plan_width(
             repair=repair,
             round_to=round_to,
             allow_all=mixed and fid in single,
+            probes=probes,
         )
     if mixed:  # sublayers that cannot go all the way through one family: whole-branch moves
         covered = {fams[f][0].id for f in single}
         for sub in ir.sublayers():
             if sub.removable and sub.id not in covered:
-                costs.append(FamilyCost(sub.id, sub.id, [], [0, 1], [0, sub.params], [0.0, measured[sub.id]]))
+                costs.append(
+                    FamilyCost(sub.id, sub.id, [], [0, 1], [0, sub.params], [0.0, measured[sub.id]], count=1)
+                )
     if allocation == "uniform":
         pos = allocate_uniform(costs, ir, target, describable=_describable(ctx))
     else:
         pos = allocate_global(costs, target)
-    removed_subs: set[str] = set()
-    remove_groups: dict[str, list[int]] = {}
-    est = 0.0
-    for fc in costs:
-        j = pos[fc.family]
-        k = fc.ks[j]
-        est += fc.cost[j]
-        if k == 0:
-            continue
-        if fc.family not in fams or k == fams[fc.family][1].count:
-            removed_subs.add(fc.sublayer)
-        else:
-            remove_groups[fc.family] = sorted(fc.order[:k])
-    remove_groups = {f: g for f, g in remove_groups.items() if fams[f][0].id not in removed_subs}
-    remove: list[str] = []
-    for b in ir.blocks():
-        ids = [s.id for s in b.sublayers]
-        if ids and all(i in removed_subs for i in ids):
-            remove.append(b.id)
-        else:
-            remove += [i for i in ids if i in removed_subs]
-    towers_empty = [t.name for t in ir.towers if t.blocks and all(b.id in remove for b in t.blocks)]
-    if towers_empty:
-        raise PlanError(f"the plan would remove every block of tower {towers_empty[0]}; lower --ratio")
+    remove, remove_groups, est = _to_plan(ir, costs, pos)
     notes = [
         f"{'mixed' if mixed else 'width'} planner ({allocation} allocation, round to {round_to} channels): "
         f"estimated calibration loss increase {est:.4f} over {base:.4f}; "
-        f"{len(measured)} removal trials on {runner.windows.numel()} tokens calibrate the cost model",
+        f"{runner.trials} trials on {runner.windows.numel()} tokens calibrate the cost model (each "
+        f"sublayer removed, and its groups cut at {', '.join(f'{f:.0%}' for f in probe_fractions)})",
     ]
+    if mixed:
+        return _choose_mixed(ctx, costs, (remove, remove_groups, est), target, repair, measured, notes)
     return WidthPlan(remove, remove_groups, est, measured, notes)
