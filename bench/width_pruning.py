@@ -44,9 +44,10 @@ PK_METHODS: dict[str, tuple[str, dict]] = {
     ),
     "pk:wanda": ("width, Wanda + refit", {"metric": "wanda", "granularity": "width", "repair": "lsq"}),
     "pk:taylor": ("width, Taylor + refit", {"metric": "taylor", "granularity": "width", "repair": "lsq"}),
-    "pk:wanda-uniform": (
-        "width, Wanda + refit, same width every layer",
-        {"metric": "wanda", "granularity": "width", "repair": "lsq", "width_allocation": "uniform"},
+    "pk:obs": ("width, OBS + refit", {"metric": "obs", "granularity": "width", "repair": "lsq"}),
+    "pk:obs-global": (
+        "width, OBS + refit, global allocation",
+        {"metric": "obs", "granularity": "width", "repair": "lsq", "width_allocation": "global"},
     ),
     "pk:wanda-norefit": (
         "width, Wanda, no refit",
@@ -54,12 +55,14 @@ PK_METHODS: dict[str, tuple[str, dict]] = {
     ),
     "depth": ("depth only (best depth planner)", {**{k: v for k, v in BEST.items()}}),
     "mixed": (
-        "mixed depth + width (Wanda + refit)",
-        {"metric": "wanda", "granularity": "mixed", "repair": "lsq"},
+        "mixed depth + width (OBS + refit)",
+        {"metric": "obs", "granularity": "mixed", "repair": "lsq"},
     ),
 }
 TP_METHODS = ("tp:magnitude", "tp:taylor")
-DEFAULT = ",".join([*PK_METHODS, *TP_METHODS])
+DEFAULT = ",".join(
+    [m for m in PK_METHODS if m not in ("pk:obs-global", "pk:wanda-norefit")] + list(TP_METHODS)
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 pk.apply_plan(pruned, plan, repair_windows=calib)
                 achieved, tool = plan.achieved_ratio, "prunekit"
                 detail = _describe(plan)
+                print("\n".join(plan.notes), file=sys.stderr)
             else:
                 label = f"Torch-Pruning, {key.split(':')[1]}"
                 info = tp.prune_with_torch_pruning(pruned, calib, ratio, key.split(":")[1])  # type: ignore[union-attr]
@@ -182,7 +186,7 @@ def render(rows: list[dict], base: float, args: argparse.Namespace, total_s: flo
             ("prunekit width", lambda r: r["method"].startswith("pk:")),
             ("Torch-Pruning", lambda r: r["method"].startswith("tp:")),
             ("prunekit depth", lambda r: r["method"] == "depth"),
-            ("prunekit mixed", lambda r: r["method"] == "mixed"),
+            ("prunekit mixed", lambda r: r["method"].startswith("mixed")),
         ):
             cands = [r for r in at if pred(r)]
             if cands:

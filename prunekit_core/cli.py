@@ -834,10 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--width-allocation",
         choices=("global", "uniform"),
-        default="global",
-        help="width: global spreads the budget over layers by estimated loss per parameter (per-layer widths, "
-        "reload with load_pruned); uniform removes the same number of groups of each kind from every layer "
-        "(plain from_pretrained reloads it when the config can describe it)",
+        default=BEST_WIDTH["width_allocation"],
+        help="width: uniform removes the same number of groups of each kind from every layer (plain "
+        "from_pretrained reloads it); global spreads the budget over layers by estimated loss per parameter "
+        f"(per-layer widths, reload with load_pruned). Default {BEST_WIDTH['width_allocation']}",
     )
     p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
     p.add_argument(

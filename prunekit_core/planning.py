@@ -39,7 +39,7 @@ PlannerName = Literal["rank", "greedy"]
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
 BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
 #: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
-BEST_WIDTH: dict[str, str] = {"metric": "wanda", "repair": "lsq"}
+BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
 GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed")
 DEFAULT_ROUND_TO = 32
 
@@ -169,7 +169,7 @@ def plan_pruning(
     on_step: Callable[[str], None] | None = None,
     repair: Literal["none", "lsq"] | None = None,
     round_to: int = DEFAULT_ROUND_TO,
-    width_allocation: Literal["global", "uniform"] = "global",
+    width_allocation: Literal["global", "uniform"] = "uniform",
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 

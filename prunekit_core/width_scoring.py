@@ -196,6 +196,29 @@ def taylor_scores(model: nn.Module, fam: ChannelGroup, grads: dict[str, torch.Te
     return total.abs()
 
 
+def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthStats) -> torch.Tensor:
+    """Optimal-brain-surgeon score of each group at the branch output, assuming the refit.
+
+    Removing the input columns ``S`` of the output projection ``W`` and refitting the kept columns by least
+    squares raises the output error by ``tr(W_S ((G^-1)_SS)^-1 W_S^T)`` (``G`` the Gram of the projection's
+    inputs): the group's contribution that the other channels cannot take over.
+    """
+    member = _out_member(sub, fam)
+    if member is None or sub.out_proj not in stats.gram:
+        raise PlanError(f"{fam.id}: the obs metric needs the sublayer's out_proj among the family's members")
+    W = get_module(model, sub.out_proj).weight.detach().double()
+    G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+    G = G + 1e-6 * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype)
+    Ginv = torch.linalg.inv(G)
+    w, off = member.width, member.offset
+    out = torch.empty(fam.count, dtype=torch.float64)
+    for g in range(fam.count):
+        idx = slice(off + g * w, off + (g + 1) * w)
+        Ws = W[:, idx]
+        out[g] = (Ws @ torch.linalg.inv(Ginv[idx, idx]) * Ws).sum()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Repair of narrowed output projections
 
@@ -617,8 +640,10 @@ def _choose_mixed(
     """Candidates under the same budget, applied to a copy and measured; the lowest calibration loss wins.
 
     Candidates: the one-scale plan, every split "span of n blocks (prunekit's depth choice) + width for the
-    rest of the budget" (n = 0 is width only; the last n meets the budget alone: depth only).
+    rest of the budget" (n = 0 is width only; the last n meets the budget alone: depth only), the width
+    part allocated both globally and uniformly.
     """
+    allocations = ("uniform", "global")
     import copy
 
     from .plan import PrunePlan, fingerprint
@@ -634,13 +659,18 @@ def _choose_mixed(
             continue
         gone = set(span)
         rest = [fc for fc in costs if not any(fc.sublayer.startswith(b + ".") for b in gone)]
-        rest = [_without_whole(fc) for fc in rest]
-        try:
-            pos = allocate_global(rest, target - got)
-        except PlanError:
-            continue
-        _, groups, _ = _to_plan(ir, rest, pos)
-        cands.append((f"{len(span)} blocks + width" if span else "width only", span, groups))
+        rest = [_without_whole(fc) for fc in rest if fc.family != fc.sublayer]
+        for how in allocations:
+            try:
+                if how == "uniform":
+                    pos = allocate_uniform(rest, ir, target - got, describable=_describable(ctx))
+                else:
+                    pos = allocate_global(rest, target - got)
+            except PlanError:
+                continue
+            _, groups, _ = _to_plan(ir, rest, pos)
+            what = f"{len(span)} blocks + {how} width" if span else f"{how} width only"
+            cands.append((what, span, groups))
     windows = ctx.calibration.windows
     select = windows[-min(8, windows.shape[0]) :]
     fp = fingerprint(ctx.model, ir)
@@ -708,7 +738,7 @@ def plan_width(
     repair: bool,
     round_to: int,
     allocation: Allocation = "global",
-    probe_fractions: tuple[float, ...] = (0.25, 0.5),
+    probe_fractions: tuple[float, ...] = (),
 ) -> WidthPlan:
     """Choose groups (and, when ``mixed``, whole sublayers/blocks) to remove ``target`` parameters.
 
@@ -722,8 +752,8 @@ def plan_width(
             f"the {ir.adapter} plugin declares no channel groups for this model: width pruning needs them. "
             "Use --granularity block or sublayer."
         )
-    if mixed and allocation == "uniform":
-        raise PlanError("--width-allocation uniform applies to --granularity width only")
+    if mixed:
+        allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits
     scores = metric.score_groups(ctx)
     orders = {fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items()}
     runner = ctx.trials()

@@ -148,7 +148,7 @@ def test_lsq_width_plan_needs_windows() -> None:
 # --- planners ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", ["magnitude", "wanda", "taylor"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "taylor", "obs"])
 def test_width_plan_meets_budget_and_rounding(metric: str) -> None:
     model = model_()
     ids = windows()
@@ -183,7 +183,7 @@ def test_width_scores_order_groups_sensibly() -> None:
         ir=pk.inspect(model),
         calibration=Calibration(windows=windows()),
     )
-    for name in ("magnitude", "wanda", "taylor"):
+    for name in ("magnitude", "wanda", "taylor", "obs"):
         scores = get_metric(name).score_groups(ctx)["text.blocks.2.mlp.channels"]
         assert scores.shape == (64,) and int(scores.argmin()) == 7 and scores[7] == 0
 

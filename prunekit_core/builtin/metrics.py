@@ -165,6 +165,24 @@ class Taylor(ChannelMetric):
         }
 
 
+class OBS(ChannelMetric):
+    name = "obs"
+    description = (
+        "width: output error a group's removal leaves after refitting the kept channels, "
+        "tr(W_S ((G^-1)_SS)^-1 W_S^T) (optimal brain surgeon at the branch output)"
+    )
+    reference = "Optimal Brain Surgeon (Hassibi & Stork 1993); structured form as in ZipLM, arXiv 2302.04089"
+    needs = frozenset({"activations"})
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        from ..width_scoring import obs_scores
+
+        stats = ctx.width_stats()
+        return {
+            fid: obs_scores(ctx.model, sub, fam, stats) for fid, (sub, fam) in ctx.ir.channel_groups().items()
+        }
+
+
 BUILTIN_METRICS = (
     BlockInfluence,
     RepairedBlockInfluence,
@@ -175,6 +193,7 @@ BUILTIN_METRICS = (
     Magnitude,
     Wanda,
     Taylor,
+    OBS,
 )
 
 
