@@ -13,6 +13,7 @@ import prunekit_core as pk
 from prunekit_core.errors import PlanError
 from prunekit_core.ir import ChannelGroup, GroupMember
 from prunekit_core.plan import PrunePlan, fingerprint
+from prunekit_core.planning import BEST_WIDTH
 from prunekit_core.plugins import get_metric
 from prunekit_core.scoring import Calibration
 from prunekit_core.width_scoring import (
@@ -262,9 +263,12 @@ def test_config_that_transformers_rejects_falls_back_to_per_layer(tmp_path) -> N
 
 def test_width_budget_too_large_is_a_clear_error() -> None:
     model = model_()
+    cal = Calibration(windows=windows())
+    with pytest.raises(PlanError, match="no uniform width plan removes"):
+        pk.plan_pruning(model, cal, ratio=0.95, metric="magnitude", granularity="width")
     with pytest.raises(PlanError, match="cannot be met at this granularity"):
         pk.plan_pruning(
-            model, Calibration(windows=windows()), ratio=0.95, metric="magnitude", granularity="width"
+            model, cal, ratio=0.95, metric="magnitude", granularity="width", width_allocation="global"
         )
 
 
@@ -313,7 +317,7 @@ def test_cli_width_prune_end_to_end(tmp_path, capsys) -> None:  # noqa: ANN001
     captured = capsys.readouterr()
     assert code == 0, captured.err
     data = json.loads(captured.out)
-    assert data["plan"]["method"] == "width:wanda" and data["plan"]["repair"] == "lsq"
+    assert data["plan"]["method"] == f"width:{BEST_WIDTH['metric']}" and data["plan"]["repair"] == "lsq"
     assert data["achieved_ratio"] >= 0.2 and data["plan"]["remove_groups"]
     loaded = pk.load_pruned(out)
     assert loaded._prunekit_plan.remove_groups == data["plan"]["remove_groups"]
