@@ -42,3 +42,16 @@ def score(
         candidates=candidates,
     )
     return get_metric(metric).score(ctx, span=span)
+
+
+def score_groups(model: nn.Module, calibration: Calibration, metric: str) -> dict[str, torch.Tensor]:
+    """Importance of every channel group (higher = keep) for a channel metric: family id -> ``[count]``."""
+    from .errors import PlanError
+    from .metrics import ChannelMetric
+
+    m = get_metric(metric)
+    if not isinstance(m, ChannelMetric):
+        raise PlanError(f"metric {metric!r} does not score channel groups; use score() for it")
+    adapter = select_adapter(model)
+    ctx = ScoringContext(model=model, adapter=adapter, ir=adapter.build_ir(model), calibration=calibration)
+    return m.score_groups(ctx)

@@ -330,10 +330,17 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
     from .api import calibrate, inspect, score
+    from .metrics import ChannelMetric
     from .plugins import get_metric
 
     names = list(dict.fromkeys(args.metric or DEFAULT_SCORE_METRICS))
     metrics = [get_metric(n) for n in names]
+    channel = [m for m in metrics if isinstance(m, ChannelMetric)]
+    if channel and len(channel) != len(metrics):
+        raise PlanError(
+            f"{channel[0].name} scores channel groups, {next(m for m in metrics if m not in channel).name} "
+            "scores blocks or sublayers: score them in separate runs"
+        )
     span = args.span if args.span is not None else 1
     _check_text(args.calib)
     _check_model(args.model)
@@ -341,6 +348,8 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     ir = inspect(model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
+    if channel:
+        return _score_channels(ui, model, windows, channel, args.calib)
     with ui.step("calibrate"):
         cal = calibrate(model, windows.ids)
     results: dict[str, Any] = {}
@@ -366,6 +375,35 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
         if any(cells):
             table.add_row(uid, *cells)
     ui.table(table)
+    for m in metrics:
+        ui.say(f"{m.name}: {m.description}")
+    return EXIT_OK
+
+
+def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
+    from rich.table import Table
+
+    from .api import score_groups
+    from .scoring import Calibration
+
+    cal = Calibration(windows=windows.ids)
+    results = {}
+    for m in metrics:
+        with ui.step(f"score {m.name}"):
+            results[m.name] = score_groups(model, cal, m.name)
+    if ui.json_mode:
+        ui.emit_json({n: {f: [float(v) for v in t] for f, t in r.items()} for n, r in results.items()})
+        return EXIT_OK
+    for name, res in results.items():
+        table = Table(
+            title=f"{name}: channel-group importance (higher = keep) on {windows.num_tokens} tokens of {text}"
+        )
+        for col in ("family", "groups", "min", "median", "max", "least important"):
+            table.add_column(col, justify="left" if col in ("family", "least important") else "right")
+        for fid, t in res.items():
+            low = ", ".join(str(int(i)) for i in t.argsort()[:5])
+            table.add_row(fid, str(len(t)), f"{t.min():.4g}", f"{t.median():.4g}", f"{t.max():.4g}", low)
+        ui.table(table)
     for m in metrics:
         ui.say(f"{m.name}: {m.description}")
     return EXIT_OK
@@ -734,10 +772,14 @@ def build_parser() -> argparse.ArgumentParser:
             "of every unit (higher = keep) for each metric, in unit order. Default metrics: "
             + ", ".join(DEFAULT_SCORE_METRICS)
             + " (angular over spans of --span blocks, default 1). Trial metrics (nri, sleb) measure the "
-            "calibration loss with each unit removed. --json prints {metric: {unit: score}}."
+            "calibration loss with each unit removed. --json prints {metric: {unit: score}}.\n\n"
+            "Channel metrics (magnitude, wanda, taylor, obs) score the groups of every channel-group family "
+            "instead (KV groups, FFN channels): the table summarises each family and names its least "
+            "important groups; --json prints {metric: {family: [score per group]}}."
         ),
         epilog=_epilog(
             "prunekit score smollm2-135m --calib c4",
+            "prunekit score smollm2-135m --calib c4 --metric obs --metric wanda",
             "prunekit score smollm2-135m --calib c4 --metric bi --metric angular --span 4 --json",
             "prunekit score ./my-llama --calib notes.txt --seq-len 128 --windows 8 --metric nri",
         ),

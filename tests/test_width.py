@@ -322,3 +322,29 @@ def test_cli_width_prune_end_to_end(tmp_path, capsys) -> None:  # noqa: ANN001
     loaded = pk.load_pruned(out)
     assert loaded._prunekit_plan.remove_groups == data["plan"]["remove_groups"]
     assert pk.inspect(loaded).block_params() == data["plan"]["block_params"] - data["plan"]["removed_params"]
+
+
+def test_cli_score_channel_metrics(tmp_path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from helpers import tiny_tokenizer
+
+    from prunekit_core.cli import main
+
+    folder = tmp_path / "m"
+    model_().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(words(2000, seed=3) + "\n")
+    common = ["score", str(folder), "--calib", str(text), "--windows", "2", "--seq-len", "16"]
+    assert main([*common, "--metric", "obs", "--metric", "magnitude", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"obs", "magnitude"}
+    assert (
+        len(data["obs"]["text.blocks.0.mlp.channels"]) == 64
+        and len(data["obs"]["text.blocks.0.attn.kv_groups"]) == 2
+    )
+    assert main([*common, "--metric", "wanda"]) == 0
+    assert "least important" in capsys.readouterr().out
+    assert main([*common, "--metric", "wanda", "--metric", "bi"]) == 2
+    assert "separate runs" in capsys.readouterr().err
