@@ -47,7 +47,16 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, int) and not isinstance(idx, bool):
             cache_indices[name] = idx
-    width = getattr(model, "_prunekit_width", None) or {"uniform": True, "counters": {}}
+    width = getattr(model, "_prunekit_width", None) or {"uniform": True}
+    counters: dict[str, int] = {}
+    try:  # module counters the plugin declares, at the model's current module paths
+        from .plugins import select_adapter
+
+        for _sub, fam in select_adapter(model).build_ir(model).channel_groups().values():
+            for c in fam.counters:
+                counters[f"{c.module}.{c.attr}"] = int(getattr(get_module(model, c.module), c.attr))
+    except Exception as exc:  # noqa: BLE001 - a model no plugin describes still saves
+        log.debug("no channel-group counters recorded: %s", exc)
     return {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
@@ -59,7 +68,7 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         # width pruning: every parameter's shape (per-layer widths the config cannot describe) and the
         # module counters the plugin declared
         "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
-        "counters": width["counters"],
+        "counters": counters,
     }
 
 
@@ -231,10 +240,7 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
         module, _, attr = name.rpartition(".")
         setattr(get_module(model, module), attr, value)
     if record.get("counters") or narrowed:
-        model._prunekit_width = {  # type: ignore[attr-defined]
-            "uniform": bool(record.get("width_uniform", True)),
-            "counters": record.get("counters", {}),
-        }
+        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[attr-defined]
     if (path / PLAN_FILE).is_file():
         model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[attr-defined]
     model.eval()

@@ -184,8 +184,7 @@ def apply_width(
     ``skip`` are units the same plan removes whole (their families do not constrain the config).
     """
     touched: dict[str, nn.Module] = {}
-    record = getattr(model, "_prunekit_width", None) or {"uniform": True, "counters": {}}
-    counters: dict[str, int] = dict(record["counters"])
+    record = getattr(model, "_prunekit_width", None) or {"uniform": True}
     for cut in cuts.values():
         fam = cut.family
         kept = cut.kept
@@ -198,7 +197,6 @@ def apply_width(
             touched[module_path] = module
         for counter in fam.counters:
             setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
-            counters[f"{counter.module}.{counter.attr}"] = counter.per_group * len(kept)
     for module in touched.values():
         sync_module_shape(module)
     config = adapter.text_config(model) if hasattr(adapter, "text_config") else model.config
@@ -218,5 +216,5 @@ def apply_width(
             setattr(config, field, value)
         uniform = False
     uniform = uniform and record["uniform"]
-    model._prunekit_width = {"uniform": uniform, "counters": counters}  # type: ignore[attr-defined]
+    model._prunekit_width = {"uniform": uniform}  # type: ignore[attr-defined]
     return uniform

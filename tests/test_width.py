@@ -348,3 +348,33 @@ def test_cli_score_channel_metrics(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "least important" in capsys.readouterr().out
     assert main([*common, "--metric", "wanda", "--metric", "bi"]) == 2
     assert "separate runs" in capsys.readouterr().err
+
+
+def test_module_counters_are_set_saved_and_restored(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A family may declare module attributes that count its groups; surgery and reload keep them true."""
+    from prunekit_llama.adapter import LlamaFamilyAdapter
+
+    from prunekit_core.ir import ModuleCounter
+
+    original = LlamaFamilyAdapter._ffn_channels
+
+    def with_counter(bid: str, path: str, mlp: torch.nn.Module) -> ChannelGroup:
+        fam = original(bid, path, mlp)
+        return fam.model_copy(
+            update={"counters": (ModuleCounter(module=f"{path}.mlp", attr="live", per_group=1),)}
+        )
+
+    monkeypatch.setattr(LlamaFamilyAdapter, "_ffn_channels", staticmethod(with_counter))
+    model = model_()
+    for layer in model.model.layers:
+        layer.mlp.live = 64  # a counter the (imagined) modeling code reads
+    groups = {"text.blocks.1.mlp.channels": [0, 1, 2], "text.blocks.3.mlp.channels": [5]}
+    plan = PrunePlan(
+        fingerprint=fingerprint(model, pk.inspect(model)), remove=["text.blocks.0"], remove_groups=groups
+    )
+    pk.apply_plan(model, plan)
+    # block 0 is gone: old blocks 1 and 3 are now 0 and 2
+    assert model.model.layers[0].mlp.live == 61 and model.model.layers[2].mlp.live == 63
+    assert model.model.layers[1].mlp.live == 64
+    loaded = pk.load_pruned(pk.save_pruned(model, tmp_path / "c"))
+    assert [layer.mlp.live for layer in loaded.model.layers] == [61, 64, 63]
