@@ -59,7 +59,14 @@ PK_METHODS: dict[str, tuple[str, dict]] = {
         {"metric": "obs", "granularity": "mixed", "repair": "lsq"},
     ),
 }
-TP_METHODS = ("tp:magnitude", "tp:taylor")
+#: Torch-Pruning runs: method key -> (importance, head_pruning_ratio: None = TP's example default (the
+#: budget ratio), 0 = FFN channels only)
+TP_METHODS: dict[str, tuple[str, float | None]] = {
+    "tp:magnitude": ("magnitude", None),
+    "tp:taylor": ("taylor", None),
+    "tp:hessian": ("hessian", None),
+    "tp:taylor-ffn": ("taylor", 0.0),
+}
 DEFAULT = ",".join(
     [m for m in PK_METHODS if m not in ("pk:obs-global", "pk:wanda-norefit")] + list(TP_METHODS)
 )
@@ -114,10 +121,17 @@ def main(argv: list[str] | None = None) -> int:
                 detail = _describe(plan)
                 print("\n".join(plan.notes), file=sys.stderr)
             else:
-                label = f"Torch-Pruning, {key.split(':')[1]}"
-                info = tp.prune_with_torch_pruning(pruned, calib, ratio, key.split(":")[1])  # type: ignore[union-attr]
+                importance, head_ratio = TP_METHODS[key]
+                label = f"Torch-Pruning, {importance}" + (
+                    ", FFN only" if head_ratio == 0 else ", heads + FFN"
+                )
+                info = tp.prune_with_torch_pruning(  # type: ignore[union-attr]
+                    pruned, calib, ratio, importance, head_pruning_ratio=head_ratio
+                )
                 achieved, tool = info["achieved_ratio"], "Torch-Pruning"
-                detail = f"heads {_summary(info['heads_per_layer'])}; FFN {_summary(info['ffn_per_layer'])}"
+                detail = (
+                    f"query heads {_summary(info['heads_per_layer'])}; FFN {_summary(info['ffn_per_layer'])}"
+                )
             wall = time.perf_counter() - t
             ppl = pk.perplexity(pruned, evalw).perplexity
             row = {

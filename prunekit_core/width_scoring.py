@@ -640,8 +640,8 @@ def _choose_mixed(
     """Candidates under the same budget, applied to a copy and measured; the lowest calibration loss wins.
 
     Candidates: the one-scale plan, every split "span of n blocks (prunekit's depth choice) + width for the
-    rest of the budget" (n = 0 is width only; the last n meets the budget alone: depth only), the width
-    part allocated both globally and uniformly.
+    rest of the budget" (n = 0 is width only, allocated uniformly and globally; the last n meets the budget
+    alone: depth only; splits allocate their width part uniformly).
     """
     allocations = ("uniform", "global")
     import copy
@@ -660,7 +660,7 @@ def _choose_mixed(
         gone = set(span)
         rest = [fc for fc in costs if not any(fc.sublayer.startswith(b + ".") for b in gone)]
         rest = [_without_whole(fc) for fc in rest if fc.family != fc.sublayer]
-        for how in allocations:
+        for how in allocations if not span else allocations[:1]:
             try:
                 if how == "uniform":
                     pos = allocate_uniform(rest, ir, target - got, describable=_describable(ctx))
