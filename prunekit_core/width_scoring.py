@@ -798,7 +798,9 @@ def plan_width(
         f"{'mixed' if mixed else 'width'} planner ({allocation} allocation, round to {round_to} channels): "
         f"estimated calibration loss increase {est:.4f} over {base:.4f}; "
         f"{runner.trials} trials on {runner.windows.numel()} tokens calibrate the cost model (each "
-        f"sublayer removed, and its groups cut at {', '.join(f'{f:.0%}' for f in probe_fractions)})",
+        "sublayer removed"
+        + (f"; its groups cut at {', '.join(f'{f:.0%}' for f in probe_fractions)}" if probe_fractions else "")
+        + ")",
     ]
     if mixed:
         return _choose_mixed(ctx, costs, (remove, remove_groups, est), target, repair, measured, notes)
