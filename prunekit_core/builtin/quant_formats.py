@@ -190,8 +190,9 @@ class FP6LLMFormat(QuantFormat):
 
 
 def builtin_formats() -> list[QuantFormat]:
-    from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
-
+    # torchao's names for its FP6 element types (mx_formats.constants); spelled here so that registering
+    # the formats does not import torchao (which is slow and noisy): only quantizing does
+    DTYPE_FP6_E3M2, DTYPE_FP6_E2M3 = "fp6_e3m2", "fp6_e2m3"  # noqa: N806
     return [
         MXFormat(
             "mxfp8_e4m3", torch.float8_e4m3fn, 8, "OCP MXFP8 E4M3: 32-element blocks, E8M0 scale (8.25 bits)"
