@@ -461,9 +461,20 @@ def _local(config_data: dict, cells: list[Cell], *, workers: int | None = None, 
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(cells)))
     threads = max(1, cores // workers)
-    # spawn, not fork: a forked torch process can deadlock on thread pools its parent started
+    # forkserver, not fork: a forked torch process can deadlock on thread pools its parent started. The
+    # server imports torch, transformers and prunekit once; workers fork from it (which has run no torch
+    # op) instead of paying those imports each, as spawn would.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(
+        [
+            "prunekit_core.sweep",
+            "prunekit_core.api",
+            "prunekit_core.loading",
+            "torchao.prototype.mx_formats.mx_tensor",
+        ]
+    )
     with ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
     ) as pool:
         futures = [pool.submit(run_cell, config_data, c) for c in cells]
         try:

@@ -209,3 +209,26 @@ def test_unknown_format_names_near_misses():
     with pytest.raises(UnknownQuantFormatError, match="mxfp4"):
         get_quant_format("mxfp_4")
     assert get_quant_format("int4_g16").bits((1, 32)) == 2 * (16 * 4 + 16)
+
+
+def test_splitquant_clusters_improve_resolution_and_cost_is_counted():
+    torch.manual_seed(3)
+    x = torch.randn(8, 256) * 0.02
+    x[:, ::64] = 0.5  # outliers stretch a plain group's scale
+    plain = fmt("int4_g128")
+    split = fmt("splitquant3_int4_g128")
+    err_plain = (plain.fake_quantize(x) - x).abs().mean()
+    err_split = (split.fake_quantize(x) - x).abs().mean()
+    assert err_split < err_plain / 2
+    shape = (8, 256)
+    assert split.bits(shape) == 3 * plain.bits(shape)  # three dense layers, as the paper deploys them
+    # indexed: one 4-bit element and a 2-bit cluster index per weight, three fp16 scales per group
+    assert fmt("splitquant3_int4_g128_idx").bits(shape) == 8 * 256 * (4 + 2) + 8 * 2 * 3 * 16
+    assert torch.equal(split.fake_quantize(torch.zeros(2, 128)), torch.zeros(2, 128))
+
+
+def test_kmeans_1d_separates_obvious_clusters():
+    from prunekit_core.builtin.quant_formats import kmeans_1d
+
+    v = torch.tensor([-5.0, -5.1, -4.9, 0.0, 0.1, -0.1, 5.0, 5.2, 4.8])
+    assert kmeans_1d(v, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

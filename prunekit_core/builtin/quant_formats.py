@@ -189,6 +189,62 @@ class FP6LLMFormat(QuantFormat):
         return y.to(weight.dtype)
 
 
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 20) -> torch.Tensor:
+    """Cluster labels (0..k-1, ordered by center) of a 1-D k-means on ``values``; quantile init, Lloyd steps."""
+    v = values.detach().to(torch.float32).flatten()
+    centers = torch.quantile(v[:1_000_000], torch.linspace(0.5 / k, 1 - 0.5 / k, k))
+    labels = torch.zeros_like(v, dtype=torch.long)
+    for _ in range(iters):
+        # boundaries halfway between sorted centers: the nearest-center rule without a [n, k] distance matrix
+        centers = centers.sort().values
+        labels = torch.bucketize(v, (centers[1:] + centers[:-1]) / 2)
+        new = torch.stack([v[labels == c].mean() if (labels == c).any() else centers[c] for c in range(k)])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return labels.reshape(values.shape)
+
+
+class SplitQuantFormat(QuantFormat):
+    """SplitQuant (arXiv 2501.12428): k-means splits a weight into ``k`` clusters of values (low, middle,
+    high); each cluster becomes its own layer, zero elsewhere, quantized separately with ``base``, and the
+    outputs sum. A cluster's scale fits only its own values, so resolution improves around the center.
+
+    ``encoding="dense"`` counts what the paper deploys, ``k`` full layers (``k * base.bits``).
+    ``encoding="indexed"`` counts one element per weight plus a cluster index (ceil(log2 k) bits) and ``k``
+    scale sets, a packing no kernel reads today.
+    """
+
+    def __init__(self, base: IntFormat, k: int = 3, encoding: str = "dense") -> None:
+        if k < 2:
+            raise ValueError(f"SplitQuant needs k >= 2 clusters, not {k}")
+        if encoding not in ("dense", "indexed"):
+            raise ValueError(f"encoding is dense or indexed, not {encoding!r}")
+        self.base, self.k, self.encoding = base, k, encoding
+        suffix = "" if encoding == "dense" else "_idx"
+        self.name = f"splitquant{k}_{base.name}{suffix}"
+        self.description = f"SplitQuant, {k} k-means clusters each in {base.name}, {encoding} encoding"
+
+    def bits(self, shape: tuple[int, ...]) -> int:
+        one = self.base.bits(shape)
+        if self.encoding == "dense":
+            return self.k * one
+        rows, n = _rows(shape)
+        elements = rows * _padded(n, self.base._group(n)) * self.base.elem_bits
+        overhead = one - elements  # scales and zero points of one layer
+        return elements + self.k * overhead + rows * n * math.ceil(math.log2(self.k))
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().to(torch.float32)
+        labels = kmeans_1d(w, self.k)
+        out = torch.zeros_like(w)
+        for c in range(self.k):
+            mask = labels == c
+            part = self.base.fake_quantize(torch.where(mask, w, torch.zeros_like(w)))
+            out = torch.where(mask, part, out)
+        return out.to(weight.dtype)
+
+
 def builtin_formats() -> list[QuantFormat]:
     # torchao's names for its FP6 element types (mx_formats.constants); spelled here so that registering
     # the formats does not import torchao (which is slow and noisy): only quantizing does
@@ -217,6 +273,8 @@ def builtin_formats() -> list[QuantFormat]:
         IntFormat(bits=4, group=128),
         IntFormat(bits=4, group=128, symmetric=False),
         FP6LLMFormat(),
+        SplitQuantFormat(IntFormat(bits=4, group=128), k=3),
+        SplitQuantFormat(IntFormat(bits=4, group=128), k=3, encoding="indexed"),
     ]
 
 
