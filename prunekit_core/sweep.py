@@ -389,9 +389,10 @@ def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
     st = _prepared(config, calibrated=cell.method != "none")
     model = st["model"]
     ref = count_parameters(model).total
-    work = copy.deepcopy(model)
     removed: list[str] = []
-    if cell.method != "none":
+    if cell.method == "none":
+        work = copy.deepcopy(model)
+    else:
         pk = (cell.method, cell.ratio)
         if pk not in st["plans"]:
             spec = next(m for m in config.methods if m.name == cell.method)
@@ -405,7 +406,14 @@ def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
                 repair=spec.repair,
             )
         plan = st["plans"][pk]
-        apply_plan(work, plan, repair_windows=st["calib"])
+        # the last pruned (and repaired) model is kept: cells run grouped by (method, ratio), so the next
+        # format usually reuses it; one copy bounds the memory
+        if st.get("pruned_key") != pk:
+            st["pruned"] = None
+            pruned = copy.deepcopy(model)
+            apply_plan(pruned, plan, repair_windows=st["calib"])
+            st.update(pruned_key=pk, pruned=pruned)
+        work = copy.deepcopy(st["pruned"])
         removed = list(plan.remove)
     q = config.quantize
     scope = QuantScope(blocks=True, embeddings=q.embeddings, head=q.head)
