@@ -5,11 +5,12 @@ Two parts, measured in one run:
 1. Executor speedup: the same 4 cells (unpruned x 4 formats) run one after another in this process
    (``serial``, torch using every core, then with one thread) and through the local process pool
    (``local``: one single-threaded worker per core). Each run starts cold (loads the model).
-2. The grid: ratios x formats with prunekit's best pruning method (angular span + least-squares repair),
-   through the local executor, into a resumable SQLite store; then ``prunekit report`` output.
+2. The grid: ratios x formats with prunekit's best pruning method (angular span + least-squares repair)
+   and ShortGPT BI, through the local executor, into a resumable SQLite store; then the report.
 
 To keep it short on two shared cores the evaluation uses fewer tokens than bench/depth_pruning.py
-(default 4 x 512 tokens of wiki, stated in the report); calibration 8 x 256 tokens of c4.
+(default 4 x 512 tokens of wiki, stated in the report); calibration 32 x 256 tokens of c4, as there (with
+8 x 256 the angular span moves to blocks 10-15 and 20% pruning breaks: docs/results/prune_vs_quant.md).
 
     python bench/prune_vs_quant.py                       # writes docs/results/prune_vs_quant*
     python bench/prune_vs_quant.py --skip-speedup        # the grid only (resumes a killed run)
@@ -126,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--eval", dest="eval_text", default="wiki")
-    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--ratios", default="0,0.1,0.2,0.3")
-    ap.add_argument("--methods", default="best", help="comma-separated metric names, or best")
+    ap.add_argument("--methods", default="best,bi", help="comma-separated metric names, or best")
     ap.add_argument("--formats", default=FORMATS)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-speedup", action="store_true")
