@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: ``plugins``, ``inspect``, ``score``, ``prune``, ``eval`` and ``demo``.
+"""The ``prunekit`` command line: ``plugins``, ``inspect``, ``score``, ``prune``, ``eval``, ``demo``, ``sweep``, ``report``.
 
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
@@ -1032,7 +1032,128 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per calibration window (default 256)",
     )
     p.set_defaults(func=cmd_demo)
+
+    _add_sweep_parsers(sub, common, fmt)
     return parser
+
+
+# --- sweep and report ----------------------------------------------------------------------------------
+
+
+def _add_sweep_parsers(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
+    from .sweep import EXECUTORS
+
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        formatter_class=fmt,
+        help="run a grid of pruning methods x ratios x quantization formats into a SQLite store",
+        description=(
+            "Run every cell of CONFIG (YAML or JSON: model, calibration, evaluation, methods, ratios, formats, "
+            "quantize) not yet in --results. Each finished cell is one row, committed as it finishes: a sweep "
+            "killed at any moment resumes, without losing or duplicating a row, when started again. Ratio 0 "
+            "runs once (the unpruned model). See docs/sweep.md."
+        ),
+        epilog=_epilog(
+            "prunekit sweep sweep.yaml --results out/sweep.sqlite",
+            "prunekit sweep sweep.yaml --results out/sweep.sqlite --executor serial",
+            "prunekit sweep sweep.yaml --results out/sweep.sqlite --executor ray --ray-address auto",
+            "prunekit report out/sweep.sqlite --out out/report",
+        ),
+    )
+    p.add_argument("config", metavar="CONFIG", help="sweep config, .yaml/.yml or .json")
+    p.add_argument(
+        "--results", required=True, metavar="PATH", help="SQLite results store (created or resumed)"
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: a process pool on this machine (default); serial: this process, one cell after another; "
+        "ray: a Ray cluster (pip install 'prunekit-core[ray]')",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive("--workers"),
+        default=None,
+        metavar="N",
+        help="local/ray: parallel cells (default: one per CPU core, each single-threaded)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="ray: cluster address (default: start a local Ray)",
+    )
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        formatter_class=fmt,
+        help="write a Markdown report and a PNG plot (bits per parameter vs perplexity) from a sweep",
+        description=(
+            "Read a results store written by `prunekit sweep` and write OUT/report.md (every cell, the Pareto "
+            "front of bits per parameter against perplexity) and OUT/pareto.png (one marker per format, one "
+            "color per pruning method and ratio)."
+        ),
+        epilog=_epilog("prunekit report out/sweep.sqlite --out out/report"),
+    )
+    p.add_argument("results", metavar="RESULTS", help="SQLite results store")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and pareto.png")
+    p.add_argument("--title", default="", help="report and plot title")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
+    from .sweep import load_sweep_config, plan_cells, run_sweep
+
+    config = load_sweep_config(args.config)
+    cells = plan_cells(config)
+    ui.info(
+        f"sweep: {len(cells)} cells ({len(config.ratios)} ratios, {len(config.methods)} methods, "
+        f"{len(config.formats)} formats) on {config.model}; evaluation {config.evaluation.windows} x "
+        f"{config.evaluation.seq_len} tokens of {config.evaluation.text}; executor {args.executor}"
+    )
+
+    def on_row(row: dict[str, Any], done: int, total: int) -> None:
+        ppl = row["perplexity"]
+        ppl_s = f"{ppl:.2f}" if ppl is not None else "inf/nan"
+        ui.info(
+            f"[{done}/{total}] {row['cell']}: perplexity {ppl_s}, {row['bits_per_param']:.3f} bits/param "
+            f"({row['seconds']:.1f} s)"
+        )
+
+    summary = run_sweep(
+        config,
+        args.results,
+        executor=args.executor,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        on_row=on_row,
+    )
+    ui.info(
+        f"sweep: {summary['written']} new rows, {summary['skipped']} already in {args.results}; "
+        f"{summary['wall_s']:.1f} s"
+    )
+    if ui.json_mode:
+        ui.emit_json(summary)
+    else:
+        ui.say(
+            f"results: {args.results} ({summary['cells']} cells); next: prunekit report {args.results} --out DIR"
+        )
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, ui: UI) -> int:
+    from .report import write_report
+
+    paths = write_report(args.results, args.out, title=args.title)
+    if ui.json_mode:
+        ui.emit_json({k: str(v) for k, v in paths.items()})
+    else:
+        ui.say(f"report: {paths['report']}\nplot: {paths['plot']}")
+    return EXIT_OK
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:

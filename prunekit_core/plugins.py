@@ -31,7 +31,7 @@ from .quant import QuantFormat
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "prunekit"
-BUILTIN_MODULES = ("prunekit_core.builtin.metrics",)
+BUILTIN_MODULES = ("prunekit_core.builtin.metrics", "prunekit_core.builtin.quant_formats")
 
 
 @dataclass
