@@ -53,8 +53,12 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         from .plugins import select_adapter
 
         for _sub, fam in select_adapter(model).build_ir(model).channel_groups().values():
-            for c in fam.counters:
-                counters[f"{c.module}.{c.attr}"] = int(getattr(get_module(model, c.module), c.attr))
+            paths = [f"{c.module}.{c.attr}" for c in fam.counters] + list(
+                fam.top_k.counters if fam.top_k else ()
+            )
+            for path in paths:
+                module, _, attr = path.rpartition(".")
+                counters[path] = int(getattr(get_module(model, module), attr))
     except Exception as exc:  # noqa: BLE001 - a model no plugin describes still saves
         log.debug("no channel-group counters recorded: %s", exc)
     return {
@@ -107,7 +111,10 @@ def save_pruned(
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        width = getattr(model, "_prunekit_width", None) or {"uniform": True}
+        # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
+        # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=width["uniform"])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:

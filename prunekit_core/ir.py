@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+GroupKind = Literal["kv_group", "ffn_channel", "conv_channel", "expert", "expert_channel"]
 SublayerKind = Literal["attention", "mlp", "moe", "conv_mixer", "conv_ffn", "other"]
 BranchOutput = Literal["tensor", "tuple"]
 
@@ -50,11 +51,29 @@ class ModuleCounter(_Frozen):
     per_group: int
 
 
+class TopK(_Frozen):
+    """A router that sends each token to its ``value`` highest-scoring groups of a family (MoE experts).
+
+    Removing groups must leave at least ``value`` of them, unless the plan lowers ``top_k`` (plan field
+    ``top_k_policy="clamp"``): then every module attribute in ``counters`` (dotted ``module.attr`` paths)
+    and the text-config field ``config_field`` are set to ``min(value, live groups)``.
+    """
+
+    value: int
+    counters: tuple[str, ...] = ()
+    config_field: str | None = None
+
+
 class ChannelGroup(_Frozen):
     """A family of ``count`` interchangeable groups whose members must be sliced together.
 
     Examples: the KV groups of an attention sublayer (one KV head, its query heads' q rows, its k/v rows
-    and the matching o columns), the channels of an FFN (a gate row, an up row, a down column).
+    and the matching o columns), the channels of an FFN (a gate row, an up row, a down column), the experts
+    of an MoE sublayer (kind ``expert``: a slice of every fused expert tensor and a router row), the
+    channels inside the experts (kind ``expert_channel``: the same channel of every expert).
+
+    Several members may slice one parameter along one axis (a fused gate/up tensor): each owns its own
+    span, and surgery removes the union of the removed slices.
 
     Width surgery (``prunekit_core.width``) slices every member, updates ``nn.Linear``/``nn.Conv*``
     feature counts from the new shapes, sets every ``counters`` attribute, and sets each text-config field
@@ -63,12 +82,23 @@ class ChannelGroup(_Frozen):
     """
 
     id: str
-    kind: Literal["kv_group", "ffn_channel", "conv_channel", "expert_channel"]
+    kind: GroupKind
     count: int
     members: tuple[GroupMember, ...]
     params_per_group: int
     config_fields: dict[str, int] = Field(default_factory=dict)
     counters: tuple[ModuleCounter, ...] = ()
+    router: str | None = Field(
+        None,
+        description="for routed groups (experts): the member parameter whose row i computes group i's router "
+        "logit; removing group i equals forcing that logit to -inf",
+    )
+    top_k: TopK | None = None
+    multiple_of: int = Field(
+        1,
+        description="the number of groups kept must be a multiple of this (a kernel's alignment, e.g. fused "
+        "expert tensors whose rows grouped matrix multiplication wants 16-byte aligned)",
+    )
 
 
 class ResidualEdge(_Frozen):

@@ -20,7 +20,7 @@ from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 
 PLAN_VERSION = 2
-Granularity = Literal["block", "sublayer", "width", "mixed"]
+Granularity = Literal["block", "sublayer", "width", "mixed", "expert"]
 
 
 class Fingerprint(BaseModel):
@@ -47,6 +47,11 @@ class PrunePlan(BaseModel):
         default_factory=dict,
         description="width pruning: channel-group family id (text.blocks.3.mlp.channels) -> indices of the "
         "groups to remove, counted in the model the plan was made for",
+    )
+    top_k_policy: Literal["error", "clamp"] = Field(
+        "error",
+        description="routed families (MoE experts) left with fewer groups than the router's top_k: error, "
+        "or clamp (top_k becomes the number left in that layer)",
     )
     width_uniform: bool = Field(
         True, description="every family of a kind keeps the same number of groups (config describes it)"

@@ -164,7 +164,7 @@ def apply_plan(
     check_fingerprint(plan, fingerprint(model, ir))
     resolved = resolve_removals(ir, plan.remove) if plan.remove else Resolved(frozenset(), frozenset())
     whole = resolved.blocks | resolved.sublayers
-    cuts = resolve_width(ir, plan.remove_groups, removed_units=whole)
+    cuts = resolve_width(ir, plan.remove_groups, removed_units=whole, top_k_policy=plan.top_k_policy)
     adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
     if plan.repair == "lsq" and repair_windows is None:
         raise PlanError(

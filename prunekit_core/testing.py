@@ -26,6 +26,13 @@ contributes nothing), cached decoding of a narrowed model equals its full forwar
 uniformly narrowed model rebuilds it exactly and plain ``from_pretrained`` reloads it, per-layer widths
 reload through ``load_pruned``, and removing every group of a family is refused. Override
 :meth:`width_removals` to choose other groups. Models without channel groups skip these checks.
+
+Plugins that declare routed families (MoE experts: a family with a ``router``) also get the
+``test_expert_*`` checks: removing experts equals the unpruned model with their router logits forced to
+-inf (:func:`~prunekit_core.routing.router_rows_masked`), cached decoding equals the full forward, uniform
+expert counts reload with plain ``from_pretrained`` and per-layer counts with ``load_pruned``, removing
+every expert is refused, and leaving fewer than ``top_k`` is refused unless the plan clamps ``top_k``.
+Override :meth:`expert_removals` to choose other experts.
 """
 
 from __future__ import annotations
@@ -75,6 +82,14 @@ class AdapterConformance:
         finally:
             torch.set_num_threads(threads)
 
+    def configure_loaded(self, model: nn.Module) -> nn.Module:
+        """Make a model reloaded from disk run the kernels :meth:`make_model`'s do (default: as loaded).
+
+        Round trips compare logits exactly, and a reload picks the library's default kernels (e.g. the
+        experts implementation of an MoE model): override this when ``make_model`` chooses others.
+        """
+        return model
+
     # helpers ---------------------------------------------------------------------------------------
 
     def input_ids(self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
@@ -120,16 +135,44 @@ class AdapterConformance:
         first = ir.blocks()[0].id + "."
         out: dict[str, list[int]] = {}
         for fid, (_sub, fam) in fams.items():
-            if fam.count < 2 or (not uniform and not fid.startswith(first)):
+            if fam.count < 2 or fam.router or (not uniform and not fid.startswith(first)):
+                continue  # routed families (experts) have their own reference: see expert_removals
+            step = fam.multiple_of
+            if step > 1:  # an aligned family: half a step from each end
+                if fam.count <= step:
+                    continue
+                out[fid] = list(range((step + 1) // 2)) + list(range(fam.count - step // 2, fam.count))
                 continue
             out[fid] = [0, fam.count - 1] if fam.count >= 3 else [fam.count - 1]
+        return out
+
+    def expert_removals(self, ir: ModelIR, *, uniform: bool) -> dict[str, list[int]]:
+        """Experts to remove while keeping ``top_k``. Uniform: the first expert of every routed family;
+        per-layer: the first and last expert of the first routed family (one if only ``top_k + 1`` are
+        there), nothing elsewhere."""
+        out: dict[str, list[int]] = {}
+        for fid, fam in _routed(ir).items():
+            spare = fam.count - (fam.top_k.value if fam.top_k else 1)
+            if spare < 1:
+                continue
+            if uniform:
+                out[fid] = [0]
+            elif not out:
+                out[fid] = [0, fam.count - 1] if spare >= 2 else [0]
         return out
 
     def _width_model(self) -> tuple[nn.Module, ModelIR]:
         model = self.make_model()
         ir = self.adapter.build_ir(model)
-        if not any(f.count >= 2 for _s, f in ir.channel_groups().values()):
+        if not any(f.count >= 2 and not f.router for _s, f in ir.channel_groups().values()):
             pytest.skip(f"{self.adapter.name} declares no channel group family with 2+ groups for this model")
+        return model, ir
+
+    def _expert_model(self) -> tuple[nn.Module, ModelIR]:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        if not self.expert_removals(ir, uniform=True):
+            pytest.skip(f"{self.adapter.name} declares no routed family (experts) with one to spare")
         return model, ir
 
     # tests -----------------------------------------------------------------------------------------
@@ -371,7 +414,7 @@ class AdapterConformance:
 
         model = self.prune(self.make_model(), self.mixed_removal(ir))
         out = save_pruned(model, tmp_path / "mixed")
-        loaded = load_pruned(out)
+        loaded = self.configure_loaded(load_pruned(out))
         torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)
         assert torch.equal(_greedy(loaded, ids, mask, 0).sequences, _greedy(model, ids, mask, 0).sequences)
         for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(model, ids, 4), strict=True):
@@ -382,7 +425,7 @@ class AdapterConformance:
         model = self.prune(self.make_model(), self.block_plan(ir))
         out = save_pruned(model, tmp_path / "uniform")
         plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-        plain.eval()
+        plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"], (
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
             f"unexpected {info['unexpected_keys']}"
@@ -461,28 +504,33 @@ class AdapterConformance:
             torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
+        model, ir = self._width_model()
+        uniform = self.prune(model, [], self.width_removals(ir, uniform=True))
+        per_layer = self.prune(self.make_model(), [], self.width_removals(ir, uniform=False))
+        self._check_roundtrips(tmp_path, uniform, per_layer)
+
+    def _check_roundtrips(self, tmp_path: Path, uniform: nn.Module, per_layer: nn.Module) -> None:
+        """A uniformly narrowed model reloads exactly with plain ``from_pretrained``, a per-layer one with
+        ``load_pruned``."""
         from transformers import AutoModelForCausalLM
 
         from .checkpoint import load_pruned, save_pruned
 
-        model, ir = self._width_model()
-        ids = self.input_ids(model)
-        uniform = self.prune(model, [], self.width_removals(ir, uniform=True))
+        ids = self.input_ids(uniform)
         assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
         out = save_pruned(uniform, tmp_path / "uniform")
         plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-        plain.eval()
+        plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         torch.testing.assert_close(_logits(plain, ids), _logits(uniform, ids), atol=0, rtol=0)
         fresh = type(uniform)(uniform.config)
         assert _numel(dict(fresh.named_parameters())) == _numel(dict(uniform.named_parameters())), (
-            "a model built from the narrowed config has a different parameter count"
+            "a model built from the pruned config has a different parameter count"
         )
 
-        per_layer = self.prune(self.make_model(), [], self.width_removals(ir, uniform=False))
         assert not per_layer._prunekit_width["uniform"]
         out = save_pruned(per_layer, tmp_path / "per_layer")
-        loaded = load_pruned(out)
+        loaded = self.configure_loaded(load_pruned(out))
         torch.testing.assert_close(_logits(loaded, ids), _logits(per_layer, ids), atol=0, rtol=0)
         for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(per_layer, ids, 4), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -490,14 +538,113 @@ class AdapterConformance:
 
     def test_width_remove_every_group_rejected(self) -> None:
         model, ir = self._width_model()
-        fid, (_sub, fam) = next((f, v) for f, v in ir.channel_groups().items() if v[1].count >= 2)
+        fid, (_sub, fam) = next(
+            (f, v) for f, v in ir.channel_groups().items() if v[1].count >= 2 and not v[1].router
+        )
         snapshot = _snapshot(model)
         with pytest.raises(PlanError, match="remove the sublayer instead"):
             self.prune(model, [], {fid: list(range(fam.count))})
         assert _snapshot(model) == snapshot, "a rejected plan modified the model"
 
+    # experts -------------------------------------------------------------------------------------------
+
+    def _masked_logits(self, groups: dict[str, list[int]], ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the unpruned model whose routers give the ``groups`` experts a logit of -inf."""
+        from .routing import router_rows_masked
+
+        model = self.make_model()
+        routed = _routed(self.adapter.build_ir(model))
+        with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):  # type: ignore[misc]
+            want = _logits(model, ids)
+        assert not torch.equal(want, _logits(model, ids)), "masking the experts changed nothing"
+        return want
+
+    def test_expert_removal_equals_masked_router(self) -> None:
+        model, ir = self._expert_model()
+        ids = self.input_ids(model)
+        routed = _routed(ir)
+        total = _numel(dict(model.named_parameters()))
+        for uniform in (True, False):
+            groups = self.expert_removals(ir, uniform=uniform)
+            want = self._masked_logits(groups, ids)
+            pruned = self.prune(self.make_model(), [], groups)
+            torch.testing.assert_close(
+                _logits(pruned, ids),
+                want,
+                atol=self.atol,
+                rtol=0,
+                msg=lambda m, g=groups: (
+                    f"removing experts {g} differs from forcing their logits to -inf: {m}"
+                ),
+            )
+            after = _routed(self.adapter.build_ir(pruned))
+            gone = 0
+            for fid, removed in groups.items():
+                assert after[fid].count == routed[fid].count - len(removed), f"{fid}: IR count after surgery"
+                gone += len(removed) * routed[fid].params_per_group
+            left = _numel(dict(pruned.named_parameters()))
+            assert left == total - gone, (
+                f"removing experts {groups} left {left} params, expected {total - gone}"
+            )
+            assert pruned._prunekit_width["uniform"] == uniform
+
+    def test_expert_cached_generation_matches_full_forward(self) -> None:
+        model, ir = self._expert_model()
+        block = self.mixed_removal(ir)[1]
+        groups = {
+            f: g for f, g in self.expert_removals(ir, uniform=False).items() if not f.startswith(block + ".")
+        }
+        self.prune(model, [block], groups)
+        ids = self.input_ids(model)
+        full = _logits(model, ids)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+
+    def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
+        model, ir = self._expert_model()
+        uniform = self.prune(model, [], self.expert_removals(ir, uniform=True))
+        per_layer = self.prune(self.make_model(), [], self.expert_removals(ir, uniform=False))
+        self._check_roundtrips(tmp_path, uniform, per_layer)
+
+    def test_expert_remove_every_expert_rejected(self) -> None:
+        model, ir = self._expert_model()
+        fid, fam = next(iter(_routed(ir).items()))
+        snapshot = _snapshot(model)
+        with pytest.raises(PlanError, match="remove the sublayer instead"):
+            self.prune(model, [], {fid: list(range(fam.count))})
+        assert _snapshot(model) == snapshot, "a rejected plan modified the model"
+
+    def test_expert_below_top_k_needs_a_policy(self) -> None:
+        """Leaving fewer experts than top_k is an error unless the plan clamps top_k; clamped, the model
+        equals the masked reference (a removed expert's weight is zero after the softmax)."""
+        model, ir = self._expert_model()
+        fid, fam = next(iter(_routed(ir).items()))
+        if fam.top_k is None or fam.top_k.value < 2:
+            pytest.skip("top_k is 1: any non-empty set of experts satisfies it")
+        groups = {fid: list(range(fam.count - fam.top_k.value + 1))}
+        snapshot = _snapshot(model)
+        with pytest.raises(PlanError, match="top_k"):
+            self.prune(model, [], groups)
+        assert _snapshot(model) == snapshot, "a rejected plan modified the model"
+        ids = self.input_ids(model)
+        want = self._masked_logits(groups, ids)
+        plan = PrunePlan(
+            fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, top_k_policy="clamp"
+        )
+        apply_plan(model, plan, adapter=self.adapter)
+        torch.testing.assert_close(_logits(model, ids), want, atol=self.atol, rtol=0)
+        for path in fam.top_k.counters:
+            module, _, attr = path.rpartition(".")
+            assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
+
 
 # reference computations: plain PyTorch hooks, independent of prunekit's surgery -------------------------
+
+
+def _routed(ir: ModelIR) -> dict[str, Any]:
+    """Routed channel-group families (experts) by id."""
+    return {fid: fam for fid, (_s, fam) in ir.channel_groups().items() if fam.router}
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from torch import nn
 from .adapter import ArchitectureAdapter, get_module
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+
+TopKPolicy = Literal["error", "clamp"]
+_GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,13 @@ def resolve_width(
     remove_groups: Mapping[str, list[int]],
     *,
     removed_units: frozenset[str] | set[str] = frozenset(),
+    top_k_policy: TopKPolicy = "error",
 ) -> dict[str, WidthCut]:
     """Validate a plan's width part against ``ir``: known families, valid distinct indices, something left.
 
     ``removed_units`` are the blocks and sublayers the same plan removes whole; narrowing one of them is
-    an error (the plan would remove the same parameters twice).
+    an error (the plan would remove the same parameters twice). A routed family (experts) must keep at
+    least ``top_k`` groups unless ``top_k_policy`` is ``"clamp"``.
     """
     families = ir.channel_groups()
     cuts: dict[str, WidthCut] = {}
@@ -85,8 +91,21 @@ def resolve_width(
         if len(indices) >= fam.count:
             raise PlanError(
                 f"the plan removes all {fam.count} groups of {fid}, which would leave {sub.id} with no "
-                f"{'head' if fam.kind == 'kv_group' else 'channel'}; remove the sublayer instead "
+                f"{_GROUP_NOUN.get(fam.kind, 'channel')}; remove the sublayer instead "
                 f"(add {sub.id!r} to remove)"
+            )
+        live = fam.count - len(indices)
+        if live % fam.multiple_of:
+            raise PlanError(
+                f"{fid} must keep a multiple of {fam.multiple_of} groups (the plugin declares that alignment "
+                f"for its kernels); the plan keeps {live}. Remove {live % fam.multiple_of} more or "
+                f"{fam.multiple_of - live % fam.multiple_of} fewer"
+            )
+        if fam.top_k is not None and live < fam.top_k.value and top_k_policy != "clamp":
+            raise PlanError(
+                f"the plan leaves {live} of {fam.count} {_GROUP_NOUN.get(fam.kind, 'group')}s in {fid}, fewer "
+                f"than the top_k={fam.top_k.value} its router picks per token. Remove fewer, or say how to "
+                "handle it: top_k_policy='clamp' (CLI: --top-k clamp) lowers top_k to the number left"
             )
         if sub.id in removed_units or _block_of(ir, sub.id) in removed_units:
             raise PlanError(f"the plan both removes {sub.id} (or its block) and narrows it ({fid})")
@@ -96,18 +115,25 @@ def resolve_width(
 
 def member_index(member: GroupMember, count: int, kept: list[int], size: int) -> torch.Tensor:
     """Indices along ``member.axis`` that survive when only groups ``kept`` (of ``count``) remain."""
+    gone = set(removed_positions(member, count, kept, size))
+    return torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+
+
+def removed_positions(member: GroupMember, count: int, kept: list[int], size: int) -> list[int]:
+    """Positions along ``member.axis`` that the removed groups (those not in ``kept``) own."""
     span = member.offset + count * member.width
     if span > size:
         raise PlanError(
             f"{member.param}: {count} groups of width {member.width} at offset {member.offset} need {span} "
             f"entries along axis {member.axis}, the tensor has {size}; the plugin's IR is wrong"
         )
-    keep = list(range(member.offset))
-    for g in kept:
-        start = member.offset + g * member.width
-        keep.extend(range(start, start + member.width))
-    keep.extend(range(span, size))
-    return torch.tensor(keep, dtype=torch.long)
+    keep = set(kept)
+    out: list[int] = []
+    for g in range(count):
+        if g not in keep:
+            start = member.offset + g * member.width
+            out.extend(range(start, start + member.width))
+    return out
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -149,6 +175,8 @@ def _config_targets(
             live = len(cuts[fam.id].kept) if fam.id in cuts else fam.count
             for field, per in fam.config_fields.items():
                 values.setdefault(field, []).append(per * live)
+            if fam.top_k is not None and fam.top_k.config_field:
+                values.setdefault(fam.top_k.config_field, []).append(min(fam.top_k.value, live))
     return values
 
 
@@ -188,15 +216,28 @@ def apply_width(
     for cut in cuts.values():
         fam = cut.family
         kept = cut.kept
+        # members sharing one (parameter, axis) (a fused gate/up tensor) are cut together: the union of
+        # their removed slices goes, computed on the tensor as it was
+        gone: dict[tuple[str, int], set[int]] = {}
         for member, tensor in group_slices(model, fam):
-            module_path, leaf = _split(member.param)
+            positions = removed_positions(member, fam.count, kept, tensor.shape[member.axis])
+            gone.setdefault((member.param, member.axis), set()).update(positions)
+        for (param, axis), positions in gone.items():
+            module_path, leaf = _split(param)
             module = get_module(model, module_path)
-            index = member_index(member, fam.count, kept, tensor.shape[member.axis])
-            new = tensor.detach().index_select(member.axis, index.to(tensor.device)).clone()
+            tensor = getattr(module, leaf)
+            index = torch.tensor(
+                [i for i in range(tensor.shape[axis]) if i not in positions], dtype=torch.long
+            )
+            new = tensor.detach().index_select(axis, index.to(tensor.device)).clone()
             setattr(module, leaf, nn.Parameter(new, requires_grad=tensor.requires_grad))
             touched[module_path] = module
         for counter in fam.counters:
             setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
+        if fam.top_k is not None:
+            for path in fam.top_k.counters:
+                module, attr = _split(path)
+                setattr(get_module(model, module), attr, min(fam.top_k.value, len(kept)))
     for module in touched.values():
         sync_module_shape(module)
     config = adapter.text_config(model) if hasattr(adapter, "text_config") else model.config

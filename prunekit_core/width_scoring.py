@@ -294,7 +294,7 @@ def round_step(fam: ChannelGroup, round_to: int) -> int:
     if round_to < 1:
         raise PlanError(f"--round-to must be a positive number of channels, got {round_to}")
     width = min(m.width for m in fam.members)
-    return round_to // math.gcd(round_to, width)
+    return math.lcm(round_to // math.gcd(round_to, width), fam.multiple_of)
 
 
 def allowed_cuts(fam: ChannelGroup, round_to: int, *, allow_all: bool) -> list[int]:

@@ -352,19 +352,16 @@ def test_cli_score_channel_metrics(tmp_path, capsys) -> None:  # noqa: ANN001
 
 def test_module_counters_are_set_saved_and_restored(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """A family may declare module attributes that count its groups; surgery and reload keep them true."""
-    from prunekit_llama.adapter import LlamaFamilyAdapter
-
+    import prunekit_core.decoder as llama_layout
     from prunekit_core.ir import ModuleCounter
 
-    original = LlamaFamilyAdapter._ffn_channels
+    original = llama_layout.gated_mlp_channels
 
-    def with_counter(bid: str, path: str, mlp: torch.nn.Module) -> ChannelGroup:
-        fam = original(bid, path, mlp)
-        return fam.model_copy(
-            update={"counters": (ModuleCounter(module=f"{path}.mlp", attr="live", per_group=1),)}
-        )
+    def with_counter(fid: str, path: str, mlp: torch.nn.Module, config_field: str) -> ChannelGroup:
+        fam = original(fid, path, mlp, config_field)
+        return fam.model_copy(update={"counters": (ModuleCounter(module=path, attr="live", per_group=1),)})
 
-    monkeypatch.setattr(LlamaFamilyAdapter, "_ffn_channels", staticmethod(with_counter))
+    monkeypatch.setattr(llama_layout, "gated_mlp_channels", with_counter)
     model = model_()
     for layer in model.model.layers:
         layer.mlp.live = 64  # a counter the (imagined) modeling code reads
