@@ -495,16 +495,23 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
     if given_plan is None:
         assert cal_windows is not None
-        target = budget_params(ir, args.ratio)
-        ui.say(
-            f"budget: at least {args.ratio:g} of the {_fmt_params(ir.block_params())} block parameters "
-            f"(embeddings and head excluded) = {_fmt_params(target)} parameters"
-        )
+        if granularity == "expert":
+            target = None
+            ui.say(
+                f"budget: at least {args.ratio:g} of the experts of "
+                + ("every MoE layer" if args.expert_allocation == "uniform" else "all MoE layers together")
+            )
+        else:
+            target = budget_params(ir, args.ratio)
+            ui.say(
+                f"budget: at least {args.ratio:g} of the {_fmt_params(ir.block_params())} block parameters "
+                f"(embeddings and head excluded) = {_fmt_params(target)} parameters"
+            )
         ui.info(
             f"calibration: {cal_windows.num_windows} windows x {cal_windows.seq_len} tokens of {args.calib}; "
             f"planner {planner}, metric {metric_name}, granularity {granularity}, repair {repair}"
         )
-        if uses_width(metric_name, granularity):
+        if uses_width(metric_name, granularity) or granularity == "expert":
             cal = Calibration(windows=cal_windows.ids)  # width planners read the windows, not stream stats
         else:
             with ui.step("calibrate"):
@@ -521,6 +528,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 on_step=lambda msg: ui.info("  " + msg),
                 round_to=args.round_to,
                 width_allocation=args.width_allocation,
+                expert_allocation=args.expert_allocation,
+                top_k_policy=args.top_k,
             )
         result["budget"] = {
             "ratio": args.ratio,
@@ -528,6 +537,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             "block_params": ir.block_params(),
             "excludes": "embeddings and head",
         }
+        if granularity == "expert":
+            result["budget"]["unit"] = "experts per MoE layer"
     else:
         plan = given_plan
         ui.say(
@@ -696,7 +707,7 @@ def _epilog(*lines: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import MODEL_ALIASES
-    from .planning import BEST, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
+    from .planning import BEST, BEST_EXPERT, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
     from .text import TEXT_ALIASES
 
     text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
@@ -836,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
             "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --out out/smollm2-10",
             "prunekit prune smollm2-135m --ratio 0.2 --calib c4 --granularity block --metric bi --out out/bi20",
             "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --plan-only --out plan.json",
+            "prunekit prune ./my-mixtral --ratio 0.25 --calib c4 --granularity expert --out out/experts25",
             "prunekit prune smollm2-135m --plan plan.json --eval wiki --out out/from-plan --json",
         ),
     )
@@ -844,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio",
         type=float,
         metavar="R",
-        help="fraction of block parameters to remove, strictly between 0 and 1 (required unless --plan)",
+        help="fraction of block parameters to remove, strictly between 0 and 1 (with --granularity expert: "
+        "of the experts of every MoE layer; required unless --plan)",
     )
     p.add_argument(
         "--calib",
@@ -860,10 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        help="what may be removed: whole blocks, single sublayers (attention/MLP), channel groups inside "
-        "sublayers (width: KV groups with their query heads, FFN channels), or mixed: blocks and sublayers, "
+        help="what may be removed: whole blocks, single sublayers (attention/MLP/MoE), channel groups inside "
+        "sublayers (width: KV groups with their query heads, FFN channels), mixed: blocks and sublayers, "
         "plus channel groups when the metric scores them (the default metric for width and mixed: "
-        f"{BEST_WIDTH['metric']}, repair {BEST_WIDTH['repair']})",
+        f"{BEST_WIDTH['metric']}, repair {BEST_WIDTH['repair']}), or expert: whole experts of MoE layers, "
+        f"--ratio then being a fraction of each layer's experts (default metric {BEST_EXPERT['metric']})",
     )
     p.add_argument(
         "--round-to",
@@ -880,6 +894,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="width: uniform removes the same number of groups of each kind from every layer (plain "
         "from_pretrained reloads it); global spreads the budget over layers by estimated loss per parameter "
         f"(per-layer widths, reload with load_pruned). Default {BEST_WIDTH['width_allocation']}",
+    )
+    p.add_argument(
+        "--expert-allocation",
+        choices=("global", "uniform"),
+        default=BEST_EXPERT["expert_allocation"],
+        help="expert: uniform removes ceil(R x experts) from every MoE layer (plain from_pretrained reloads "
+        "it); global removes as many in total where an expert's share of its layer's importance is lowest "
+        f"(per-layer counts, reload with load_pruned). Default {BEST_EXPERT['expert_allocation']}",
+    )
+    p.add_argument(
+        "--top-k",
+        choices=("error", "clamp"),
+        default="error",
+        help="expert: a layer left with fewer experts than its router's top_k is an error, or clamp: that "
+        "layer's top_k becomes the number of experts left (default error)",
     )
     p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
     p.add_argument(

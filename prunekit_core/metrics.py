@@ -74,3 +74,14 @@ class ChannelMetric(ImportanceMetric):
             f"metric {self.name!r} scores channel groups, not blocks or sublayers: use --granularity width "
             "or mixed"
         )
+
+
+class ExpertMetric(ChannelMetric):
+    """Scores the experts of every routed family (MoE): ``score_groups`` returns only those families.
+
+    The expert planner (``--granularity expert``) removes the least important experts of each layer by it;
+    any other :class:`ChannelMetric` that scores routed families (``magnitude``, ``taylor``) works there too.
+    """
+
+    def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        raise PlanError(f"metric {self.name!r} scores experts: use --granularity expert")

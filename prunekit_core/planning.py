@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from torch import nn
 
 from .adapter import ArchitectureAdapter
 from .errors import PlanError
 from .ir import ModelIR
-from .metrics import ChannelMetric, ImportanceMetric, Scores
+from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
 from .plan import Granularity, PrunePlan, fingerprint
 from .plugins import get_metric, metrics, select_adapter
 from .scoring import Calibration, ScoringContext
@@ -40,7 +41,9 @@ PlannerName = Literal["rank", "greedy"]
 BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
 #: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
 BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
-GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed")
+#: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
+BEST_EXPERT: dict[str, str] = {"metric": "moe_pruner", "expert_allocation": "uniform"}
+GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed", "expert")
 DEFAULT_ROUND_TO = 32
 
 
@@ -54,7 +57,7 @@ def budget_params(ir: ModelIR, ratio: float) -> int:
 
 def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Units a plan at ``granularity`` may remove next, given what is already removed."""
-    if granularity not in GRANULARITIES or granularity == "width":
+    if granularity not in GRANULARITIES or granularity in ("width", "expert"):
         raise PlanError(f"unknown granularity {granularity!r}; choose one of block, sublayer, mixed")
     out: list[str] = []
     for b in ir.blocks():
@@ -90,6 +93,13 @@ def uses_width(metric: str, granularity: str) -> bool:
 
 def _check_metric_fits(metric: ImportanceMetric, granularity: Granularity) -> None:
     channel = isinstance(metric, ChannelMetric)
+    if granularity == "expert" and not channel:
+        names = ", ".join(sorted(n for n, m in metrics().items() if isinstance(m, ChannelMetric)))
+        raise PlanError(f"metric {metric.name!r} does not score experts; for experts use one of: {names}")
+    if isinstance(metric, ExpertMetric) and granularity != "expert":
+        raise PlanError(f"metric {metric.name!r} scores experts; use --granularity expert")
+    if granularity == "expert":
+        return
     if granularity == "width" and not channel:
         names = ", ".join(sorted(n for n, m in metrics().items() if isinstance(m, ChannelMetric)))
         raise PlanError(
@@ -124,6 +134,8 @@ def resolve_method(
     published: ``greedy`` for trial metrics and ``rank`` otherwise, the granularity the metric scores
     (:data:`BEST`'s for trial metrics), and no repair.
     """
+    if metric is None and granularity == "expert":
+        metric = BEST_EXPERT["metric"]
     if metric is None and granularity in ("width", "mixed"):
         metric = BEST_WIDTH["metric"]
         repair = repair or BEST_WIDTH["repair"]
@@ -135,7 +147,7 @@ def resolve_method(
     m = get_metric(metric)
     trials = "trials" in m.needs
     if isinstance(m, ChannelMetric) and granularity is None:
-        granularity = "width"
+        granularity = "expert" if isinstance(m, ExpertMetric) else "width"
     planner = planner or ("greedy" if trials else "rank")
     if granularity is None:
         granularity = BEST["granularity"] if trials else ("sublayer" if m.unit == "sublayer" else "block")
@@ -170,16 +182,26 @@ def plan_pruning(
     repair: Literal["none", "lsq"] | None = None,
     round_to: int = DEFAULT_ROUND_TO,
     width_allocation: Literal["global", "uniform"] = "uniform",
+    expert_allocation: Literal["global", "uniform"] = "uniform",
+    top_k_policy: Literal["error", "clamp"] = "error",
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
     Unset choices are filled by :func:`resolve_method`: :data:`BEST` when no metric is named, the
     metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
     calibration windows again when it is applied (``apply_plan(model, plan, repair_windows=...)``).
+
+    ``granularity="expert"`` reads ``ratio`` differently: at least ``ratio`` of the experts of every MoE
+    layer go (``expert_allocation="uniform"``), or that many in total, spread over layers by the metric's
+    share of each layer's importance (``"global"``: per-layer counts); every layer keeps ``top_k`` experts
+    unless ``top_k_policy="clamp"``.
     """
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
+    if granularity == "expert":
+        ctx = ScoringContext(model=model, adapter=adapter, ir=ir, calibration=calibration)
+        return plan_experts(ctx, get_metric(metric), ratio, expert_allocation, top_k_policy)  # type: ignore[arg-type]
     target = budget_params(ir, ratio)
     m = get_metric(metric)
     ctx = ScoringContext(
@@ -381,3 +403,98 @@ def _as_losses(scores: Scores, runner, units, base: float) -> dict[str, float]: 
     if scores.metric == "nri":
         return {u: base + math.log1p(v * units[u].params) for u, v in scores.values.items()}
     raise PlanError(f"the greedy planner does not know how to read metric {scores.metric!r}")
+
+
+def plan_experts(
+    ctx: ScoringContext,
+    metric: ChannelMetric,
+    ratio: float,
+    allocation: Literal["global", "uniform"] = "uniform",
+    top_k_policy: Literal["error", "clamp"] = "error",
+) -> PrunePlan:
+    """Remove the least important experts: ``ceil(ratio * experts)`` of every MoE layer (uniform), or that
+    many in total where each expert's share of its layer's importance is lowest (global)."""
+    from .width import resolve_width, routed_families, width_is_uniform
+
+    if not 0.0 < ratio < 1.0:
+        raise PlanError(f"--ratio must be strictly between 0 and 1 (a fraction of experts), got {ratio}")
+    t0 = time.perf_counter()
+    ir = ctx.ir
+    routed = routed_families(ir)
+    if not routed:
+        raise PlanError(
+            f"the {ir.adapter} plugin declares no experts for this model: --granularity expert needs a "
+            "mixture-of-experts model"
+        )
+    scores = metric.score_groups(ctx)
+    missing = [f for f in routed if f not in scores]
+    if missing:
+        raise PlanError(
+            f"metric {metric.name!r} does not score the experts of {missing[0]}; use an expert metric"
+        )
+    want = {fid: math.ceil(ratio * fam.count) for fid, (_s, fam) in routed.items()}
+    floor = {
+        fid: 1 if top_k_policy == "clamp" or fam.top_k is None else fam.top_k.value
+        for fid, (_s, fam) in routed.items()
+    }
+    too_many = [f for f, k in want.items() if routed[f][1].count - k < floor[f]]
+    if allocation == "uniform" and too_many:
+        fam = routed[too_many[0]][1]
+        raise PlanError(
+            f"removing {want[too_many[0]]} of {fam.count} experts in {too_many[0]} leaves fewer than the "
+            f"{floor[too_many[0]]} its router picks per token (top_k); lower --ratio, or pass --top-k clamp"
+        )
+    if allocation == "uniform":
+        chosen = {
+            fid: [int(i) for i in torch.argsort(scores[fid], stable=True)[:k]] for fid, k in want.items()
+        }
+    elif allocation == "global":
+        # each expert's share of its layer's importance: comparable across layers whatever the metric's scale
+        pool = []
+        for fid in routed:
+            s = scores[fid].double().clamp_min(0)
+            share = s / s.sum().clamp_min(1e-30)
+            pool += [(float(v), fid, i) for i, v in enumerate(share)]
+        pool.sort()
+        chosen = {fid: [] for fid in routed}
+        left = sum(want.values())
+        for _v, fid, i in pool:
+            if left == 0:
+                break
+            if routed[fid][1].count - len(chosen[fid]) - 1 >= floor[fid]:
+                chosen[fid].append(i)
+                left -= 1
+        if left:
+            raise PlanError(f"--ratio {ratio} asks for more experts than the layers can lose; lower it")
+    else:
+        raise PlanError(f"unknown expert allocation {allocation!r}; choose uniform or global")
+    groups = {fid: sorted(g) for fid, g in chosen.items() if g}
+    cuts = resolve_width(ir, groups, top_k_policy=top_k_policy)
+    values = {}
+    for fid, (sub, _fam) in routed.items():
+        ids = {e.router_row: e.id for e in sub.experts if e.router_row is not None}
+        values.update({ids.get(i, f"{fid}.{i}"): float(v) for i, v in enumerate(scores[fid])})
+    counts = sorted({routed[f][1].count - len(groups.get(f, [])) for f in routed})
+    return PrunePlan(
+        fingerprint=fingerprint(ctx.model, ir),
+        remove=[],
+        remove_groups=groups,
+        width_uniform=width_is_uniform(ir, cuts),
+        top_k_policy=top_k_policy,
+        method=f"expert:{metric.name}",
+        granularity="expert",
+        target_ratio=ratio,
+        removed_params=sum(c.removed_params for c in cuts.values()),
+        block_params=ir.block_params(),
+        scores=values,
+        notes=[
+            f"experts: at least {ratio:g} of the experts of "
+            + (
+                "every MoE layer"
+                if allocation == "uniform"
+                else "all MoE layers together (global allocation)"
+            )
+            + f"; experts left per layer: {', '.join(map(str, counts))}",
+            f"planning took {time.perf_counter() - t0:.1f} s on {ctx.calibration.tokens} calibration tokens",
+        ],
+    )

@@ -325,6 +325,17 @@ class ScoringContext:
     _trials: TrialRunner | None = None
     _width_stats: Any = None
     _taylor: dict[str, torch.Tensor] | None = None
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def cached(self, key: str, compute: Any) -> Any:
+        """``compute()``, run once per context and shared by every metric that asks for ``key``.
+
+        Plugin metrics that need their own calibration statistics collect them here in one pass for all
+        of them (e.g. routing statistics for every expert metric).
+        """
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def trials(self) -> TrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows)."""

@@ -50,6 +50,16 @@ class WidthCut:
         return len(self.removed) * self.family.params_per_group
 
 
+def width_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
+    """Channel-group families the width planners narrow: all but routed ones (experts have their own)."""
+    return {fid: v for fid, v in ir.channel_groups().items() if not v[1].router}
+
+
+def routed_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
+    """Routed families (MoE experts): removing group ``i`` equals forcing its router logit to -inf."""
+    return {fid: v for fid, v in ir.channel_groups().items() if v[1].router}
+
+
 def _block_of(ir: ModelIR, sub_id: str) -> str:
     for b in ir.blocks():
         if any(s.id == sub_id for s in b.sublayers):

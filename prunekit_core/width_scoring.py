@@ -39,7 +39,7 @@ from torch import nn
 from .adapter import get_module
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
-from .width import WidthCut, _split, group_slices, member_index
+from .width import WidthCut, _split, group_slices, member_index, width_families
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,11 @@ def _input_norm(member: GroupMember, tensor: torch.Tensor, stats: WidthStats) ->
     shape = [1] * tensor.dim()
     shape[1] = -1
     return norm.reshape(shape)
+
+
+def linear_members(model: nn.Module, fam: ChannelGroup) -> bool:
+    """Whether every member is a 1-D or 2-D tensor (``nn.Linear``-like: its inputs are observable)."""
+    return all(t.dim() <= 2 for _m, t in group_slices(model, fam))
 
 
 def wanda_scores(model: nn.Module, fam: ChannelGroup, stats: WidthStats) -> torch.Tensor:
@@ -746,7 +751,9 @@ def plan_width(
     :class:`~prunekit_core.metrics.ChannelMetric` that orders the groups inside each family.
     """
     ir: ModelIR = ctx.ir
-    fams = ir.channel_groups()
+    # the cost model reads each family's cut off its sublayer's output projection: families without one
+    # (routed experts, channels inside fused experts) are not planned here
+    fams = {fid: v for fid, v in width_families(ir).items() if _out_member(*v) is not None}
     if not fams:
         raise PlanError(
             f"the {ir.adapter} plugin declares no channel groups for this model: width pruning needs them. "
@@ -755,12 +762,17 @@ def plan_width(
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits
     scores = metric.score_groups(ctx)
-    orders = {fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items()}
+    orders = {
+        fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
+    }
     runner = ctx.trials()
     base = runner.base_loss
     subs_with = {sub.id for sub, _ in fams.values()}
     per_sub: dict[str, int] = {}
-    for sub, _ in fams.values():
+    for (
+        sub,
+        _,
+    ) in ir.channel_groups().values():  # every family: cutting one fully removes its sublayer only if alone
         per_sub[sub.id] = per_sub.get(sub.id, 0) + 1
     measured: dict[str, float] = {}
     for sub in ir.sublayers():

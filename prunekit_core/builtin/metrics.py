@@ -17,6 +17,8 @@ from ..errors import PlanError
 from ..hookspecs import hookimpl
 from ..metrics import ChannelMetric, ImportanceMetric, Scores
 from ..scoring import ScoringContext
+from ..width import width_families
+from ..width_scoring import _out_member, linear_members
 
 
 class BlockInfluence(ImportanceMetric):
@@ -138,6 +140,8 @@ class Magnitude(ChannelMetric):
 
 
 class Wanda(ChannelMetric):
+    """Families whose members are all ``nn.Linear``-shaped (inputs observable); not fused 3-D experts."""
+
     name = "wanda"
     description = "width: sum of |W_ij| * ||X_j|| over each channel group's weights (calibration inputs)"
     reference = "Wanda, arXiv 2306.11695 (structured: Wanda-sp / FLAP)"
@@ -147,7 +151,11 @@ class Wanda(ChannelMetric):
         from ..width_scoring import wanda_scores
 
         stats = ctx.width_stats()
-        return {fid: wanda_scores(ctx.model, fam, stats) for fid, (_, fam) in ctx.ir.channel_groups().items()}
+        return {
+            fid: wanda_scores(ctx.model, fam, stats)
+            for fid, (_, fam) in width_families(ctx.ir).items()
+            if linear_members(ctx.model, fam)
+        }
 
 
 class Taylor(ChannelMetric):
@@ -166,6 +174,8 @@ class Taylor(ChannelMetric):
 
 
 class OBS(ChannelMetric):
+    """Families that include their sublayer's output projection (``out_proj``) as a member."""
+
     name = "obs"
     description = (
         "width: output error a group's removal leaves after refitting the kept channels, "
@@ -179,7 +189,9 @@ class OBS(ChannelMetric):
 
         stats = ctx.width_stats()
         return {
-            fid: obs_scores(ctx.model, sub, fam, stats) for fid, (sub, fam) in ctx.ir.channel_groups().items()
+            fid: obs_scores(ctx.model, sub, fam, stats)
+            for fid, (sub, fam) in width_families(ctx.ir).items()
+            if _out_member(sub, fam) is not None
         }
 
 

@@ -1,0 +1,195 @@
+"""Expert importance metrics: routing frequency, routing mass, MoE-Pruner, output reconstruction, random.
+
+One calibration pass (:func:`collect_expert_stats`, shared through the scoring context) records, at the
+input of every MoE layer's fused experts (``experts(hidden, top_k_index, top_k_weights)``, the interface
+every transformers fused-experts kernel takes), for each expert ``e``:
+
+- how many tokens the router sent to it (frequency) and the sum of their routing weights (mass);
+- MoE-Pruner's input norms: ``||X_j * g||`` over the tokens routed to ``e``, ``g`` their routing weight, for
+  the expert's inputs (the hidden state) and for its down projection's inputs (``act(x W_gate) * (x W_up)``,
+  recomputed on those tokens);
+- and a sample of the MoE block's inputs, on which the reconstruction metric replays the block with each
+  expert masked (its router logit at -inf, :func:`~prunekit_core.routing.router_rows_masked`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit_core.adapter import get_module
+from prunekit_core.ir import ChannelGroup, ModelIR, Sublayer
+from prunekit_core.metrics import ExpertMetric
+from prunekit_core.routing import router_rows_masked
+from prunekit_core.scoring import ScoringContext
+from prunekit_core.width import routed_families
+
+STATS_KEY = "prunekit_mixtral.expert_stats"
+
+
+@dataclass
+class ExpertStats:
+    """Per routed family (id): statistics of its experts over the calibration tokens."""
+
+    frequency: dict[str, torch.Tensor] = field(default_factory=dict)  # [E] tokens routed to each expert
+    mass: dict[str, torch.Tensor] = field(default_factory=dict)  # [E] sum of routing weights
+    in_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # [E, H] sum of (g * x)^2
+    mid_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # [E, I] sum of (g * act(x Wg) * x Wu)^2
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE block input sample [1, n, H]
+    tokens: int = 0
+
+
+def _moe_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
+    return {fid: v for fid, v in routed_families(ir).items() if v[0].kind == "moe"}
+
+
+@torch.inference_mode()
+def collect_expert_stats(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, sample_tokens: int = 2048
+) -> ExpertStats:
+    """One pass over ``windows`` ([n, seq_len] token ids); keeps ``sample_tokens`` MoE inputs per layer."""
+    stats = ExpertStats()
+    handles = []
+    for fid, (sub, _fam) in _moe_families(ir).items():
+        block = get_module(model, sub.module)
+        experts = block.experts
+        n_exp, two_i, hidden = experts.gate_up_proj.shape
+        stats.frequency[fid] = torch.zeros(n_exp, dtype=torch.float64)
+        stats.mass[fid] = torch.zeros(n_exp, dtype=torch.float64)
+        stats.in_sq[fid] = torch.zeros(n_exp, hidden, dtype=torch.float64)
+        stats.mid_sq[fid] = torch.zeros(n_exp, two_i // 2, dtype=torch.float64)
+        handles.append(experts.register_forward_pre_hook(_routing_hook(fid, experts, stats)))
+        handles.append(block.register_forward_pre_hook(_sample_hook(fid, stats, sample_tokens)))
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start : start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    stats.tokens = int(windows.numel())
+    return stats
+
+
+def _routing_hook(fid: str, experts: nn.Module, stats: ExpertStats) -> Callable[..., None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        hidden, index, weights = args[0], args[1], args[2]
+        x = hidden.double()
+        inter = experts.gate_up_proj.shape[1] // 2
+        for e in torch.unique(index).tolist():
+            if e >= experts.num_experts:
+                continue  # an expert-parallel sentinel
+            tok, pos = torch.where(index == e)
+            g = weights[tok, pos].double()
+            stats.frequency[fid][e] += len(tok)
+            stats.mass[fid][e] += g.sum()
+            xe = x[tok]
+            stats.in_sq[fid][e] += ((xe * g[:, None]) ** 2).sum(0)
+            gate_up = xe @ experts.gate_up_proj[e].double().T
+            mid = experts.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
+            stats.mid_sq[fid][e] += ((mid * g[:, None]) ** 2).sum(0)
+
+    return hook
+
+
+def _sample_hook(fid: str, stats: ExpertStats, limit: int) -> Callable[..., None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        have = stats.inputs.get(fid)
+        n = 0 if have is None else have.shape[1]
+        if n >= limit:
+            return
+        x = args[0].detach().reshape(1, -1, args[0].shape[-1])[:, : limit - n].clone()
+        stats.inputs[fid] = x if have is None else torch.cat([have, x], dim=1)
+
+    return hook
+
+
+def expert_stats(ctx: ScoringContext) -> ExpertStats:
+    """The shared statistics of ``ctx`` (collected on first use, one pass for every expert metric)."""
+    return ctx.cached(STATS_KEY, lambda: collect_expert_stats(ctx.model, ctx.ir, ctx.calibration.windows))
+
+
+class RoutingFrequency(ExpertMetric):
+    name = "expert_frequency"
+    description = "experts: fraction of calibration tokens the router sends to each expert (top-k hits)"
+    reference = "common baseline, e.g. NAEE (arXiv 2402.14800)"
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        stats = expert_stats(ctx)
+        return {fid: t / max(stats.tokens, 1) for fid, t in stats.frequency.items()}
+
+
+class RoutingMass(ExpertMetric):
+    name = "expert_mass"
+    description = "experts: sum of the routing weights each expert receives, per calibration token"
+    reference = "common baseline, e.g. NAEE (arXiv 2402.14800)"
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        stats = expert_stats(ctx)
+        return {fid: t / max(stats.tokens, 1) for fid, t in stats.mass.items()}
+
+
+class MoEPruner(ExpertMetric):
+    name = "moe_pruner"
+    description = (
+        "experts: MoE-Pruner's router-weighted Wanda score |W_ij| * ||X_j * gate|| summed over each "
+        "expert's weights (gate/up on the hidden state, down on the expert's own activations)"
+    )
+    reference = "MoE-Pruner, arXiv 2410.12013 (aggregated per expert)"
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        stats = expert_stats(ctx)
+        out = {}
+        for fid, (sub, _fam) in _moe_families(ctx.ir).items():
+            experts = get_module(ctx.model, sub.module).experts
+            gate_up = experts.gate_up_proj.detach().double().abs()  # [E, 2I, H]
+            down = experts.down_proj.detach().double().abs()  # [E, H, I]
+            in_norm = stats.in_sq[fid].sqrt()  # [E, H]
+            mid_norm = stats.mid_sq[fid].sqrt()  # [E, I]
+            out[fid] = (gate_up * in_norm[:, None, :]).sum((1, 2)) + (down * mid_norm[:, None, :]).sum((1, 2))
+        return out
+
+
+class OutputReconstruction(ExpertMetric):
+    name = "expert_reconstruction"
+    description = (
+        "experts: relative change of the MoE block's output on sampled calibration tokens when the expert "
+        "is removed (its router logit at -inf; the router renormalises over the rest)"
+    )
+    reference = "output-reconstruction criterion, as in NAEE's layer-wise reconstruction (arXiv 2402.14800)"
+
+    @torch.inference_mode()
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        stats = expert_stats(ctx)
+        out = {}
+        for fid, (sub, fam) in _moe_families(ctx.ir).items():
+            block = get_module(ctx.model, sub.module)
+            x = stats.inputs[fid]
+            y = block(x).double()
+            energy = (y * y).sum().clamp_min(1e-30)
+            scores = torch.empty(fam.count, dtype=torch.float64)
+            for e in range(fam.count):
+                with router_rows_masked(ctx.model, {fam.router: [e]}):  # type: ignore[dict-item]
+                    ye = block(x).double()
+                scores[e] = ((y - ye) ** 2).sum() / energy
+            out[fid] = scores
+        return out
+
+
+class RandomExperts(ExpertMetric):
+    name = "expert_random"
+    description = "experts: a seeded random order (seed 0) — the baseline every expert metric must beat"
+    reference = "baseline"
+
+    def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return {
+            fid: torch.rand(fam.count, generator=gen, dtype=torch.float64)
+            for fid, (_s, fam) in routed_families(ctx.ir).items()
+        }
+
+
+EXPERT_METRICS = (RoutingFrequency, RoutingMass, MoEPruner, OutputReconstruction, RandomExperts)
