@@ -61,6 +61,16 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
         dupes = sorted({u for u in remove if remove.count(u) > 1})
         raise PlanError(f"the plan lists units more than once: {dupes}")
     unknown = [u for u in remove if u not in units]
+    experts = {e.id: (s, e) for s in ir.sublayers() for e in s.experts}
+    if unknown and unknown[0] in experts:
+        sub, expert = experts[unknown[0]]
+        family = next((g.id for g in sub.channel_groups if g.router), None)
+        if expert.router_row is None or family is None:
+            raise PlanError(f"{unknown[0]} is a shared expert: remove its channels or the whole {sub.id}")
+        raise PlanError(
+            f"{unknown[0]} is an expert: experts are removed through the plan's remove_groups "
+            f"({{{family!r}: [{expert.router_row}]}}), or with --granularity expert"
+        )
     if unknown:
         import difflib
 

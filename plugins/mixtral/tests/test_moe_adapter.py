@@ -206,6 +206,10 @@ def test_errors_name_the_problem() -> None:
         prune(model, groups={"text.blocks.0.moe.experts": [0, 1, 2, 3]})
     with pytest.raises(PlanError, match="multiple of 8"):
         prune(model, groups={"text.blocks.0.moe.expert_channels": [0, 1, 2]})
+    with pytest.raises(PlanError, match=r"is an expert.*'text.blocks.0.moe.experts': \[3\]"):
+        prune(model, remove=["text.blocks.0.moe.experts.3"])
+    with pytest.raises(PlanError, match="shared expert"):
+        prune(model, remove=["text.blocks.0.moe.shared_expert"])
     with pytest.raises(PlanError, match="has 5 groups"):
         prune(model, groups={"text.blocks.0.moe.experts": [5]})
 
