@@ -801,10 +801,19 @@ def plan_width(
                 costs.append(
                     FamilyCost(sub.id, sub.id, [], [0, 1], [0, sub.params], [0.0, measured[sub.id]], count=1)
                 )
-    if allocation == "uniform":
-        pos = allocate_uniform(costs, ir, target, describable=_describable(ctx))
-    else:
-        pos = allocate_global(costs, target)
+    try:
+        if allocation == "uniform":
+            pos = allocate_uniform(costs, ir, target, describable=_describable(ctx))
+        else:
+            pos = allocate_global(costs, target)
+    except PlanError as exc:
+        skipped = sorted({f.kind for fid, (_s, f) in ir.channel_groups().items() if fid not in fams})
+        if skipped:  # say which parameters the width planner could not reach
+            raise PlanError(
+                f"{exc}. The width planner does not plan {', '.join(skipped)} families (no output projection "
+                "among their members for its cost model): for experts use --granularity expert"
+            ) from exc
+        raise
     remove, remove_groups, est = _to_plan(ir, costs, pos)
     notes = [
         f"{'mixed' if mixed else 'width'} planner ({allocation} allocation, round to {round_to} channels): "

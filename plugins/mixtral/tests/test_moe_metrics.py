@@ -204,3 +204,23 @@ def test_cli_prune_granularity_expert(tmp_path, capsys) -> None:
     loaded = load_pruned(tmp_path / "g")
     assert sum(layer.mlp.experts.num_experts for layer in loaded.model.layers) == 8
     assert out["plan"]["remove_groups"] == loaded._prunekit_plan.remove_groups
+
+
+def test_width_planner_says_what_it_cannot_plan() -> None:
+    """The width planner narrows KV groups (and dense / shared-expert channels), not experts: a budget
+    only experts could meet names them and the way to prune them."""
+    with pytest.raises(
+        PlanError, match=r"does not plan expert, expert_channel families.*--granularity expert"
+    ):
+        plan_pruning(tiny_mixtral(), Calibration(windows()), ratio=0.1, granularity="width", round_to=8)
+
+
+def test_width_planner_narrows_shared_expert_and_dense_channels() -> None:
+    model = tiny_qwen2_moe(mlp_only_layers=[1])
+    plan = plan_pruning(model, Calibration(windows()), ratio=0.03, granularity="width", round_to=8)
+    assert plan.remove_groups and not any(
+        ".experts" in f or "expert_channels" in f for f in plan.remove_groups
+    ), plan.remove_groups
+    before = sum(p.numel() for p in model.parameters())
+    apply_plan(model, plan, repair_windows=windows())
+    assert before - sum(p.numel() for p in model.parameters()) == plan.removed_params
