@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -399,6 +400,68 @@ def _probe(
     return out
 
 
+def _unplanned_hint(ir: ModelIR, planned: dict[str, list[int]], metric: Any) -> str:
+    """Which families the width planner left out, and how to reach them."""
+    left = {f.kind for fid, (_s, f) in ir.channel_groups().items() if fid not in planned}
+    hints = []
+    if "expert" in left:
+        hints.append("experts are planned with --granularity expert")
+    other = sorted(left - {"expert"})
+    if other:
+        hints.append(
+            f"metric {metric.name!r} does not score {', '.join(other)} families (magnitude and taylor do)"
+        )
+    return (". Not planned here: " + "; ".join(hints)) if hints else ""
+
+
+@contextmanager
+def groups_zeroed(model: nn.Module, fam: ChannelGroup, groups: list[int]) -> Iterator[None]:
+    """Within the block, every member slice of ``groups`` is zero (what removing them computes)."""
+    slices = group_slices(model, fam)
+    # one copy per tensor, taken before any zeroing (several members may share a fused tensor)
+    saved = {id(t): (t, t.detach().clone()) for _m, t in slices}
+    with torch.no_grad():
+        for member, tensor in slices:
+            for g in groups:
+                tensor.narrow(member.axis, member.offset + g * member.width, member.width).zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, copy in saved.values():
+                tensor.copy_(copy)
+
+
+def trial_costs(
+    model: nn.Module,
+    runner: Any,
+    fid: str,
+    sub: Sublayer,
+    fam: ChannelGroup,
+    order: list[int],
+    *,
+    round_to: int,
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
+) -> FamilyCost:
+    """A family's cost curve from removal trials: the least important groups zeroed at a few fractions of
+    the family (loss increase measured, interpolated in between, extended by the last slope)."""
+    ks = allowed_cuts(fam, round_to, allow_all=False)
+    live = [k for k in ks if k > 0]
+    picks = sorted({min(live, key=lambda k, f=f: abs(k - f * fam.count)) for f in fractions}) if live else []
+    base = runner.current_loss
+    anchors = [(0, 0.0)]
+    for k in picks:
+        with groups_zeroed(model, fam, order[:k]):
+            loss = max(runner.replay(sub.id) - base, anchors[-1][1])  # removing more never costs less
+        anchors.append((k, loss))
+    cost = []
+    for k in ks:
+        j = next((i for i in range(1, len(anchors)) if anchors[i][0] >= k), len(anchors) - 1)
+        (ka, ca), (kb, cb) = anchors[max(j - 1, 0)], anchors[j]
+        cost.append(ca + (k - ka) * (cb - ca) / (kb - ka) if kb > ka else ca)
+    return FamilyCost(fid, sub.id, order, ks, [k * fam.params_per_group for k in ks], cost, fam.count)
+
+
 def family_costs(
     model: nn.Module,
     ir: ModelIR,
@@ -751,9 +814,10 @@ def plan_width(
     :class:`~prunekit_core.metrics.ChannelMetric` that orders the groups inside each family.
     """
     ir: ModelIR = ctx.ir
-    # the cost model reads each family's cut off its sublayer's output projection: families without one
-    # (routed experts, channels inside fused experts) are not planned here
-    fams = {fid: v for fid, v in width_families(ir).items() if _out_member(*v) is not None}
+    # the cost model reads a family's cut off its sublayer's output projection; families without one
+    # among their members (the channels inside fused experts) get cost curves measured by removal trials;
+    # routed families (experts) are planned at --granularity expert
+    fams = width_families(ir)
     if not fams:
         raise PlanError(
             f"the {ir.adapter} plugin declares no channel groups for this model: width pruning needs them. "
@@ -765,24 +829,27 @@ def plan_width(
     orders = {
         fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
     }
+    gram_orders = {fid: o for fid, o in orders.items() if _out_member(*fams[fid]) is not None}
     runner = ctx.trials()
     base = runner.base_loss
-    subs_with = {sub.id for sub, _ in fams.values()}
+    subs_with = {fams[fid][0].id for fid in orders}
     per_sub: dict[str, int] = {}
-    for (
-        sub,
-        _,
-    ) in ir.channel_groups().values():  # every family: cutting one fully removes its sublayer only if alone
+    for sub, _ in ir.channel_groups().values():  # a family whose full cut removes its sublayer: alone there
         per_sub[sub.id] = per_sub.get(sub.id, 0) + 1
     measured: dict[str, float] = {}
     for sub in ir.sublayers():
         if sub.removable and (sub.id in subs_with or mixed):
             measured[sub.id] = runner.loss([sub.id]) - base
     stats = ctx.width_stats()
-    probes = _probe(ctx, runner, orders, stats, repair=repair, round_to=round_to, fractions=probe_fractions)
-    single = {fid for fid, (sub, _) in fams.items() if per_sub[sub.id] == 1 and sub.removable}
+    probes = _probe(
+        ctx, runner, gram_orders, stats, repair=repair, round_to=round_to, fractions=probe_fractions
+    )
+    single = {fid for fid in gram_orders if per_sub[fams[fid][0].id] == 1 and fams[fid][0].removable}
     costs = []
     for fid in orders:
+        if fid not in gram_orders:
+            costs.append(trial_costs(ctx.model, runner, fid, *fams[fid], orders[fid], round_to=round_to))
+            continue
         costs += family_costs(
             ctx.model,
             ir,
@@ -807,13 +874,7 @@ def plan_width(
         else:
             pos = allocate_global(costs, target)
     except PlanError as exc:
-        skipped = sorted({f.kind for fid, (_s, f) in ir.channel_groups().items() if fid not in fams})
-        if skipped:  # say which parameters the width planner could not reach
-            raise PlanError(
-                f"{exc}. The width planner does not plan {', '.join(skipped)} families (no output projection "
-                "among their members for its cost model): for experts use --granularity expert"
-            ) from exc
-        raise
+        raise PlanError(f"{exc}{_unplanned_hint(ir, orders, metric)}") from exc
     remove, remove_groups, est = _to_plan(ir, costs, pos)
     notes = [
         f"{'mixed' if mixed else 'width'} planner ({allocation} allocation, round to {round_to} channels): "

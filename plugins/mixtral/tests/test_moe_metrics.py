@@ -207,12 +207,36 @@ def test_cli_prune_granularity_expert(tmp_path, capsys) -> None:
 
 
 def test_width_planner_says_what_it_cannot_plan() -> None:
-    """The width planner narrows KV groups (and dense / shared-expert channels), not experts: a budget
-    only experts could meet names them and the way to prune them."""
-    with pytest.raises(
-        PlanError, match=r"does not plan expert, expert_channel families.*--granularity expert"
-    ):
+    """With obs (no score for channels inside fused experts) only KV groups are left to narrow: the error
+    names what was not planned and how to reach it."""
+    with pytest.raises(PlanError, match=r"--granularity expert; metric 'obs' does not score expert_channel"):
         plan_pruning(tiny_mixtral(), Calibration(windows()), ratio=0.1, granularity="width", round_to=8)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_width_planner_narrows_expert_channels_by_trials(allocation) -> None:
+    model = tiny_mixtral()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_pruning(
+        model,
+        Calibration(windows()),
+        ratio=0.1,
+        granularity="width",
+        metric="magnitude",
+        round_to=8,
+        width_allocation=allocation,
+    )
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "trials left weights changed"
+    channels = {f: g for f, g in plan.remove_groups.items() if f.endswith("expert_channels")}
+    assert channels and all(len(g) % 8 == 0 for g in channels.values()), plan.remove_groups
+    assert not any(f.endswith(".experts") for f in plan.remove_groups)
+    before = sum(p.numel() for p in model.parameters())
+    apply_plan(model, plan)
+    assert (
+        before - sum(p.numel() for p in model.parameters()) == plan.removed_params >= 0.1 * plan.block_params
+    )
+    if allocation == "uniform":
+        assert plan.width_uniform and len({len(g) for g in channels.values()}) == 1
 
 
 def test_width_planner_narrows_shared_expert_and_dense_channels() -> None:
