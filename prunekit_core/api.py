@@ -44,14 +44,23 @@ def score(
     return get_metric(metric).score(ctx, span=span)
 
 
-def score_groups(model: nn.Module, calibration: Calibration, metric: str) -> dict[str, torch.Tensor]:
-    """Importance of every channel group (higher = keep) for a channel metric: family id -> ``[count]``."""
+def score_groups(
+    model: nn.Module, calibration: Calibration, metric: str | list[str]
+) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
+    """Importance of every channel group (higher = keep) for a channel metric: family id -> ``[count]``.
+
+    With a list of metric names, returns metric name -> that mapping; the metrics share one scoring
+    context, so statistics they have in common (e.g. the routing of expert metrics) come from one pass.
+    """
     from .errors import PlanError
     from .metrics import ChannelMetric
 
-    m = get_metric(metric)
-    if not isinstance(m, ChannelMetric):
-        raise PlanError(f"metric {metric!r} does not score channel groups; use score() for it")
+    names = [metric] if isinstance(metric, str) else list(metric)
+    ms = [get_metric(n) for n in names]
+    for m in ms:
+        if not isinstance(m, ChannelMetric):
+            raise PlanError(f"metric {m.name!r} does not score channel groups; use score() for it")
     adapter = select_adapter(model)
     ctx = ScoringContext(model=model, adapter=adapter, ir=adapter.build_ir(model), calibration=calibration)
-    return m.score_groups(ctx)
+    out = {m.name: m.score_groups(ctx) for m in ms}  # type: ignore[attr-defined]
+    return out[names[0]] if isinstance(metric, str) else out

@@ -387,10 +387,8 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
     from .scoring import Calibration
 
     cal = Calibration(windows=windows.ids)
-    results = {}
-    for m in metrics:
-        with ui.step(f"score {m.name}"):
-            results[m.name] = score_groups(model, cal, m.name)
+    with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
+        results = score_groups(model, cal, [m.name for m in metrics])
     if ui.json_mode:
         ui.emit_json({n: {f: [float(v) for v in t] for f, t in r.items()} for n, r in results.items()})
         return EXIT_OK

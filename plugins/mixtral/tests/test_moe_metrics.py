@@ -248,3 +248,13 @@ def test_width_planner_narrows_shared_expert_and_dense_channels() -> None:
     before = sum(p.numel() for p in model.parameters())
     apply_plan(model, plan, repair_windows=windows())
     assert before - sum(p.numel() for p in model.parameters()) == plan.removed_params
+
+
+def test_score_groups_shares_one_pass_across_metrics() -> None:
+    from prunekit_core.api import score_groups
+
+    model = tiny_mixtral()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    out = score_groups(model, Calibration(windows()), ["expert_frequency", "expert_mass", "moe_pruner"])
+    assert list(out) == ["expert_frequency", "expert_mass", "moe_pruner"] and len(calls) == 1
