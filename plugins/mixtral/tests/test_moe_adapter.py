@@ -222,3 +222,29 @@ def test_block_and_moe_removal_reuse_core_mechanism() -> None:
     model = prune(tiny_qwen2_moe(), remove=["text.blocks.0.moe", "text.blocks.2"])
     assert isinstance(model.model.layers[0].mlp, RemovedBranch) and len(model.model.layers) == 3
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+
+
+def test_per_layer_clamped_top_k_survives_save_and_load(tmp_path) -> None:
+    from prunekit_core.checkpoint import load_pruned, save_pruned
+
+    groups = {"text.blocks.0.moe.experts": [0, 1, 2, 3], "text.blocks.2.moe.experts": [3]}
+    model = prune(tiny_qwen2_moe(), remove=["text.blocks.1.moe"], groups=groups, top_k_policy="clamp")
+    assert model.config.num_experts_per_tok == 2 and model.config.num_experts == 5  # the largest
+    assert model.model.layers[0].mlp.gate.top_k == 1 and model.model.layers[2].mlp.gate.top_k == 2
+    assert not model._prunekit_plan.is_uniform
+    loaded = load_pruned(save_pruned(model, tmp_path / "out"))
+    loaded.set_experts_implementation("grouped_mm")
+    assert [getattr(layer.mlp, "gate", None) and layer.mlp.gate.top_k for layer in loaded.model.layers] == [
+        1,
+        None,
+        2,
+        2,
+    ]
+    assert [layer.mlp.experts.num_experts for i, layer in enumerate(loaded.model.layers) if i != 1] == [
+        1,
+        4,
+        5,
+    ]
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=0, rtol=0)
