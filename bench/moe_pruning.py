@@ -15,7 +15,8 @@ wiki (``--eval-windows`` x 1024 tokens), fp32, no healing. Rows: the dense model
 ratio (a fraction of the experts of every MoE layer, the same count in every layer; where fewer than
 top-k experts are left, top-k is clamped to the number left) each expert metric (one shared calibration
 pass) and a random order, then whole blocks removing at least as many parameters as the 25% expert plan
-(prunekit's best block planner and ShortGPT BI).
+(prunekit's best block planner and ShortGPT BI), and optionally (``--width taylor``) width pruning at that
+budget (channels inside the experts and KV groups, the width planner's cost curves).
 
 The defaults (16 experts of 96 neurons, top-12) keep 75% of each FFN active: SmolLM2's SiLU FFN is not
 sparse, and at 50% active the MoE's perplexity is roughly 8x higher than at 75% (without any retraining).
@@ -213,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--metrics", default=",".join(EXPERT_METRICS))
     ap.add_argument("--blocks", default="best,bi", help="block planners for the same-parameters rows")
+    ap.add_argument(
+        "--width",
+        default="",
+        help="channel metrics for width rows at the same parameters (expert channels, KV groups), e.g. taylor",
+    )
+    ap.add_argument("--round-to", type=int, default=8, help="width rows: kept channels a multiple of this")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_pruning.md"))
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -233,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(row(f"MoEfied ({args.experts} experts, top-{args.top_k})", "-", 0, 0.0, base_ppl, 0.0))
     ctx = ScoringContext(model=moe, adapter=pk.select_adapter(moe), ir=ir, calibration=Calibration(calib))
     block_params = ir.block_params()
-    expert_params: dict[float, int] = {}
     for ratio in ratios:
         for metric in metrics:
             t = time.perf_counter()
@@ -243,12 +249,27 @@ def main(argv: list[str] | None = None) -> int:
             plan_s = time.perf_counter() - t
             pruned = pk.apply_plan(copy.deepcopy(moe), plan)
             ppl = pk.perplexity(pruned, evalw).perplexity
-            expert_params[ratio] = plan.removed_params
             rows.append(row(metric, f"{ratio:.0%} of experts", plan.removed_params, plan_s, ppl, ratio))
             del pruned
-    if args.blocks and 0.25 in expert_params:
+    # the parameters a uniform 25% expert plan removes: the budget of the block and width rows
+    routed = [f for _s, f in ir.channel_groups().values() if f.router]
+    same = sum(math.ceil(0.25 * f.count) * f.params_per_group for f in routed) / block_params
+    for metric in [m for m in args.width.split(",") if m]:
+        t = time.perf_counter()
+        plan = pk.plan_pruning(
+            moe, Calibration(calib), ratio=same, granularity="width", metric=metric, round_to=args.round_to
+        )
+        plan_s = time.perf_counter() - t
+        pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib)
+        ppl = pk.perplexity(pruned, evalw).perplexity
+        kinds = sorted({f.rsplit(".", 1)[-1] for f in plan.remove_groups})
+        label = f"width ({metric}, repair {plan.repair}, uniform)"
+        rows.append(
+            row(label, f"{', '.join(kinds)}; >= 25%-expert params", plan.removed_params, plan_s, ppl, 0.25)
+        )
+        del pruned
+    if args.blocks:
         cal = pk.calibrate(moe, calib)
-        same = expert_params[0.25] / block_params
         for planner in args.blocks.split(","):
             kwargs = {} if planner == "best" else {"metric": "bi", "granularity": "block", "repair": "none"}
             t = time.perf_counter()
