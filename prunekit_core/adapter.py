@@ -43,6 +43,15 @@ def count_params(modules: Iterable[nn.Module]) -> int:
     return total
 
 
+def cache_owner(module: nn.Module) -> nn.Module:
+    """``module`` or the first module inside it with an integer ``layer_idx`` (``module`` if none has)."""
+    for m in module.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return m
+    return module
+
+
 class ArchitectureAdapter(ABC):
     """Maps one family of models into the IR and performs its family-specific surgery steps.
 
@@ -150,9 +159,13 @@ class DecoderAdapter(ArchitectureAdapter):
         self.renumber_cache_indices(model)
 
     def cache_modules(self, model: nn.Module) -> list[nn.Module]:
-        """Live modules that own a KV-cache slot, in forward order (after surgery)."""
+        """Live modules that own a KV-cache slot, in forward order (after surgery).
+
+        The slot belongs to the cache-using sublayer's module, or to the first module inside it that
+        carries a ``layer_idx`` (a branch whose attention sits one level down).
+        """
         ir = self.build_ir(model)
-        return [get_module(model, s.module) for s in ir.sublayers() if s.uses_cache]
+        return [cache_owner(get_module(model, s.module)) for s in ir.sublayers() if s.uses_cache]
 
     def renumber_cache_indices(self, model: nn.Module) -> None:
         for new_idx, module in enumerate(self.cache_modules(model)):

@@ -82,3 +82,15 @@ class PlanMismatchError(PlanError):
 
 class CheckpointError(PrunekitError):
     """A pruned checkpoint is missing, incomplete or inconsistent."""
+
+
+class UnsupportedPatternError(PrunekitError):
+    """The generic adapter found a structure it cannot map into the IR; the message names the pattern."""
+
+    def __init__(self, model_class: str, pattern: str) -> None:
+        self.model_class = model_class
+        self.pattern = pattern
+        super().__init__(
+            f"the generic adapter cannot describe {model_class}: {pattern}. Write a plugin for this family "
+            "(`prunekit new-plugin NAME`, see docs/plugins/writing-a-plugin.md)."
+        )

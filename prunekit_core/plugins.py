@@ -31,7 +31,11 @@ from .quant import QuantFormat
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "prunekit"
-BUILTIN_MODULES = ("prunekit_core.builtin.metrics", "prunekit_core.builtin.quant_formats")
+BUILTIN_MODULES = (
+    "prunekit_core.builtin.adapters",
+    "prunekit_core.builtin.metrics",
+    "prunekit_core.builtin.quant_formats",
+)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .adapter import ArchitectureAdapter, get_module
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
-from .surgery import apply_plan
+from .surgery import apply_plan, branch_paths
 
 __all__ = ["AdapterConformance"]
 
@@ -175,9 +175,7 @@ class AdapterConformance:
                 sub_total = 0
                 for s in b.sublayers:
                     assert s.module.startswith(b.module + "."), f"{s.id} lives outside its block"
-                    names = set(_params_under(params, s.module))
-                    if s.norm:
-                        names |= set(_params_under(params, s.norm))
+                    names = {n for p in branch_paths(s) for n in _params_under(params, p)}
                     own = _numel(params, names)
                     assert s.params == own, f"sublayer {s.id} declares {s.params} params, it has {own}"
                     sub_total += s.params
@@ -250,9 +248,7 @@ class AdapterConformance:
             gone = 0
             named = dict(model.named_parameters())
             for u in case:
-                names = set(_params_under(named, subs[u].module))
-                if subs[u].norm:
-                    names |= set(_params_under(named, subs[u].norm))
+                names = {n for p in branch_paths(subs[u]) for n in _params_under(named, p)}
                 gone += _numel(named, names)
             left = _numel(dict(pruned.named_parameters()))
             assert left == total - gone, f"removing {case} left {left} params, expected {total - gone}"
