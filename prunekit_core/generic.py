@@ -37,8 +37,9 @@ import torch
 from torch import fx, nn
 
 from .adapter import DecoderAdapter, count_params, get_module
+from .declared import BranchSpec, LayoutSpec, build_decoder_ir
 from .errors import UnsupportedPatternError
-from .ir import Block, BranchOutput, Dim, ModelIR, ResidualEdge, Stage, Sublayer, SublayerKind, Tower
+from .ir import ModelIR, SublayerKind
 from .surgery import RemovedBranch
 
 __all__ = ["MATCH_SCORE", "GenericAdapter"]
@@ -69,35 +70,10 @@ _ALIASES = frozenset(
 _ADDS = frozenset({"add", "add_"})
 _BLOCK_ATTR = "_prunekit_generic_branches"
 _LAYOUT_ATTR = "_prunekit_generic_layout"
-_CACHE: OrderedDict[tuple, tuple[_Layout, list[tuple[_Branch, ...]]]] = OrderedDict()
+#: what one block holds: each branch, with the class name of its module when it was discovered
+_Found = tuple[tuple[BranchSpec, str], ...]
+_CACHE: OrderedDict[tuple, tuple[LayoutSpec, list[_Found]]] = OrderedDict()
 _CACHE_SIZE = 16
-
-
-@dataclass(frozen=True)
-class _Branch:
-    """One discovered branch of a block, with paths relative to the block."""
-
-    name: str
-    kind: SublayerKind
-    module: str
-    module_type: str
-    norm: str | None
-    parts: tuple[str, ...]
-    output: BranchOutput
-    full_zero: bool
-    uses_cache: bool
-    edge: int  # which residual addition of the block (parallel branches share one)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where the blocks and the non-block stages are."""
-
-    blocks_path: str
-    embed: str
-    head: str | None
-    final_norm: str | None
-    others: tuple[tuple[str, str], ...]  # (path, stage kind) of other parameter-holding modules
 
 
 class GenericAdapter(DecoderAdapter):
@@ -123,102 +99,21 @@ class GenericAdapter(DecoderAdapter):
         return None
 
     def build_ir(self, model: nn.Module) -> ModelIR:
-        layout, branches = _analysis(model)
-        container = get_module(model, layout.blocks_path)
-        blocks: list[Block] = []
-        point = 0
-        for i, (block, found) in enumerate(zip(container, branches, strict=True)):
-            bid, path = f"text.blocks.{i}", f"{layout.blocks_path}.{i}"
-            subs: list[Sublayer] = []
-            edge_point: dict[int, int] = {}
-            for br in found:
-                if isinstance(block.get_submodule(br.module), RemovedBranch):
-                    continue
-                if br.edge not in edge_point:
-                    edge_point[br.edge] = point
-                    point += 1
-                source = edge_point[br.edge]
-                paths = [br.module, *br.parts, *([br.norm] if br.norm else [])]
-                subs.append(
-                    Sublayer(
-                        id=f"{bid}.{br.name}",
-                        kind=br.kind,
-                        module=f"{path}.{br.module}",
-                        norm=f"{path}.{br.norm}" if br.norm else None,
-                        output=br.output,
-                        residual=ResidualEdge(stream="text", source=source, target=source + 1),
-                        params=count_params([block.get_submodule(p) for p in paths]),
-                        parts=tuple(f"{path}.{p}" for p in br.parts),
-                        full_zero=br.full_zero,
-                        uses_cache=br.uses_cache,
-                    )
-                )
-            blocks.append(
-                Block(id=bid, index=i, module=path, sublayers=tuple(subs), params=count_params([block]))
-            )
-        config = self.text_config(model)
-        return ModelIR(
-            architecture=type(model).__name__,
-            model_type=str(getattr(config, "model_type", "")),
-            adapter=self.name,
-            towers=(
-                Tower(
-                    name="text",
-                    width=Dim(name="hidden", size=int(config.hidden_size)),
-                    blocks_path=layout.blocks_path,
-                    blocks=tuple(blocks),
-                    stages=_stages(model, layout),
-                    final_norm=layout.final_norm,
-                    head=layout.head,
-                ),
-            ),
-            total_params=count_params([model]),
+        layout, found = _analysis(model)
+        branches = [tuple(spec for spec, _type in block) for block in found]
+        return build_decoder_ir(
+            model, adapter=self.name, layout=layout, branches=branches, text_config=self.text_config(model)
         )
-
-
-# --- the stages outside the blocks -------------------------------------------------------------------
-
-
-def _stages(model: nn.Module, layout: _Layout) -> tuple[Stage, ...]:
-    embed = get_module(model, layout.embed)
-    stages = [Stage(id="text.embed", kind="embedding", module=layout.embed, params=count_params([embed]))]
-    for path, kind in layout.others:
-        stages.append(
-            Stage(
-                id="text." + path.replace(".", "_"),
-                kind=kind,  # type: ignore[arg-type]
-                module=path,
-                params=count_params([get_module(model, path)]),
-            )
-        )
-    if layout.final_norm:
-        norm = get_module(model, layout.final_norm)
-        stages.append(
-            Stage(id="text.norm", kind="norm", module=layout.final_norm, params=count_params([norm]))
-        )
-    if layout.head:
-        head = get_module(model, layout.head)
-        tied = all(any(p is q for q in embed.parameters()) for p in head.parameters())
-        stages.append(
-            Stage(
-                id="text.head",
-                kind="head",
-                module=layout.head,
-                params=0 if tied else count_params([head]),
-                tied_to="text.embed" if tied else None,
-            )
-        )
-    return tuple(stages)
 
 
 # --- remembering discoveries -------------------------------------------------------------------------
 
 
-def _analysis(model: nn.Module) -> tuple[_Layout, list[tuple[_Branch, ...]]]:
+def _analysis(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     """The model's layout and each block's branches: remembered on the modules, else discovered."""
     layout = getattr(model, _LAYOUT_ATTR, None)
-    if isinstance(layout, _Layout):
-        container = _get_or_none(model, layout.blocks_path)
+    if isinstance(layout, LayoutSpec):
+        container = _get_or_none(model, layout.blocks)
         if isinstance(container, nn.ModuleList) and all(_still_valid(b) for b in container):
             return layout, [getattr(b, _BLOCK_ATTR) for b in container]
     key = _signature(model)
@@ -232,7 +127,7 @@ def _analysis(model: nn.Module) -> tuple[_Layout, list[tuple[_Branch, ...]]]:
             _CACHE.popitem(last=False)
     # stored in __dict__: plain attributes travel with deepcopy and never reach the state dict
     object.__setattr__(model, _LAYOUT_ATTR, layout)
-    for block, found in zip(get_module(model, layout.blocks_path), branches, strict=True):
+    for block, found in zip(get_module(model, layout.blocks), branches, strict=True):
         object.__setattr__(block, _BLOCK_ATTR, found)
     return layout, branches
 
@@ -241,11 +136,9 @@ def _still_valid(block: nn.Module) -> bool:
     found = getattr(block, _BLOCK_ATTR, None)
     if not isinstance(found, tuple):
         return False
-    for br in found:
-        module = _get_or_none(block, br.module)
-        if module is None or not (
-            isinstance(module, RemovedBranch) or type(module).__name__ == br.module_type
-        ):
+    for spec, module_type in found:
+        module = _get_or_none(block, spec.module)
+        if module is None or not (isinstance(module, RemovedBranch) or type(module).__name__ == module_type):
             return False
     return True
 
@@ -359,7 +252,7 @@ class _Graph:
         return sorted(on, key=self.index.__getitem__)
 
 
-def _discover(model: nn.Module) -> tuple[_Layout, list[tuple[_Branch, ...]]]:
+def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     cls = type(model).__name__
     config = model.config.get_text_config(decoder=True)
     hidden = int(getattr(config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
@@ -540,7 +433,7 @@ def _block_branches(
     additions: list[_Addition],
     outputs: dict[str, tuple[bool, bool]],
     cls: str,
-) -> tuple[_Branch, ...]:
+) -> _Found:
     module_nodes: dict[str, set[fx.Node]] = {}
     for n in g.nodes:
         for p in _stack(n):
@@ -600,20 +493,18 @@ def _block_branches(
                 f"{term.child}'s output is added into in place, but its output shape differs from its input "
                 "shape, so no zero stand-in can take its place",
             )
-        branches.append(
-            _Branch(
-                name=name,
-                kind=kind,
-                module=term.child[rel:],
-                module_type=type(module).__name__,
-                norm=norm[rel:] if norm else None,
-                parts=tuple(p[rel:] for p in parts),
-                output="tuple" if is_tuple else "tensor",
-                full_zero=term.in_place,
-                uses_cache=_has_cache_slot(module),
-                edge=edge,
-            )
+        spec = BranchSpec(
+            name=name,
+            kind=kind,
+            module=term.child[rel:],
+            norm=norm[rel:] if norm else None,
+            output="tuple" if is_tuple else "tensor",
+            uses_cache=_has_cache_slot(module),
+            edge=edge,
+            parts=tuple(p[rel:] for p in parts),
+            full_zero=term.in_place,
         )
+        branches.append((spec, type(module).__name__))
     return tuple(branches)
 
 
@@ -634,7 +525,9 @@ def _kind(module: nn.Module) -> SublayerKind:
     return "attention" if _has_cache_slot(module) or "attention" in name or "attn" in name else "mlp"
 
 
-def _layout(g: _Graph, model: nn.Module, blocks_path: str, additions: list[_Addition], cls: str) -> _Layout:
+def _layout(
+    g: _Graph, model: nn.Module, blocks_path: str, additions: list[_Addition], cls: str
+) -> LayoutSpec:
     embed_path = _path_of(model, model.get_input_embeddings())
     if embed_path is None:
         raise UnsupportedPatternError(cls, "get_input_embeddings() is not a submodule of the model")
@@ -664,8 +557,8 @@ def _layout(g: _Graph, model: nn.Module, blocks_path: str, additions: list[_Addi
         if any(path == t or path.startswith(t + ".") for t in taken + [o for o, _ in others]):
             continue
         others.append((path, "embedding" if isinstance(module, nn.Embedding) else "other"))
-    return _Layout(
-        blocks_path=blocks_path, embed=embed_path, head=head_path, final_norm=final_norm, others=tuple(others)
+    return LayoutSpec(
+        blocks=blocks_path, embed=embed_path, final_norm=final_norm, head=head_path, others=tuple(others)
     )
 
 
