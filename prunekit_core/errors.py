@@ -47,7 +47,8 @@ class UnsupportedModelError(PrunekitError):
             msg += f"Plugins that failed to load: {', '.join(failures)} (see `prunekit plugins`). "
         msg += (
             "Install the plugin for this family (Llama/Mistral/Qwen2: pip install -e plugins/llama), "
-            "or write one: see docs/concepts.md and prunekit_core.testing."
+            "or write one: `prunekit new-plugin NAME --model-class CLASS` writes a working skeleton "
+            "(docs/plugins/writing-a-plugin.md)."
         )
         super().__init__(msg)
 
