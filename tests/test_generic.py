@@ -266,9 +266,22 @@ class _TinyLM(T.PreTrainedModel):
         return self.head(x)
 
 
-def _custom(block: type) -> nn.Module:
+class _ResidualBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.mlp = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def _custom(block: type, *, sequential: bool = False) -> nn.Module:
     config = T.PretrainedConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2)
-    return _TinyLM(config, block).eval()
+    model = _TinyLM(config, block).eval()
+    if sequential:  # blocks in an nn.Sequential: there is no list to delete them from
+        model.layers = nn.Sequential(*model.layers)
+    return model
 
 
 @pytest.mark.parametrize(
@@ -284,3 +297,19 @@ def test_unreadable_pattern_is_named(block: type, pattern: str) -> None:
     with pytest.raises(UnsupportedPatternError, match=pattern) as err:
         GenericAdapter().build_ir(model)
     assert "prunekit new-plugin" in str(err.value)
+
+
+def test_custom_residual_model_is_understood() -> None:
+    """Control for the cases above: the same toy model with a plain pre-norm residual block works."""
+    ir = GenericAdapter().build_ir(_custom(_ResidualBlock))
+    assert [(s.id, s.module, s.norm) for s in ir.sublayers()] == [
+        ("text.blocks.0.mlp", "layers.0.mlp", "layers.0.norm"),
+        ("text.blocks.1.mlp", "layers.1.mlp", "layers.1.norm"),
+    ]
+
+
+def test_blocks_outside_a_module_list_are_named() -> None:
+    model = _custom(_ResidualBlock, sequential=True)
+    assert GenericAdapter().match(model) is None  # no nn.ModuleList of num_hidden_layers blocks
+    with pytest.raises(UnsupportedPatternError, match="is not inside a block of an nn.ModuleList"):
+        GenericAdapter().build_ir(model)
