@@ -257,14 +257,15 @@ def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     config = model.config.get_text_config(decoder=True)
     hidden = int(getattr(config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
     vocab = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
-    ids = (torch.arange(_SEQ) % max(vocab - 3, 1) + min(3, vocab - 1)).unsqueeze(0)
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(_SEQ, device=device) % max(vocab - 3, 1) + min(3, vocab - 1)).unsqueeze(0)
     kwargs: dict[str, Any] = {"input_ids": ids}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
-    outputs = _module_outputs(model, kwargs)
     was_training = model.training
-    model.eval()
+    model.eval()  # dropout off: eval-mode dropout is an alias the tracing follows
     try:
+        outputs = _module_outputs(model, kwargs)
         exported = torch.export.export(model, (), kwargs, strict=False)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

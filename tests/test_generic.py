@@ -313,3 +313,12 @@ def test_blocks_outside_a_module_list_are_named() -> None:
     assert GenericAdapter().match(model) is None  # no nn.ModuleList of num_hidden_layers blocks
     with pytest.raises(UnsupportedPatternError, match="is not inside a block of an nn.ModuleList"):
         GenericAdapter().build_ir(model)
+
+
+def test_discovery_leaves_training_mode_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit_core import generic
+
+    monkeypatch.setattr(generic, "_CACHE", type(generic._CACHE)())  # discover, do not recall
+    model = TestGPT2().make_model().train()
+    ir = GenericAdapter().build_ir(model)
+    assert model.training and len(ir.sublayers()) == 8
