@@ -504,9 +504,17 @@ def _block_branches(
             edge=edge,
             parts=tuple(p[rel:] for p in parts),
             full_zero=term.in_place,
+            out_proj=_out_proj(model, term)[rel:] if _out_proj(model, term) else None,
         )
         branches.append((spec, type(module).__name__))
     return tuple(branches)
+
+
+def _out_proj(model: nn.Module, term: _Term) -> str | None:
+    """The nn.Linear inside the branch module that computes the branch's value, if one does."""
+    path = _deepest(term.node)
+    inside = path == term.child or path.startswith(term.child + ".")
+    return path if inside and isinstance(_get_or_none(model, path), nn.Linear) else None
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -155,6 +155,7 @@ def _units(ir) -> list[tuple]:  # noqa: ANN001
             out.append((b.id, b.index, b.module, b.params))
             out += [
                 (s.id, s.kind, s.module, s.norm, s.output, s.residual, s.params, s.uses_cache, s.removable)
+                + (s.out_proj,)
                 for s in b.sublayers
             ]
     return out

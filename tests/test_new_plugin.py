@@ -97,3 +97,20 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert data["distribution"] == "prunekit-tiny-opt" and data["adapter_class"] == "TinyOptAdapter"
     assert '"ffn_dim": 128' in (out / "tests/test_tiny_opt_conformance.py").read_text()
     assert 'parts=("fc1",)' in (out / "prunekit_tiny_opt/adapter.py").read_text()
+
+
+def test_the_example_plugin_is_what_new_plugin_writes(tmp_path: Path) -> None:
+    """examples/prunekit-gptj was made with `prunekit new-plugin`; only its width pruning was added by hand."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "prunekit-gptj"
+    out = tmp_path / "gptj"
+    argv = ["new-plugin", "gptj", "--model-class", "GPTJForCausalLM", "--config", "rotary_dim=8"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out)
+        ours = (example / rel).read_text()
+        if rel.name == "adapter.py":  # the generated class body is kept; build_ir was added after it
+            generated = path.read_text()
+            body = generated[generated.index("class GptjAdapter") :]
+            assert body.rstrip() in ours, "the example's generated layout and branches were changed"
+        else:
+            assert ours == path.read_text(), f"{rel} differs from what new-plugin writes"

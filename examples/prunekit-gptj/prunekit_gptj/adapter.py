@@ -3,8 +3,8 @@
 Written by `prunekit new-plugin` from the structure the generic adapter discovered in a tiny GPTJForCausalLM.
 Branches with the same ``edge`` are added to the same stream value (parallel attention and MLP).
 
-Added by hand after generation (docs/plugins/writing-a-plugin.md, step 5): each branch's output projection
-(``out_proj``) and the MLP's channels as a channel group family, so width pruning works too.
+Added by hand after generation (docs/plugins/writing-a-plugin.md, step 5): the MLP's channels as a channel
+group family, so width pruning works too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class GptjAdapter(DeclaredDecoderAdapter):
             output="tuple",
             uses_cache=True,
             edge=0,
-            out_proj="attn.out_proj",  # added by hand: least-squares repair and the obs metric use it
+            out_proj="attn.out_proj",
         ),
         BranchSpec(name="mlp", kind="mlp", module="mlp", edge=0, out_proj="mlp.fc_out"),
     )
