@@ -405,6 +405,13 @@ def _group_blocks(
                 f"the residual addition `{a.node.name}` in {a.owner or 'the top-level model'} is not inside a "
                 "block of an nn.ModuleList, so there is no block to delete",
             )
+        if a.owner != block:
+            raise UnsupportedPatternError(
+                cls,
+                f"the residual addition `{a.node.name}` happens inside {a.owner}, a module within block "
+                f"{block} that receives the residual as an input, so no stand-in can remove its branch alone "
+                "(the Bloom pattern)",
+            )
         by_block.setdefault(block, []).append(a)
     containers = sorted({b.rpartition(".")[0] for b in by_block})
     if len(containers) > 1:

@@ -309,6 +309,13 @@ def test_custom_residual_model_is_understood() -> None:
     ]
 
 
+def test_residual_added_inside_a_branch_module_is_named() -> None:
+    """Bloom adds the residual inside its attention and MLP modules (they take it as an argument)."""
+    model = _tiny(T.BloomForCausalLM, T.BloomConfig, vocab_size=128, hidden_size=64, n_layer=4, n_head=4)
+    with pytest.raises(UnsupportedPatternError, match=r"happens inside transformer\.h\.0\.self_attention"):
+        GenericAdapter().build_ir(model)
+
+
 def test_blocks_outside_a_module_list_are_named() -> None:
     model = _custom(_ResidualBlock, sequential=True)
     assert GenericAdapter().match(model) is None  # no nn.ModuleList of num_hidden_layers blocks
