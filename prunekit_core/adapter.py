@@ -115,6 +115,15 @@ class DecoderAdapter(ArchitectureAdapter):
     def validate_removals(
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
     ) -> None:
+        live_cache = [
+            s for b in ir.blocks() if b.id not in removed_blocks for s in b.sublayers if s.uses_cache
+        ]
+        if live_cache and all(s.id in removed_sublayers for s in live_cache):
+            raise PlanError(
+                f"the plan removes every attention sublayer of the blocks it keeps ({len(live_cache)}): cached "
+                "generation reads token positions from the KV cache, which no layer would fill any more. "
+                "Keep at least one attention (a smaller --ratio), or remove whole blocks (--granularity block)."
+            )
         config = self.text_config(model)
         layer_types: Sequence[str] | None = getattr(config, "layer_types", None)
         cache_sublayers = [s for s in ir.sublayers() if s.uses_cache and s.id in removed_sublayers]
