@@ -17,6 +17,7 @@ Ten lines do what ``prunekit prune`` does::
 from .adapter import ArchitectureAdapter, DecoderAdapter
 from .api import calibrate, inspect, score
 from .checkpoint import load_pruned, save_pruned
+from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 from .errors import (
     AmbiguousAdapterError,
     CalibrationError,
@@ -29,6 +30,7 @@ from .errors import (
     TextNotFoundError,
     UnknownMetricError,
     UnsupportedModelError,
+    UnsupportedPatternError,
 )
 from .evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
 from .hookspecs import hookimpl
@@ -57,14 +59,17 @@ __all__ = [
     "Block",
     "Calibration",
     "CalibrationError",
+    "BranchSpec",
     "ChannelGroup",
     "CheckpointError",
     "DecoderAdapter",
+    "DeclaredDecoderAdapter",
     "Dim",
     "Expert",
     "Fingerprint",
     "GroupMember",
     "ImportanceMetric",
+    "LayoutSpec",
     "MODEL_ALIASES",
     "ModelIR",
     "ModelNotFoundError",
@@ -86,6 +91,7 @@ __all__ = [
     "Tower",
     "UnknownMetricError",
     "UnsupportedModelError",
+    "UnsupportedPatternError",
     "list_adapters",
     "apply_plan",
     "calibrate",

@@ -43,6 +43,15 @@ def count_params(modules: Iterable[nn.Module]) -> int:
     return total
 
 
+def cache_owner(module: nn.Module) -> nn.Module:
+    """``module`` or the first module inside it with an integer ``layer_idx`` (``module`` if none has)."""
+    for m in module.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return m
+    return module
+
+
 class ArchitectureAdapter(ABC):
     """Maps one family of models into the IR and performs its family-specific surgery steps.
 
@@ -106,6 +115,15 @@ class DecoderAdapter(ArchitectureAdapter):
     def validate_removals(
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
     ) -> None:
+        live_cache = [
+            s for b in ir.blocks() if b.id not in removed_blocks for s in b.sublayers if s.uses_cache
+        ]
+        if live_cache and all(s.id in removed_sublayers for s in live_cache):
+            raise PlanError(
+                f"the plan removes every attention sublayer of the blocks it keeps ({len(live_cache)}): cached "
+                "generation reads token positions from the KV cache, which no layer would fill any more. "
+                "Keep at least one attention (a smaller --ratio), or remove whole blocks (--granularity block)."
+            )
         config = self.text_config(model)
         layer_types: Sequence[str] | None = getattr(config, "layer_types", None)
         cache_sublayers = [s for s in ir.sublayers() if s.uses_cache and s.id in removed_sublayers]
@@ -150,9 +168,13 @@ class DecoderAdapter(ArchitectureAdapter):
         self.renumber_cache_indices(model)
 
     def cache_modules(self, model: nn.Module) -> list[nn.Module]:
-        """Live modules that own a KV-cache slot, in forward order (after surgery)."""
+        """Live modules that own a KV-cache slot, in forward order (after surgery).
+
+        The slot belongs to the cache-using sublayer's module, or to the first module inside it that
+        carries a ``layer_idx`` (a branch whose attention sits one level down).
+        """
         ir = self.build_ir(model)
-        return [get_module(model, s.module) for s in ir.sublayers() if s.uses_cache]
+        return [cache_owner(get_module(model, s.module)) for s in ir.sublayers() if s.uses_cache]
 
     def renumber_cache_indices(self, model: nn.Module) -> None:
         for new_idx, module in enumerate(self.cache_modules(model)):

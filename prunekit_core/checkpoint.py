@@ -42,7 +42,13 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
     for name, module in model.named_modules():
         if isinstance(module, RemovedBranch):
             removed.append(
-                {"module": name, "kind": module.kind, "output": module.output, "norm": module.norm_path}
+                {
+                    "module": name,
+                    "kind": module.kind,
+                    "output": module.output,
+                    "norm": module.norm_path,
+                    "full": module.full,
+                }
             )
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, int) and not isinstance(idx, bool):
@@ -238,7 +244,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     if narrowed:
         _load_narrowed(model, path, narrowed)
     for rb in record["removed_branches"]:
-        set_module(model, rb["module"], RemovedBranch(rb["kind"], rb["output"], rb["norm"]))
+        stand_in = RemovedBranch(rb["kind"], rb["output"], rb["norm"], full=bool(rb.get("full", False)))
+        set_module(model, rb["module"], stand_in)
         if rb["norm"]:
             set_module(model, rb["norm"], nn.Identity())
     for name, idx in record["cache_indices"].items():

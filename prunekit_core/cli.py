@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: ``plugins``, ``inspect``, ``score``, ``prune``, ``eval``, ``demo``, ``sweep``, ``report``.
+"""The ``prunekit`` command line: ``plugins``, ``inspect``, ``new-plugin``, ``score``, ``prune``, ``eval``, ``demo``, ``sweep``, ``report``.
 
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
@@ -276,50 +276,108 @@ def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
-    from rich.table import Table
-
     from .api import inspect
     from .plan import fingerprint
+    from .plugins import rank_adapters
 
     _check_model(args.model)
     model, _tok, _src = _load_model(ui, args.model)
-    ir = inspect(model)
+    ir = inspect(model)  # selects the best adapter (errors on no match or a tie)
+    ranked = rank_adapters(model)
     fp = fingerprint(model, ir)
     if ui.json_mode:
         ui.emit_json(
-            {**ir.model_dump(mode="json"), "block_params": ir.block_params(), "fingerprint": fp.model_dump()}
+            {
+                **ir.model_dump(mode="json"),
+                "block_params": ir.block_params(),
+                "fingerprint": fp.model_dump(),
+                "match": ranked[0].to_dict(),
+                "candidates": [m.to_dict() for m in ranked],
+            }
         )
         return EXIT_OK
+    best, others = ranked[0], ranked[1:]
+    also = "; also matched: " + ", ".join(f"{m.name} ({m.score:g})" for m in others) if others else ""
     ui.say(f"architecture: {ir.architecture} (model_type {ir.model_type})")
-    ui.say(f"adapter:      {ir.adapter}")
+    ui.say(f"adapter:      {best.name} from plugin {best.plugin}, match score {best.score:g}{also}")
     ui.say(f"total params: {_fmt_params(ir.total_params)}")
     share = ir.block_params() / ir.total_params if ir.total_params else 0.0
     ui.say(f"block params: {_fmt_params(ir.block_params())} ({share:.1%} of total; the base of --ratio)")
     ui.say(f"fingerprint:  structure {fp.structure}, weights {fp.weights}")
+    ui.table(_ir_tree(ir))
+    return EXIT_OK
+
+
+def _ir_tree(ir: Any) -> Any:
+    """The IR as a rich Tree: towers, their stages in order around the blocks, sublayers under blocks."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    root = Tree(escape(f"{ir.architecture}  {_fmt_params(ir.total_params)} params"))
     for tower in ir.towers:
-        table = Table(title=f"tower {tower.name}: {len(tower.blocks)} blocks, width {tower.width.size}")
-        for col in ("unit", "kind", "module", "params", "channel groups"):
-            table.add_column(col, justify="right" if col == "params" else "left")
-        for b in tower.blocks:
-            table.add_row(
-                b.id, "block" + ("" if b.removable else " (fixed)"), b.module, _fmt_params(b.params), ""
+        t = root.add(
+            escape(
+                f"tower {tower.name}: width {tower.width.size}, {len(tower.blocks)} blocks in {tower.blocks_path}"
             )
-            for s in b.sublayers:
-                groups = ", ".join(f"{g.kind} x{g.count}" for g in s.channel_groups)
-                table.add_row(
-                    "  " + s.id,
-                    s.kind + ("" if s.removable else " (fixed)"),
-                    s.module,
-                    _fmt_params(s.params),
-                    groups,
-                )
-        ui.table(table)
-        stages = Table(title=f"tower {tower.name}: stages (never removed)")
-        for col in ("stage", "kind", "module", "params", "tied to"):
-            stages.add_column(col, justify="right" if col == "params" else "left")
-        for st in tower.stages:
-            stages.add_row(st.id, st.kind, st.module, _fmt_params(st.params), st.tied_to or "-")
-        ui.table(stages)
+        )
+        stages = list(tower.stages)
+        late = [st for st in stages if st.kind in ("norm", "head")]
+        for st in [st for st in stages if st not in late]:
+            t.add(escape(_stage_line(st)))
+        for b in tower.blocks:
+            fixed = "" if b.removable else " (fixed)"
+            node = t.add(escape(f"{b.id}  block{fixed}  {b.module}  {_fmt_params(b.params)}"))
+            for sub in b.sublayers:
+                extra = [f"norm {sub.norm}"] if sub.norm else []
+                extra += [f"parts {', '.join(sub.parts)}"] if sub.parts else []
+                extra += [f"{g.kind} x{g.count}" for g in sub.channel_groups]
+                extra += ["KV cache"] if sub.uses_cache else []
+                extra += [f"edge {sub.residual.source}->{sub.residual.target}"]
+                kind = sub.kind + ("" if sub.removable else " (fixed)")
+                line = f"{sub.id}  {kind}  {sub.module}  {_fmt_params(sub.params)}  [{'; '.join(extra)}]"
+                node.add(escape(line))
+        for st in late:
+            t.add(escape(_stage_line(st)))
+    return root
+
+
+def _stage_line(st: Any) -> str:
+    tied = f" (tied to {st.tied_to})" if st.tied_to else ""
+    return f"{st.id}  {st.kind}  {st.module}  {_fmt_params(st.params)}{tied}  (never removed)"
+
+
+# --- prunekit new-plugin ----------------------------------------------------------------------------
+
+
+def _config_item(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def cmd_new_plugin(args: argparse.Namespace, ui: UI) -> int:
+    from .scaffold import new_plugin
+
+    skeleton = new_plugin(
+        args.name, model_class=args.model_class, out=args.out, config=dict(args.config), force=args.force
+    )
+    if ui.json_mode:
+        ui.emit_json(skeleton.to_dict())
+        return EXIT_OK
+    ui.say(f"wrote {skeleton.distribution} ({skeleton.model_class}) in {skeleton.path}:")
+    for f in skeleton.files:
+        ui.say(f"  {f}")
+    ui.say("next:")
+    ui.say(
+        f"  pip install -e {skeleton.path}      # registers adapter {args.name!r} (entry point group prunekit)"
+    )
+    ui.say(
+        f"  pytest {skeleton.path / 'tests'}     # the conformance suite on a tiny random {skeleton.model_class}"
+    )
     return EXIT_OK
 
 
@@ -760,16 +818,56 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect",
         parents=[common],
         formatter_class=fmt,
-        help="show a model's pruning IR: blocks, sublayers, parameters",
+        help="show the matched adapter and the model's pruning IR as a tree",
         description=(
-            "Load MODEL and print its pruning IR: architecture, adapter, total and block parameters, every "
-            "block with its sublayers (unit ids, modules, parameters, channel groups) and the stages that are "
-            "never removed. --json prints the IR (ModelIR.model_dump()) plus the model's fingerprint."
+            "Load MODEL and print which adapter describes it (with its match score, and the other adapters "
+            "that also matched) and its pruning IR as a tree: total and block parameters, every block with "
+            "its sublayers (unit ids, modules, pre-norms, parameters, channel groups, KV cache, residual "
+            "edge) and the stages that are never removed. A model no family plugin covers is described by "
+            "the built-in generic adapter (match score 1), which discovers blocks and sublayers with "
+            "torch.export. --json prints the IR (ModelIR.model_dump()) plus the fingerprint, the selected "
+            "match and every candidate."
         ),
         epilog=_epilog("prunekit inspect smollm2-135m", "prunekit inspect ./my-llama --json"),
     )
     p.add_argument("model", metavar="MODEL", help=model_help)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "new-plugin",
+        parents=[common],
+        formatter_class=fmt,
+        help="write a working skeleton plugin distribution for a model family",
+        description=(
+            "Write the plugin distribution prunekit-NAME for the transformers class --model-class: pyproject "
+            "with the 'prunekit' entry point, an adapter and a conformance test. The adapter is filled in "
+            "from the layout the generic adapter discovers in a tiny random model of that class (blocks, "
+            "branches, pre-norms, stages), so the skeleton passes the conformance suite as written; refine "
+            "it from there (docs/plugins/writing-a-plugin.md)."
+        ),
+        epilog=_epilog(
+            "prunekit new-plugin gptj --model-class GPTJForCausalLM --config rotary_dim=8",
+            "prunekit new-plugin olmo --model-class OlmoForCausalLM --out plugins/olmo",
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="plugin and adapter name: a lowercase identifier, e.g. gptj")
+    p.add_argument(
+        "--model-class",
+        required=True,
+        metavar="CLASS",
+        help="the transformers causal-LM class the plugin describes, e.g. GPTJForCausalLM",
+    )
+    p.add_argument("--out", type=Path, default=None, help="folder to write (default: ./prunekit-NAME)")
+    p.add_argument(
+        "--config",
+        type=_config_item,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the tiny test model's config (JSON values; repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    p.set_defaults(func=cmd_new_plugin)
 
     p = sub.add_parser(
         "score",

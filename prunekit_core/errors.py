@@ -47,7 +47,8 @@ class UnsupportedModelError(PrunekitError):
             msg += f"Plugins that failed to load: {', '.join(failures)} (see `prunekit plugins`). "
         msg += (
             "Install the plugin for this family (Llama/Mistral/Qwen2: pip install -e plugins/llama), "
-            "or write one: see docs/concepts.md and prunekit_core.testing."
+            "or write one: `prunekit new-plugin NAME --model-class CLASS` writes a working skeleton "
+            "(docs/plugins/writing-a-plugin.md)."
         )
         super().__init__(msg)
 
@@ -82,3 +83,15 @@ class PlanMismatchError(PlanError):
 
 class CheckpointError(PrunekitError):
     """A pruned checkpoint is missing, incomplete or inconsistent."""
+
+
+class UnsupportedPatternError(PrunekitError):
+    """The generic adapter found a structure it cannot map into the IR; the message names the pattern."""
+
+    def __init__(self, model_class: str, pattern: str) -> None:
+        self.model_class = model_class
+        self.pattern = pattern
+        super().__init__(
+            f"the generic adapter cannot describe {model_class}: {pattern}. Write a plugin for this family "
+            "(`prunekit new-plugin NAME`, see docs/plugins/writing-a-plugin.md)."
+        )

@@ -135,6 +135,16 @@ class Sublayer(_Frozen):
     out_proj: str | None = Field(
         None, description="dotted path of the nn.Linear whose output is the branch's contribution (repair)"
     )
+    parts: tuple[str, ...] = Field(
+        (),
+        description="further modules whose output only feeds this branch (e.g. fc1 when the branch ends in "
+        "fc2): their parameters count with the branch and they are removed with it",
+    )
+    full_zero: bool = Field(
+        False,
+        description="its stand-in returns zeros shaped like its input instead of a scalar zero, for callers "
+        "that add into the branch output in place",
+    )
     removable: bool = True
     uses_cache: bool = False
     channel_groups: tuple[ChannelGroup, ...] = ()

@@ -31,7 +31,11 @@ from .quant import QuantFormat
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "prunekit"
-BUILTIN_MODULES = ("prunekit_core.builtin.metrics", "prunekit_core.builtin.quant_formats")
+BUILTIN_MODULES = (
+    "prunekit_core.builtin.adapters",
+    "prunekit_core.builtin.metrics",
+    "prunekit_core.builtin.quant_formats",
+)
 
 
 @dataclass
@@ -262,6 +266,29 @@ def get_adapter(name: str) -> ArchitectureAdapter:
     return table[name]
 
 
+@dataclass(frozen=True)
+class AdapterMatch:
+    """One adapter that claims a model, with its ``match`` score and the plugin that registered it."""
+
+    adapter: ArchitectureAdapter
+    name: str
+    plugin: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter": self.name, "plugin": self.plugin, "score": self.score}
+
+
+def rank_adapters(model: nn.Module) -> list[AdapterMatch]:
+    """Every adapter whose ``match`` accepts ``model``, best score first (the first one is selected)."""
+    scored = []
+    for key, (adapter, plugin) in _registry().adapters.items():
+        score = adapter.match(model)
+        if score is not None:
+            scored.append(AdapterMatch(adapter=adapter, name=key, plugin=plugin, score=float(score)))
+    return sorted(scored, key=lambda m: -m.score)
+
+
 def select_adapter(model: nn.Module) -> ArchitectureAdapter:
     """The adapter with the highest ``match`` score for ``model``.
 
@@ -269,11 +296,7 @@ def select_adapter(model: nn.Module) -> ArchitectureAdapter:
     the best score is shared by adapters of different plugins.
     """
     reg = _registry()
-    scored: list[tuple[float, str, ArchitectureAdapter, str]] = []
-    for key, (adapter, plugin) in reg.adapters.items():
-        score = adapter.match(model)
-        if score is not None:
-            scored.append((float(score), key, adapter, plugin))
+    scored = [(m.score, m.name, m.adapter, m.plugin) for m in rank_adapters(model)]
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if not scored:

@@ -103,6 +103,7 @@ class _TowerRecorder:
     def hook(self, p: int):  # noqa: ANN201 - a torch hook
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
+            x = x.reshape(self.lasts[-1].shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
             if self.prev is not None:
                 self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
             self.prev = x

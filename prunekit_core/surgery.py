@@ -26,24 +26,29 @@ class RemovedBranch(nn.Module):
     """Stands in for a removed residual branch: returns a zero that broadcasts against the stream.
 
     ``output="tuple"`` returns ``(zero, None)`` for branches whose callers unpack two values (Hugging Face
-    attention modules); a bare tensor there would silently unpack along the batch dimension.
+    attention modules); a bare tensor there would silently unpack along the batch dimension. ``full=True``
+    returns zeros shaped like the input instead of a scalar, for callers that add into the branch output
+    in place (``mlp_out += attn_out``), which a 0-d tensor cannot hold.
     """
 
-    def __init__(self, kind: str, output: BranchOutput, norm_path: str | None = None) -> None:
+    def __init__(
+        self, kind: str, output: BranchOutput, norm_path: str | None = None, *, full: bool = False
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.output = output
         self.norm_path = norm_path
+        self.full = full
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, None]:
         x = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(x, torch.Tensor):
             raise TypeError("RemovedBranch expects the hidden states as first argument or hidden_states=")
-        zero = x.new_zeros(())
+        zero = torch.zeros_like(x) if self.full else x.new_zeros(())
         return (zero, None) if self.output == "tuple" else zero
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, output={self.output!r}"
+        return f"kind={self.kind!r}, output={self.output!r}" + (", full=True" if self.full else "")
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,17 @@ def removed_params(ir: ModelIR, resolved: Resolved) -> int:
 
 
 def remove_branch(model: nn.Module, sub: Sublayer) -> None:
-    """Replace one branch (and its pre-norm) by a parameter-free stand-in."""
-    set_module(model, sub.module, RemovedBranch(sub.kind, sub.output, sub.norm))
+    """Replace one branch (its module, its parts and its pre-norm) by parameter-free stand-ins."""
+    set_module(model, sub.module, RemovedBranch(sub.kind, sub.output, sub.norm, full=sub.full_zero))
+    for part in sub.parts:  # their output only fed the branch, which now ignores its input
+        set_module(model, part, RemovedBranch(sub.kind, "tensor"))
     if sub.norm:
         set_module(model, sub.norm, nn.Identity())
+
+
+def branch_paths(sub: Sublayer) -> list[str]:
+    """Every module path a branch removal replaces: the branch, its parts and its pre-norm."""
+    return [sub.module, *sub.parts, *([sub.norm] if sub.norm else [])]
 
 
 def apply_removals(
@@ -205,9 +217,7 @@ def branches_masked(model: nn.Module, subs: list[Sublayer]) -> Iterator[None]:
     saved: list[tuple[str, nn.Module]] = []
     try:
         for s in subs:
-            saved.append((s.module, get_module(model, s.module)))
-            if s.norm:
-                saved.append((s.norm, get_module(model, s.norm)))
+            saved += [(path, get_module(model, path)) for path in branch_paths(s)]
             remove_branch(model, s)
         yield
     finally:

@@ -1,4 +1,5 @@
-"""Docs stay honest: every CLI command and flag is in docs/cli.md, every hook is in docs/concepts.md."""
+"""Docs stay honest: every CLI command and flag is in docs/cli.md, every hook in docs/concepts.md and the
+hook reference docs/plugins/hooks.md, every conformance check in docs/plugins/testing-plugins.md."""
 
 from __future__ import annotations
 
@@ -49,3 +50,40 @@ def test_there_are_hooks() -> None:
 @pytest.mark.parametrize("hook", hooks())
 def test_every_hook_is_documented_in_concepts(hook: str) -> None:
     assert f"`{hook}" in (DOCS / "concepts.md").read_text()
+
+
+# --- docs/plugins -------------------------------------------------------------------------------------
+
+PLUGINS = DOCS / "plugins"
+
+
+@pytest.mark.parametrize("hook", hooks())
+def test_every_hook_is_in_the_hook_reference(hook: str) -> None:
+    text = (PLUGINS / "hooks.md").read_text()
+    assert f"## `{hook}`" in text, f"docs/plugins/hooks.md has no section for {hook}"
+    section = text.split(f"## `{hook}`", 1)[1].split("\n## ", 1)[0]
+    params = ", ".join(inspect.signature(getattr(hookspecs, hook)).parameters)
+    assert f"`{hook}({params})`" in section, f"hooks.md shows another signature for {hook}"
+    summary = inspect.getdoc(getattr(hookspecs, hook)).splitlines()[0]
+    assert summary in section, f"hooks.md lacks the docstring summary of {hook}: {summary!r}"
+
+
+def test_hook_reference_names_no_stale_hook() -> None:
+    import re
+
+    documented = re.findall(r"^## `(prunekit_\w+)`", (PLUGINS / "hooks.md").read_text(), flags=re.M)
+    assert sorted(documented) == sorted(hooks())
+
+
+def test_every_conformance_check_is_in_testing_plugins() -> None:
+    from prunekit_core.testing import AdapterConformance
+
+    text = (PLUGINS / "testing-plugins.md").read_text()
+    checks = sorted(n for n in dir(AdapterConformance) if n.startswith("test_"))
+    missing = [c for c in checks if f"| `{c}` |" not in text]
+    assert not missing, f"docs/plugins/testing-plugins.md does not describe {missing}"
+
+
+@pytest.mark.parametrize("page", ["installing.md", "writing-a-plugin.md", "hooks.md", "testing-plugins.md"])
+def test_plugin_docs_are_linked_from_the_index(page: str) -> None:
+    assert f"]({page})" in (PLUGINS / "README.md").read_text()

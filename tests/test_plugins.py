@@ -11,7 +11,7 @@ import pluggy
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
 
 import prunekit_core.plugins as plugins_mod
 from prunekit_core import hookimpl
@@ -76,9 +76,11 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
+def tiny_gpt2() -> GPT2Model:
+    """A model no adapter takes: a GPT-2 backbone without a language-model head (the generic adapter
+    describes causal LMs only)."""
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    return GPT2Model(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
 
 
 @pytest.fixture
@@ -210,10 +212,10 @@ def test_unknown_model_names_class_type_and_adapters() -> None:
     with pytest.raises(UnsupportedModelError) as err:
         select_adapter(tiny_gpt2())
     message = str(err.value)
-    assert "GPT2LMHeadModel" in message and "'gpt2'" in message
+    assert "GPT2Model" in message and "'gpt2'" in message
     assert "llama" in message  # the installed adapters
     assert "pip install" in message  # and a hint
-    assert err.value.model_class == "GPT2LMHeadModel" and err.value.model_type == "gpt2"
+    assert err.value.model_class == "GPT2Model" and err.value.model_type == "gpt2"
     assert "llama" in err.value.installed
 
 

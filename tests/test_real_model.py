@@ -39,3 +39,21 @@ def test_prune_repair_save_reload_smollm2(tmp_path) -> None:
     assert plain.config.num_hidden_layers == 28
     with torch.no_grad():
         assert torch.allclose(plain(wiki[:1, :64]).logits, model(wiki[:1, :64]).logits, atol=1e-5)
+
+
+@needs_assets
+def test_generic_adapter_describes_smollm2_like_the_llama_plugin() -> None:
+    from prunekit_llama import LlamaFamilyAdapter
+
+    import prunekit_core as pk
+    from prunekit_core.generic import GenericAdapter
+
+    model, _tok, _ = pk.load_model("smollm2-135m")
+    generic = GenericAdapter().build_ir(model)
+    plugin = LlamaFamilyAdapter().build_ir(model)
+    fields = ("id", "kind", "module", "norm", "output", "residual", "params", "uses_cache")
+    assert [[getattr(s, f) for f in fields] for s in generic.sublayers()] == [
+        [getattr(s, f) for f in fields] for s in plugin.sublayers()
+    ]
+    assert [(b.id, b.params) for b in generic.blocks()] == [(b.id, b.params) for b in plugin.blocks()]
+    assert generic.tower("text").stages == plugin.tower("text").stages

@@ -1,6 +1,13 @@
-"""The conformance kit's expert checks fail on broken MoE adapters (and pass on the real one)."""
+"""The conformance kit's expert checks fail on broken MoE adapters (and pass on the real one).
+
+Every ``test_expert_*`` check of the kit has a broken adapter here (the core's
+``tests/test_conformance_kit_catches_faults.py`` covers the other checks with a broken Llama adapter; expert
+checks need an MoE model, which only this plugin builds).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +48,45 @@ class KeepsExpertCount(MoEAdapter):
         return _edit_experts(super().build_ir(model), update=lambda f: {"counters": ()})
 
 
+class ForgetsExpertConfig(MoEAdapter):
+    """Slices experts and counters but leaves the config's expert count as it was."""
+
+    def build_ir(self, model):  # noqa: ANN001, ANN201
+        return _edit_experts(super().build_ir(model), update=lambda f: {"config_fields": {}})
+
+
+class ForgetsTopKCounters(MoEAdapter):
+    """Declares top_k without the module attributes that hold it, so clamping changes nothing."""
+
+    def build_ir(self, model):  # noqa: ANN001, ANN201
+        return _edit_experts(
+            super().build_ir(model),
+            update=lambda f: {"top_k": f.top_k.model_copy(update={"counters": ()}) if f.top_k else None},
+        )
+
+
+class MutatesOnBuild(MoEAdapter):
+    """Writes into the model's config every time it describes the model."""
+
+    def build_ir(self, model):  # noqa: ANN001, ANN201
+        model.config.prunekit_builds = getattr(model.config, "prunekit_builds", 0) + 1
+        return super().build_ir(model)
+
+
+# (fault, the expert checks that must catch it)
+FAULTS = [
+    (KeepsRouterRows, ["test_expert_removal_equals_masked_router"]),
+    (
+        KeepsExpertCount,
+        ["test_expert_removal_equals_masked_router", "test_expert_cached_generation_matches_full_forward"],
+    ),
+    (ForgetsExpertConfig, ["test_expert_save_reload_roundtrip"]),
+    (ForgetsTopKCounters, ["test_expert_below_top_k_needs_a_policy"]),
+    (MutatesOnBuild, ["test_expert_remove_every_expert_rejected"]),
+]
+CASES = [(adapter, test) for adapter, tests in FAULTS for test in tests]
+
+
 class Kit(AdapterConformance):
     def make_model(self):  # noqa: ANN201
         return tiny_mixtral("grouped_mm")  # eager ignores a stale num_experts; grouped_mm does not
@@ -60,11 +106,29 @@ def one_thread():  # noqa: ANN201
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("adapter_cls", [KeepsRouterRows, KeepsExpertCount])
-def test_kit_catches_fault(adapter_cls) -> None:  # noqa: ANN001
-    with pytest.raises((AssertionError, RuntimeError, IndexError)):
-        kit(adapter_cls()).test_expert_removal_equals_masked_router()
+def run(instance: Kit, test: str, tmp_path: Path) -> None:
+    method = getattr(instance, test)
+    if "tmp_path" in method.__code__.co_varnames[: method.__code__.co_argcount]:
+        method(tmp_path)
+    else:
+        method()
 
 
-def test_real_adapter_passes() -> None:
-    kit(MoEAdapter()).test_expert_removal_equals_masked_router()
+def test_every_expert_check_has_a_fault() -> None:
+    checks = {n for n in dir(AdapterConformance) if n.startswith("test_expert_")}
+    assert checks == {t for _, t in CASES}, (
+        f"expert checks without a broken adapter: {checks - {t for _, t in CASES}}"
+    )
+
+
+@pytest.mark.parametrize(("adapter_cls", "test"), CASES, ids=[f"{a.__name__}-{t}" for a, t in CASES])
+def test_kit_catches_fault(adapter_cls, test: str, tmp_path: Path) -> None:  # noqa: ANN001
+    from prunekit_core.errors import CheckpointError
+
+    with pytest.raises((AssertionError, RuntimeError, IndexError, CheckpointError)):
+        run(kit(adapter_cls()), test, tmp_path)
+
+
+@pytest.mark.parametrize("test", sorted({t for _, t in CASES}))
+def test_real_adapter_passes(test: str, tmp_path: Path) -> None:
+    run(kit(MoEAdapter()), test, tmp_path)

@@ -1,0 +1,332 @@
+"""The generic adapter: discovered IRs, and block/sublayer surgery on architectures no plugin covers.
+
+Each ``Test*`` class runs the full conformance suite (:mod:`prunekit_core.testing`) with the generic
+adapter on a tiny random model built from its config: every removed branch equals the model with that
+branch's output zeroed by a hook, every removed block equals the model with that block bypassed, cached
+decoding equals one full forward, configs and checkpoints round-trip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from prunekit_llama import LlamaFamilyAdapter
+from torch import nn
+
+from prunekit_core import plugins
+from prunekit_core.errors import UnsupportedPatternError
+from prunekit_core.generic import MATCH_SCORE, GenericAdapter
+from prunekit_core.testing import AdapterConformance
+
+COMMON = dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128
+)
+COMMON["max_position_embeddings"] = 128
+
+
+def _tiny(model_cls: type, config_cls: type, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+def tiny_llama() -> nn.Module:
+    return _tiny(T.LlamaForCausalLM, T.LlamaConfig, num_key_value_heads=2, **COMMON)
+
+
+class GenericConformance(AdapterConformance):
+    adapter = GenericAdapter()
+
+    def test_adapter_matches(self) -> None:
+        """The generic adapter claims every model here; the Llama plugin may claim some structurally
+        (see test_family_plugins_win_over_the_generic_adapter), so selection is not checked."""
+        assert self.adapter.match(self.make_model()) == MATCH_SCORE
+
+
+class TestGPT2(GenericConformance):
+    """Conv1D projections, learned position embeddings, tied head."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(
+            T.GPT2LMHeadModel, T.GPT2Config, vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=128
+        )
+
+
+class TestOPT(GenericConformance):
+    """No MLP module: the branch is final_layer_norm -> fc1 -> act -> fc2 over a flattened stream."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(
+            T.OPTForCausalLM,
+            T.OPTConfig,
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        )
+
+
+class TestOPTPostNorm(TestOPT):
+    """OPT-350m style: the norms sit on the stream after each addition, so branches have no pre-norm."""
+
+    expected_failures = {
+        "test_metrics_finite_on_every_unit": "no final norm: calibration cannot observe the end of the stream"
+    }
+
+    def make_model(self) -> nn.Module:
+        model = super().make_model()
+        torch.manual_seed(0)
+        config = model.config
+        config.do_layer_norm_before = False
+        return T.OPTForCausalLM(config).eval()
+
+
+class TestPhi3(GenericConformance):
+    """Fused qkv_proj and gate_up_proj, residual dropout modules between branch and addition."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.Phi3ForCausalLM, T.Phi3Config, num_key_value_heads=2, pad_token_id=0, **COMMON)
+
+
+class TestQwen3(GenericConformance):
+    def make_model(self) -> nn.Module:
+        return _tiny(T.Qwen3ForCausalLM, T.Qwen3Config, num_key_value_heads=2, head_dim=16, **COMMON)
+
+
+class TestGPTNeoX(GenericConformance):
+    """Parallel attention and MLP on the same input: x + attn(ln1(x)) + mlp(ln2(x))."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, **COMMON)
+
+
+class TestGPTNeoXSequential(GenericConformance):
+    def make_model(self) -> nn.Module:
+        return _tiny(T.GPTNeoXForCausalLM, T.GPTNeoXConfig, use_parallel_residual=False, **COMMON)
+
+
+class TestFalcon(GenericConformance):
+    """Parallel branches sharing one pre-norm, and `mlp_output += attention_output` in place."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(
+            T.FalconForCausalLM,
+            T.FalconConfig,
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        )
+
+
+class TestStableLM(GenericConformance):
+    def make_model(self) -> nn.Module:
+        return _tiny(T.StableLmForCausalLM, T.StableLmConfig, num_key_value_heads=2, **COMMON)
+
+
+class TestStableLMParallel(GenericConformance):
+    def make_model(self) -> nn.Module:
+        return _tiny(
+            T.StableLmForCausalLM,
+            T.StableLmConfig,
+            num_key_value_heads=2,
+            use_parallel_residual=True,
+            **COMMON,
+        )
+
+
+class TestLlamaThroughGeneric(GenericConformance):
+    def make_model(self) -> nn.Module:
+        return tiny_llama()
+
+
+# --- the discovered IR --------------------------------------------------------------------------------
+
+
+def _units(ir) -> list[tuple]:  # noqa: ANN001
+    out = []
+    for t in ir.towers:
+        out.append((t.name, t.blocks_path, t.width, t.final_norm, t.head))
+        out += [(st.id, st.kind, st.module, st.params, st.tied_to) for st in t.stages]
+        for b in t.blocks:
+            out.append((b.id, b.index, b.module, b.params))
+            out += [
+                (s.id, s.kind, s.module, s.norm, s.output, s.residual, s.params, s.uses_cache, s.removable)
+                + (s.out_proj,)
+                for s in b.sublayers
+            ]
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_generic_ir_of_llama_equals_the_llama_plugin(tied: bool) -> None:
+    model = _tiny(
+        T.LlamaForCausalLM, T.LlamaConfig, num_key_value_heads=2, tie_word_embeddings=tied, **COMMON
+    )
+    generic = GenericAdapter().build_ir(model)
+    plugin = LlamaFamilyAdapter().build_ir(model)
+    assert _units(generic) == _units(plugin)
+    assert generic.total_params == plugin.total_params
+    assert [u for u in generic.units()] == [u for u in plugin.units()]
+
+
+def test_generic_ir_of_pruned_llama_equals_the_llama_plugin() -> None:
+    """After surgery (blocks deleted, branches replaced) the remembered discovery still agrees."""
+    model = tiny_llama()
+    kit = TestLlamaThroughGeneric()
+    kit.prune(model, ["text.blocks.0.attn", "text.blocks.1", "text.blocks.3.mlp"])
+    assert _units(GenericAdapter().build_ir(model)) == _units(LlamaFamilyAdapter().build_ir(model))
+
+
+def test_generic_ir_of_a_reloaded_checkpoint_is_rediscovered(tmp_path) -> None:  # noqa: ANN001
+    from prunekit_core.checkpoint import load_pruned, save_pruned
+
+    model = TestFalcon().make_model()
+    TestFalcon().prune(model, ["text.blocks.0.mlp", "text.blocks.2"])
+    loaded = load_pruned(save_pruned(model, tmp_path / "falcon"))
+    assert not hasattr(loaded, "_prunekit_generic_layout")
+    assert _units(GenericAdapter().build_ir(loaded)) == _units(GenericAdapter().build_ir(model))
+
+
+def test_family_plugins_win_over_the_generic_adapter() -> None:
+    model = tiny_llama()
+    assert GenericAdapter().match(model) == MATCH_SCORE
+    assert plugins.select_adapter(model).name == "llama"
+    gpt2 = TestGPT2().make_model()
+    assert plugins.select_adapter(gpt2).name == "generic"
+
+
+def test_parallel_branches_share_one_residual_edge() -> None:
+    ir = GenericAdapter().build_ir(TestGPTNeoX().make_model())
+    attn, mlp = ir.blocks()[0].sublayers
+    assert (attn.kind, mlp.kind) == ("attention", "mlp")
+    assert attn.residual == mlp.residual
+    falcon = GenericAdapter().build_ir(TestFalcon().make_model())
+    attn, mlp = falcon.blocks()[0].sublayers
+    assert attn.norm is None and mlp.norm is None, "Falcon's shared pre-norm must stay with the block"
+    assert mlp.full_zero and not attn.full_zero
+
+
+def test_opt_mlp_is_a_branch_of_sibling_modules() -> None:
+    ir = GenericAdapter().build_ir(TestOPT().make_model())
+    mlp = ir.blocks()[0].sublayers[1]
+    assert (mlp.module, mlp.parts, mlp.norm) == (
+        "model.decoder.layers.0.fc2",
+        ("model.decoder.layers.0.fc1",),
+        "model.decoder.layers.0.final_layer_norm",
+    )
+
+
+# --- patterns the generic adapter cannot read ------------------------------------------------------------
+
+
+class _GatedBlock(nn.Module):
+    """x + gate * mlp(norm(x)): the block scales the branch with its own parameter."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.mlp = nn.Linear(hidden, hidden)
+        self.gate = nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gate * self.mlp(self.norm(x))
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mlp(x))
+
+
+class _TinyLM(T.PreTrainedModel):
+    config_class = T.PretrainedConfig
+
+    def __init__(self, config: T.PretrainedConfig, block: type) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([block(config.hidden_size) for _ in range(config.num_hidden_layers)])
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.mlp = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def _custom(block: type, *, sequential: bool = False) -> nn.Module:
+    config = T.PretrainedConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2)
+    model = _TinyLM(config, block).eval()
+    if sequential:  # blocks in an nn.Sequential: there is no list to delete them from
+        model.layers = nn.Sequential(*model.layers)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("block", "pattern"),
+    [
+        (_GatedBlock, r"adds a value that layers.0 computes itself with `aten.mul.Tensor`"),
+        (_PlainBlock, r"no residual addition x \+ f\(x\)"),
+    ],
+)
+def test_unreadable_pattern_is_named(block: type, pattern: str) -> None:
+    model = _custom(block)
+    assert GenericAdapter().match(model) == MATCH_SCORE
+    with pytest.raises(UnsupportedPatternError, match=pattern) as err:
+        GenericAdapter().build_ir(model)
+    assert "prunekit new-plugin" in str(err.value)
+
+
+def test_custom_residual_model_is_understood() -> None:
+    """Control for the cases above: the same toy model with a plain pre-norm residual block works."""
+    ir = GenericAdapter().build_ir(_custom(_ResidualBlock))
+    assert [(s.id, s.module, s.norm) for s in ir.sublayers()] == [
+        ("text.blocks.0.mlp", "layers.0.mlp", "layers.0.norm"),
+        ("text.blocks.1.mlp", "layers.1.mlp", "layers.1.norm"),
+    ]
+
+
+def test_residual_added_inside_a_branch_module_is_named() -> None:
+    """Bloom adds the residual inside its attention and MLP modules (they take it as an argument)."""
+    model = _tiny(T.BloomForCausalLM, T.BloomConfig, vocab_size=128, hidden_size=64, n_layer=4, n_head=4)
+    with pytest.raises(UnsupportedPatternError, match=r"happens inside transformer\.h\.0\.self_attention"):
+        GenericAdapter().build_ir(model)
+
+
+def test_blocks_outside_a_module_list_are_named() -> None:
+    model = _custom(_ResidualBlock, sequential=True)
+    assert GenericAdapter().match(model) is None  # no nn.ModuleList of num_hidden_layers blocks
+    with pytest.raises(UnsupportedPatternError, match="is not inside a block of an nn.ModuleList"):
+        GenericAdapter().build_ir(model)
+
+
+def test_discovery_leaves_training_mode_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit_core import generic
+
+    monkeypatch.setattr(generic, "_CACHE", type(generic._CACHE)())  # discover, do not recall
+    model = TestGPT2().make_model().train()
+    ir = GenericAdapter().build_ir(model)
+    assert model.training and len(ir.sublayers()) == 8

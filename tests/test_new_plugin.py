@@ -1,0 +1,116 @@
+"""`prunekit new-plugin`: the skeleton distribution it writes works as written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from prunekit_core.cli import main
+from prunekit_core.generic import GenericAdapter
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="module")
+def skeleton(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("skeleton") / "prunekit-toygpt"
+    assert (
+        main(["new-plugin", "toygpt", "--model-class", "GPT2LMHeadModel", "--out", str(out), "--json"]) == 0
+    )
+    return out
+
+
+def test_writes_a_distribution_with_an_entry_point(skeleton: Path) -> None:
+    files = sorted(str(p.relative_to(skeleton)) for p in skeleton.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "prunekit_toygpt/__init__.py",
+        "prunekit_toygpt/adapter.py",
+        "prunekit_toygpt/plugin.py",
+        "pyproject.toml",
+        "tests/conftest.py",
+        "tests/test_toygpt_conformance.py",
+    ]
+    pyproject = (skeleton / "pyproject.toml").read_text()
+    assert 'name = "prunekit-toygpt"' in pyproject
+    assert '[project.entry-points.prunekit]\ntoygpt = "prunekit_toygpt.plugin"\n' in pyproject
+
+
+def test_skeleton_adapter_describes_the_model_like_the_generic_adapter(
+    skeleton: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(skeleton))
+    from prunekit_toygpt import ToygptAdapter
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4)).eval()
+    adapter = ToygptAdapter()
+    assert adapter.match(model) == 100.0
+    ours = adapter.build_ir(model).model_dump(exclude={"adapter"})
+    assert ours == GenericAdapter().build_ir(model).model_dump(exclude={"adapter"})
+    sys.modules.pop("prunekit_toygpt", None)
+
+
+def test_skeleton_passes_the_conformance_suite(
+    skeleton: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(skeleton))
+    result = pytester.runpytest_inprocess(str(skeleton / "tests"), "-q", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) >= 10 and not outcomes.get("failed") and not outcomes.get("errors"), (
+        outcomes
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["new-plugin", "Bad-Name", "--model-class", "GPT2LMHeadModel"], "lowercase Python identifier"),
+        (["new-plugin", "x", "--model-class", "GPT2LMHeadModle"], "did you mean GPT2LMHeadModel"),
+        (["new-plugin", "x", "--model-class", "GPT2LMHeadModel", "--config", "n_layer"], "KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_refuses_a_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["new-plugin", "x", "--model-class", "GPT2LMHeadModel", "--out", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p"
+    argv = ["new-plugin", "tiny_opt", "--model-class", "OPTForCausalLM", "--out", str(out), "--json"]
+    argv += ["--config", "ffn_dim=128", "--config", "word_embed_proj_dim=64"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["distribution"] == "prunekit-tiny-opt" and data["adapter_class"] == "TinyOptAdapter"
+    assert '"ffn_dim": 128' in (out / "tests/test_tiny_opt_conformance.py").read_text()
+    assert 'parts=("fc1",)' in (out / "prunekit_tiny_opt/adapter.py").read_text()
+
+
+def test_the_example_plugin_is_what_new_plugin_writes(tmp_path: Path) -> None:
+    """examples/prunekit-gptj was made with `prunekit new-plugin`; only its width pruning was added by hand."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "prunekit-gptj"
+    out = tmp_path / "gptj"
+    argv = ["new-plugin", "gptj", "--model-class", "GPTJForCausalLM", "--config", "rotary_dim=8"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out)
+        ours = (example / rel).read_text()
+        if rel.name == "adapter.py":  # the generated class body is kept; build_ir was added after it
+            generated = path.read_text()
+            body = generated[generated.index("class GptjAdapter") :]
+            assert body.rstrip() in ours, "the example's generated layout and branches were changed"
+        else:
+            assert ours == path.read_text(), f"{rel} differs from what new-plugin writes"
