@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -68,6 +68,10 @@ class PrunePlan(BaseModel):
     block_params: int = Field(0, description="parameters of all blocks before pruning (the budget base)")
     scores: dict[str, float] = Field(default_factory=dict, description="metric value per unit, for reports")
     notes: list[str] = Field(default_factory=list)
+    recovery: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what healed the model after surgery (e.g. LoRA: rank, steps, lr, seed, tokens, wall time)",
+    )
 
     @property
     def achieved_ratio(self) -> float:

@@ -1,0 +1,108 @@
+"""LoRA healing: lowers the loss, merges exactly, is deterministic, and the result saves and reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_llama, tiny_tokenizer, words
+from torch import nn
+
+import prunekit_core as pk
+from prunekit_core.errors import CalibrationError, PlanError
+from prunekit_core.recovery import heal_lora, lora_targets, training_windows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # noqa: ANN201
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pruned() -> tuple[nn.Module, torch.Tensor]:
+    model = tiny_llama(layers=3)
+    ir = pk.inspect(model)
+    plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, ir), remove=["text.blocks.1"])
+    pk.apply_plan(model, plan)
+    gen = torch.Generator().manual_seed(1)
+    # a learnable pattern: each window repeats a short random motif
+    motif = torch.randint(3, 103, (8, 8), generator=gen)
+    return model, motif.repeat(1, 4)
+
+
+def test_lora_lowers_loss_and_merges_exactly() -> None:
+    model, ids = _pruned()
+    with torch.no_grad():
+        before = float(model(input_ids=ids, labels=ids).loss)
+    healed, report = heal_lora(model, ids, rank=4, steps=30, lr=1e-2, batch_size=4, seed=0)
+    with torch.no_grad():
+        after = float(healed(input_ids=ids, labels=ids).loss)
+    assert after < before - 0.1, (before, after)
+    assert report.merge_max_abs_diff < 1e-4
+    assert not any("lora" in n for n, _ in healed.named_parameters()), "adapter weights left in the model"
+    assert type(healed).__name__ == "LlamaForCausalLM"
+    assert report.tokens == 30 * 4 * ids.shape[1]
+    assert report.targets == len(lora_targets(healed, pk.inspect(healed))) == 2 * 7
+
+
+def test_merged_model_equals_adapter_model() -> None:
+    """Independent of heal_lora's own check: adapter logits before merging equal the merged logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model, ids = _pruned()
+    targets = lora_targets(model, pk.inspect(model))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        adapted = pm(input_ids=ids).logits
+        merged = pm.merge_and_unload()
+        assert (adapted - base).abs().max() > 1e-3  # the adapters do something
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_lora_is_deterministic_for_a_seed() -> None:
+    a, ids = _pruned()
+    b, _ = _pruned()
+    c, _ = _pruned()
+    heal_lora(a, ids, rank=4, steps=5, lr=1e-2, seed=3)
+    heal_lora(b, ids, rank=4, steps=5, lr=1e-2, seed=3)
+    heal_lora(c, ids, rank=4, steps=5, lr=1e-2, seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_healed_model_saves_records_and_reloads(tmp_path: Path) -> None:
+    model, ids = _pruned()
+    healed, report = heal_lora(model, ids, rank=4, steps=3, lr=1e-2)
+    assert healed._prunekit_plan.recovery["method"] == "lora"
+    out = pk.save_pruned(healed, tmp_path / "out", tokenizer=tiny_tokenizer())
+    again = pk.load_pruned(out)
+    assert again._prunekit_plan.recovery == report.as_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, healed(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_bad_options_and_texts_are_clear_errors() -> None:
+    model, ids = _pruned()
+    with pytest.raises(PlanError, match="positive"):
+        heal_lora(model, ids, steps=0)
+    with pytest.raises(CalibrationError, match="integer token windows"):
+        heal_lora(model, ids.float())
+    with pytest.raises(CalibrationError, match="evaluation text"):
+        training_windows(tiny_tokenizer(), seq_len=8, texts=("wiki", "c4"), exclude=("wiki",))
+
+
+def test_training_windows_skip_calibration_tokens(tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text(words(400, seed=0))
+    tok = tiny_tokenizer()
+    full = training_windows(tok, seq_len=16, texts=(str(text),))
+    skipped = training_windows(tok, seq_len=16, texts=(str(text),), skip_tokens={str(text): 64})
+    assert full.shape[0] == 25 and skipped.shape[0] == 21
+    assert torch.equal(skipped, full[4:])
