@@ -509,8 +509,27 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         if args.calib is None:
             raise CalibrationError("--calib TEXT is required to plan (or pass an existing plan with --plan)")
     # BEST unless a metric is named; a named metric runs as published (planning.resolve_method)
+    repair_arg = args.repair
+    if args.recover in ("none", "repair"):
+        wanted = "none" if args.recover == "none" else "lsq"
+        if repair_arg is not None and repair_arg != wanted:
+            raise PlanError(
+                f"--recover {args.recover} contradicts --repair {repair_arg}: pass one of them "
+                "(--recover repair is --repair lsq; --recover none turns the repair off)"
+            )
+        repair_arg = wanted
+    if args.recover == "lora":
+        import peft  # noqa: F401  (a missing install fails here, before anything is loaded)
+
+        heal_texts = tuple(t.strip() for t in args.lora_text.split(",") if t.strip())
+        for t in heal_texts:
+            _check_text(t)
+        if args.eval is not None and args.eval in heal_texts:
+            raise CalibrationError(
+                f"--lora-text includes the evaluation text {args.eval!r}: heal on other texts"
+            )
     metric_name, planner, granularity, repair = resolve_method(
-        args.metric, args.planner, args.granularity, args.repair
+        args.metric, args.planner, args.granularity, repair_arg
     )
     if given_plan is None:
         _check_text(args.calib)
@@ -642,6 +661,30 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
     plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
     result["uniform"] = plan.is_uniform
+    if args.recover == "lora":
+        from .recovery import heal_lora, training_windows
+
+        skip = {args.calib: cal_windows.num_tokens} if cal_windows is not None else {}
+        heal = training_windows(
+            tok, seq_len=args.lora_seq_len, texts=heal_texts, exclude=(args.eval or "",), skip_tokens=skip
+        )
+        with ui.step(f"LoRA healing ({args.lora_steps} steps on {', '.join(heal_texts)})"):
+            model, report = heal_lora(
+                model,
+                heal,
+                rank=args.lora_rank,
+                lr=args.lora_lr,
+                steps=args.lora_steps,
+                batch_size=args.lora_batch,
+                seed=args.seed,
+                progress=_bars(),
+            )
+        plan = model._prunekit_plan
+        ui.say(
+            f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
+            f"{report.loss_last:.3f}, {report.wall_s:.1f} s; merged into the weights"
+        )
+        result["recovery"] = report.as_dict()
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
     result["params_before"] = params_before.total
@@ -764,6 +807,7 @@ def _epilog(*lines: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .loading import MODEL_ALIASES
     from .planning import BEST, BEST_EXPERT, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
+    from .recovery import DEFAULT_HEAL_TEXTS
     from .text import TEXT_ALIASES
 
     text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
@@ -1018,6 +1062,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="lsq: fold what removed branches contributed into surviving output projections, fitted by least "
         f"squares on the calibration text (default {BEST.get('repair', 'none')} with the default metric, none "
         "when --metric is given)",
+    )
+    p.add_argument(
+        "--recover",
+        choices=("none", "repair", "lora"),
+        help="recovery after surgery: none; repair = the least-squares fold of --repair lsq (no added "
+        "parameters); lora = the plan's repair, then LoRA fine-tuning (peft) on --lora-text, merged into the "
+        "weights (a plain transformers model; recorded in plan.json). Default: as --repair",
+    )
+    p.add_argument(
+        "--lora-text",
+        default=",".join(DEFAULT_HEAL_TEXTS),
+        metavar="T1,T2",
+        help="healing texts, comma-separated, never the --eval text; the calibration windows are skipped "
+        f"(default {','.join(DEFAULT_HEAL_TEXTS)})",
+    )
+    p.add_argument(
+        "--lora-steps",
+        type=_positive("--lora-steps"),
+        default=200,
+        metavar="N",
+        help="LoRA steps (default 200)",
+    )
+    p.add_argument(
+        "--lora-lr", type=float, default=1e-3, metavar="LR", help="LoRA learning rate (default 1e-3)"
+    )
+    p.add_argument(
+        "--lora-rank", type=_positive("--lora-rank"), default=8, metavar="R", help="LoRA rank (default 8)"
+    )
+    p.add_argument(
+        "--lora-batch",
+        type=_positive("--lora-batch"),
+        default=4,
+        metavar="N",
+        help="LoRA windows per step (default 4)",
+    )
+    p.add_argument(
+        "--lora-seq-len", type=_seq_len, default=256, metavar="N", help="tokens per LoRA window (default 256)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the LoRA initialisation and data order (default 0)"
     )
     p.add_argument(
         "--seq-len",

@@ -82,7 +82,7 @@ def heal_lora(
     ir: ModelIR | None = None,
     rank: int = 8,
     alpha: float | None = None,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     steps: int = 200,
     batch_size: int = 4,
     seed: int = 0,
@@ -144,13 +144,13 @@ def heal_lora(
             batch = ids[order[pos : pos + batch_size]]
             pos += batch_size
             loss = peft_model(input_ids=batch, labels=batch).loss
-            if not math.isfinite(float(loss)):
-                raise PlanError(f"LoRA healing diverged (loss {float(loss)}); lower --lora-lr")
+            if not math.isfinite(float(loss.detach())):
+                raise PlanError(f"LoRA healing diverged (loss {float(loss.detach())}); lower the learning rate")
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(task, advance=1, description=f"LoRA healing (loss {losses[-1]:.3f})")
     finally:

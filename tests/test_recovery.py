@@ -106,3 +106,84 @@ def test_training_windows_skip_calibration_tokens(tmp_path: Path) -> None:
     skipped = training_windows(tok, seq_len=16, texts=(str(text),), skip_tokens={str(text): 64})
     assert full.shape[0] == 25 and skipped.shape[0] == 21
     assert torch.equal(skipped, full[4:])
+
+
+# --- CLI: prunekit prune --recover ----------------------------------------------------------------------
+
+
+def test_cli_prune_recover_lora_records_and_reloads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from helpers import save_tiny_model
+
+    from prunekit_core.cli import main
+
+    model = save_tiny_model(tmp_path / "tiny", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(words(600, seed=1))
+    heal = tmp_path / "heal.txt"
+    heal.write_text(words(600, seed=2))
+    out = tmp_path / "out"
+    args = [
+        "prune",
+        model,
+        "--ratio",
+        "0.3",
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--windows",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    args += [
+        "--metric",
+        "bi",
+        "--recover",
+        "lora",
+        "--lora-text",
+        heal,
+        "--lora-steps",
+        "3",
+        "--lora-seq-len",
+        "16",
+    ]
+    code = main([str(a) for a in args] + ["--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["recovery"]["method"] == "lora" and data["recovery"]["tokens"] == 3 * 4 * 16
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["recovery"] == data["recovery"]
+    again = pk.load_pruned(out)
+    assert again._prunekit_plan.recovery["steps"] == 3
+    assert not any("lora" in n for n in again.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--recover", "repair", "--repair", "none"], "contradicts"),
+        (["--recover", "lora", "--lora-text", "EVAL", "--eval", "EVAL"], "evaluation text"),
+        (["--recover", "lora", "--lora-text", "no-such-text"], "not found"),
+    ],
+)
+def test_cli_recover_bad_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    from helpers import save_tiny_model
+
+    from prunekit_core.cli import main
+
+    model = save_tiny_model(tmp_path / "tiny", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(words(600, seed=1))
+    extra = [str(calib) if e == "EVAL" else e for e in extra]
+    out = tmp_path / "out"
+    code = main([str(a) for a in ["prune", model, "--ratio", "0.3", "--calib", calib, "--out", out, *extra]])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
