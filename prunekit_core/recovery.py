@@ -145,7 +145,9 @@ def heal_lora(
             pos += batch_size
             loss = peft_model(input_ids=batch, labels=batch).loss
             if not math.isfinite(float(loss.detach())):
-                raise PlanError(f"LoRA healing diverged (loss {float(loss.detach())}); lower the learning rate")
+                raise PlanError(
+                    f"LoRA healing diverged (loss {float(loss.detach())}); lower the learning rate"
+                )
             loss.backward()
             opt.step()
             sched.step()
