@@ -483,6 +483,47 @@ def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
         raise CheckpointError(f"parent folder {out.absolute().parent} does not exist")
 
 
+def _heal_texts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --lora-text texts, checked before anything is loaded (never the --eval text)."""
+    import peft  # noqa: F401  (a missing install fails here, before anything is loaded)
+
+    texts = tuple(t.strip() for t in args.lora_text.split(",") if t.strip())
+    if not texts:
+        raise CalibrationError("--lora-text names no text: give one or more texts, comma-separated")
+    for t in texts:
+        _check_text(t)
+    if args.eval is not None and args.eval in texts:
+        raise CalibrationError(f"--lora-text includes the evaluation text {args.eval!r}: heal on other texts")
+    return texts
+
+
+def _heal_lora(
+    args: argparse.Namespace, ui: UI, model: Any, tok: Any, texts: tuple[str, ...], skip: dict[str, int]
+) -> tuple[Any, dict[str, Any]]:
+    """LoRA healing with the --lora-* options; returns the merged model and the recovery record."""
+    from .recovery import heal_lora, training_windows
+
+    heal = training_windows(
+        tok, seq_len=args.lora_seq_len, texts=texts, exclude=(args.eval or "",), skip_tokens=skip
+    )
+    with ui.step(f"LoRA healing ({args.lora_steps} steps on {', '.join(texts)})"):
+        model, report = heal_lora(
+            model,
+            heal,
+            rank=args.lora_rank,
+            lr=args.lora_lr,
+            steps=args.lora_steps,
+            batch_size=args.lora_batch,
+            seed=args.seed,
+            progress=_bars(),
+        )
+    ui.say(
+        f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
+        f"{report.loss_last:.3f}, {report.wall_s:.1f} s; merged into the weights"
+    )
+    return model, report.as_dict()
+
+
 def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
@@ -518,16 +559,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 "(--recover repair is --repair lsq; --recover none turns the repair off)"
             )
         repair_arg = wanted
-    if args.recover == "lora":
-        import peft  # noqa: F401  (a missing install fails here, before anything is loaded)
-
-        heal_texts = tuple(t.strip() for t in args.lora_text.split(",") if t.strip())
-        for t in heal_texts:
-            _check_text(t)
-        if args.eval is not None and args.eval in heal_texts:
-            raise CalibrationError(
-                f"--lora-text includes the evaluation text {args.eval!r}: heal on other texts"
-            )
+    heal_texts = _heal_texts(args) if args.recover == "lora" else ()
     metric_name, planner, granularity, repair = resolve_method(
         args.metric, args.planner, args.granularity, repair_arg
     )
@@ -662,29 +694,9 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
     result["uniform"] = plan.is_uniform
     if args.recover == "lora":
-        from .recovery import heal_lora, training_windows
-
         skip = {args.calib: cal_windows.num_tokens} if cal_windows is not None else {}
-        heal = training_windows(
-            tok, seq_len=args.lora_seq_len, texts=heal_texts, exclude=(args.eval or "",), skip_tokens=skip
-        )
-        with ui.step(f"LoRA healing ({args.lora_steps} steps on {', '.join(heal_texts)})"):
-            model, report = heal_lora(
-                model,
-                heal,
-                rank=args.lora_rank,
-                lr=args.lora_lr,
-                steps=args.lora_steps,
-                batch_size=args.lora_batch,
-                seed=args.seed,
-                progress=_bars(),
-            )
+        model, result["recovery"] = _heal_lora(args, ui, model, tok, heal_texts, skip)
         plan = model._prunekit_plan
-        ui.say(
-            f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
-            f"{report.loss_last:.3f}, {report.wall_s:.1f} s; merged into the weights"
-        )
-        result["recovery"] = report.as_dict()
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
     result["params_before"] = params_before.total
@@ -707,6 +719,78 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     ui.say(f"saved to {saved}; reload with {loader}")
     result["out"] = str(saved)
     result["written"] = "checkpoint"
+    if ui.json_mode:
+        ui.emit_json(result)
+    return EXIT_OK
+
+
+# --- prunekit recover --------------------------------------------------------------------------------
+
+
+def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
+    from .checkpoint import PLAN_FILE, save_pruned
+    from .evaluate import perplexity
+    from .plan import PrunePlan
+    from .surgery import apply_plan
+
+    # cheap checks first: nothing is loaded or written before all of them pass
+    out = Path(args.out).expanduser()
+    _check_out(out, plan_only=False, force=args.force)
+    if args.eval is not None:
+        _check_text(args.eval)
+    if args.calib is not None:
+        _check_text(args.calib)
+    plan = None
+    if args.method == "lora":
+        if args.base is not None:
+            raise PlanError("--base is for --method repair (it re-applies the plan to the unpruned model)")
+        heal_texts = _heal_texts(args)
+        _check_model(args.model)
+    else:
+        plan_file = Path(args.model).expanduser() / PLAN_FILE
+        if not plan_file.is_file():
+            raise PlanError(
+                f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
+            )
+        plan = PrunePlan.load(plan_file)
+        if plan.recovery:
+            raise PlanError(
+                f"{args.model} was already healed ({plan.recovery.get('method')}); the repair comes before "
+                "LoRA: run prunekit prune --recover lora on the unpruned model instead"
+            )
+        if args.base is None or args.calib is None:
+            raise PlanError(
+                "--method repair refits from the unpruned model: pass --base MODEL (the model the plan was "
+                "made for) and --calib TEXT (the calibration text)"
+            )
+        _check_model(args.base)
+
+    result: dict[str, Any] = {"model": args.model, "method": args.method, "out": str(out.absolute())}
+    if args.method == "lora":
+        model, tok, _src = _load_model(ui, args.model)
+        skip = {args.calib: args.windows * args.seq_len} if args.calib is not None else {}
+        model, result["recovery"] = _heal_lora(args, ui, model, tok, heal_texts, skip)
+        if getattr(model, "_prunekit_plan", None) is None:
+            ui.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
+    else:
+        assert plan is not None
+        model, tok, _src = _load_model(ui, args.base)
+        cal = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
+        with ui.step("apply plan with the least-squares repair"):
+            apply_plan(model, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids)
+        result["recovery"] = {"method": "repair", "calibration_tokens": cal.num_tokens}
+    if args.eval is not None:
+        windows = _windows(
+            tok, args.eval, seq_len=args.eval_seq_len, num_windows=None, max_tokens=args.eval_tokens
+        )
+        with ui.step(f"perplexity on {args.eval}"):
+            res = perplexity(model, windows.ids, progress=_bars())
+        ui.say(f"perplexity after recovery: {res.perplexity:.3f} on {res.tokens} tokens of {args.eval}")
+        result["perplexity_after"] = _ppl_dict(res)
+    with ui.step(f"save {out}"):
+        saved = save_pruned(model, out, tokenizer=tok, overwrite=args.force)
+    ui.say(f"saved to {saved}")
+    result["out"] = str(saved)
     if ui.json_mode:
         ui.emit_json(result)
     return EXIT_OK
@@ -802,6 +886,42 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _epilog(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -> None:
+    p.add_argument(
+        "--lora-text",
+        default=",".join(default_texts),
+        metavar="T1,T2",
+        help="healing texts, comma-separated, never the --eval text; the calibration windows are skipped "
+        f"(default {','.join(default_texts)})",
+    )
+    p.add_argument(
+        "--lora-steps",
+        type=_positive("--lora-steps"),
+        default=200,
+        metavar="N",
+        help="LoRA steps (default 200)",
+    )
+    p.add_argument(
+        "--lora-lr", type=float, default=1e-3, metavar="LR", help="LoRA learning rate (default 1e-3)"
+    )
+    p.add_argument(
+        "--lora-rank", type=_positive("--lora-rank"), default=8, metavar="R", help="LoRA rank (default 8)"
+    )
+    p.add_argument(
+        "--lora-batch",
+        type=_positive("--lora-batch"),
+        default=4,
+        metavar="N",
+        help="LoRA windows per step (default 4)",
+    )
+    p.add_argument(
+        "--lora-seq-len", type=_seq_len, default=256, metavar="N", help="tokens per LoRA window (default 256)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the LoRA initialisation and data order (default 0)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1070,39 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parameters); lora = the plan's repair, then LoRA fine-tuning (peft) on --lora-text, merged into the "
         "weights (a plain transformers model; recorded in plan.json). Default: as --repair",
     )
-    p.add_argument(
-        "--lora-text",
-        default=",".join(DEFAULT_HEAL_TEXTS),
-        metavar="T1,T2",
-        help="healing texts, comma-separated, never the --eval text; the calibration windows are skipped "
-        f"(default {','.join(DEFAULT_HEAL_TEXTS)})",
-    )
-    p.add_argument(
-        "--lora-steps",
-        type=_positive("--lora-steps"),
-        default=200,
-        metavar="N",
-        help="LoRA steps (default 200)",
-    )
-    p.add_argument(
-        "--lora-lr", type=float, default=1e-3, metavar="LR", help="LoRA learning rate (default 1e-3)"
-    )
-    p.add_argument(
-        "--lora-rank", type=_positive("--lora-rank"), default=8, metavar="R", help="LoRA rank (default 8)"
-    )
-    p.add_argument(
-        "--lora-batch",
-        type=_positive("--lora-batch"),
-        default=4,
-        metavar="N",
-        help="LoRA windows per step (default 4)",
-    )
-    p.add_argument(
-        "--lora-seq-len", type=_seq_len, default=256, metavar="N", help="tokens per LoRA window (default 256)"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the LoRA initialisation and data order (default 0)"
-    )
+    _add_lora_args(p, DEFAULT_HEAL_TEXTS)
     p.add_argument(
         "--seq-len",
         type=_seq_len,
@@ -1144,6 +1232,75 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
     )
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "recover",
+        parents=[common],
+        formatter_class=fmt,
+        help="heal a pruned model: LoRA fine-tuning merged into the weights, or the least-squares repair",
+        description=(
+            "Recover quality after pruning. --method lora fine-tunes LoRA adapters (peft) on every linear layer "
+            "inside MODEL's blocks on --lora-text (never the --eval text) and merges them into the weights: the "
+            "result is a plain transformers model, and its plan.json records the healing. --method repair "
+            "re-applies MODEL's plan to the unpruned --base model with the least-squares repair fitted on "
+            "--calib (it must come before any LoRA healing).\n\n"
+            "Inputs are checked before anything is loaded; nothing is written when a command fails."
+        ),
+        epilog=_epilog(
+            "prunekit recover out/smollm2-20 --out out/smollm2-20-healed --calib c4 --eval wiki",
+            "prunekit recover out/smollm2-20 --method repair --base smollm2-135m --calib c4 --out out/rep20",
+        ),
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="the pruned model: a prunekit output folder (or " + model_help + ")"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the recovered model")
+    p.add_argument(
+        "--method", choices=("lora", "repair"), default="lora", help="recovery method (default lora)"
+    )
+    p.add_argument("--base", metavar="MODEL", help="repair: the unpruned model the plan was made for")
+    p.add_argument(
+        "--calib",
+        metavar="TEXT",
+        help="the calibration text: repair fits on it; lora skips its calibration windows (--windows x --seq-len "
+        "tokens) when it is also a healing text",
+    )
+    p.add_argument(
+        "--windows",
+        type=_positive("--windows"),
+        default=32,
+        metavar="N",
+        help="calibration windows (default 32)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
+    )
+    _add_lora_args(p, DEFAULT_HEAL_TEXTS)
+    p.add_argument(
+        "--eval", metavar="TEXT", help="report perplexity after recovery on this text: " + text_help
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=_positive("--eval-tokens"),
+        default=8192,
+        metavar="N",
+        help="tokens of --eval text (default 8192)",
+    )
+    p.add_argument(
+        "--eval-seq-len",
+        type=_seq_len,
+        default=1024,
+        metavar="N",
+        help="tokens per evaluation window (default 1024)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
+    )
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser(
         "eval",

@@ -187,3 +187,94 @@ def test_cli_recover_bad_inputs(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- CLI: prunekit recover ------------------------------------------------------------------------------
+
+
+def _pruned_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path, Path]:
+    from helpers import save_tiny_model
+
+    from prunekit_core.cli import main
+
+    model = save_tiny_model(tmp_path / "tiny", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(words(600, seed=1))
+    out = tmp_path / "pruned"
+    args = [
+        "prune",
+        model,
+        "--ratio",
+        "0.3",
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--windows",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    assert main([str(a) for a in [*args, "--metric", "bi", "--recover", "none"]]) == 0
+    capsys.readouterr()
+    return model, calib, out
+
+
+def test_cli_recover_lora_and_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from prunekit_core.cli import main
+
+    model, calib, pruned = _pruned_folder(tmp_path, capsys)
+    heal = tmp_path / "heal.txt"
+    heal.write_text(words(600, seed=2))
+    lora = ["recover", pruned, "--out", tmp_path / "healed", "--lora-text", heal, "--lora-steps", "2"]
+    assert main([str(a) for a in [*lora, "--lora-seq-len", "16", "--json"]]) == 0
+    data = json.loads(capsys.readouterr().out)
+    healed = pk.load_pruned(tmp_path / "healed")
+    assert healed._prunekit_plan.recovery == data["recovery"] and data["recovery"]["steps"] == 2
+
+    # repair re-applies the plan to the base with the least-squares fold: equals prune --recover repair
+    rep = [
+        "recover",
+        pruned,
+        "--method",
+        "repair",
+        "--base",
+        model,
+        "--calib",
+        calib,
+        "--out",
+        tmp_path / "rep",
+    ]
+    assert main([str(a) for a in [*rep, "--windows", "2", "--seq-len", "16"]]) == 0
+    direct = tmp_path / "direct"
+    args = [
+        "prune",
+        model,
+        "--ratio",
+        "0.3",
+        "--calib",
+        calib,
+        "--out",
+        direct,
+        "--windows",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    assert main([str(a) for a in [*args, "--metric", "bi", "--recover", "repair"]]) == 0
+    capsys.readouterr()
+    a, b = pk.load_pruned(tmp_path / "rep"), pk.load_pruned(direct)
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, atol=0, rtol=0)
+        assert (a(input_ids=ids).logits - pk.load_pruned(pruned)(input_ids=ids).logits).abs().max() > 0
+
+    # repair after LoRA healing is refused, and so is repair without its base model
+    again = ["recover", tmp_path / "healed", "--method", "repair", "--base", model, "--calib", calib]
+    assert main([str(a) for a in [*again, "--out", tmp_path / "x"]]) == 2
+    assert "comes before" in capsys.readouterr().err
+    assert main([str(a) for a in ["recover", pruned, "--method", "repair", "--out", tmp_path / "y"]]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
