@@ -123,3 +123,31 @@ def test_bi_lsq_metric_is_registered_and_plans_blocks() -> None:
     assert scores.unit == "block" and set(scores.values) == {f"text.blocks.{i}" for i in range(4)}
     plan = pk.plan_pruning(model, cal, ratio=0.2, metric="bi_lsq", granularity="block", planner="rank")
     assert plan.remove == [min(scores.values, key=scores.values.get)]
+
+
+def test_repair_recovers_an_exactly_linear_block() -> None:
+    """A removed block whose contribution is an exact linear map of the writer's input comes back exactly
+    (up to the smallest ridge on the grid)."""
+    model = _model()
+    torch.manual_seed(5)
+    writer = model.model.layers[0].mlp.down_proj
+    lin = torch.randn(writer.out_features, writer.in_features) * 0.05
+    stash: dict[str, torch.Tensor] = {}
+    writer.register_forward_hook(lambda mod, args, out: stash.__setitem__("a", args[0]))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()  # block 1: attention adds nothing
+    model.model.layers[1].mlp.forward = lambda x: stash["a"] @ lin.T  # ... and the MLP adds A @ lin^T
+    w = _windows(32)
+    with torch.no_grad():
+        target = _stream_after(model, w, 2)  # stream after block 1
+    plain, fixed = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(plain, _plan(plain, ["text.blocks.1"], repair="none"))
+    stash.clear()
+    apply_plan(fixed, _plan(fixed, ["text.blocks.1"]), repair_windows=w)
+    with torch.no_grad():
+        err_plain = (_stream_after(plain, w, 1) - target).norm()
+        err_fixed = (_stream_after(fixed, w, 1) - target).norm()
+        dw = fixed.model.layers[0].mlp.down_proj.weight - plain.model.layers[0].mlp.down_proj.weight
+    assert err_plain > 0.01 * target.norm()  # the block did contribute
+    assert err_fixed < 1e-2 * err_plain, (float(err_fixed), float(err_plain))
+    torch.testing.assert_close(dw, lin, atol=2e-3, rtol=2e-2)
