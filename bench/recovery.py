@@ -7,7 +7,7 @@ without recovery, with the least-squares repair (``--recover repair``; adds no p
 then LoRA healing (``--recover lora``) on the packaged c4 (after the calibration tokens), technical and
 tiny texts — never the evaluation text. Wall time and training tokens are printed for each recovery.
 
-    python bench/recovery.py                          # full protocol
+    python bench/recovery.py                          # full protocol (about 14 minutes on 2 cores)
     python bench/recovery.py --lora-steps 40 --eval-windows 4 --ratios 0.1   # quicker, noisier
 """
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--ratios", default="0.1,0.2")
-    ap.add_argument("--lora-steps", type=int, default=200)
-    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--lora-steps", type=int, default=110)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-batch", type=int, default=4)
     ap.add_argument("--lora-seq-len", type=int, default=256)

@@ -83,7 +83,7 @@ def heal_lora(
     rank: int = 8,
     alpha: float | None = None,
     lr: float = 1e-3,
-    steps: int = 200,
+    steps: int = 110,
     batch_size: int = 4,
     seed: int = 0,
     progress: bool = False,
