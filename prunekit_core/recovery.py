@@ -111,6 +111,7 @@ def heal_lora(
         raise PlanError("LoRA healing found no nn.Linear inside the model's blocks to adapt")
     alpha = float(2 * rank if alpha is None else alpha)
     was_training = model.training
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}  # peft freezes the base weights
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
@@ -166,6 +167,8 @@ def heal_lora(
     with torch.no_grad():
         diff = float((merged(input_ids=first).logits - adapted).abs().max())
     merged.train(was_training)
+    for n, p in merged.named_parameters():
+        p.requires_grad_(grads.get(n, True))
     tail = losses[-max(1, len(losses) // 10) :]
     report = LoraReport(
         method="lora",

@@ -44,6 +44,7 @@ def test_lora_lowers_loss_and_merges_exactly() -> None:
     assert report.merge_max_abs_diff < 1e-4
     assert not any("lora" in n for n, _ in healed.named_parameters()), "adapter weights left in the model"
     assert type(healed).__name__ == "LlamaForCausalLM"
+    assert all(p.requires_grad for p in healed.parameters()), "base weights left frozen"
     assert report.tokens == 30 * 4 * ids.shape[1]
     assert report.targets == len(lora_targets(healed, pk.inspect(healed))) == 2 * 7
 
