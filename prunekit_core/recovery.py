@@ -156,6 +156,12 @@ def heal_lora(
             losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(task, advance=1, description=f"LoRA healing (loss {losses[-1]:.3f})")
+    except BaseException:
+        base = peft_model.unload()  # drop the adapters unmerged: the model is as it was before the call
+        base.train(was_training)
+        for n, p in base.named_parameters():
+            p.requires_grad_(grads.get(n, True))
+        raise
     finally:
         if bar is not None:
             bar.stop()

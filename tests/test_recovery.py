@@ -279,3 +279,14 @@ def test_cli_recover_lora_and_repair(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(a) for a in ["recover", pruned, "--method", "repair", "--out", tmp_path / "y"]]) == 2
     assert "--base" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_failed_healing_leaves_the_model_as_it_was() -> None:
+    model, ids = _pruned()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(PlanError, match="diverged"):
+        heal_lora(model, ids, rank=4, steps=20, lr=1e30)
+    after = model.state_dict()
+    assert set(after) == set(before), "adapter modules left in the model"
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert all(p.requires_grad for p in model.parameters())
