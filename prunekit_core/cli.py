@@ -888,6 +888,43 @@ def _epilog(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def _add_calib_window_args(p: argparse.ArgumentParser) -> None:
+    """--seq-len and --windows: the calibration windows (score, prune, recover)."""
+    p.add_argument(
+        "--seq-len",
+        type=_seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
+    )
+    p.add_argument(
+        "--windows",
+        type=_positive("--windows"),
+        default=32,
+        metavar="N",
+        help="calibration windows (default 32)",
+    )
+
+
+def _add_eval_args(p: argparse.ArgumentParser, eval_help: str) -> None:
+    """--eval, --eval-tokens and --eval-seq-len (prune, recover)."""
+    p.add_argument("--eval", metavar="TEXT", help=eval_help)
+    p.add_argument(
+        "--eval-tokens",
+        type=_positive("--eval-tokens"),
+        default=8192,
+        metavar="N",
+        help="tokens of --eval text to evaluate, in whole windows (default 8192)",
+    )
+    p.add_argument(
+        "--eval-seq-len",
+        type=_seq_len,
+        default=1024,
+        metavar="N",
+        help="tokens per evaluation window (default 1024)",
+    )
+
+
 def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -> None:
     p.add_argument(
         "--lora-text",
@@ -1064,20 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a metric name (repeat for several; see `prunekit plugins`); default: "
         + " ".join(DEFAULT_SCORE_METRICS),
     )
-    p.add_argument(
-        "--seq-len",
-        type=_seq_len,
-        default=256,
-        metavar="N",
-        help="tokens per calibration window (default 256)",
-    )
-    p.add_argument(
-        "--windows",
-        type=_positive("--windows"),
-        default=32,
-        metavar="N",
-        help="calibration windows (default 32)",
-    )
+    _add_calib_window_args(p)
     p.add_argument(
         "--span",
         type=_positive("--span"),
@@ -1191,43 +1215,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weights (a plain transformers model; recorded in plan.json). Default: as --repair",
     )
     _add_lora_args(p, DEFAULT_HEAL_TEXTS)
-    p.add_argument(
-        "--seq-len",
-        type=_seq_len,
-        default=256,
-        metavar="N",
-        help="tokens per calibration window (default 256)",
-    )
-    p.add_argument(
-        "--windows",
-        type=_positive("--windows"),
-        default=32,
-        metavar="N",
-        help="calibration windows (default 32)",
-    )
+    _add_calib_window_args(p)
     p.add_argument("--plan-only", action="store_true", help="write only the plan JSON to --out (a file path)")
     p.add_argument(
         "--plan",
         metavar="PLAN.json",
         help="apply this plan instead of planning (checked against the model's fingerprint)",
     )
-    p.add_argument(
-        "--eval", metavar="TEXT", help="also report perplexity before and after on this text: " + text_help
-    )
-    p.add_argument(
-        "--eval-tokens",
-        type=_positive("--eval-tokens"),
-        default=8192,
-        metavar="N",
-        help="tokens of --eval text to evaluate, in whole windows (default 8192)",
-    )
-    p.add_argument(
-        "--eval-seq-len",
-        type=_seq_len,
-        default=1024,
-        metavar="N",
-        help="tokens per evaluation window (default 1024)",
-    )
+    _add_eval_args(p, "also report perplexity before and after on this text: " + text_help)
     p.add_argument(
         "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
     )
@@ -1265,38 +1260,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the calibration text: repair fits on it; lora skips its calibration windows (--windows x --seq-len "
         "tokens) when it is also a healing text",
     )
-    p.add_argument(
-        "--windows",
-        type=_positive("--windows"),
-        default=32,
-        metavar="N",
-        help="calibration windows (default 32)",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=_seq_len,
-        default=256,
-        metavar="N",
-        help="tokens per calibration window (default 256)",
-    )
+    _add_calib_window_args(p)
     _add_lora_args(p, DEFAULT_HEAL_TEXTS)
-    p.add_argument(
-        "--eval", metavar="TEXT", help="report perplexity after recovery on this text: " + text_help
-    )
-    p.add_argument(
-        "--eval-tokens",
-        type=_positive("--eval-tokens"),
-        default=8192,
-        metavar="N",
-        help="tokens of --eval text (default 8192)",
-    )
-    p.add_argument(
-        "--eval-seq-len",
-        type=_seq_len,
-        default=1024,
-        metavar="N",
-        help="tokens per evaluation window (default 1024)",
-    )
+    _add_eval_args(p, "report perplexity after recovery on this text: " + text_help)
     p.add_argument(
         "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
     )
