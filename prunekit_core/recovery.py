@@ -113,6 +113,11 @@ def heal_lora(
     was_training = model.training
     grads = {n: p.requires_grad for n, p in model.named_parameters()}  # peft freezes the base weights
 
+    def _restore(base: nn.Module) -> None:
+        base.train(was_training)
+        for n, p in base.named_parameters():
+            p.requires_grad_(grads.get(n, True))
+
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     peft_model = get_peft_model(model, config)
@@ -157,10 +162,7 @@ def heal_lora(
             if bar is not None:
                 bar.update(task, advance=1, description=f"LoRA healing (loss {losses[-1]:.3f})")
     except BaseException:
-        base = peft_model.unload()  # drop the adapters unmerged: the model is as it was before the call
-        base.train(was_training)
-        for n, p in base.named_parameters():
-            p.requires_grad_(grads.get(n, True))
+        _restore(peft_model.unload())  # drop the adapters unmerged: the model is as it was before
         raise
     finally:
         if bar is not None:
@@ -172,9 +174,7 @@ def heal_lora(
     merged = peft_model.merge_and_unload()
     with torch.no_grad():
         diff = float((merged(input_ids=first).logits - adapted).abs().max())
-    merged.train(was_training)
-    for n, p in merged.named_parameters():
-        p.requires_grad_(grads.get(n, True))
+    _restore(merged)
     tail = losses[-max(1, len(losses) // 10) :]
     report = LoraReport(
         method="lora",

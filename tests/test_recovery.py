@@ -109,24 +109,20 @@ def test_training_windows_skip_calibration_tokens(tmp_path: Path) -> None:
     assert torch.equal(skipped, full[4:])
 
 
-# --- CLI: prunekit prune --recover ----------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------------------------
 
 
-def test_cli_prune_recover_lora_records_and_reloads(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import json
-
+def _cli_assets(tmp_path: Path) -> tuple[Path, Path]:
+    """A saved tiny 3-block model and a calibration text."""
     from helpers import save_tiny_model
 
-    from prunekit_core.cli import main
-
-    model = save_tiny_model(tmp_path / "tiny", layers=3)
     calib = tmp_path / "calib.txt"
     calib.write_text(words(600, seed=1))
-    heal = tmp_path / "heal.txt"
-    heal.write_text(words(600, seed=2))
-    out = tmp_path / "out"
+    return save_tiny_model(tmp_path / "tiny", layers=3), calib
+
+
+def _prune_argv(model: Path, calib: Path, out: Path, *extra: object) -> list[str]:
+    """``prunekit prune`` at 30% with tiny calibration windows, plus ``extra``."""
     args = [
         "prune",
         model,
@@ -141,19 +137,26 @@ def test_cli_prune_recover_lora_records_and_reloads(
         "--seq-len",
         "16",
     ]
-    args += [
-        "--metric",
-        "bi",
-        "--recover",
-        "lora",
-        "--lora-text",
-        heal,
-        "--lora-steps",
-        "3",
-        "--lora-seq-len",
-        "16",
-    ]
-    code = main([str(a) for a in args] + ["--json"])
+    return [str(a) for a in [*args, *extra]]
+
+
+# --- CLI: prunekit prune --recover ----------------------------------------------------------------------
+
+
+def test_cli_prune_recover_lora_records_and_reloads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from prunekit_core.cli import main
+
+    model, calib = _cli_assets(tmp_path)
+    heal = tmp_path / "heal.txt"
+    heal.write_text(words(600, seed=2))
+    out = tmp_path / "out"
+    lora = ["--recover", "lora", "--lora-text", heal, "--lora-steps", "3", "--lora-seq-len", "16"]
+    args = _prune_argv(model, calib, out, "--metric", "bi", *lora)
+    code = main([*args, "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0
     assert data["recovery"]["method"] == "lora" and data["recovery"]["tokens"] == 3 * 4 * 16
@@ -175,16 +178,12 @@ def test_cli_prune_recover_lora_records_and_reloads(
 def test_cli_recover_bad_inputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:
-    from helpers import save_tiny_model
-
     from prunekit_core.cli import main
 
-    model = save_tiny_model(tmp_path / "tiny", layers=3)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(words(600, seed=1))
+    model, calib = _cli_assets(tmp_path)
     extra = [str(calib) if e == "EVAL" else e for e in extra]
     out = tmp_path / "out"
-    code = main([str(a) for a in ["prune", model, "--ratio", "0.3", "--calib", calib, "--out", out, *extra]])
+    code = main(_prune_argv(model, calib, out, *extra))
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -194,29 +193,11 @@ def test_cli_recover_bad_inputs(
 
 
 def _pruned_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path, Path]:
-    from helpers import save_tiny_model
-
     from prunekit_core.cli import main
 
-    model = save_tiny_model(tmp_path / "tiny", layers=3)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(words(600, seed=1))
+    model, calib = _cli_assets(tmp_path)
     out = tmp_path / "pruned"
-    args = [
-        "prune",
-        model,
-        "--ratio",
-        "0.3",
-        "--calib",
-        calib,
-        "--out",
-        out,
-        "--windows",
-        "2",
-        "--seq-len",
-        "16",
-    ]
-    assert main([str(a) for a in [*args, "--metric", "bi", "--recover", "none"]]) == 0
+    assert main(_prune_argv(model, calib, out, "--metric", "bi", "--recover", "none")) == 0
     capsys.readouterr()
     return model, calib, out
 
@@ -250,21 +231,7 @@ def test_cli_recover_lora_and_repair(tmp_path: Path, capsys: pytest.CaptureFixtu
     ]
     assert main([str(a) for a in [*rep, "--windows", "2", "--seq-len", "16"]]) == 0
     direct = tmp_path / "direct"
-    args = [
-        "prune",
-        model,
-        "--ratio",
-        "0.3",
-        "--calib",
-        calib,
-        "--out",
-        direct,
-        "--windows",
-        "2",
-        "--seq-len",
-        "16",
-    ]
-    assert main([str(a) for a in [*args, "--metric", "bi", "--recover", "repair"]]) == 0
+    assert main(_prune_argv(model, calib, direct, "--metric", "bi", "--recover", "repair")) == 0
     capsys.readouterr()
     a, b = pk.load_pruned(tmp_path / "rep"), pk.load_pruned(direct)
     ids = torch.arange(3, 19).unsqueeze(0)
