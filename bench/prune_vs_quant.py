@@ -81,7 +81,13 @@ def timed_sweep(cfg: sw.SweepConfig, executor: str, threads: int) -> tuple[float
 def speedup(args: argparse.Namespace) -> str:
     """Serial (all cores, one core) and local pool, interleaved ``--repeats`` times; medians compared."""
     cores = os.cpu_count() or 1
-    cfg = make_config(args, [0.0], ["none", "mxfp8_e4m3", "mxfp4", "int4_g32"])
+    cell_args = argparse.Namespace(
+        **(
+            vars(args)
+            | {"eval_windows": args.speedup_eval_windows, "eval_seq_len": args.speedup_eval_seq_len}
+        )
+    )
+    cfg = make_config(cell_args, [0.0], ["none", "mxfp8_e4m3", "mxfp4", "int4_g32"])
     runs = {"serial_all": ("serial", cores), "serial_one": ("serial", 1), "local": ("local", 1)}
     walls: dict[str, list[float]] = {k: [] for k in runs}
     ppls: dict[str, dict[str, float]] = {}
@@ -105,7 +111,8 @@ def speedup(args: argparse.Namespace) -> str:
         f"{cores} CPU cores (shared with other jobs: timings are noisy). Each run is a cold `prunekit sweep` "
         f"process (imports, model load, the 4 cells); the three executors run interleaved, {args.repeats} "
         "times; the table compares medians. Evaluation "
-        f"{args.eval_windows} x {args.eval_seq_len} tokens of {args.eval_text} per cell.",
+        f"{cell_args.eval_windows} x {cell_args.eval_seq_len} tokens of {args.eval_text} per cell "
+        "(`--speedup-eval-windows`, `--speedup-eval-seq-len`).",
         "",
         "| executor | median wall s | runs (s) | speedup of local |",
         "|---|---|---|---|",
@@ -160,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=FORMATS)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-speedup", action="store_true")
+    ap.add_argument(
+        "--speedup-eval-windows",
+        type=int,
+        default=8,
+        help="evaluation windows per cell in the speedup part (a cell's work against the fixed start-up)",
+    )
+    ap.add_argument("--speedup-eval-seq-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each executor in the speedup part")
     args = ap.parse_args(argv)
     out = Path(args.out)
