@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import ArchitectureAdapter, get_module
-from .errors import CalibrationError
+from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer, Tower
 from .surgery import branches_masked
 
@@ -295,7 +295,11 @@ class TrialRunner:
         for i, b in enumerate(self.tower.blocks):
             if unit_id == b.id or unit_id.startswith(b.id + "."):
                 return i
-        raise KeyError(unit_id)
+        raise PlanError(
+            f"removal trials measure the {self.tower.name} tower's calibration loss; {unit_id} is outside it. "
+            f"Score other towers with a similarity metric (bi, angular, sublayer_drop), or plan with "
+            f"--scope {self.tower.name}"
+        )
 
     def loss(self, remove: Iterable[str] = ()) -> float:
         """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
@@ -393,6 +397,12 @@ class ScoringContext:
 
             self._taylor = taylor_grads(self.model, self.ir, self.calibration.windows)
         return self._taylor
+
+    def all_stats(self) -> list[StreamStats]:
+        """The statistics of every tower the calibration pass observed, in the IR's tower order."""
+        if not self.calibration.towers:
+            raise CalibrationError("no calibration statistics; run calibrate() first")
+        return [self.calibration.towers[t.name] for t in self.ir.towers if t.name in self.calibration.towers]
 
     def stats(self, tower: str = "text") -> StreamStats:
         if tower not in self.calibration.towers:

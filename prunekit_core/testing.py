@@ -186,9 +186,10 @@ class AdapterConformance:
 
     def width_removals(self, ir: ModelIR, *, uniform: bool) -> dict[str, list[int]]:
         """Groups to remove. Uniform: the first and last group of every family with 3+ groups (one group
-        of a 2-group family); per-layer: the same, but only in the first block's families."""
+        of a 2-group family); per-layer: the same, but only in the families of the first block that has any."""
         fams = ir.channel_groups()
-        first = ir.blocks()[0].id + "."
+        with_groups = [b for b in ir.blocks() if any(s.channel_groups for s in b.sublayers)]
+        first = (with_groups or ir.blocks())[0].id + "."  # the first block that has channel groups
         out: dict[str, list[int]] = {}
         for fid, (_sub, fam) in fams.items():
             if fam.count < 2 or fam.router or (not uniform and not fid.startswith(first)):
