@@ -185,11 +185,15 @@ def plan_pruning(
     expert_allocation: Literal["global", "uniform"] = "uniform",
     top_k_policy: Literal["error", "clamp"] = "error",
     scope: Sequence[str] | None = None,
+    repair_optional: bool = False,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
     ``scope`` names the towers the plan may touch (``["vision"]``, ``["text"]``; default all): the budget
     is then ``ratio`` of those towers' block parameters. The plan's notes give the budget per tower.
+    A least-squares repair that came from a default (``repair=None``, or ``repair_optional=True`` when the
+    caller resolved the default itself) is dropped, with a note, for a plan that removes units of a tower
+    read from its hidden states (a vision tower); asked for explicitly, it is an error there.
 
     Unset choices are filled by :func:`resolve_method`: :data:`BEST` when no metric is named, the
     metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
@@ -200,7 +204,7 @@ def plan_pruning(
     share of each layer's importance (``"global"``: per-layer counts); every layer keeps ``top_k`` experts
     unless ``top_k_policy="clamp"``.
     """
-    requested_repair = repair
+    explicit_lsq = repair == "lsq" and not repair_optional
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
     full_ir = adapter.build_ir(model)
@@ -213,7 +217,7 @@ def plan_pruning(
     update: dict[str, object] = {"notes": notes}
     unrepaired = _unrepairable_towers(full_ir, plan)
     if plan.repair == "lsq" and unrepaired:
-        if requested_repair == "lsq":
+        if explicit_lsq:
             raise PlanError(
                 f"repair=lsq was asked for, but the plan removes units of tower(s) {unrepaired}, which are read "
                 "from their hidden states and cannot be repaired by least squares. Use repair='none' "

@@ -66,3 +66,24 @@ def with_image_tokens(ids: torch.Tensor) -> torch.Tensor:
     ids = ids.clone()
     ids[:, :IMAGE_TOKENS] = IMAGE_TOKEN
     return ids
+
+
+def save_tiny_llava(folder, tower: str = "clip", **kwargs):
+    """:func:`tiny_llava` and a word-level tokenizer (``w<i>`` -> id ``i + 3``) as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llava(tower, **kwargs).save_pretrained(folder)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def write_text(path, words: int = 3000, seed: int = 1):
+    """A plain-text file of random ``w<i>`` words the tiny tokenizer knows."""
+    gen = torch.Generator().manual_seed(seed)
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (words,), generator=gen)) + "\n")
+    return path
