@@ -221,6 +221,17 @@ def _multimodal(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
     return select_adapter(model).calibration_inputs(model, ids)
 
 
+def _images(model: Any, count: int = 8) -> Any:
+    """Sample images for a vision-language model's image-feature fidelity, or ``None`` for a text model."""
+    import torch
+
+    if not callable(getattr(model, "get_image_features", None)):
+        return None
+    # windows long enough for any image's placeholder tokens; only the images are used
+    _ids, extra = _multimodal(model, torch.zeros((count, 4096), dtype=torch.long))
+    return extra.get("pixel_values")
+
+
 def _scope(value: str) -> tuple[str, ...]:
     """--scope: ``all`` or tower names, comma-separated."""
     names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
@@ -558,6 +569,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .planning import budget_by_tower, budget_params, plan_pruning, resolve_method, uses_width
     from .scoring import Calibration
     from .surgery import apply_plan
+    from .vision import feature_fidelity, image_features
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
     given_plan: PrunePlan | None = None
@@ -727,6 +739,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             ui.emit_json(result)
         return EXIT_OK
 
+    images = _images(model)
+    feats_before = image_features(model, images) if images is not None else None
     with ui.step("apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
         apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
     plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
@@ -737,6 +751,13 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         plan = model._prunekit_plan
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
+    if feats_before is not None:
+        fidelity = feature_fidelity(feats_before, image_features(model, images))
+        ui.say(
+            f"image-feature fidelity: {fidelity:.4f} (mean cosine of the projector's outputs before/after, "
+            f"{images.shape[0]} sample images)"
+        )
+        result["image_feature_fidelity"] = fidelity
     result["params_before"] = params_before.total
     result["params_after"] = params_after.total
     ppl_after = None

@@ -54,6 +54,9 @@ def test_prune_scope_touches_only_those_towers(llava_dir, tmp_path, capsys, scop
         assert (row["removed"] > 0) == (name in touched)
     assert row["removed"] <= row["block_params"]
     assert out["uniform"]  # whole blocks: plain from_pretrained reloads it
+    assert 0 < out["image_feature_fidelity"] <= 1 + 1e-9
+    if scope == "text":  # the vision tower and projector are untouched: the same features
+        assert out["image_feature_fidelity"] == pytest.approx(1.0, abs=1e-9)
     plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     n = (
         plain.config.vision_config.num_hidden_layers
