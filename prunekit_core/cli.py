@@ -332,9 +332,8 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     if len(ir.towers) > 1:
         for t in ir.towers:
             blocks = sum(b.params for b in t.blocks)
-            ui.say(
-                f"  tower {t.name}: {len(t.blocks)} blocks, {_fmt_params(blocks)} block params (--scope {t.name})"
-            )
+            hint = f" (--scope {t.name})" if t.blocks else " (stages only: nothing to remove)"
+            ui.say(f"  tower {t.name}: {len(t.blocks)} blocks, {_fmt_params(blocks)} block params{hint}")
         for c in ir.connections:
             ui.say(f"  {c.source} -> {c.target} at width {c.dim}")
     ui.say(f"fingerprint:  structure {fp.structure}, weights {fp.weights}")
