@@ -86,6 +86,12 @@ def test_default_method_on_vision_drops_the_lsq_repair(llava_dir, tmp_path, caps
     assert code == 0
     assert out["plan"]["repair"] == "none" and out["plan"]["method"] == "rank:angular"
     assert any("no least-squares repair" in n for n in out["plan"]["notes"])
+    code = main([str(a) for a in (*argv, "--scope", "vision", "--out", tmp_path / "o1")])
+    assert (
+        code == 0
+        and "no least-squares repair: the plan removes units of tower(s) ['vision']"
+        in capsys.readouterr().out
+    )
     code = main([str(a) for a in (*argv, "--scope", "vision", "--repair", "lsq", "--out", tmp_path / "o2")])
     assert code != 0 and "cannot be repaired by least squares" in capsys.readouterr().err
 
