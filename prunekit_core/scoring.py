@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import ArchitectureAdapter, get_module
-from .errors import CalibrationError
+from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer, Tower
 from .surgery import branches_masked
 
@@ -45,6 +45,8 @@ class Calibration:
 
     windows: torch.Tensor
     towers: dict[str, StreamStats] = field(default_factory=dict)
+    #: further per-window model inputs the windows were run with (e.g. ``pixel_values``)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -58,10 +60,12 @@ def _stream_points(tower: Tower) -> list[tuple[Sublayer | None, str]]:
         for s in b.sublayers:
             pts.append((s, s.norm or s.module))
     if tower.final_norm is None:
-        raise CalibrationError(
-            f"tower {tower.name} declares no final_norm; the stream end cannot be observed"
-        )
-    pts.append((None, tower.final_norm))
+        if not tower.blocks:
+            raise CalibrationError(f"tower {tower.name} has no blocks and no final_norm; nothing to observe")
+        # a tower read from its hidden states (a vision encoder): the stream ends at the last block's output
+        pts.append((None, tower.blocks[-1].module))
+    else:
+        pts.append((None, tower.final_norm))
     return pts
 
 
@@ -94,6 +98,7 @@ class _TowerRecorder:
         self.lasts: list[torch.Tensor] = []
         self.prev: torch.Tensor | None = None
         self.block_in: torch.Tensor | None = None
+        self.ntok = 0  # positions seen on this stream (a vision tower sees patches, not text tokens)
 
     def start_batch(self, batch: int) -> None:
         self.prev = None
@@ -104,6 +109,8 @@ class _TowerRecorder:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
             x = x.reshape(self.lasts[-1].shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
+            if p == 0:
+                self.ntok += x.shape[0] * x.shape[1]
             if self.prev is not None:
                 self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
             self.prev = x
@@ -116,7 +123,8 @@ class _TowerRecorder:
 
         return fn
 
-    def result(self, ntok: int) -> StreamStats:
+    def result(self) -> StreamStats:
+        ntok = self.ntok
         return StreamStats(
             tower=self.tower.name,
             point_after=self.sub_ids,
@@ -127,33 +135,54 @@ class _TowerRecorder:
         )
 
 
+def _hook_point(model: nn.Module, rec: _TowerRecorder, p: int, path: str) -> Any:
+    """Observe stream point ``p``: the input of a norm/branch, or the output of a tower's last block."""
+    module = get_module(model, path)
+    if p == len(rec.points) - 1 and rec.tower.final_norm is None:
+        fn = rec.hook(p)
+        return module.register_forward_hook(
+            lambda m, _a, out: fn(m, (out[0] if isinstance(out, tuple) else out,), {})
+        )
+    return module.register_forward_pre_hook(rec.hook(p), with_kwargs=True)
+
+
 @torch.inference_mode()
 def calibrate(
-    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    model: nn.Module,
+    ir: ModelIR,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Calibration:
-    """Run ``windows`` ([n, seq_len] token ids) through ``model`` once and collect stream statistics."""
+    """Run ``windows`` ([n, seq_len] token ids) through ``model`` once and collect stream statistics.
+
+    ``inputs`` are further per-window model inputs, batched along their first axis with the windows (a
+    multimodal model's ``pixel_values``, one image per window): every tower's stream is observed.
+    """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
         )
     recorders = [_TowerRecorder(t) for t in ir.towers if t.blocks]
     handles = [
-        get_module(model, path).register_forward_pre_hook(rec.hook(p), with_kwargs=True)
-        for rec in recorders
-        for p, (_, path) in enumerate(rec.points)
+        _hook_point(model, rec, p, path) for rec in recorders for p, (_, path) in enumerate(rec.points)
     ]
     try:
         for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
             batch = windows[start : start + batch_size]
+            extra = {k: v[start : start + batch_size] for k, v in (inputs or {}).items()}
             for rec in recorders:
                 rec.start_batch(batch.shape[0])
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch, use_cache=False, **extra)
     finally:
         for h in handles:
             h.remove()
-    cal = Calibration(windows=windows)
+    cal = Calibration(windows=windows, inputs=dict(inputs or {}))
     for rec in recorders:
-        cal.towers[rec.tower.name] = rec.result(windows.numel())
+        if rec.ntok:  # a tower the inputs did not reach (a vision tower without images) has no statistics
+            cal.towers[rec.tower.name] = rec.result()
     return cal
 
 
@@ -169,7 +198,11 @@ def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
 class TrialRunner:
     """Calibration loss of ``model`` with some blocks skipped and some branches masked.
 
-    Only the text tower of a causal LM is supported (the head consumes the last tower's stream).
+    Block inputs are cached for the text tower of a causal LM (the head consumes its stream), so a trial
+    there replays only the blocks after the first removal. Units of other towers (a vision encoder that
+    feeds the language model through image tokens) are measured by a full forward with ``inputs`` (the
+    images) and those units bypassed or masked; once one of them is committed, every later trial runs the
+    full forward, since the cached text inputs no longer hold.
     ``loss_positions`` subsamples the positions whose next-token loss is measured (the LM head over a
     49k vocabulary costs as much as several blocks); every position still flows through attention.
     """
@@ -182,8 +215,10 @@ class TrialRunner:
         *,
         tower: str = "text",
         loss_stride: int = 1,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.extra = dict(inputs or {})  # further per-window inputs (images) for the capture pass
         self.adapter = adapter
         self.ir = adapter.build_ir(model)
         self.tower = self.ir.tower(tower)
@@ -196,6 +231,7 @@ class TrialRunner:
         self.head = get_module(model, self.tower.head)
         self.skipped: set[str] = set()
         self.masked: set[str] = set()
+        self.foreign = False  # a committed unit outside the cached tower: trials run full forwards
         self.trials = 0
         self._capture()
 
@@ -220,7 +256,7 @@ class TrialRunner:
             b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)
         ]
         try:
-            self.model(input_ids=self.windows, use_cache=False)
+            self.model(input_ids=self.windows, use_cache=False, **self.extra)
         finally:
             for h in handles:
                 h.remove()
@@ -266,23 +302,64 @@ class TrialRunner:
         for i, b in enumerate(self.tower.blocks):
             if unit_id == b.id or unit_id.startswith(b.id + "."):
                 return i
-        raise KeyError(unit_id)
+        raise KeyError(f"{unit_id} is not in tower {self.tower.name}")
+
+    def _local(self, unit_id: str) -> bool:
+        return any(unit_id == b.id or unit_id.startswith(b.id + ".") for b in self.tower.blocks)
+
+    def _split(self, units: set[str]) -> tuple[set[str], set[str]]:
+        """(blocks, sublayers) among ``units``, in any tower; unknown ids are an error."""
+        known = self.ir.units()
+        unknown = sorted(u for u in units if u not in known)
+        if unknown:
+            raise PlanError(f"removal trials got unknown unit ids {unknown[:3]}")
+        blocks = {u for u in units if u in {b.id for b in self.ir.blocks()}}
+        return blocks, units - blocks
+
+    @torch.inference_mode()
+    def _full_loss(self, units: set[str]) -> float:
+        """Calibration loss of a full forward (with ``inputs``) with ``units`` bypassed or masked."""
+        blocks, subs = self._split(units)
+        known = self.ir.units()
+
+        def bypass(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            x = args[0] if args else kwargs["hidden_states"]
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+
+        handles = [
+            get_module(self.model, known[b].module).register_forward_hook(bypass, with_kwargs=True)
+            for b in blocks
+        ]
+        try:
+            with branches_masked(self.model, self._subs(subs)):
+                logits = self.model(input_ids=self.windows, use_cache=False, **self.extra).logits
+        finally:
+            for h in handles:
+                h.remove()
+        logits = logits[:, :-1]
+        if self.loss_stride > 1:
+            logits = logits[:, :: self.loss_stride]
+        logits = logits.float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1)))
 
     def loss(self, remove: Iterable[str] = ()) -> float:
         """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
         extra = set(remove)
-        blocks = {u for u in extra if u in {b.id for b in self.tower.blocks}}
-        subs = extra - blocks
         if not extra:
             return self.current_loss
-        start = min(self.block_index(u) for u in extra)
         self.trials += 1
+        if self.foreign or not all(self._local(u) for u in extra):
+            return self._full_loss(self.skipped | self.masked | extra)
+        blocks, subs = self._split(extra)
+        start = min(self.block_index(u) for u in extra)
         return self._run_from(start, self.skipped | blocks, self.masked | subs)
 
     def replay(self, unit_id: str) -> float:
         """Calibration loss after an in-place change inside ``unit_id``'s block (e.g. a weight temporarily
         edited by a caller), with the committed removals; replays only from that block."""
         self.trials += 1
+        if self.foreign or not self._local(unit_id):
+            return self._full_loss(self.skipped | self.masked)
         return self._run_from(self.block_index(unit_id), self.skipped, self.masked)
 
     def commit(self, remove: Iterable[str]) -> None:
@@ -290,9 +367,13 @@ class TrialRunner:
         extra = set(remove)
         if not extra:
             return
-        block_ids = {b.id for b in self.tower.blocks}
-        self.skipped |= {u for u in extra if u in block_ids}
-        self.masked |= {u for u in extra if u not in block_ids}
+        blocks, subs = self._split(extra)
+        self.skipped |= blocks
+        self.masked |= subs
+        if self.foreign or not all(self._local(u) for u in extra):
+            self.foreign = True
+            self._current = self._full_loss(self.skipped | self.masked)
+            return
         start = min(self.block_index(u) for u in extra)
         self._refresh_from(start)
 
@@ -346,6 +427,7 @@ class ScoringContext:
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],
                 loss_stride=self.loss_stride,
+                inputs={k: v[: self.trial_windows] for k, v in self.calibration.inputs.items()},
             )
         return self._trials
 
@@ -364,6 +446,12 @@ class ScoringContext:
 
             self._taylor = taylor_grads(self.model, self.ir, self.calibration.windows)
         return self._taylor
+
+    def all_stats(self) -> list[StreamStats]:
+        """The statistics of every tower the calibration pass observed, in the IR's tower order."""
+        if not self.calibration.towers:
+            raise CalibrationError("no calibration statistics; run calibrate() first")
+        return [self.calibration.towers[t.name] for t in self.ir.towers if t.name in self.calibration.towers]
 
     def stats(self, tower: str = "text") -> StreamStats:
         if tower not in self.calibration.towers:
