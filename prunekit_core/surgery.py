@@ -77,6 +77,7 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
             f"({{{family!r}: [{expert.router_row}]}}), or with --granularity expert"
         )
     if unknown:
+        _refuse_stage(ir, unknown[0])
         import difflib
 
         hint = difflib.get_close_matches(unknown[0], list(units), n=1)
@@ -110,6 +111,24 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
                 "at least one must remain. Use a smaller --ratio."
             )
     return Resolved(frozenset(blocks), frozenset(subs))
+
+
+def _refuse_stage(ir: ModelIR, unit: str) -> None:
+    """Explain why ``unit``, a stage or a layer inside one (``vision.neck.conv1``), cannot be removed."""
+    for st in ir.stages():
+        fams = [g.id for g in st.channel_groups]
+        inside = [f for f in fams if f == unit or f.startswith(unit + ".")]
+        if unit != st.id and not unit.startswith(st.id + ".") and not inside:
+            continue
+        fix = (
+            f"Narrow it instead: remove channel groups of {', '.join(inside or fams)} (the plan's remove_groups)"
+            if inside or fams
+            else "It can only be kept"
+        )
+        raise PlanError(
+            f"{unit} is part of the {st.kind} stage {st.id}, which is not on a residual edge: its output feeds "
+            "the next layer directly, so removing it would break the dimensions that connect them. " + fix
+        )
 
 
 def removed_params(ir: ModelIR, resolved: Resolved) -> int:

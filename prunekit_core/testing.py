@@ -262,29 +262,30 @@ class AdapterConformance:
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         assert not dupes, f"unit ids are not unique: {dupes}"
 
-        for s in ir.sublayers():
-            for g in s.channel_groups:
-                assert g.count > 0, f"{g.id} has no groups"
-                spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
-                per_group = 0
-                for m in g.members:
-                    assert m.param in params, f"{g.id} names {m.param!r}, which is not a parameter"
-                    shape = params[m.param].shape
-                    assert 0 <= m.axis < len(shape), f"{g.id}: {m.param} has no axis {m.axis}"
-                    spans.setdefault((m.param, m.axis), []).append((m.offset, m.offset + g.count * m.width))
+        tensors = {**dict(model.named_buffers()), **params}
+        for _owner, g in ir.all_channel_groups().values():
+            assert g.count > 0, f"{g.id} has no groups"
+            spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+            per_group = 0
+            for m in g.members:
+                assert m.param in tensors, f"{g.id} names {m.param!r}, which is not a parameter or buffer"
+                shape = tensors[m.param].shape
+                assert 0 <= m.axis < len(shape), f"{g.id}: {m.param} has no axis {m.axis}"
+                spans.setdefault((m.param, m.axis), []).append((m.offset, m.offset + g.count * m.width))
+                if m.param in params:  # a buffer (running statistics) is sliced but holds no parameters
                     per_group += m.width * params[m.param].numel() // shape[m.axis]
-                for (pname, axis), ranges in spans.items():
-                    ranges.sort()
-                    dim = params[pname].shape[axis]
-                    covered = ranges[0][0] == 0 and ranges[-1][1] == dim
-                    covered = covered and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-                    assert covered, (
-                        f"{g.id}: {g.count} groups of {pname} cover {ranges} along axis {axis}, "
-                        f"but that axis has {dim} entries"
-                    )
-                assert g.params_per_group == per_group, (
-                    f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
+            for (pname, axis), ranges in spans.items():
+                ranges.sort()
+                dim = tensors[pname].shape[axis]
+                covered = ranges[0][0] == 0 and ranges[-1][1] == dim
+                covered = covered and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+                assert covered, (
+                    f"{g.id}: {g.count} groups of {pname} cover {ranges} along axis {axis}, "
+                    f"but that axis has {dim} entries"
                 )
+            assert g.params_per_group == per_group, (
+                f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
+            )
 
     def test_prune_nothing_changes_nothing(self) -> None:
         model = self.make_model()
@@ -752,7 +753,8 @@ def _text_config(model: nn.Module) -> Any:
 
 
 def _params_under(params: dict[str, nn.Parameter], path: str) -> list[str]:
-    return [n for n in params if n.startswith(path + ".")]
+    """Parameters inside the module at ``path``, or the parameter ``path`` itself (a position embedding)."""
+    return [n for n in params if n == path or n.startswith(path + ".")]
 
 
 def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:
