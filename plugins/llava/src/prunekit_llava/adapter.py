@@ -1,0 +1,139 @@
+"""The LLaVA adapter: a vision tower, a multi-modal projector and a language model, as three IR towers.
+
+``LlavaForConditionalGeneration`` (transformers 5.24) holds ``model.vision_tower`` (a CLIP or SigLIP
+vision model: a Conv2d patch embedding, a pre-norm ViT encoder, post norm, optional pooling head),
+``model.multi_modal_projector`` (two linears that map the chosen vision hidden state to the language
+model's width) and ``model.language_model`` with the outer ``lm_head``.
+
+- ``vision``: the encoder blocks (``vision.blocks.3``, ``vision.blocks.3.attn`` / ``.mlp``); the patch
+  embedding, position embeddings and norms are stages, never removed.
+- ``projector``: a stage between the towers (not on a residual edge: removing it breaks the dimensions).
+- ``text``: whatever installed adapter describes the language model (the Llama plugin for Llama, Mistral,
+  Qwen2; Mixtral's for MoE), through :func:`prunekit_core.compose.map_submodel`. Nothing about decoders is
+  repeated here.
+
+Removing vision blocks moves ``vision_feature_layer`` so the projector reads the same point of the
+stream; ``vision_config.num_hidden_layers`` follows the stack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prunekit_core.adapter import count_params, get_module
+from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.ir import Connection, Dim, ModelIR, Stage, Tower
+from prunekit_core.vision import remap_hidden_state_index, vit_blocks
+
+SUPPORTED = ("LlavaForConditionalGeneration",)
+VISION = "model.vision_tower"
+PROJECTOR = "model.multi_modal_projector"
+LANGUAGE = "model.language_model"
+#: vision-model stages: attribute -> (stage id suffix, kind)
+_VISION_STAGES = {
+    "embeddings": ("embed", "stem"),
+    "pre_layrnorm": ("pre_norm", "norm"),
+    "post_layernorm": ("post_norm", "norm"),
+    "head": ("head", "head"),
+}
+
+
+def _vision_layers(vision: nn.Module) -> nn.ModuleList | None:
+    layers = getattr(getattr(vision, "encoder", None), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+
+
+class LlavaAdapter(ComposedAdapter):
+    name = "llava"
+    description = (
+        "LLaVA vision-language models (LlavaForConditionalGeneration): CLIP/SigLIP vision tower, projector, "
+        "and a language model described by its own plugin"
+    )
+    supported = SUPPORTED
+
+    def match(self, model: nn.Module) -> float | None:
+        if type(model).__name__ in self.supported:
+            return 100.0
+        inner = getattr(model, "model", None)
+        if (
+            all(hasattr(inner, n) for n in ("vision_tower", "multi_modal_projector", "language_model"))
+            and _vision_layers(inner.vision_tower) is not None
+            and hasattr(model, "lm_head")
+        ):
+            return 10.0
+        return None
+
+    def submodels(self, model: nn.Module) -> list[MappedSubmodel]:
+        return [map_submodel(model, LANGUAGE, prefix="text", head="lm_head")]
+
+    def own_towers(self, model: nn.Module) -> list[Tower]:
+        vision = get_module(model, VISION)
+        layers = _vision_layers(vision)
+        if layers is None:
+            raise ValueError(f"{type(vision).__name__} has no encoder.layers; not a CLIP/SigLIP vision tower")
+        vconf = model.config.vision_config
+        stages = tuple(
+            Stage(id=f"vision.{sid}", kind=kind, module=f"{VISION}.{attr}", params=count_params([mod]))  # type: ignore[arg-type]
+            for attr, (sid, kind) in _VISION_STAGES.items()
+            if isinstance(mod := getattr(vision, attr, None), nn.Module)
+        )
+        projector = get_module(model, PROJECTOR)
+        text_hidden = model.config.get_text_config(decoder=True).hidden_size
+        return [
+            Tower(
+                name="vision",
+                width=Dim(name="hidden", size=vconf.hidden_size),
+                blocks_path=f"{VISION}.encoder.layers",
+                blocks=vit_blocks(layers, f"{VISION}.encoder.layers", "vision"),
+                stages=stages,
+            ),
+            Tower(
+                name="projector",
+                width=Dim(name="hidden", size=text_hidden),
+                blocks_path=PROJECTOR,
+                blocks=(),
+                stages=(
+                    Stage(
+                        id="projector.mlp",
+                        kind="projector",
+                        module=PROJECTOR,
+                        params=count_params([projector]),
+                    ),
+                ),
+            ),
+        ]
+
+    def connections(self, model: nn.Module) -> list[Connection]:
+        config = model.config
+        layers = config.vision_feature_layer
+        n = len(layers) if isinstance(layers, (list, tuple)) else 1
+        text_hidden = config.get_text_config(decoder=True).hidden_size
+        return [
+            Connection(source="vision", target="projector", dim=config.vision_config.hidden_size * n),
+            Connection(source="projector", target="text", dim=text_hidden),
+        ]
+
+    def tower_configs(self, model: nn.Module) -> dict[str, Any]:
+        return {"vision": model.config.vision_config, "text": self.text_config(model)}
+
+    def finalize_own_surgery(
+        self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
+    ) -> None:
+        kept = kept_blocks.get("vision")
+        if kept is None:
+            return
+        n_before = len(ir_before.tower("vision").blocks)
+        configs = {id(c): c for c in (model.config, getattr(model.model, "config", model.config))}
+        for config in configs.values():
+            layer = config.vision_feature_layer
+            if isinstance(layer, (list, tuple)):
+                config.vision_feature_layer = type(layer)(
+                    remap_hidden_state_index(i, n_before, kept) for i in layer
+                )
+            else:
+                config.vision_feature_layer = remap_hidden_state_index(layer, n_before, kept)
+        vision_configs = {id(c): c for c in (model.config.vision_config, get_module(model, VISION).config)}
+        for vconf in vision_configs.values():
+            vconf.num_hidden_layers = len(kept)
