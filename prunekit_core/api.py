@@ -18,10 +18,18 @@ def inspect(model: nn.Module) -> ModelIR:
 
 
 def calibrate(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Calibration:
-    """One forward pass over ``windows`` ([n, seq_len] token ids) collecting every similarity statistic."""
-    return _calibrate(model, inspect(model), windows, batch_size=batch_size, progress=progress)
+    """One forward pass over ``windows`` ([n, seq_len] token ids) collecting every similarity statistic.
+
+    ``inputs``: further per-window inputs (``pixel_values`` of a vision-language model, one image per window).
+    """
+    return _calibrate(model, inspect(model), windows, batch_size=batch_size, progress=progress, inputs=inputs)
 
 
 def score(

@@ -195,6 +195,18 @@ def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
         sync_module_shape(module)
 
 
+def model_class(architecture: str | None, default: Any) -> Any:
+    """The transformers class named ``architecture`` (e.g. ``LlavaForConditionalGeneration``), else ``default``.
+
+    A causal LM reloads through ``AutoModelForCausalLM``; a vision-language model is not one, so the class
+    the checkpoint was saved from is built instead.
+    """
+    import transformers
+
+    cls = getattr(transformers, architecture, None) if architecture else None
+    return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else default
+
+
 def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     """Load a checkpoint written by :func:`save_pruned`, rebuilding removed branches.
 
@@ -210,7 +222,7 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     shapes: dict[str, list[int]] = record.get("param_shapes", {})
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = model_class(record.get("architecture"), AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as exc:  # missing or corrupt weight files: OSError, SafetensorError, ...

@@ -85,6 +85,12 @@ def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Su
     out = []
     for tower in ir.towers:
         subs = [s for b in tower.blocks for s in b.sublayers]
+        if tower.final_norm is None and any(s.id in removed for s in subs):
+            raise PlanError(
+                f"least-squares repair fits on the token windows' pass through the language model; tower "
+                f"{tower.name!r} is read from its hidden states and is not repaired. Use --repair none (API: "
+                "repair='none') for plans that remove its units, or --scope text"
+            )
         i = 0
         while i < len(subs):
             if subs[i].id not in removed:

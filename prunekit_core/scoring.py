@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import ArchitectureAdapter, get_module
-from .errors import CalibrationError
+from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer, Tower
 from .surgery import branches_masked
 
@@ -45,6 +45,8 @@ class Calibration:
 
     windows: torch.Tensor
     towers: dict[str, StreamStats] = field(default_factory=dict)
+    #: further per-window model inputs the windows were run with (e.g. ``pixel_values``)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -58,10 +60,12 @@ def _stream_points(tower: Tower) -> list[tuple[Sublayer | None, str]]:
         for s in b.sublayers:
             pts.append((s, s.norm or s.module))
     if tower.final_norm is None:
-        raise CalibrationError(
-            f"tower {tower.name} declares no final_norm; the stream end cannot be observed"
-        )
-    pts.append((None, tower.final_norm))
+        if not tower.blocks:
+            raise CalibrationError(f"tower {tower.name} has no blocks and no final_norm; nothing to observe")
+        # a tower read from its hidden states (a vision encoder): the stream ends at the last block's output
+        pts.append((None, tower.blocks[-1].module))
+    else:
+        pts.append((None, tower.final_norm))
     return pts
 
 
@@ -94,6 +98,7 @@ class _TowerRecorder:
         self.lasts: list[torch.Tensor] = []
         self.prev: torch.Tensor | None = None
         self.block_in: torch.Tensor | None = None
+        self.ntok = 0  # positions seen on this stream (a vision tower sees patches, not text tokens)
 
     def start_batch(self, batch: int) -> None:
         self.prev = None
@@ -104,6 +109,8 @@ class _TowerRecorder:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
             x = x.reshape(self.lasts[-1].shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
+            if p == 0:
+                self.ntok += x.shape[0] * x.shape[1]
             if self.prev is not None:
                 self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
             self.prev = x
@@ -116,7 +123,8 @@ class _TowerRecorder:
 
         return fn
 
-    def result(self, ntok: int) -> StreamStats:
+    def result(self) -> StreamStats:
+        ntok = self.ntok
         return StreamStats(
             tower=self.tower.name,
             point_after=self.sub_ids,
@@ -127,33 +135,54 @@ class _TowerRecorder:
         )
 
 
+def _hook_point(model: nn.Module, rec: _TowerRecorder, p: int, path: str) -> Any:
+    """Observe stream point ``p``: the input of a norm/branch, or the output of a tower's last block."""
+    module = get_module(model, path)
+    if p == len(rec.points) - 1 and rec.tower.final_norm is None:
+        fn = rec.hook(p)
+        return module.register_forward_hook(
+            lambda m, _a, out: fn(m, (out[0] if isinstance(out, tuple) else out,), {})
+        )
+    return module.register_forward_pre_hook(rec.hook(p), with_kwargs=True)
+
+
 @torch.inference_mode()
 def calibrate(
-    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    model: nn.Module,
+    ir: ModelIR,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Calibration:
-    """Run ``windows`` ([n, seq_len] token ids) through ``model`` once and collect stream statistics."""
+    """Run ``windows`` ([n, seq_len] token ids) through ``model`` once and collect stream statistics.
+
+    ``inputs`` are further per-window model inputs, batched along their first axis with the windows (a
+    multimodal model's ``pixel_values``, one image per window): every tower's stream is observed.
+    """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
         )
     recorders = [_TowerRecorder(t) for t in ir.towers if t.blocks]
     handles = [
-        get_module(model, path).register_forward_pre_hook(rec.hook(p), with_kwargs=True)
-        for rec in recorders
-        for p, (_, path) in enumerate(rec.points)
+        _hook_point(model, rec, p, path) for rec in recorders for p, (_, path) in enumerate(rec.points)
     ]
     try:
         for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
             batch = windows[start : start + batch_size]
+            extra = {k: v[start : start + batch_size] for k, v in (inputs or {}).items()}
             for rec in recorders:
                 rec.start_batch(batch.shape[0])
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch, use_cache=False, **extra)
     finally:
         for h in handles:
             h.remove()
-    cal = Calibration(windows=windows)
+    cal = Calibration(windows=windows, inputs=dict(inputs or {}))
     for rec in recorders:
-        cal.towers[rec.tower.name] = rec.result(windows.numel())
+        if rec.ntok:  # a tower the inputs did not reach (a vision tower without images) has no statistics
+            cal.towers[rec.tower.name] = rec.result()
     return cal
 
 
@@ -266,7 +295,11 @@ class TrialRunner:
         for i, b in enumerate(self.tower.blocks):
             if unit_id == b.id or unit_id.startswith(b.id + "."):
                 return i
-        raise KeyError(unit_id)
+        raise PlanError(
+            f"removal trials measure the {self.tower.name} tower's calibration loss; {unit_id} is outside it. "
+            f"Score other towers with a similarity metric (bi, angular, sublayer_drop), or plan with "
+            f"--scope {self.tower.name}"
+        )
 
     def loss(self, remove: Iterable[str] = ()) -> float:
         """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
@@ -364,6 +397,12 @@ class ScoringContext:
 
             self._taylor = taylor_grads(self.model, self.ir, self.calibration.windows)
         return self._taylor
+
+    def all_stats(self) -> list[StreamStats]:
+        """The statistics of every tower the calibration pass observed, in the IR's tower order."""
+        if not self.calibration.towers:
+            raise CalibrationError("no calibration statistics; run calibrate() first")
+        return [self.calibration.towers[t.name] for t in self.ir.towers if t.name in self.calibration.towers]
 
     def stats(self, tower: str = "text") -> StreamStats:
         if tower not in self.calibration.towers:

@@ -119,6 +119,35 @@ class AdapterConformance:
 
     # helpers ---------------------------------------------------------------------------------------
 
+    def model_inputs(self, model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further forward inputs for the token ids ``ids`` (default none).
+
+        A multimodal plugin returns e.g. ``{"pixel_values": ...}`` (batched like ``ids``) and overrides
+        :meth:`input_ids` to place the image tokens; every forward of the kit, the prefill of cached decoding
+        and ``generate`` get them, so the vision tower's surgery is checked through the logits.
+        """
+        return {}
+
+    def _logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return _logits(model, ids, self.model_inputs(model, ids))
+
+    def _cached_logits(self, model: nn.Module, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+        return _cached_logits(model, ids, prefill, self.model_inputs(model, ids))
+
+    def _greedy(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> Any:
+        return _greedy(model, ids, mask, pad, self.model_inputs(model, ids))
+
+    def tower_configs(self, model: nn.Module) -> dict[str, Any]:
+        """Tower name -> config whose ``num_hidden_layers`` counts that tower's blocks.
+
+        The adapter's ``tower_configs`` when it has one, else the text config for its text tower.
+        """
+        own = getattr(self.adapter, "tower_configs", None)
+        if callable(own):
+            return own(model)
+        ir = self.adapter.build_ir(model)
+        return {getattr(self.adapter, "text_tower", ir.towers[0].name): _text_config(model)}
+
     def input_ids(self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
         """Deterministic random token ids, ``[batch, length]``."""
         vocab = self.vocab_size or _text_config(model).vocab_size
@@ -157,9 +186,10 @@ class AdapterConformance:
 
     def width_removals(self, ir: ModelIR, *, uniform: bool) -> dict[str, list[int]]:
         """Groups to remove. Uniform: the first and last group of every family with 3+ groups (one group
-        of a 2-group family); per-layer: the same, but only in the first block's families."""
+        of a 2-group family); per-layer: the same, but only in the families of the first block that has any."""
         fams = ir.channel_groups()
-        first = ir.blocks()[0].id + "."
+        with_groups = [b for b in ir.blocks() if any(s.channel_groups for s in b.sublayers)]
+        first = (with_groups or ir.blocks())[0].id + "."  # the first block that has channel groups
         out: dict[str, list[int]] = {}
         for fid, (_sub, fam) in fams.items():
             if fam.count < 2 or fam.router or (not uniform and not fid.startswith(first)):
@@ -290,10 +320,10 @@ class AdapterConformance:
     def test_prune_nothing_changes_nothing(self) -> None:
         model = self.make_model()
         ids = self.input_ids(model)
-        before = _logits(model, ids)
+        before = self._logits(model, ids)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         self.prune(model, [])
-        assert torch.equal(_logits(model, ids), before), "an empty plan changed the logits"
+        assert torch.equal(self._logits(model, ids), before), "an empty plan changed the logits"
         after = model.state_dict()
         assert after.keys() == state.keys(), "an empty plan changed the state dict"
         assert all(torch.equal(after[k], v) for k, v in state.items())
@@ -310,11 +340,11 @@ class AdapterConformance:
         for case in cases:
             reference = copy.deepcopy(model)
             with _zeroed(reference, [subs[u].module for u in case]):
-                want = _logits(reference, ids)
+                want = self._logits(reference, ids)
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             torch.testing.assert_close(
-                _logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
             )
             gone = 0
             named = dict(model.named_parameters())
@@ -333,11 +363,11 @@ class AdapterConformance:
         for case in self.block_removals(ir):
             reference = copy.deepcopy(model)
             with _skipped(reference, [blocks[u].module for u in case]):
-                want = _logits(reference, ids)
+                want = self._logits(reference, ids)
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             torch.testing.assert_close(
-                _logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
             )
             named = dict(model.named_parameters())
             gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
@@ -345,39 +375,47 @@ class AdapterConformance:
             assert left == total - gone, f"removing {case} left {left} params, expected {total - gone}"
 
     def test_config_consistent(self) -> None:
-        from transformers import AutoModelForCausalLM
-
         probe = self.make_model()
         ir = self.adapter.build_ir(probe)
         for remove, uniform in ((self.block_plan(ir), True), (self.mixed_removal(ir), False)):
             model = self.make_model()
-            config = _text_config(model)
-            n_before = config.num_hidden_layers
-            lists_before = {
-                k: list(v)
-                for k, v in vars(config).items()
-                if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == n_before
-            }
+            configs = self.tower_configs(model)
+            lists_before: dict[str, dict[str, list]] = {}
+            for name, config in configs.items():
+                n_before = config.num_hidden_layers
+                lists_before[name] = {
+                    k: list(v)
+                    for k, v in vars(config).items()
+                    if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == n_before
+                }
             self.prune(model, remove)
             removed = {u for u in remove if u in {b.id for b in ir.blocks()}}
-            kept = [b.index for b in ir.blocks() if b.id not in removed]
-            config = _text_config(model)
-            stack = get_module(model, ir.towers[0].blocks_path)
-            assert len(stack) == len(kept), f"{len(stack)} blocks left, expected {len(kept)}"
-            assert config.num_hidden_layers == len(kept), (
-                f"after removing {remove}: config.num_hidden_layers={config.num_hidden_layers}, "
-                f"but {len(kept)} blocks remain"
-            )
-            if model.config is not config and hasattr(model.config, "num_hidden_layers"):
-                assert model.config.num_hidden_layers == len(kept), "outer config.num_hidden_layers is stale"
-            for key, old in lists_before.items():
-                new = getattr(config, key)
-                assert list(new) == [old[i] for i in kept], f"config.{key}={new}, expected it sliced"
+            configs = self.tower_configs(model)
+            for tower in ir.towers:
+                if tower.name not in configs:
+                    continue
+                kept = [b.index for b in tower.blocks if b.id not in removed]
+                config = configs[tower.name]
+                stack = get_module(model, tower.blocks_path)
+                assert len(stack) == len(kept), (
+                    f"{tower.name}: {len(stack)} blocks left, expected {len(kept)}"
+                )
+                assert config.num_hidden_layers == len(kept), (
+                    f"after removing {remove}: {tower.name} config.num_hidden_layers={config.num_hidden_layers}, "
+                    f"but {len(kept)} blocks remain"
+                )
+                if tower.name == getattr(self.adapter, "text_tower", ir.towers[0].name):
+                    outer = model.config
+                    if outer is not config and hasattr(outer, "num_hidden_layers") and len(configs) == 1:
+                        assert outer.num_hidden_layers == len(kept), "outer config.num_hidden_layers is stale"
+                for key, old in lists_before[tower.name].items():
+                    new = getattr(config, key)
+                    assert list(new) == [old[i] for i in kept], f"config.{key}={new}, expected it sliced"
             rebuilt = self.adapter.build_ir(model)
-            assert len(rebuilt.blocks()) == len(kept)
+            assert len(rebuilt.blocks()) == len(ir.blocks()) - len(removed)
             assert rebuilt.total_params == _numel(dict(model.named_parameters()))
             if uniform:
-                fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+                fresh = type(model)(copy.deepcopy(model.config))
                 assert _numel(dict(fresh.named_parameters())) == _numel(dict(model.named_parameters())), (
                     "a model built from the pruned config has a different parameter count"
                 )
@@ -387,9 +425,9 @@ class AdapterConformance:
         ir = self.adapter.build_ir(model)
         self.prune(model, self.mixed_removal(ir))
         ids = self.input_ids(model)
-        full = _logits(model, ids)
+        full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
             pos = prefill - 1 + step
             torch.testing.assert_close(
                 got,
@@ -410,9 +448,9 @@ class AdapterConformance:
         mask = torch.zeros((2, 9), dtype=torch.long)
         batch[0, 4:], mask[0, 4:] = short[0], 1
         batch[1], mask[1] = long[0], 1
-        got = _greedy(model, batch, mask, pad)
+        got = self._greedy(model, batch, mask, pad)
         for row, prompt in enumerate((short, long)):
-            alone = _greedy(model, prompt, torch.ones_like(prompt), pad)
+            alone = self._greedy(model, prompt, torch.ones_like(prompt), pad)
             assert torch.equal(got.sequences[row, 9:], alone.sequences[0, prompt.shape[1] :]), (
                 f"row {row} of a left-padded batch generated {got.sequences[row, 9:].tolist()}, "
                 f"alone it generates {alone.sequences[0, prompt.shape[1] :].tolist()}"
@@ -427,8 +465,6 @@ class AdapterConformance:
                 )
 
     def test_save_reload_roundtrip(self, tmp_path: Path) -> None:
-        from transformers import AutoModelForCausalLM
-
         from .checkpoint import load_pruned, save_pruned
 
         probe = self.make_model()
@@ -439,23 +475,25 @@ class AdapterConformance:
         model = self.prune(self.make_model(), self.mixed_removal(ir))
         out = save_pruned(model, tmp_path / "mixed")
         loaded = self.configure_loaded(load_pruned(out))
-        torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)
-        assert torch.equal(_greedy(loaded, ids, mask, 0).sequences, _greedy(model, ids, mask, 0).sequences)
-        for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(model, ids, 4), strict=True):
+        torch.testing.assert_close(self._logits(loaded, ids), self._logits(model, ids), atol=0, rtol=0)
+        assert torch.equal(
+            self._greedy(loaded, ids, mask, 0).sequences, self._greedy(model, ids, mask, 0).sequences
+        )
+        for a, b in zip(self._cached_logits(loaded, ids, 4), self._cached_logits(model, ids, 4), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         plan = getattr(loaded, "_prunekit_plan", None)
         assert plan is not None and plan.remove == model._prunekit_plan.remove
 
         model = self.prune(self.make_model(), self.block_plan(ir))
         out = save_pruned(model, tmp_path / "uniform")
-        plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        plain, info = type(model).from_pretrained(out, output_loading_info=True)
         plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"], (
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
             f"unexpected {info['unexpected_keys']}"
         )
-        torch.testing.assert_close(_logits(plain, ids), _logits(model, ids), atol=0, rtol=0)
-        for a, b in zip(_cached_logits(plain, ids, 4), _cached_logits(model, ids, 4), strict=True):
+        torch.testing.assert_close(self._logits(plain, ids), self._logits(model, ids), atol=0, rtol=0)
+        for a, b in zip(self._cached_logits(plain, ids, 4), self._cached_logits(model, ids, 4), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
     def test_plan_for_other_model_rejected(self) -> None:
@@ -494,7 +532,7 @@ class AdapterConformance:
         model = self.make_model()
         ir = self.adapter.build_ir(model)
         windows = self.input_ids(model, batch=4)
-        calibration = calibrate(model, ir, windows, batch_size=4)
+        calibration = calibrate(model, ir, windows, batch_size=4, inputs=self.model_inputs(model, windows))
         expected = {
             "block": {b.id for b in ir.blocks() if b.removable},
             "span": {b.id for b in ir.blocks() if b.removable},
@@ -552,8 +590,8 @@ class AdapterConformance:
                 after = self.adapter.build_ir(pruned).channel_groups()[fid][1]
                 assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
             torch.testing.assert_close(
-                _logits(pruned, ids),
-                _logits(reference, ids),
+                self._logits(pruned, ids),
+                self._logits(reference, ids),
                 atol=self.atol,
                 rtol=0,
                 msg=lambda m: f"narrowed model differs from the model with those groups zeroed: {m}",
@@ -566,9 +604,9 @@ class AdapterConformance:
         groups = {f: g for f, g in groups.items() if not f.startswith(remove[0] + ".")}
         self.prune(model, remove, groups)
         ids = self.input_ids(model)
-        full = _logits(model, ids)
+        full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
             torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
@@ -580,17 +618,15 @@ class AdapterConformance:
     def _check_roundtrips(self, tmp_path: Path, uniform: nn.Module, per_layer: nn.Module) -> None:
         """A uniformly narrowed model reloads exactly with plain ``from_pretrained``, a per-layer one with
         ``load_pruned``."""
-        from transformers import AutoModelForCausalLM
-
         from .checkpoint import load_pruned, save_pruned
 
         ids = self.input_ids(uniform)
         assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
         out = save_pruned(uniform, tmp_path / "uniform")
-        plain, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        plain, info = type(uniform).from_pretrained(out, output_loading_info=True)
         plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-        torch.testing.assert_close(_logits(plain, ids), _logits(uniform, ids), atol=0, rtol=0)
+        torch.testing.assert_close(self._logits(plain, ids), self._logits(uniform, ids), atol=0, rtol=0)
         fresh = type(uniform)(uniform.config)
         assert _numel(dict(fresh.named_parameters())) == _numel(dict(uniform.named_parameters())), (
             "a model built from the pruned config has a different parameter count"
@@ -599,8 +635,10 @@ class AdapterConformance:
         assert not per_layer._prunekit_width["uniform"]
         out = save_pruned(per_layer, tmp_path / "per_layer")
         loaded = self.configure_loaded(load_pruned(out))
-        torch.testing.assert_close(_logits(loaded, ids), _logits(per_layer, ids), atol=0, rtol=0)
-        for a, b in zip(_cached_logits(loaded, ids, 4), _cached_logits(per_layer, ids, 4), strict=True):
+        torch.testing.assert_close(self._logits(loaded, ids), self._logits(per_layer, ids), atol=0, rtol=0)
+        for a, b in zip(
+            self._cached_logits(loaded, ids, 4), self._cached_logits(per_layer, ids, 4), strict=True
+        ):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert loaded._prunekit_plan.remove_groups == per_layer._prunekit_plan.remove_groups
 
@@ -623,8 +661,8 @@ class AdapterConformance:
         model = self.make_model()
         routed = _routed(self.adapter.build_ir(model))
         with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):  # type: ignore[misc]
-            want = _logits(model, ids)
-        assert not torch.equal(want, _logits(model, ids)), "masking the experts changed nothing"
+            want = self._logits(model, ids)
+        assert not torch.equal(want, self._logits(model, ids)), "masking the experts changed nothing"
         return want
 
     def test_expert_removal_equals_masked_router(self) -> None:
@@ -637,7 +675,7 @@ class AdapterConformance:
             want = self._masked_logits(groups, ids)
             pruned = self.prune(self.make_model(), [], groups)
             torch.testing.assert_close(
-                _logits(pruned, ids),
+                self._logits(pruned, ids),
                 want,
                 atol=self.atol,
                 rtol=0,
@@ -664,9 +702,9 @@ class AdapterConformance:
         }
         self.prune(model, [block], groups)
         ids = self.input_ids(model)
-        full = _logits(model, ids)
+        full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(_cached_logits(model, ids, prefill)):
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
             torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
 
     def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
@@ -701,7 +739,7 @@ class AdapterConformance:
             fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, top_k_policy="clamp"
         )
         apply_plan(model, plan, adapter=self.adapter)
-        torch.testing.assert_close(_logits(model, ids), want, atol=self.atol, rtol=0)
+        torch.testing.assert_close(self._logits(model, ids), want, atol=self.atol, rtol=0)
         for path in fam.top_k.counters:
             module, _, attr = path.rpartition(".")
             assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
@@ -762,18 +800,20 @@ def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
+def _logits(model: nn.Module, ids: torch.Tensor, extra: dict[str, Any] | None = None) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False, **(extra or {})).logits
 
 
 @torch.no_grad()
-def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+def _cached_logits(
+    model: nn.Module, ids: torch.Tensor, prefill: int, extra: dict[str, Any] | None = None
+) -> list[torch.Tensor]:
     """Last-position logits after a prefill of ``prefill`` tokens, then after each further token.
 
     A crash inside the cache (e.g. a KV-cache index past the end) is reported as a failed comparison.
     """
     try:
-        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        out = model(input_ids=ids[:, :prefill], use_cache=True, **(extra or {}))
         steps = [out.logits[:, -1]]
         cache = out.past_key_values
         for t in range(prefill, ids.shape[1]):
@@ -786,7 +826,9 @@ def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill: int) -> list[to
 
 
 @torch.no_grad()
-def _greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> Any:
+def _greedy(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int, extra: dict[str, Any] | None = None
+) -> Any:
     try:
         return model.generate(
             input_ids=ids,
@@ -797,6 +839,7 @@ def _greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -
             pad_token_id=pad,
             output_scores=True,
             return_dict_in_generate=True,
+            **(extra or {}),
         )
     except (IndexError, RuntimeError, KeyError) as exc:
         raise AssertionError(f"generate() failed after surgery: {type(exc).__name__}: {exc}") from exc

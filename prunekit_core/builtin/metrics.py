@@ -28,8 +28,8 @@ class BlockInfluence(ImportanceMetric):
     reference = "ShortGPT, arXiv 2403.03853"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
-        stats = ctx.stats()
-        return Scores(metric=self.name, unit="block", values={b: 1.0 - c for b, c in stats.block_cos.items()})
+        values = {b: 1.0 - c for stats in ctx.all_stats() for b, c in stats.block_cos.items()}
+        return Scores(metric=self.name, unit="block", values=values)
 
 
 class AngularDistance(ImportanceMetric):
@@ -42,15 +42,15 @@ class AngularDistance(ImportanceMetric):
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         n = span or 1
-        stats = ctx.stats()
-        last = stats.boundary_last  # [windows, blocks + 1, hidden]
-        blocks = [b.id for b in ctx.ir.tower(stats.tower).blocks]
-        if n < 1 or n > len(blocks):
-            raise PlanError(f"span of {n} blocks is impossible with {len(blocks)} blocks")
         values: dict[str, float] = {}
-        for start in range(len(blocks) - n + 1):
-            cos = torch.nn.functional.cosine_similarity(last[:, start], last[:, start + n], dim=-1)
-            values[blocks[start]] = float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean())
+        for stats in ctx.all_stats():
+            last = stats.boundary_last  # [windows, blocks + 1, hidden]
+            blocks = [b.id for b in ctx.ir.tower(stats.tower).blocks]
+            if n < 1 or n > len(blocks):
+                raise PlanError(f"span of {n} blocks is impossible with {len(blocks)} blocks ({stats.tower})")
+            for start in range(len(blocks) - n + 1):
+                cos = torch.nn.functional.cosine_similarity(last[:, start], last[:, start + n], dim=-1)
+                values[blocks[start]] = float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean())
         return Scores(metric=self.name, unit="span", values=values, span=n)
 
 
@@ -61,10 +61,8 @@ class SublayerDrop(ImportanceMetric):
     reference = "What Matters in Transformers? arXiv 2406.15786"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
-        stats = ctx.stats()
-        return Scores(
-            metric=self.name, unit="sublayer", values={s: 1.0 - c for s, c in stats.sub_cos.items()}
-        )
+        values = {s: 1.0 - c for stats in ctx.all_stats() for s, c in stats.sub_cos.items()}
+        return Scores(metric=self.name, unit="sublayer", values=values)
 
 
 class RepairedBlockInfluence(ImportanceMetric):
@@ -88,9 +86,10 @@ class RepairedBlockInfluence(ImportanceMetric):
 def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
     if ctx.candidates is not None:
         return list(ctx.candidates)
+    tower = ctx.trials().tower  # trials measure the language-model loss: units of its tower
     if default_unit == "block":
-        return [b.id for b in ctx.ir.blocks() if b.removable]
-    return [s.id for s in ctx.ir.sublayers() if s.removable]
+        return [b.id for b in tower.blocks if b.removable]
+    return [s.id for b in tower.blocks for s in b.sublayers if s.removable]
 
 
 class NRI(ImportanceMetric):

@@ -1,0 +1,68 @@
+"""Tiny random LLaVA models (CLIP or SigLIP vision tower, Llama language model) and their inputs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipVisionConfig,
+)
+
+VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1  # the last id: random text ids are drawn below it
+IMAGE_SIZE, PATCH = 16, 8
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLIP drops its CLS token ("default"), SigLIP has none ("full")
+
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH,
+)
+
+
+def tiny_llava(
+    tower: str = "clip", *, feature_layer: int | list[int] = -2, seed: int = 0
+) -> LlavaForConditionalGeneration:
+    """A seeded tiny LLaVA in eval mode; ``tower`` is ``clip`` or ``siglip``."""
+    if tower == "clip":
+        vision, strategy = CLIPVisionConfig(**VISION), "default"
+    else:
+        vision, strategy = SiglipVisionConfig(**VISION), "full"
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**TEXT),
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=IMAGE_TOKENS,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def pixel_values(batch: int, seed: int = 0) -> torch.Tensor:
+    """One seeded random image, repeated ``batch`` times (rows of a batch see the same image)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).expand(batch, -1, -1, -1).contiguous()
+
+
+def with_image_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` with the image placeholders at the first positions."""
+    ids = ids.clone()
+    ids[:, :IMAGE_TOKENS] = IMAGE_TOKEN
+    return ids

@@ -1,0 +1,56 @@
+"""The core conformance suite on tiny random LLaVA models, with an image in every sequence."""
+
+from __future__ import annotations
+
+import torch
+from llava_tiny import IMAGE_TOKEN, pixel_values, tiny_llava, with_image_tokens
+from prunekit_llava import LlavaAdapter
+
+from prunekit_core.ir import ModelIR
+from prunekit_core.testing import AdapterConformance
+
+
+class _LlavaConformance(AdapterConformance):
+    adapter = LlavaAdapter()
+    vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
+    tower = "clip"
+    expected_failures = {
+        "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
+        "model's loss on text windows: they score text units only; vision units are scored by the similarity "
+        "metrics (bi, angular, sublayer_drop), checked in test_llava_metrics.py",
+    }
+
+    def make_model(self):
+        return tiny_llava(self.tower)
+
+    def input_ids(self, model, *, batch=2, length=None, seed=0):
+        return with_image_tokens(super().input_ids(model, batch=batch, length=length, seed=seed))
+
+    def model_inputs(self, model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixel_values(ids.shape[0])}
+
+    def block_removals(self, ir: ModelIR) -> list[list[str]]:
+        # every block alone, then a plan across both towers, then two vision blocks (the uniform plan)
+        return [[b.id] for b in ir.blocks()] + [
+            ["vision.blocks.1", "text.blocks.2"],
+            ["vision.blocks.1", "vision.blocks.3"],
+        ]
+
+    def mixed_removal(self, ir: ModelIR) -> list[str]:
+        # a text attention first (later KV-cache indices shift), whole blocks in both towers, single
+        # branches in both towers
+        return [
+            "text.blocks.0.attn",
+            "vision.blocks.2",
+            "text.blocks.1",
+            "vision.blocks.0.attn",
+            "text.blocks.3.mlp",
+        ]
+
+
+class TestLlavaClip(_LlavaConformance):
+    tower = "clip"
+
+
+class TestLlavaSiglip(_LlavaConformance):
+    tower = "siglip"
