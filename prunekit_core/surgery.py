@@ -76,14 +76,6 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
             f"{unknown[0]} is an expert: experts are removed through the plan's remove_groups "
             f"({{{family!r}: [{expert.router_row}]}}), or with --granularity expert"
         )
-    stages = {st.id: st for t in ir.towers for st in t.stages}
-    if unknown and unknown[0] in stages:
-        st = stages[unknown[0]]
-        raise PlanError(
-            f"{st.id} is a {st.kind} stage ({st.module}), not a branch on a residual edge: removing it would "
-            "break the dimensions between what feeds it and what reads it, so it cannot be removed. Remove "
-            "blocks or sublayers (prunekit inspect lists them), or narrow channel groups instead."
-        )
     if unknown:
         _refuse_stage(ir, unknown[0])
         import difflib
@@ -131,11 +123,12 @@ def _refuse_stage(ir: ModelIR, unit: str) -> None:
         fix = (
             f"Narrow it instead: remove channel groups of {', '.join(inside or fams)} (the plan's remove_groups)"
             if inside or fams
-            else "It can only be kept"
+            else "Remove blocks or sublayers (prunekit inspect lists them), or narrow channel groups instead"
         )
         raise PlanError(
-            f"{unit} is part of the {st.kind} stage {st.id}, which is not on a residual edge: its output feeds "
-            "the next layer directly, so removing it would break the dimensions that connect them. " + fix
+            f"{unit} is part of the {st.kind} stage {st.id} ({st.module}), not a branch on a residual edge: "
+            "removing it would break the dimensions between what feeds it and what reads it, so it cannot be "
+            f"removed. {fix}."
         )
 
 

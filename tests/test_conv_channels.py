@@ -216,7 +216,7 @@ def test_dimension_mismatch_is_named() -> None:
 def test_removing_a_stage_or_all_its_channels_is_refused() -> None:
     ir = ConvAdapter().build_ir(make_net())
     for unit in ("vision.convs", "vision.conv", "vision.down"):
-        with pytest.raises(PlanError, match="not on a residual edge.*Narrow it instead"):
+        with pytest.raises(PlanError, match="not a branch on a residual edge.*Narrow it instead"):
             resolve_removals(ir, [unit])
     with pytest.raises(PlanError, match="vision.down.channels"):
         resolve_removals(ir, ["vision.down"])

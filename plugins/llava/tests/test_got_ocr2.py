@@ -382,7 +382,7 @@ def test_removing_a_conv_stage_is_refused_with_the_reason(unit: str, hint: str) 
     model = make_got()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(
-        PlanError, match=r"not on a residual edge.*break the dimensions.*Narrow it instead"
+        PlanError, match=r"not a branch on a residual edge.*break the dimensions.*Narrow it instead"
     ) as err:
         prune(model, [unit])
     assert hint in str(err.value)

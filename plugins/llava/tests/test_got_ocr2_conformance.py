@@ -12,29 +12,35 @@ from prunekit_core.testing import AdapterConformance
 
 class TestGotOcr2Conformance(AdapterConformance):
     adapter = GotOcr2Adapter()
+    expected_failures = {
+        "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
+        "model's loss on text windows: they score text units only (the LLaVA conformance declares the same)",
+    }
 
     def make_model(self) -> torch.nn.Module:
         return make_got()
 
     def input_ids(self, model: torch.nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
-        """Random text ids (never the image token) with one image's placeholders after the first token."""
+        """Random text ids (never the image token) with one image's placeholders first (a prefill of the
+        kit's cached-decoding checks holds them all)."""
         length = length or self.seq_len
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(
             IMAGE_TOKEN + 1, model.config.text_config.vocab_size, (batch, length), generator=gen
         )
-        if length > IMAGE_TOKENS + 1:
-            ids[:, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN
+        if length > IMAGE_TOKENS:
+            ids[:, :IMAGE_TOKENS] = IMAGE_TOKEN
         return ids
 
     def model_inputs(self, model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One image per row that holds image placeholders (the same pixels for every call)."""
+        """The same image for every row that holds image placeholders (a row decoded alone sees the image
+        it sees in a batch)."""
         rows = int((ids == IMAGE_TOKEN).any(1).sum())
         if not rows:
             return {}
-        gen = torch.Generator().manual_seed(1)
         size = model.config.vision_config.image_size
-        return {"pixel_values": torch.randn(rows, 3, size, size, generator=gen)}
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        return {"pixel_values": image.expand(rows, -1, -1, -1).contiguous()}
 
     def width_removals(self, ir: ModelIR, *, uniform: bool) -> dict[str, list[int]]:
         """The kit's choice, but per-layer cuts go to the first block that has channel groups: the SAM
