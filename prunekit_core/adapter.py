@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import PlanError
@@ -77,6 +78,17 @@ class ArchitectureAdapter(ABC):
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
     ) -> None:
         """Raise :class:`PlanError` for removals this family cannot perform (default: all allowed)."""
+
+    def calibration_inputs(
+        self, model: nn.Module, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Calibration windows and further per-window model inputs that reach every tower.
+
+        Default: the text windows alone. A multimodal adapter places image tokens in each window and
+        returns the images (``{"pixel_values": ...}``, one per window), so calibration observes its vision
+        tower too.
+        """
+        return windows, {}
 
     def finalize_width(  # noqa: B027 - a hook with a deliberate no-op default
         self, model: nn.Module, ir_before: ModelIR, cuts: dict

@@ -214,6 +214,32 @@ def _windows(tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_
     return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)
 
 
+def _multimodal(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
+    """Calibration windows and the further inputs (images) that reach every tower of ``model``."""
+    from .plugins import select_adapter
+
+    return select_adapter(model).calibration_inputs(model, ids)
+
+
+def _images(model: Any, count: int = 8) -> Any:
+    """Sample images for a vision-language model's image-feature fidelity, or ``None`` for a text model."""
+    import torch
+
+    if not callable(getattr(model, "get_image_features", None)):
+        return None
+    # windows long enough for any image's placeholder tokens; only the images are used
+    _ids, extra = _multimodal(model, torch.zeros((count, 4096), dtype=torch.long))
+    return extra.get("pixel_values")
+
+
+def _scope(value: str) -> tuple[str, ...]:
+    """--scope: ``all`` or tower names, comma-separated."""
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("--scope needs 'all' or tower names, e.g. vision or text,vision")
+    return () if "all" in names else names
+
+
 def _positive(name: str) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
@@ -303,6 +329,13 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     ui.say(f"total params: {_fmt_params(ir.total_params)}")
     share = ir.block_params() / ir.total_params if ir.total_params else 0.0
     ui.say(f"block params: {_fmt_params(ir.block_params())} ({share:.1%} of total; the base of --ratio)")
+    if len(ir.towers) > 1:
+        for t in ir.towers:
+            blocks = sum(b.params for b in t.blocks)
+            hint = f" (--scope {t.name})" if t.blocks else " (stages only: nothing to remove)"
+            ui.say(f"  tower {t.name}: {len(t.blocks)} blocks, {_fmt_params(blocks)} block params{hint}")
+        for c in ir.connections:
+            ui.say(f"  {c.source} -> {c.target} at width {c.dim}")
     ui.say(f"fingerprint:  structure {fp.structure}, weights {fp.weights}")
     ui.table(_ir_tree(ir))
     return EXIT_OK
@@ -413,7 +446,8 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     if channel:
         return _score_channels(ui, model, windows, channel, args.calib)
     with ui.step("calibrate"):
-        cal = calibrate(model, windows.ids)
+        ids, extra = _multimodal(model, windows.ids)
+        cal = calibrate(model, ids, inputs=extra)
     results: dict[str, Any] = {}
     labels: dict[str, str] = {}
     for m in metrics:
@@ -535,9 +569,10 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .checkpoint import save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
-    from .planning import budget_params, plan_pruning, resolve_method, uses_width
+    from .planning import budget_by_tower, budget_params, plan_pruning, resolve_method, uses_width
     from .scoring import Calibration
     from .surgery import apply_plan
+    from .vision import feature_fidelity, image_features
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
     given_plan: PrunePlan | None = None
@@ -613,20 +648,24 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 + ("every MoE layer" if args.expert_allocation == "uniform" else "all MoE layers together")
             )
         else:
-            target = budget_params(ir, args.ratio)
+            scoped = ir.restricted(args.scope)
+            target = budget_params(scoped, args.ratio)
+            where = f" of tower(s) {', '.join(args.scope)}" if args.scope else ""
             ui.say(
-                f"budget: at least {args.ratio:g} of the {_fmt_params(ir.block_params())} block parameters "
-                f"(embeddings and head excluded) = {_fmt_params(target)} parameters"
+                f"budget: at least {args.ratio:g} of the {_fmt_params(scoped.block_params())} block parameters"
+                f"{where} (embeddings and head excluded) = {_fmt_params(target)} parameters"
             )
         ui.info(
             f"calibration: {cal_windows.num_windows} windows x {cal_windows.seq_len} tokens of {args.calib}; "
             f"planner {planner}, metric {metric_name}, granularity {granularity}, repair {repair}"
         )
+        ids, extra = _multimodal(model, cal_windows.ids)  # a vision-language model: images in every window
         if uses_width(metric_name, granularity) or granularity == "expert":
-            cal = Calibration(windows=cal_windows.ids)  # width planners read the windows, not stream stats
+            # width planners read the windows, not stream stats
+            cal = Calibration(windows=ids, inputs=extra)
         else:
             with ui.step("calibrate"):
-                cal = calibrate(model, cal_windows.ids)
+                cal = calibrate(model, ids, inputs=extra)
         with ui.step(f"plan ({planner}:{metric_name}, {granularity})"):
             plan = plan_pruning(
                 model,
@@ -641,12 +680,15 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 width_allocation=args.width_allocation,
                 expert_allocation=args.expert_allocation,
                 top_k_policy=args.top_k,
+                scope=args.scope,
+                repair_optional=repair_arg is None,
             )
         result["budget"] = {
             "ratio": args.ratio,
             "target_params": target,
-            "block_params": ir.block_params(),
+            "block_params": ir.restricted(args.scope).block_params(),
             "excludes": "embeddings and head",
+            "scope": list(args.scope) or "all",
         }
         if granularity == "expert":
             result["budget"]["unit"] = "experts per MoE layer"
@@ -680,6 +722,13 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         f"achieved: {_fmt_params(plan.removed_params)} of {_fmt_params(plan.block_params)} block parameters "
         f"removed ({plan.achieved_ratio:.2%}); {shape}"
     )
+    per_tower = budget_by_tower(ir, plan)
+    if len(per_tower) > 1:
+        for name, (gone, total) in per_tower.items():
+            ui.say(
+                f"  tower {name}: {_fmt_params(gone)} of {_fmt_params(total)} block parameters ({gone / total:.2%})"
+            )
+    result["by_tower"] = {n: {"removed": g, "block_params": t} for n, (g, t) in per_tower.items()}
     result["plan"] = plan.model_dump(mode="json")
     result["removed"] = list(plan.remove)
     result["achieved_ratio"] = plan.achieved_ratio
@@ -693,6 +742,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
             ui.emit_json(result)
         return EXIT_OK
 
+    images = _images(model)
+    feats_before = image_features(model, images) if images is not None else None
     with ui.step("apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
         apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
     plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
@@ -703,6 +754,13 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         plan = model._prunekit_plan
     params_after = count_parameters(model)
     ui.say(f"parameters: {_fmt_params(params_before.total)} -> {_fmt_params(params_after.total)}")
+    if feats_before is not None:
+        fidelity = feature_fidelity(feats_before, image_features(model, images))
+        ui.say(
+            f"image-feature fidelity: {fidelity:.4f} (mean cosine of the projector's outputs before/after, "
+            f"{images.shape[0]} sample images)"
+        )
+        result["image_feature_fidelity"] = fidelity
     result["params_before"] = params_before.total
     result["params_after"] = params_after.total
     ppl_after = None
@@ -717,9 +775,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     result["perplexity_after"] = _ppl_dict(ppl_after) if ppl_after else None
     with ui.step(f"save {out}"):
         saved = save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=args.force)
-    loader = (
-        "AutoModelForCausalLM.from_pretrained(dir)" if plan.is_uniform else "prunekit_core.load_pruned(dir)"
-    )
+    auto = "AutoModelForCausalLM" if len(ir.towers) == 1 else type(model).__name__
+    loader = f"{auto}.from_pretrained(dir)" if plan.is_uniform else "prunekit_core.load_pruned(dir)"
     ui.say(f"saved to {saved}; reload with {loader}")
     result["out"] = str(saved)
     result["written"] = "checkpoint"
@@ -1197,6 +1254,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="expert: a layer left with fewer experts than its router's top_k is an error, or clamp: that "
         "layer's top_k becomes the number of experts left (default error)",
+    )
+    p.add_argument(
+        "--scope",
+        type=_scope,
+        default=(),
+        metavar="TOWERS",
+        help="towers the plan may touch: all (default), or tower names, comma-separated (a vision-language "
+        "model has vision and text; see prunekit inspect). --ratio is then a fraction of those towers' "
+        "block parameters; the budget is reported per tower",
     )
     p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
     p.add_argument(

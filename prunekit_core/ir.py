@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import PlanError
+
 GroupKind = Literal["kv_group", "ffn_channel", "conv_channel", "expert", "expert_channel"]
 SublayerKind = Literal["attention", "mlp", "moe", "conv_mixer", "conv_ffn", "other"]
 BranchOutput = Literal["tensor", "tuple"]
@@ -229,6 +231,7 @@ class ModelIR(_Frozen):
     towers: tuple[Tower, ...]
     connections: tuple[Connection, ...] = ()
     total_params: int
+    scope: tuple[str, ...] = Field((), description="towers a plan may touch (empty: all); see restricted()")
 
     def tower(self, name: str) -> Tower:
         for t in self.towers:
@@ -243,8 +246,48 @@ class ModelIR(_Frozen):
         return [s for b in self.blocks() for s in b.sublayers]
 
     def block_params(self) -> int:
-        """Parameters inside decoder/encoder blocks: the base of every ``--ratio`` budget."""
-        return sum(b.params for b in self.blocks())
+        """Parameters inside decoder/encoder blocks of the towers in scope: the base of every ``--ratio``
+        budget."""
+        return sum(b.params for t in self.towers if self.in_scope(t.name) for b in t.blocks)
+
+    def in_scope(self, tower: str) -> bool:
+        return not self.scope or tower in self.scope
+
+    def restricted(self, scope: tuple[str, ...] | list[str] | None) -> ModelIR:
+        """This IR with only the towers in ``scope`` open to a plan (``None`` or empty: all).
+
+        Units of other towers become non-removable and lose their channel groups, so no planner picks
+        them; ids, parameter counts and the structure signature (the plan's fingerprint) are unchanged.
+        """
+        if not scope:
+            return self
+        names = [t.name for t in self.towers]
+        unknown = [s for s in scope if s not in names]
+        if unknown:
+            raise PlanError(f"unknown tower(s) {unknown}; this model has {names}")
+        if not any(t.blocks for t in self.towers if t.name in scope):
+            raise PlanError(
+                f"tower(s) {list(scope)} have no blocks to prune; towers with blocks: "
+                f"{[t.name for t in self.towers if t.blocks]}"
+            )
+        towers = []
+        for t in self.towers:
+            if t.name in scope:
+                towers.append(t)
+                continue
+            blocks = tuple(
+                b.model_copy(
+                    update={
+                        "sublayers": tuple(
+                            s.model_copy(update={"removable": False, "channel_groups": ()})
+                            for s in b.sublayers
+                        )
+                    }
+                )
+                for b in t.blocks
+            )
+            towers.append(t.model_copy(update={"blocks": blocks}))
+        return self.model_copy(update={"towers": tuple(towers), "scope": tuple(scope)})
 
     def channel_groups(self) -> dict[str, tuple[Sublayer, ChannelGroup]]:
         """Every channel-group family of a sublayer by id, with the sublayer that owns it.

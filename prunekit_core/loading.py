@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -209,7 +210,18 @@ def _check_loading_info(info: dict, where: str) -> None:
 
 
 def _load_hf_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    from .checkpoint import model_class
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    except ValueError as exc:  # "Unrecognized configuration class": not a causal LM
+        # a vision-language model (LLaVA) is no causal LM: build the class its config names
+        architectures = AutoConfig.from_pretrained(folder).architectures or [None]
+        cls = model_class(architectures[0], None)
+        if cls is None:
+            raise
+        logger.debug("%s is not a causal LM (%s); loading it as %s", folder, exc, cls.__name__)
+        model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     _check_loading_info(info, str(folder))
     return model
 

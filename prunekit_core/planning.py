@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -184,8 +184,16 @@ def plan_pruning(
     width_allocation: Literal["global", "uniform"] = "uniform",
     expert_allocation: Literal["global", "uniform"] = "uniform",
     top_k_policy: Literal["error", "clamp"] = "error",
+    scope: Sequence[str] | None = None,
+    repair_optional: bool = False,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
+
+    ``scope`` names the towers the plan may touch (``["vision"]``, ``["text"]``; default all): the budget
+    is then ``ratio`` of those towers' block parameters. The plan's notes give the budget per tower.
+    A least-squares repair that came from a default (``repair=None``, or ``repair_optional=True`` when the
+    caller resolved the default itself) is dropped, with a note, for a plan that removes units of a tower
+    read from its hidden states (a vision tower); asked for explicitly, it is an error there.
 
     Unset choices are filled by :func:`resolve_method`: :data:`BEST` when no metric is named, the
     metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
@@ -196,9 +204,90 @@ def plan_pruning(
     share of each layer's importance (``"global"``: per-layer counts); every layer keeps ``top_k`` experts
     unless ``top_k_policy="clamp"``.
     """
+    explicit_lsq = repair == "lsq" and not repair_optional
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
-    ir = adapter.build_ir(model)
+    full_ir = adapter.build_ir(model)
+    ir = full_ir.restricted(list(scope) if scope else None)
+    plan = _plan_in_scope(
+        model, calibration, ir, adapter, ratio, metric, granularity, planner, shortlist, trial_windows,
+        loss_stride, on_step, repair, round_to, width_allocation, expert_allocation, top_k_policy,
+    )  # fmt: skip
+    notes = [*plan.notes, *budget_notes(full_ir, plan)]
+    update: dict[str, object] = {"notes": notes}
+    unrepaired = _unrepairable_towers(full_ir, plan)
+    if plan.repair == "lsq" and unrepaired:
+        if explicit_lsq:
+            raise PlanError(
+                f"repair=lsq was asked for, but the plan removes units of tower(s) {unrepaired}, which are read "
+                "from their hidden states and cannot be repaired by least squares. Use repair='none' "
+                "(--repair none), or restrict the plan to the text tower (--scope text)"
+            )
+        update["repair"] = "none"
+        notes.append(f"no least-squares repair: the plan removes units of tower(s) {unrepaired}")
+    return plan.model_copy(update=update)
+
+
+def _unrepairable_towers(ir: ModelIR, plan: PrunePlan) -> list[str]:
+    """Towers without a final norm (read from hidden states) in which the plan removes whole units."""
+    return [
+        t.name
+        for t in ir.towers
+        if t.final_norm is None
+        and any(u == b.id or u.startswith(b.id + ".") for u in plan.remove for b in t.blocks)
+    ]
+
+
+def budget_by_tower(ir: ModelIR, plan: PrunePlan) -> dict[str, tuple[int, int]]:
+    """Tower name -> (parameters the plan removes there, the tower's block parameters), for towers with
+    blocks. Whole units count their parameters, narrowed families their removed groups."""
+    from .width import resolve_width
+
+    units = ir.units()
+    resolved = resolve_removals(ir, plan.remove) if plan.remove else None
+    removed: dict[str, int] = {t.name: 0 for t in ir.towers if t.blocks}
+    tower_of = {b.id: t.name for t in ir.towers for b in t.blocks}
+    for uid in (resolved.blocks | resolved.sublayers) if resolved else ():
+        removed[tower_of.get(uid) or tower_of[uid.rsplit(".", 1)[0]]] += units[uid].params
+    whole = (resolved.blocks | resolved.sublayers) if resolved else frozenset()
+    for cut in resolve_width(
+        ir, plan.remove_groups, removed_units=whole, top_k_policy=plan.top_k_policy
+    ).values():
+        block = next(b for b in ir.blocks() if any(s.id == cut.sublayer.id for s in b.sublayers))
+        removed[tower_of[block.id]] += cut.removed_params
+    return {t.name: (removed[t.name], sum(b.params for b in t.blocks)) for t in ir.towers if t.blocks}
+
+
+def budget_notes(ir: ModelIR, plan: PrunePlan) -> list[str]:
+    """One note per tower of a multi-tower model: what the plan removes there (empty for one tower)."""
+    per = budget_by_tower(ir, plan)
+    if len(per) < 2:
+        return []
+    return [
+        f"tower {name}: removes {gone} of {total} block parameters ({gone / total:.1%})"
+        for name, (gone, total) in per.items()
+    ]
+
+
+def _plan_in_scope(
+    model: nn.Module,
+    calibration: Calibration,
+    ir: ModelIR,
+    adapter: ArchitectureAdapter,
+    ratio: float,
+    metric: str,
+    granularity: Granularity,
+    planner: PlannerName,
+    shortlist: int | None,
+    trial_windows: int,
+    loss_stride: int,
+    on_step: Callable[[str], None] | None,
+    repair: Literal["none", "lsq"],
+    round_to: int,
+    width_allocation: Literal["global", "uniform"],
+    expert_allocation: Literal["global", "uniform"],
+    top_k_policy: Literal["error", "clamp"],
+) -> PrunePlan:
     if granularity == "expert":
         ctx = ScoringContext(model=model, adapter=adapter, ir=ir, calibration=calibration)
         return plan_experts(ctx, get_metric(metric), ratio, expert_allocation, top_k_policy)  # type: ignore[arg-type]

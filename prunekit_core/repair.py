@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapter import get_module
-from .errors import PlanError
+from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer
 from .scoring import _first_tensor
 from .surgery import Resolved, branches_masked
@@ -228,11 +228,14 @@ def block_repair_residuals(
     out: dict[str, float] = {}
     for tower in ir.towers:
         blocks = list(tower.blocks)
-        if not blocks:
-            continue
+        if not any(b.removable for b in blocks):
+            continue  # nothing a plan may remove here (e.g. a tower outside the plan's scope)
         starts = [b.sublayers[0].norm or b.sublayers[0].module for b in blocks if b.sublayers]
         if len(starts) != len(blocks) or tower.final_norm is None:
-            raise PlanError(f"tower {tower.name} has empty blocks or no final norm; cannot score repairs")
+            raise CalibrationError(
+                f"tower {tower.name} has empty blocks or no final norm; cannot score repairs (bi_lsq). "
+                "Use another metric (bi, angular), or --scope a tower with a final norm"
+            )
         points = starts + [tower.final_norm]
         writers: list[nn.Linear | None] = [None]
         for b in blocks[:-1]:

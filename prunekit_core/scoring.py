@@ -211,8 +211,10 @@ class TrialRunner:
         *,
         tower: str = "text",
         loss_stride: int = 1,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.extra = dict(inputs or {})  # further per-window inputs (images) for the capture pass
         self.adapter = adapter
         self.ir = adapter.build_ir(model)
         self.tower = self.ir.tower(tower)
@@ -249,7 +251,7 @@ class TrialRunner:
             b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)
         ]
         try:
-            self.model(input_ids=self.windows, use_cache=False)
+            self.model(input_ids=self.windows, use_cache=False, **self.extra)
         finally:
             for h in handles:
                 h.remove()
@@ -379,6 +381,7 @@ class ScoringContext:
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],
                 loss_stride=self.loss_stride,
+                inputs={k: v[: self.trial_windows] for k, v in self.calibration.inputs.items()},
             )
         return self._trials
 

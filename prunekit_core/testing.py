@@ -63,7 +63,7 @@ from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
 from .surgery import apply_plan, branch_paths
 
-__all__ = ["AdapterConformance"]
+__all__ = ["AdapterConformance", "word_tokenizer"]
 
 
 class AdapterConformance:
@@ -743,6 +743,20 @@ class AdapterConformance:
         for path in fam.top_k.counters:
             module, _, attr = path.rpartition(".")
             assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
+
+
+def word_tokenizer(words: int = 100) -> Any:
+    """A fast word-level tokenizer for tiny test models: ``w<i>`` -> id ``i + 3`` (0-2: unk, bos, eos).
+
+    Save it next to a tiny model (``word_tokenizer().save_pretrained(folder)``) to drive the CLI.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
 
 
 # reference computations: plain PyTorch hooks, independent of prunekit's surgery -------------------------

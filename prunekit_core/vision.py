@@ -11,6 +11,7 @@ shifts that index; :func:`remap_hidden_state_index` keeps it on the same point o
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .adapter import count_params
@@ -18,7 +19,7 @@ from .errors import PlanError
 from .ir import Block, ResidualEdge, Sublayer
 from .surgery import RemovedBranch
 
-__all__ = ["remap_hidden_state_index", "vit_blocks"]
+__all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index", "vit_blocks"]
 
 
 def vit_blocks(
@@ -84,3 +85,23 @@ def remap_hidden_state_index(index: int, n_blocks: int, kept: list[int]) -> int:
     absolute = index % total
     new_absolute = sum(1 for i in kept if i < absolute)
     return new_absolute - (len(kept) + 1) if index < 0 else new_absolute
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """What the language model receives for ``pixel_values``: the projector's outputs, ``[tokens, dim]``
+    over all images (``model.get_image_features``, which vision-language models in transformers share)."""
+    out = model.get_image_features(pixel_values=pixel_values, **kwargs)
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def feature_fidelity(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean cosine similarity between matching image-feature vectors before and after pruning (1 = equal
+    directions). The quality measure of a vision tower where no pretrained weights exist to measure
+    accuracy with."""
+    if before.shape != after.shape:
+        raise ValueError(f"feature shapes differ: {tuple(before.shape)} vs {tuple(after.shape)}")
+    return float(torch.nn.functional.cosine_similarity(before.double(), after.double(), dim=-1).mean())

@@ -66,3 +66,19 @@ def with_image_tokens(ids: torch.Tensor) -> torch.Tensor:
     ids = ids.clone()
     ids[:, :IMAGE_TOKENS] = IMAGE_TOKEN
     return ids
+
+
+def save_tiny_llava(folder, tower: str = "clip", **kwargs):
+    """:func:`tiny_llava` and a word-level tokenizer (``w<i>`` -> id ``i + 3``) as a Hugging Face folder."""
+    from prunekit_core.testing import word_tokenizer
+
+    tiny_llava(tower, **kwargs).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_text(path, words: int = 3000, seed: int = 1):
+    """A plain-text file of random ``w<i>`` words the tiny tokenizer knows."""
+    gen = torch.Generator().manual_seed(seed)
+    path.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (words,), generator=gen)) + "\n")
+    return path

@@ -53,13 +53,8 @@ def tiny_qwen2_moe(implementation: str = "grouped_mm", **overrides) -> Qwen2MoeF
 
 def save_tiny_mixtral(folder, **overrides):
     """:func:`tiny_mixtral` and a word-level tokenizer (``w<i>`` -> id ``i + 3``) as a Hugging Face folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from prunekit_core.testing import word_tokenizer
 
     tiny_mixtral(**overrides).save_pretrained(folder)
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder

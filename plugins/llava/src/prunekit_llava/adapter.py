@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit_core.adapter import count_params, get_module
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.errors import CalibrationError
 from prunekit_core.ir import Connection, Dim, ModelIR, Stage, Tower
-from prunekit_core.vision import remap_hidden_state_index, vit_blocks
+from prunekit_core.vision import image_features, remap_hidden_state_index, vit_blocks
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
 VISION = "model.vision_tower"
@@ -114,6 +116,24 @@ class LlavaAdapter(ComposedAdapter):
             Connection(source="vision", target="projector", dim=config.vision_config.hidden_size * n),
             Connection(source="projector", target="text", dim=text_hidden),
         ]
+
+    def calibration_inputs(
+        self, model: nn.Module, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each window starts with one image's placeholder tokens; the images are scikit-image's samples."""
+        from .images import vision_pixel_values
+
+        pixel_values = vision_pixel_values(model.config.vision_config, windows.shape[0])
+        with torch.no_grad():
+            n_image = image_features(model, pixel_values[:1]).shape[0]
+        if windows.shape[1] < n_image + 2:
+            raise CalibrationError(
+                f"calibration windows of {windows.shape[1]} tokens cannot hold an image ({n_image} tokens) and "
+                f"text: use --seq-len {n_image + 64} or more"
+            )
+        ids = windows.clone()
+        ids[:, :n_image] = model.config.image_token_id
+        return ids, {"pixel_values": pixel_values.to(model.dtype)}
 
     def tower_configs(self, model: nn.Module) -> dict[str, Any]:
         return {"vision": model.config.vision_config, "text": self.text_config(model)}
