@@ -286,14 +286,15 @@ class ModelIR(_Frozen):
                 )
                 for b in t.blocks
             )
-            towers.append(t.model_copy(update={"blocks": blocks}))
+            stages = tuple(st.model_copy(update={"channel_groups": ()}) for st in t.stages)
+            towers.append(t.model_copy(update={"blocks": blocks, "stages": stages}))
         return self.model_copy(update={"towers": tuple(towers), "scope": tuple(scope)})
 
     def channel_groups(self) -> dict[str, tuple[Sublayer, ChannelGroup]]:
         """Every channel-group family of a sublayer by id, with the sublayer that owns it.
 
         Families of stages (conv necks, projectors) are in :meth:`stage_channel_groups`: the width planners
-        read a family's cost off its sublayer, so they plan these; plans may name both.
+        read a family's cost off its sublayer, so they plan only these; a plan may name both.
         """
         return {g.id: (s, g) for s in self.sublayers() for g in s.channel_groups}
 

@@ -26,9 +26,9 @@ from prunekit_core.errors import PlanError
 from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.plugins import select_adapter
 
-IMAGE_TOKEN = 5
-IMAGE_TOKENS = 4  # 64 px / patch 8 = 8x8 grid; two stride-2 convs: 2x2 tokens
 VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1  # the last id: random text ids are drawn below it
+IMAGE_TOKENS = 4  # 64 px / patch 8 = 8x8 grid; two stride-2 convs: 2x2 tokens
 ADAPTER = GotOcr2Adapter()
 
 
@@ -82,7 +82,7 @@ def make_got(seed: int = 0) -> GotOcr2ForConditionalGeneration:
 def inputs(batch: int = 2, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids with one image (``IMAGE_TOKENS`` placeholders after the first token) per row, and pixels."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(IMAGE_TOKEN + 1, VOCAB, (batch, length), generator=gen)
+    ids = torch.randint(3, IMAGE_TOKEN, (batch, length), generator=gen)
     ids[:, 1 : 1 + IMAGE_TOKENS] = IMAGE_TOKEN
     return ids, torch.randn(batch, 3, 64, 64, generator=gen)
 

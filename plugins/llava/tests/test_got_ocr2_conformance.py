@@ -12,6 +12,7 @@ from prunekit_core.testing import AdapterConformance
 
 class TestGotOcr2Conformance(AdapterConformance):
     adapter = GotOcr2Adapter()
+    vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
     expected_failures = {
         "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
         "model's loss on text windows: they score text units only (the LLaVA conformance declares the same)",
@@ -21,14 +22,10 @@ class TestGotOcr2Conformance(AdapterConformance):
         return make_got()
 
     def input_ids(self, model: torch.nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
-        """Random text ids (never the image token) with one image's placeholders first (a prefill of the
-        kit's cached-decoding checks holds them all)."""
-        length = length or self.seq_len
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(
-            IMAGE_TOKEN + 1, model.config.text_config.vocab_size, (batch, length), generator=gen
-        )
-        if length > IMAGE_TOKENS:
+        """The kit's random ids, drawn below the image token, with one image's placeholders first (a
+        prefill of the kit's cached-decoding checks holds them all)."""
+        ids = super().input_ids(model, batch=batch, length=length, seed=seed)
+        if ids.shape[1] > IMAGE_TOKENS:
             ids[:, :IMAGE_TOKENS] = IMAGE_TOKEN
         return ids
 

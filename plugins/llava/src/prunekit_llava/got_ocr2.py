@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit_core.adapter import count_params, get_module
@@ -215,6 +216,15 @@ class GotOcr2Adapter(ComposedAdapter):
                 ),
             ),
         ]
+
+    def calibration_inputs(
+        self, model: nn.Module, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As for LLaVA: each window starts with one image's placeholder tokens, and the images are
+        scikit-image's sample photographs (CLIP normalisation, which GOT-OCR2's image processor uses too)."""
+        from .adapter import LlavaAdapter
+
+        return LlavaAdapter.calibration_inputs(self, model, windows)  # type: ignore[arg-type]
 
     def connections(self, model: nn.Module) -> list[Connection]:
         neck = get_module(model, NECK)
