@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from prunekit_llava.got_ocr2 import GotOcr2Adapter
-from test_got_ocr2 import IMAGE_TOKEN, IMAGE_TOKENS, make_got
+from test_got_ocr2 import IMAGE_TOKEN, IMAGE_TOKENS, UNIFORM_CONV, make_got
 
 from prunekit_core.ir import ModelIR
 from prunekit_core.testing import AdapterConformance
@@ -13,6 +13,10 @@ from prunekit_core.testing import AdapterConformance
 class TestGotOcr2Conformance(AdapterConformance):
     adapter = GotOcr2Adapter()
     vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
+    normalised_stage_families = {
+        f"vision.neck.{conv}.channels": "a channel LayerNorm follows; test_got_ocr2.py checks a narrower forward"
+        for conv in ("conv1", "conv2")
+    }
     expected_failures = {
         "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
         "model's loss on text windows: they score text units only (the LLaVA conformance declares the same)",
@@ -48,3 +52,8 @@ class TestGotOcr2Conformance(AdapterConformance):
         first = next(b for b in ir.blocks() if any(s.channel_groups for s in b.sublayers))
         fams = super().width_removals(ir, uniform=True)
         return {f: g for f, g in fams.items() if f.startswith(first.id + ".")}
+
+    def stage_width_plans(self, ir: ModelIR) -> list[dict[str, list[int]]]:
+        """The kit's cuts (none of which the config describes) and one it does: conv1 and conv2 at 6
+        channels, conv_upsampler1 at 12 (vision_config.output_channels = 6)."""
+        return [*super().stage_width_plans(ir), UNIFORM_CONV]
