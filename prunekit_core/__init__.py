@@ -17,6 +17,7 @@ Ten lines do what ``prunekit prune`` does::
 from .adapter import ArchitectureAdapter, DecoderAdapter
 from .api import calibrate, inspect, score
 from .checkpoint import load_pruned, save_pruned
+from .compose import ComposedAdapter, map_submodel
 from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 from .errors import (
     AmbiguousAdapterError,
@@ -50,6 +51,7 @@ from .quant import QuantFormat
 from .scoring import Calibration, ScoringContext
 from .surgery import RemovedBranch, apply_plan
 from .text import TEXT_ALIASES, load_windows
+from .vision import feature_fidelity, image_features
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,7 @@ __all__ = [
     "CalibrationError",
     "BranchSpec",
     "ChannelGroup",
+    "ComposedAdapter",
     "CheckpointError",
     "DecoderAdapter",
     "DeclaredDecoderAdapter",
@@ -97,13 +100,16 @@ __all__ = [
     "calibrate",
     "check_pending",
     "count_parameters",
+    "feature_fidelity",
     "fingerprint",
     "hookimpl",
+    "image_features",
     "inspect",
     "load_failures",
     "load_model",
     "load_pruned",
     "load_windows",
+    "map_submodel",
     "list_metrics",
     "perplexity",
     "plan_pruning",

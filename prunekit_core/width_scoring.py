@@ -819,9 +819,10 @@ def plan_width(
     # routed families (experts) are planned at --granularity expert
     fams = width_families(ir)
     if not fams:
+        where = f"in tower(s) {', '.join(ir.scope)} (--scope)" if ir.scope else "for this model"
         raise PlanError(
-            f"the {ir.adapter} plugin declares no channel groups for this model: width pruning needs them. "
-            "Use --granularity block or sublayer."
+            f"the {ir.adapter} plugin declares no channel groups {where}: width pruning needs them. "
+            "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".")
         )
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits

@@ -8,6 +8,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    MixtralConfig,
     SiglipVisionConfig,
 )
 
@@ -53,6 +54,30 @@ def tiny_llava(
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_llava_moe(seed: int = 0) -> LlavaForConditionalGeneration:
+    """A seeded tiny LLaVA whose language model is a Mixtral (eager experts, weights large enough that
+    routing differs between tokens)."""
+    text = MixtralConfig(
+        **{**TEXT, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2}
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        image_seq_length=IMAGE_TOKENS,
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    model.model.language_model.set_experts_implementation("eager")
+    return model
 
 
 def pixel_values(batch: int, seed: int = 0) -> torch.Tensor:

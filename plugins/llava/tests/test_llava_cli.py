@@ -98,3 +98,18 @@ def test_bad_scope_is_a_clear_error(llava_dir, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code != 0 and "unknown tower(s) ['audio']" in err and "vision" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--granularity", "width"], "declares no channel groups in tower(s) vision (--scope)"),
+        (["--metric", "sleb"], "removal trials measure the text tower's calibration loss"),
+    ],
+)
+def test_vision_scope_limits_are_clear_errors(llava_dir, tmp_path, capsys, extra, message):
+    text = write_text(tmp_path / "t.txt")
+    argv = ["prune", llava_dir, "--ratio", "0.2", "--calib", text, "--windows", "4", "--seq-len", "16"]
+    code = main([str(a) for a in [*argv, "--scope", "vision", *extra, "--out", tmp_path / "o"]])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from llava_tiny import IMAGE_TOKEN, pixel_values, tiny_llava, with_image_tokens
+from llava_tiny import IMAGE_TOKEN, pixel_values, tiny_llava, tiny_llava_moe, with_image_tokens
 from prunekit_llava import LlavaAdapter
 
 from prunekit_core.ir import ModelIR
@@ -54,3 +54,19 @@ class TestLlavaClip(_LlavaConformance):
 
 class TestLlavaSiglip(_LlavaConformance):
     tower = "siglip"
+
+
+class TestLlavaMixtral(_LlavaConformance):
+    """A Mixtral language model inside LLaVA: the Mixtral plugin's expert surgery through composition."""
+
+    tower = "clip"
+
+    def make_model(self):
+        return tiny_llava_moe()
+
+    def configure_loaded(self, model):
+        model.model.language_model.set_experts_implementation("eager")
+        return model
+
+    def mixed_removal(self, ir: ModelIR) -> list[str]:
+        return [u.replace("text.blocks.3.mlp", "text.blocks.3.moe") for u in super().mixed_removal(ir)]
