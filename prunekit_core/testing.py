@@ -40,8 +40,7 @@ Plugins that declare channel groups on stages (conv necks, conv projectors: ``St
 the ``test_stage_*`` checks: narrowing each family drops the IR and parameter counts by exactly its groups
 and, unless the family is listed in ``normalised_stage_families`` (a norm over the channels follows, so
 the plugin tests it against a narrower forward instead), equals zeroing its groups' member slices; cached
-decoding equals the full forward; the narrowed model round-trips; removing a stage or all its channels is
-refused. Override :meth:`stage_width_removals` to choose other groups and :meth:`stage_width_plans` to
+decoding equals the full forward; the narrowed model round-trips. Override :meth:`stage_width_removals` to choose other groups and :meth:`stage_width_plans` to
 round-trip a cut the config describes.
 
 Plugins that declare routed families (MoE experts: a family with a ``router``) also get the
@@ -726,8 +725,11 @@ class AdapterConformance:
             )
 
     def test_stage_width_cached_generation_matches_full_forward(self) -> None:
+        """Every stage family narrowed and the first block with a KV cache removed (later cache indices
+        shift): token-by-token decoding after a prefill equals one full forward."""
         model, ir = self._stage_model()
-        self.prune(model, [self.mixed_removal(ir)[1]], self.stage_width_removals(ir))
+        cached = [b.id for b in ir.blocks() if b.removable and any(s.uses_cache for s in b.sublayers)]
+        self.prune(model, cached[:1] or [self.mixed_removal(ir)[1]], self.stage_width_removals(ir))
         ids = self.input_ids(model)
         full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
@@ -757,19 +759,6 @@ class AdapterConformance:
             torch.testing.assert_close(self._logits(plain, ids), self._logits(model, ids), atol=0, rtol=0)
             fresh = type(model)(model.config)
             assert _numel(dict(fresh.named_parameters())) == _numel(dict(model.named_parameters()))
-
-    def test_stage_removal_rejected(self) -> None:
-        """Removing a stage (not on a residual edge) or every channel of a stage family is a PlanError that
-        leaves the model as it was."""
-        model, ir = self._stage_model()
-        snapshot = _snapshot(model)
-        for st in ir.stages():
-            with pytest.raises(PlanError, match="residual edge"):
-                self.prune(model, [st.id])
-        for fid, (_st, fam) in ir.stage_channel_groups().items():
-            with pytest.raises(PlanError, match="keep at least one channel"):
-                self.prune(model, [], {fid: list(range(fam.count))})
-        assert _snapshot(model) == snapshot, "a rejected plan modified the model"
 
     # experts -------------------------------------------------------------------------------------------
 

@@ -80,10 +80,19 @@ class ClaimsProjectorInputInConfig(GotOcr2Adapter):
         )
 
 
+class ForgetsTextCacheIndices(GotOcr2Adapter):
+    """Does not hand the text tower's share of a block removal to its adapter: the language model's KV-cache
+    indices (and text config) are not renumbered."""
+
+    def finalize_surgery(self, model: torch.nn.Module, ir_before: ModelIR, kept_blocks: dict) -> None:
+        self.finalize_own_surgery(model, ir_before, {k: v for k, v in kept_blocks.items() if k != "text"})
+
+
 CASES = [
     (ForgetsProjectorConsumer, "test_stage_width_removal_equals_zeroed_groups"),
     (ForgetsNeckNorm, "test_stage_width_removal_equals_zeroed_groups"),
     (ClaimsProjectorInputInConfig, "test_stage_width_save_reload_roundtrip"),
+    (ForgetsTextCacheIndices, "test_stage_width_cached_generation_matches_full_forward"),
 ]
 
 
@@ -100,3 +109,13 @@ def test_the_correct_adapter_passes_the_same_checks(tmp_path: Path) -> None:
     kit = conformance.TestGotOcr2Conformance()
     kit.test_stage_width_removal_equals_zeroed_groups()
     kit.test_stage_width_save_reload_roundtrip(tmp_path)
+    kit.test_stage_width_cached_generation_matches_full_forward()
+
+
+def test_every_stage_check_has_a_fault() -> None:
+    from prunekit_core.testing import AdapterConformance
+
+    checks = {n for n in dir(AdapterConformance) if n.startswith("test_stage_")}
+    assert checks == {t for _, t in CASES}, (
+        f"stage checks without a broken adapter: {checks - {t for _, t in CASES}}"
+    )
