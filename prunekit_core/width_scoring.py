@@ -39,7 +39,7 @@ from torch import nn
 
 from .adapter import get_module
 from .errors import PlanError
-from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .width import WidthCut, _split, group_slices, member_index, width_families
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,12 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
 # Repair of narrowed output projections
 
 
-def _out_member(sub: Sublayer, fam: ChannelGroup) -> GroupMember | None:
-    if not sub.out_proj:
+def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
+    out_proj = getattr(sub, "out_proj", None)  # a stage (conv neck, projector) has none: never refit
+    if not out_proj:
         return None
     for m in fam.members:
-        if m.param == f"{sub.out_proj}.weight" and m.axis == 1:
+        if m.param == f"{out_proj}.weight" and m.axis == 1:
             return m
     return None
 

@@ -392,3 +392,22 @@ def test_removing_a_conv_stage_is_refused_with_the_reason(unit: str, hint: str) 
 def test_removing_every_channel_of_a_conv_is_refused() -> None:
     with pytest.raises(PlanError, match="cannot be removed.*keep at least one channel"):
         prune(make_got(), groups={"vision.neck.conv2.channels": list(range(8))})
+
+
+def test_lsq_repair_leaves_conv_stages_to_plain_slicing() -> None:
+    """A plan with repair=lsq refits the narrowed text MLP's down projection on the calibration windows;
+    the conv stages have no output projection to refit and are sliced as without repair."""
+    ids, pixels = inputs()
+    groups = {"projector.conv_upsampler1.channels": [2, 5], "text.blocks.1.mlp.channels": [0, 7]}
+    base = make_got()
+    ir = ADAPTER.build_ir(base)
+    plan = PrunePlan(fingerprint=fingerprint(base, ir), remove=[], remove_groups=groups, repair="lsq")
+    repaired = pk.apply_plan(
+        base, plan, adapter=ADAPTER, repair_windows=inputs(batch=16, length=24, seed=3)[0]
+    )
+    plain = prune(make_got(), groups=groups)
+    conv = f"{PROJECTOR}.conv_upsampler2.weight"
+    assert torch.equal(repaired.get_parameter(conv), plain.get_parameter(conv))
+    down = "model.language_model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(repaired.get_parameter(down), plain.get_parameter(down))
+    assert logits(repaired, ids, pixels).isfinite().all()
