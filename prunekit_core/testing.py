@@ -545,7 +545,7 @@ class AdapterConformance:
             "span": {b.id for b in ir.blocks() if b.removable},
             "sublayer": {s.id for s in ir.sublayers() if s.removable},
         }
-        families = ir.channel_groups()
+        families = ir.all_channel_groups()
         for name, metric in sorted(plugins.metrics().items()):
             ctx = ScoringContext(model=model, adapter=self.adapter, ir=ir, calibration=calibration)
             if isinstance(metric, ChannelMetric):

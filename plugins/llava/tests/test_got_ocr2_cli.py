@@ -78,3 +78,18 @@ def test_prune_with_a_plan_that_narrows_the_convs(tmp_path, capsys) -> None:  # 
     ids, pixels = inputs()
     reference = apply_plan(make_got(), plan)  # the same plan through the API
     torch.testing.assert_close(logits(loaded, ids, pixels), logits(reference, ids, pixels), atol=0, rtol=0)
+
+
+def test_score_magnitude_ranks_the_conv_channels(tmp_path, capsys) -> None:  # noqa: ANN001
+    folder = _save(tmp_path / "got")
+    text = write_text(tmp_path / "t.txt")
+    code, out = _run(
+        capsys, "score", folder, "--metric", "magnitude", "--calib", text, "--seq-len", "16", "--json"
+    )
+    assert code == 0
+    scores = out["magnitude"]
+    assert (
+        len(scores["vision.neck.conv1.channels"]) == 8
+        and len(scores["projector.conv_upsampler2.channels"]) == 32
+    )
+    assert len(scores["text.blocks.0.mlp.channels"]) == 48
