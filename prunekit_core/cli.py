@@ -683,6 +683,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 scope=args.scope,
                 repair_optional=repair_arg is None,
             )
+        if plan.repair != repair:  # a defaulted repair the plan's towers cannot take
+            ui.say(next((n for n in plan.notes if "repair" in n), f"repair: {plan.repair}"))
         result["budget"] = {
             "ratio": args.ratio,
             "target_params": target,

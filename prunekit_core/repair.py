@@ -213,7 +213,12 @@ def _solve(fit: _Normal, hold: _Normal) -> tuple[float, float, torch.Tensor]:
 
 @torch.inference_mode()
 def block_repair_residuals(
-    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8
+    model: nn.Module,
+    ir: ModelIR,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """For every block: the share of the stream's energy its removal would lose *after* the LSQ fold.
 
@@ -222,7 +227,8 @@ def block_repair_residuals(
     The ridge strength is chosen on held-out windows as in :func:`lsq_repair`. The value is
     ``E||D - A dW^T||^2 / E||x_out||^2``, comparable to Block Influence (which is about half the same
     ratio without the fold, for small angles). A block with no writer before it keeps its unrepaired
-    ratio. Memory: two ``in x in`` float64 matrices per block (about 1.6 GB for a 30-block model with a
+    ratio. ``inputs`` are further per-window inputs (images); a tower without a final norm (a vision
+    encoder) ends at its last block's output. Memory: two ``in x in`` float64 matrices per block (about 1.6 GB for a 30-block model with a
     1536-wide FFN); this is not meant for 7B-scale models yet.
     """
     out: dict[str, float] = {}
@@ -231,12 +237,12 @@ def block_repair_residuals(
         if not any(b.removable for b in blocks):
             continue  # nothing a plan may remove here (e.g. a tower outside the plan's scope)
         starts = [b.sublayers[0].norm or b.sublayers[0].module for b in blocks if b.sublayers]
-        if len(starts) != len(blocks) or tower.final_norm is None:
+        if len(starts) != len(blocks):
             raise CalibrationError(
-                f"tower {tower.name} has empty blocks or no final norm; cannot score repairs (bi_lsq). "
-                "Use another metric (bi, angular), or --scope a tower with a final norm"
+                f"tower {tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
+                "Use another metric (bi, angular)"
             )
-        points = starts + [tower.final_norm]
+        points = starts + [tower.final_norm or blocks[-1].module]
         writers: list[nn.Linear | None] = [None]
         for b in blocks[:-1]:
             w = next((s.out_proj for s in reversed(b.sublayers) if s.out_proj), None)
@@ -265,18 +271,42 @@ def block_repair_residuals(
 
             return fn
 
+        def on_end(
+            _m: nn.Module,
+            _args: tuple[Any, ...],
+            out: Any,
+            cur: dict[int, torch.Tensor] = cur,
+            end: int = len(blocks),
+        ) -> None:
+            cur[end] = out[0] if isinstance(out, tuple) else out
+
         handles = [
             get_module(model, p).register_forward_pre_hook(on_point(i), with_kwargs=True)
-            for i, p in enumerate(points)
+            for i, p in enumerate(points[:-1])
         ]
+        if tower.final_norm is None:  # read from its hidden states: the stream ends at the last block
+            handles.append(get_module(model, points[-1]).register_forward_hook(on_end))
+        else:
+            handles.append(
+                get_module(model, points[-1]).register_forward_pre_hook(
+                    on_point(len(blocks)), with_kwargs=True
+                )
+            )
         handles += [w.register_forward_pre_hook(on_writer(i)) for i, w in enumerate(writers) if w is not None]
         try:
             for part, mask in (("fit", ~held_mask), ("hold", held_mask)):
                 sub = windows[mask]
+                extra = {k: v[mask] for k, v in (inputs or {}).items()}
                 for start in range(0, sub.shape[0], batch_size):
                     cur.clear()
                     feats.clear()
-                    model(input_ids=sub[start : start + batch_size], use_cache=False)
+                    batch = {k: v[start : start + batch_size] for k, v in extra.items()}
+                    model(input_ids=sub[start : start + batch_size], use_cache=False, **batch)
+                    if 0 not in cur:
+                        raise CalibrationError(
+                            f"tower {tower.name} did not run on the calibration windows; give its inputs "
+                            "(e.g. images: calibrate with the adapter's calibration_inputs)"
+                        )
                     for i in range(len(blocks)):
                         x_in, x_out = cur[i].double(), cur[i + 1].double()
                         d = (x_out - x_in).reshape(-1, x_in.shape[-1])

@@ -198,7 +198,11 @@ def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
 class TrialRunner:
     """Calibration loss of ``model`` with some blocks skipped and some branches masked.
 
-    Only the text tower of a causal LM is supported (the head consumes the last tower's stream).
+    Block inputs are cached for the text tower of a causal LM (the head consumes its stream), so a trial
+    there replays only the blocks after the first removal. Units of other towers (a vision encoder that
+    feeds the language model through image tokens) are measured by a full forward with ``inputs`` (the
+    images) and those units bypassed or masked; once one of them is committed, every later trial runs the
+    full forward, since the cached text inputs no longer hold.
     ``loss_positions`` subsamples the positions whose next-token loss is measured (the LM head over a
     49k vocabulary costs as much as several blocks); every position still flows through attention.
     """
@@ -227,6 +231,7 @@ class TrialRunner:
         self.head = get_module(model, self.tower.head)
         self.skipped: set[str] = set()
         self.masked: set[str] = set()
+        self.foreign = False  # a committed unit outside the cached tower: trials run full forwards
         self.trials = 0
         self._capture()
 
@@ -297,27 +302,64 @@ class TrialRunner:
         for i, b in enumerate(self.tower.blocks):
             if unit_id == b.id or unit_id.startswith(b.id + "."):
                 return i
-        raise PlanError(
-            f"removal trials measure the {self.tower.name} tower's calibration loss; {unit_id} is outside it. "
-            f"Score other towers with a similarity metric (bi, angular, sublayer_drop), or plan with "
-            f"--scope {self.tower.name}"
-        )
+        raise KeyError(f"{unit_id} is not in tower {self.tower.name}")
+
+    def _local(self, unit_id: str) -> bool:
+        return any(unit_id == b.id or unit_id.startswith(b.id + ".") for b in self.tower.blocks)
+
+    def _split(self, units: set[str]) -> tuple[set[str], set[str]]:
+        """(blocks, sublayers) among ``units``, in any tower; unknown ids are an error."""
+        known = self.ir.units()
+        unknown = sorted(u for u in units if u not in known)
+        if unknown:
+            raise PlanError(f"removal trials got unknown unit ids {unknown[:3]}")
+        blocks = {u for u in units if u in {b.id for b in self.ir.blocks()}}
+        return blocks, units - blocks
+
+    @torch.inference_mode()
+    def _full_loss(self, units: set[str]) -> float:
+        """Calibration loss of a full forward (with ``inputs``) with ``units`` bypassed or masked."""
+        blocks, subs = self._split(units)
+        known = self.ir.units()
+
+        def bypass(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            x = args[0] if args else kwargs["hidden_states"]
+            return (x, *out[1:]) if isinstance(out, tuple) else x
+
+        handles = [
+            get_module(self.model, known[b].module).register_forward_hook(bypass, with_kwargs=True)
+            for b in blocks
+        ]
+        try:
+            with branches_masked(self.model, self._subs(subs)):
+                logits = self.model(input_ids=self.windows, use_cache=False, **self.extra).logits
+        finally:
+            for h in handles:
+                h.remove()
+        logits = logits[:, :-1]
+        if self.loss_stride > 1:
+            logits = logits[:, :: self.loss_stride]
+        logits = logits.float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1)))
 
     def loss(self, remove: Iterable[str] = ()) -> float:
         """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
         extra = set(remove)
-        blocks = {u for u in extra if u in {b.id for b in self.tower.blocks}}
-        subs = extra - blocks
         if not extra:
             return self.current_loss
-        start = min(self.block_index(u) for u in extra)
         self.trials += 1
+        if self.foreign or not all(self._local(u) for u in extra):
+            return self._full_loss(self.skipped | self.masked | extra)
+        blocks, subs = self._split(extra)
+        start = min(self.block_index(u) for u in extra)
         return self._run_from(start, self.skipped | blocks, self.masked | subs)
 
     def replay(self, unit_id: str) -> float:
         """Calibration loss after an in-place change inside ``unit_id``'s block (e.g. a weight temporarily
         edited by a caller), with the committed removals; replays only from that block."""
         self.trials += 1
+        if self.foreign or not self._local(unit_id):
+            return self._full_loss(self.skipped | self.masked)
         return self._run_from(self.block_index(unit_id), self.skipped, self.masked)
 
     def commit(self, remove: Iterable[str]) -> None:
@@ -325,9 +367,13 @@ class TrialRunner:
         extra = set(remove)
         if not extra:
             return
-        block_ids = {b.id for b in self.tower.blocks}
-        self.skipped |= {u for u in extra if u in block_ids}
-        self.masked |= {u for u in extra if u not in block_ids}
+        blocks, subs = self._split(extra)
+        self.skipped |= blocks
+        self.masked |= subs
+        if self.foreign or not all(self._local(u) for u in extra):
+            self.foreign = True
+            self._current = self._full_loss(self.skipped | self.masked)
+            return
         start = min(self.block_index(u) for u in extra)
         self._refresh_from(start)
 

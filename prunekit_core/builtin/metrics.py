@@ -79,17 +79,18 @@ class RepairedBlockInfluence(ImportanceMetric):
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         from ..repair import block_repair_residuals
 
-        values = block_repair_residuals(ctx.model, ctx.ir, ctx.calibration.windows)
+        values = block_repair_residuals(
+            ctx.model, ctx.ir, ctx.calibration.windows, inputs=ctx.calibration.inputs
+        )
         return Scores(metric=self.name, unit="block", values=values)
 
 
 def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
     if ctx.candidates is not None:
         return list(ctx.candidates)
-    tower = ctx.trials().tower  # trials measure the language-model loss: units of its tower
     if default_unit == "block":
-        return [b.id for b in tower.blocks if b.removable]
-    return [s.id for b in tower.blocks for s in b.sublayers if s.removable]
+        return [b.id for b in ctx.ir.blocks() if b.removable]
+    return [s.id for s in ctx.ir.sublayers() if s.removable]
 
 
 class NRI(ImportanceMetric):

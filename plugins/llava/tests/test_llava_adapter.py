@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from llava_tiny import IMAGE_TOKEN, VISION, pixel_values, tiny_llava, with_image_tokens
+from llava_tiny import IMAGE_TOKEN, VISION, pixel_values, tiny_llava, tiny_llava_moe, with_image_tokens
 from prunekit_llava import LlavaAdapter
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig
+from transformers import LlavaForConditionalGeneration
 
 import prunekit_core as pk
 from prunekit_core.compose import map_submodel
@@ -70,27 +70,13 @@ def test_language_model_is_described_by_its_own_plugin():
 
 
 def test_mixtral_language_model_composes_too():
-    text = MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION), text_config=text, image_token_id=IMAGE_TOKEN
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = tiny_llava_moe()
     sub = LlavaAdapter().submodels(model)[0]
     assert sub.adapter.name == "mixtral"
     ir = pk.select_adapter(model).build_ir(model)
     assert "text.blocks.1.moe.experts" in ir.channel_groups()
     _prune(model, ["vision.blocks.1", "text.blocks.0"], {"text.blocks.2.moe.experts": [0]})
-    assert model.config.text_config.num_hidden_layers == 2
+    assert model.config.text_config.num_hidden_layers == 3
     assert model.config.vision_config.num_hidden_layers == 3
     _logits(model)  # still runs with an image
 

@@ -86,6 +86,12 @@ def test_default_method_on_vision_drops_the_lsq_repair(llava_dir, tmp_path, caps
     assert code == 0
     assert out["plan"]["repair"] == "none" and out["plan"]["method"] == "rank:angular"
     assert any("no least-squares repair" in n for n in out["plan"]["notes"])
+    code = main([str(a) for a in (*argv, "--scope", "vision", "--out", tmp_path / "o1")])
+    assert (
+        code == 0
+        and "no least-squares repair: the plan removes units of tower(s) ['vision']"
+        in capsys.readouterr().out
+    )
     code = main([str(a) for a in (*argv, "--scope", "vision", "--repair", "lsq", "--out", tmp_path / "o2")])
     assert code != 0 and "cannot be repaired by least squares" in capsys.readouterr().err
 
@@ -100,16 +106,22 @@ def test_bad_scope_is_a_clear_error(llava_dir, tmp_path, capsys):
     assert code != 0 and "unknown tower(s) ['audio']" in err and "vision" in err
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--granularity", "width"], "declares no channel groups in tower(s) vision (--scope)"),
-        (["--metric", "sleb"], "removal trials measure the text tower's calibration loss"),
-    ],
-)
-def test_vision_scope_limits_are_clear_errors(llava_dir, tmp_path, capsys, extra, message):
+def test_vision_width_is_a_clear_error(llava_dir, tmp_path, capsys):
     text = write_text(tmp_path / "t.txt")
     argv = ["prune", llava_dir, "--ratio", "0.2", "--calib", text, "--windows", "4", "--seq-len", "16"]
-    code = main([str(a) for a in [*argv, "--scope", "vision", *extra, "--out", tmp_path / "o"]])
-    assert code != 0 and message in capsys.readouterr().err
+    code = main(
+        [str(a) for a in [*argv, "--scope", "vision", "--granularity", "width", "--out", tmp_path / "o"]]
+    )
+    assert code != 0 and "declares no channel groups in tower(s) vision (--scope)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("metric", ["sleb", "nri"])
+def test_trial_metrics_plan_the_vision_tower(llava_dir, tmp_path, capsys, metric):
+    text = write_text(tmp_path / "t.txt")
+    argv = ["prune", llava_dir, "--ratio", "0.2", "--calib", text, "--windows", "4", "--seq-len", "16"]
+    code, out = _run(
+        capsys, *argv, "--scope", "vision", "--metric", metric, "--json", "--out", tmp_path / "o"
+    )
+    assert code == 0 and out["removed"] and all(u.startswith("vision.") for u in out["removed"])
+    assert out["plan"]["method"] == f"greedy:{metric}"

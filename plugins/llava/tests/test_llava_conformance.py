@@ -14,11 +14,6 @@ class _LlavaConformance(AdapterConformance):
     adapter = LlavaAdapter()
     vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
     tower = "clip"
-    expected_failures = {
-        "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
-        "model's loss on text windows: they score text units only; vision units are scored by the similarity "
-        "metrics (bi, angular, sublayer_drop), checked in test_llava_metrics.py",
-    }
 
     def make_model(self):
         return tiny_llava(self.tower)

@@ -87,3 +87,46 @@ def test_windows_too_short_for_an_image_are_refused():
     model = tiny_llava("clip")
     with pytest.raises(CalibrationError, match="cannot hold an image"):
         pk.select_adapter(model).calibration_inputs(model, torch.zeros((2, 4), dtype=torch.long))
+
+
+def _reference_loss(model, ids, extra, vision=(), text=()):
+    """Next-token loss of the unpruned model with those blocks bypassed by hooks (independent of prunekit)."""
+    handles = [
+        model.model.vision_tower.encoder.layers[i].register_forward_hook(lambda _m, args, _o: args[0])
+        for i in vision
+    ] + [
+        model.model.language_model.layers[i].register_forward_hook(
+            lambda _m, args, kwargs, _o: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        )
+        for i in text
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False, **extra).logits[:, :-1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return float(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    )
+
+
+def test_removal_trials_measure_vision_units_with_the_images():
+    from prunekit_core.scoring import TrialRunner
+
+    model = tiny_llava("clip")
+    ids, extra, _cal = _calibrated(model)
+    runner = TrialRunner(model, pk.select_adapter(model), ids, inputs=extra)
+    assert runner.base_loss == pytest.approx(_reference_loss(model, ids, extra), abs=1e-5)
+    assert runner.loss(["text.blocks.2"]) == pytest.approx(
+        _reference_loss(model, ids, extra, text=[2]), abs=1e-5
+    )
+    vision = runner.loss(["vision.blocks.1"])
+    assert vision == pytest.approx(_reference_loss(model, ids, extra, vision=[1]), abs=1e-5)
+    assert vision != pytest.approx(runner.base_loss, abs=1e-7)  # the images reach the loss
+    runner.commit(["vision.blocks.1"])
+    assert runner.current_loss == pytest.approx(vision, abs=1e-6)
+    both = _reference_loss(model, ids, extra, vision=[1], text=[2])
+    assert runner.loss(["text.blocks.2"]) == pytest.approx(
+        both, abs=1e-5
+    )  # full forwards after a vision commit
