@@ -17,10 +17,6 @@ class TestGotOcr2Conformance(AdapterConformance):
         f"vision.neck.{conv}.channels": "a channel LayerNorm follows; test_got_ocr2.py checks a narrower forward"
         for conv in ("conv1", "conv2")
     }
-    expected_failures = {
-        "test_metrics_finite_on_every_unit": "removal-trial metrics (nri, sleb) and bi_lsq measure the language "
-        "model's loss on text windows: they score text units only (the LLaVA conformance declares the same)",
-    }
 
     def make_model(self) -> torch.nn.Module:
         return make_got()
