@@ -12,6 +12,13 @@ fields the family declares (``num_key_value_heads``, ``intermediate_size``, ...)
 names a config field keeps the same count, the config describes the model exactly and plain
 ``from_pretrained`` reloads it; otherwise the field gets the largest count and the checkpoint's structure
 record carries the per-module shapes for :func:`~prunekit_core.load_pruned`.
+
+Stages that are not on a residual edge (a conv neck, a conv projector) declare families too
+(``Stage.channel_groups``): a conv's out-channels with the norm features and next layers' in-channels they
+reach. They are narrowed the same way but never removed; where a norm over the channels sits between two
+layers, the narrowed model is not the zeroed one (the norm's statistics change) but the same network at the
+narrower width. A family's config fields live in the config ``ChannelGroup.config`` names (the text config
+by default, e.g. ``vision_config`` for a conv neck).
 """
 
 from __future__ import annotations
