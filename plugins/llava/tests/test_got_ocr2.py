@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,6 +24,10 @@ import prunekit_core as pk
 from prunekit_core.errors import PlanError
 from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.plugins import select_adapter
+from prunekit_core.testing import (  # the kit's hook references: bypassed block, zeroed branch
+    _skipped,
+    _zeroed,
+)
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # the last id: random text ids are drawn below it
@@ -102,15 +105,6 @@ def numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextmanager
-def hooked(model: nn.Module, path: str, hook: object, **kw: bool) -> Iterator[None]:
-    handle = model.get_submodule(path).register_forward_hook(hook, **kw)  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     n = torch.get_num_threads()
@@ -157,17 +151,13 @@ def test_ir_towers_units_and_connections() -> None:
 # --- SAM blocks ------------------------------------------------------------------------------------------
 
 
-def _skip_block(_m: nn.Module, args: tuple, kwargs: dict, _out: object) -> object:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @pytest.mark.parametrize("removed", [[0], [1], [3], [1, 2]])
 def test_vision_block_removal_equals_skipped_block(removed: list[int]) -> None:
     """Windowed (0, 2) and global (1, 3) blocks: the pruned model equals the full one with those blocks
     bypassed, and the config keeps every kept layer's window."""
     ids, pixels = inputs()
     reference = make_got()
-    with contextlib_all(reference, [f"{VISION}.layers.{i}" for i in removed]):
+    with _skipped(reference, [f"{VISION}.layers.{i}" for i in removed]):
         want = logits(reference, ids, pixels)
     model = prune(make_got(), [f"vision.blocks.{i}" for i in removed])
     torch.testing.assert_close(logits(model, ids, pixels), want, atol=1e-6, rtol=0)
@@ -182,27 +172,13 @@ def test_vision_block_removal_equals_skipped_block(removed: list[int]) -> None:
     assert numel(fresh) == numel(model)
 
 
-@contextmanager
-def contextlib_all(model: nn.Module, paths: list[str]) -> Iterator[None]:
-    handles = [model.get_submodule(p).register_forward_hook(_skip_block, with_kwargs=True) for p in paths]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("unit", ["vision.blocks.0.attn", "vision.blocks.1.attn", "vision.blocks.2.mlp"])
 def test_vision_branch_removal_equals_zeroed_branch(unit: str) -> None:
     """A windowed attention (whose output is un-partitioned before the add), a global one, an MLP."""
     ids, pixels = inputs()
     reference = make_got()
     path = ADAPTER.build_ir(reference).units()[unit].module
-
-    def zero(_m: nn.Module, _a: tuple, out: object) -> object:
-        return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
-
-    with hooked(reference, path, zero):
+    with _zeroed(reference, [path]):
         want = logits(reference, ids, pixels)
     model = prune(make_got(), [unit])
     torch.testing.assert_close(logits(model, ids, pixels), want, atol=1e-6, rtol=0)
