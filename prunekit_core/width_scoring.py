@@ -821,9 +821,17 @@ def plan_width(
     fams = width_families(ir)
     if not fams:
         where = f"in tower(s) {', '.join(ir.scope)} (--scope)" if ir.scope else "for this model"
+        stages = sorted(ir.stage_channel_groups())
+        narrow = (
+            f" Its conv stages' channels ({', '.join(stages[:4])}) are narrowed by a plan that names them "
+            "(prunekit prune --plan PLAN.json with remove_groups; `prunekit score --metric magnitude` ranks "
+            "them); the width planner does not choose them."
+            if stages
+            else ""
+        )
         raise PlanError(
             f"the {ir.adapter} plugin declares no channel groups {where}: width pruning needs them. "
-            "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".")
+            "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".") + narrow
         )
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits

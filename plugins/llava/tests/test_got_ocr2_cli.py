@@ -93,3 +93,14 @@ def test_score_magnitude_ranks_the_conv_channels(tmp_path, capsys) -> None:  # n
         and len(scores["projector.conv_upsampler2.channels"]) == 32
     )
     assert len(scores["text.blocks.0.mlp.channels"]) == 48
+
+
+def test_width_planning_in_the_vision_tower_points_to_plans_for_conv_channels(tmp_path, capsys) -> None:  # noqa: ANN001
+    folder = _save(tmp_path / "got")
+    text = write_text(tmp_path / "t.txt")
+    argv = ["prune", folder, "--ratio", "0.1", "--calib", text, "--windows", "4", "--seq-len", "16"]
+    argv += ["--scope", "vision", "--granularity", "width", "--out", tmp_path / "out"]
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert "vision.neck.conv1.channels" in err and "--plan" in err
