@@ -75,9 +75,11 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         "width_uniform": width["uniform"],
         "removed_branches": removed,
         "cache_indices": cache_indices,
-        # width pruning: every parameter's shape (per-layer widths the config cannot describe) and the
-        # module counters the plugin declared
-        "param_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
+        # width pruning: every parameter's and buffer's shape (per-layer widths the config cannot describe)
+        # and the module counters the plugin declared
+        "param_shapes": {
+            n: list(p.shape) for n, p in [*model.named_parameters(), *model.named_buffers()] if p.dim()
+        },
         "counters": counters,
     }
 
@@ -176,7 +178,7 @@ def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
     """Replace parameters built at the config's width by the narrower tensors the checkpoint holds."""
     from safetensors import safe_open
 
-    from .width import sync_module_shape
+    from .width import set_tensor, sync_module_shape
 
     wanted = set(keys)
     found: dict[str, Any] = {}
@@ -189,8 +191,7 @@ def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
     for key, tensor in found.items():
         module_path, _, leaf = key.rpartition(".")
         module = get_module(model, module_path)
-        old = getattr(module, leaf)
-        setattr(module, leaf, nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad))
+        set_tensor(module, leaf, tensor.to(getattr(module, leaf).dtype))
         sync_module_shape(module)
 
 

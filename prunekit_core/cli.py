@@ -354,7 +354,7 @@ def _ir_tree(ir: Any) -> Any:
             )
         )
         stages = list(tower.stages)
-        late = [st for st in stages if st.kind in ("norm", "head")]
+        late = [st for st in stages if st.kind in ("neck", "norm", "head")]
         for st in [st for st in stages if st not in late]:
             t.add(escape(_stage_line(st)))
         for b in tower.blocks:
@@ -376,7 +376,11 @@ def _ir_tree(ir: Any) -> Any:
 
 def _stage_line(st: Any) -> str:
     tied = f" (tied to {st.tied_to})" if st.tied_to else ""
-    return f"{st.id}  {st.kind}  {st.module}  {_fmt_params(st.params)}{tied}  (never removed)"
+    narrow = "; narrowed through " + ", ".join(f"{g.id} x{g.count}" for g in st.channel_groups)
+    return (
+        f"{st.id}  {st.kind}  {st.module}  {_fmt_params(st.params)}{tied}  "
+        f"(never removed{narrow if st.channel_groups else ''})"
+    )
 
 
 # --- prunekit new-plugin ----------------------------------------------------------------------------
@@ -698,7 +702,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         )
 
     units = ir.units()
-    families = ir.channel_groups()
+    families = ir.all_channel_groups()
     title = f"plan: remove {len(plan.remove)} unit(s)"
     if plan.remove_groups:
         title += f", narrow {len(plan.remove_groups)} channel-group familie(s)"

@@ -2,10 +2,13 @@
 
 Architecture plugins describe their sublayers' coupled channels with these, so two plugins that meet the
 same layout (a grouped-query attention with ``q/k/v/o_proj``, a gated MLP with ``gate/up/down_proj``)
-declare it the same way.
+declare it the same way. :func:`conv_channels` follows one conv's out-channels through the norms and
+depthwise convs after it to the next layers' in-channels (conv necks, conv projectors).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -61,4 +64,77 @@ def gated_mlp_channels(fid: str, path: str, mlp: nn.Module, config_field: str) -
         members=tuple(members),
         params_per_group=3 * hidden + len(biases),
         config_fields={config_field: 1},
+    )
+
+
+def conv_channels(
+    fid: str,
+    model: nn.Module,
+    producer: str,
+    consumers: Sequence[str],
+    *,
+    norms: Sequence[str] = (),
+    depthwise: Sequence[str] = (),
+    config_fields: Mapping[str, int] | None = None,
+    config: str = "text",
+    config_divisor: int = 1,
+    in_config: bool = True,
+) -> ChannelGroup:
+    """One group per output channel of the conv (or linear) at ``producer``, with everything that channel
+    reaches before the next layer mixes channels: the producer's weight row and bias, the feature of each
+    per-channel norm at ``norms`` (weight, bias and a BatchNorm's running statistics; LayerNorm over the
+    channels, BatchNorm), the
+    channel of each depthwise conv at ``depthwise`` (weight row and bias), and the input column of each
+    conv or linear at ``consumers`` (axis 1).
+
+    Paths are dotted module paths inside ``model``. Every coupled dimension must equal the producer's
+    out-channels, or :class:`~prunekit_core.errors.PlanError` names the one that does not: that is the
+    dimension propagation a plugin would otherwise get wrong silently.
+    """
+    from .adapter import get_module
+    from .errors import PlanError
+
+    prod = get_module(model, producer)
+    count = prod.weight.shape[0]
+
+    def check(path: str, size: int, what: str) -> None:
+        if size != count:
+            raise PlanError(
+                f"{fid}: {path} has {size} {what}, but {producer} produces {count} channels; the coupled "
+                "dimensions the plugin declares do not match the model"
+            )
+
+    members = [GroupMember(param=f"{producer}.weight", axis=0, width=1)]
+    if getattr(prod, "bias", None) is not None:
+        members.append(GroupMember(param=f"{producer}.bias", axis=0, width=1))
+    for path in (*norms, *depthwise):
+        module = get_module(model, path)
+        check(path, module.weight.shape[0], "features")
+        if path in depthwise and not (isinstance(module, nn.modules.conv._ConvNd) and module.groups == count):
+            raise PlanError(f"{fid}: {path} is not a depthwise conv over {count} channels")
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(module, leaf, None) is not None:
+                members.append(GroupMember(param=f"{path}.{leaf}", axis=0, width=1))
+    for path in consumers:
+        module = get_module(model, path)
+        if getattr(module, "groups", 1) != 1:
+            raise PlanError(f"{fid}: consumer {path} is a grouped conv; declare it under depthwise=")
+        check(path, module.weight.shape[1], "input channels")
+        members.append(GroupMember(param=f"{path}.weight", axis=1, width=1))
+    per_group = 0
+    for m in members:
+        module_path, leaf = m.param.rsplit(".", 1)
+        tensor = getattr(get_module(model, module_path), leaf)
+        if isinstance(tensor, nn.Parameter):  # buffers (running statistics) are sliced, not counted
+            per_group += tensor.numel() // tensor.shape[m.axis]
+    return ChannelGroup(
+        id=fid,
+        kind="conv_channel",
+        count=count,
+        members=tuple(members),
+        params_per_group=per_group,
+        config_fields=dict(config_fields or {}),
+        config=config,
+        config_divisor=config_divisor,
+        in_config=in_config,
     )

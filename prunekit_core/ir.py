@@ -36,7 +36,8 @@ class GroupMember(_Frozen):
     """One parameter that shrinks when a channel group is removed.
 
     Group ``i`` of its family owns the slice ``[offset + i*width, offset + (i+1)*width)`` of ``param``
-    along ``axis``.
+    along ``axis``. ``param`` may name a buffer too (a BatchNorm's running statistics): it is sliced
+    with the group but holds no parameters.
     """
 
     param: str
@@ -96,6 +97,22 @@ class ChannelGroup(_Frozen):
         "logit; removing group i equals forcing that logit to -inf",
     )
     top_k: TopK | None = None
+    config: str = Field(
+        "text",
+        description="the config that holds config_fields: 'text' (the adapter's text config), '' (the "
+        "model's config itself) or an attribute path from it (e.g. 'vision_config')",
+    )
+    config_divisor: int = Field(
+        1,
+        description="each config field is per_group * live groups / config_divisor (a projector conv with "
+        "2 * output_channels channels declares output_channels: 1 with divisor 2); a count it does not "
+        "divide makes the checkpoint need load_pruned",
+    )
+    in_config: bool = Field(
+        True,
+        description="False when no config field counts these groups (e.g. a projector's input width): any "
+        "cut makes the checkpoint need load_pruned",
+    )
     multiple_of: int = Field(
         1,
         description="the number of groups kept must be a multiple of this (a kernel's alignment, e.g. fused "
@@ -168,13 +185,21 @@ class Block(_Frozen):
 
 
 class Stage(_Frozen):
-    """A part of a tower that is not on a residual edge (embeddings, final norm, head, a stem conv)."""
+    """A part of a tower that is not on a residual edge (embeddings, final norm, head, a stem conv, a conv
+    neck, a projector between towers).
+
+    A stage is never removed: its output feeds the next layer directly, so removing it breaks the
+    dimensions that connect them. It may be *narrowed*: ``channel_groups`` are families of coupled channels
+    (a conv's out-channels = the next norm's features = the next conv's in-channels) that width surgery
+    slices together. ``module`` may also name a parameter held directly by a module (a position embedding).
+    """
 
     id: str
-    kind: Literal["embedding", "norm", "head", "stem", "projector", "other"]
+    kind: Literal["embedding", "norm", "head", "stem", "neck", "projector", "other"]
     module: str
     params: int
     tied_to: str | None = None
+    channel_groups: tuple[ChannelGroup, ...] = ()
 
 
 class Tower(_Frozen):
@@ -261,12 +286,29 @@ class ModelIR(_Frozen):
                 )
                 for b in t.blocks
             )
-            towers.append(t.model_copy(update={"blocks": blocks}))
+            stages = tuple(st.model_copy(update={"channel_groups": ()}) for st in t.stages)
+            towers.append(t.model_copy(update={"blocks": blocks, "stages": stages}))
         return self.model_copy(update={"towers": tuple(towers), "scope": tuple(scope)})
 
     def channel_groups(self) -> dict[str, tuple[Sublayer, ChannelGroup]]:
-        """Every channel-group family by id, with the sublayer that owns it."""
+        """Every channel-group family of a sublayer by id, with the sublayer that owns it.
+
+        Families of stages (conv necks, projectors) are in :meth:`stage_channel_groups`: the width planners
+        read a family's cost off its sublayer, so they plan only these; a plan may name both.
+        """
         return {g.id: (s, g) for s in self.sublayers() for g in s.channel_groups}
+
+    def stages(self) -> list[Stage]:
+        return [st for t in self.towers for st in t.stages]
+
+    def stage_channel_groups(self) -> dict[str, tuple[Stage, ChannelGroup]]:
+        """Every channel-group family of a stage by id, with the stage that owns it (narrowed, never
+        removed)."""
+        return {g.id: (st, g) for st in self.stages() for g in st.channel_groups}
+
+    def all_channel_groups(self) -> dict[str, tuple[Sublayer | Stage, ChannelGroup]]:
+        """Sublayer and stage families together: everything width surgery can narrow."""
+        return {**self.channel_groups(), **self.stage_channel_groups()}
 
     def units(self) -> dict[str, Block | Sublayer]:
         """Every removable-or-not unit by id (blocks and sublayers)."""

@@ -240,7 +240,8 @@ def _unrepairable_towers(ir: ModelIR, plan: PrunePlan) -> list[str]:
 
 def budget_by_tower(ir: ModelIR, plan: PrunePlan) -> dict[str, tuple[int, int]]:
     """Tower name -> (parameters the plan removes there, the tower's block parameters), for towers with
-    blocks. Whole units count their parameters, narrowed families their removed groups."""
+    blocks. Whole units count their parameters, narrowed families their removed groups (narrowed stages are
+    not in any block budget)."""
     from .width import resolve_width
 
     units = ir.units()
@@ -253,6 +254,8 @@ def budget_by_tower(ir: ModelIR, plan: PrunePlan) -> dict[str, tuple[int, int]]:
     for cut in resolve_width(
         ir, plan.remove_groups, removed_units=whole, top_k_policy=plan.top_k_policy
     ).values():
+        if cut.sublayer.id in {st.id for st in ir.stages()}:
+            continue  # a narrowed stage (conv neck, projector): outside the block budget, like embeddings
         block = next(b for b in ir.blocks() if any(s.id == cut.sublayer.id for s in b.sublayers))
         removed[tower_of[block.id]] += cut.removed_params
     return {t.name: (removed[t.name], sum(b.params for b in t.blocks)) for t in ir.towers if t.blocks}

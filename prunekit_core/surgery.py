@@ -76,15 +76,8 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
             f"{unknown[0]} is an expert: experts are removed through the plan's remove_groups "
             f"({{{family!r}: [{expert.router_row}]}}), or with --granularity expert"
         )
-    stages = {st.id: st for t in ir.towers for st in t.stages}
-    if unknown and unknown[0] in stages:
-        st = stages[unknown[0]]
-        raise PlanError(
-            f"{st.id} is a {st.kind} stage ({st.module}), not a branch on a residual edge: removing it would "
-            "break the dimensions between what feeds it and what reads it, so it cannot be removed. Remove "
-            "blocks or sublayers (prunekit inspect lists them), or narrow channel groups instead."
-        )
     if unknown:
+        _refuse_stage(ir, unknown[0])
         import difflib
 
         hint = difflib.get_close_matches(unknown[0], list(units), n=1)
@@ -118,6 +111,25 @@ def resolve_removals(ir: ModelIR, remove: list[str]) -> Resolved:
                 "at least one must remain. Use a smaller --ratio."
             )
     return Resolved(frozenset(blocks), frozenset(subs))
+
+
+def _refuse_stage(ir: ModelIR, unit: str) -> None:
+    """Explain why ``unit``, a stage or a layer inside one (``vision.neck.conv1``), cannot be removed."""
+    for st in ir.stages():
+        fams = [g.id for g in st.channel_groups]
+        inside = [f for f in fams if f == unit or f.startswith(unit + ".")]
+        if unit != st.id and not unit.startswith(st.id + ".") and not inside:
+            continue
+        fix = (
+            f"Narrow it instead: remove channel groups of {', '.join(inside or fams)} (the plan's remove_groups)"
+            if inside or fams
+            else "Remove blocks or sublayers (prunekit inspect lists them), or narrow channel groups instead"
+        )
+        raise PlanError(
+            f"{unit} is part of the {st.kind} stage {st.id} ({st.module}), not a branch on a residual edge: "
+            "removing it would break the dimensions between what feeds it and what reads it, so it cannot be "
+            f"removed. {fix}."
+        )
 
 
 def removed_params(ir: ModelIR, resolved: Resolved) -> int:

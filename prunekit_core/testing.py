@@ -36,6 +36,13 @@ uniformly narrowed model rebuilds it exactly and plain ``from_pretrained`` reloa
 reload through ``load_pruned``, and removing every group of a family is refused. Override
 :meth:`width_removals` to choose other groups. Models without channel groups skip these checks.
 
+Plugins that declare channel groups on stages (conv necks, conv projectors: ``Stage.channel_groups``) get
+the ``test_stage_*`` checks: narrowing each family drops the IR and parameter counts by exactly its groups
+and, unless the family is listed in ``normalised_stage_families`` (a norm over the channels follows, so
+the plugin tests it against a narrower forward instead), equals zeroing its groups' member slices; cached
+decoding equals the full forward; the narrowed model round-trips. Override :meth:`stage_width_removals` to choose other groups and :meth:`stage_width_plans` to
+round-trip a cut the config describes.
+
 Plugins that declare routed families (MoE experts: a family with a ``router``) also get the
 ``test_expert_*`` checks: removing experts equals the unpruned model with their router logits forced to
 -inf (:func:`~prunekit_core.routing.router_rows_masked`), cached decoding equals the full forward, uniform
@@ -292,29 +299,30 @@ class AdapterConformance:
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         assert not dupes, f"unit ids are not unique: {dupes}"
 
-        for s in ir.sublayers():
-            for g in s.channel_groups:
-                assert g.count > 0, f"{g.id} has no groups"
-                spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
-                per_group = 0
-                for m in g.members:
-                    assert m.param in params, f"{g.id} names {m.param!r}, which is not a parameter"
-                    shape = params[m.param].shape
-                    assert 0 <= m.axis < len(shape), f"{g.id}: {m.param} has no axis {m.axis}"
-                    spans.setdefault((m.param, m.axis), []).append((m.offset, m.offset + g.count * m.width))
+        tensors = {**dict(model.named_buffers()), **params}
+        for _owner, g in ir.all_channel_groups().values():
+            assert g.count > 0, f"{g.id} has no groups"
+            spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+            per_group = 0
+            for m in g.members:
+                assert m.param in tensors, f"{g.id} names {m.param!r}, which is not a parameter or buffer"
+                shape = tensors[m.param].shape
+                assert 0 <= m.axis < len(shape), f"{g.id}: {m.param} has no axis {m.axis}"
+                spans.setdefault((m.param, m.axis), []).append((m.offset, m.offset + g.count * m.width))
+                if m.param in params:  # a buffer (running statistics) is sliced but holds no parameters
                     per_group += m.width * params[m.param].numel() // shape[m.axis]
-                for (pname, axis), ranges in spans.items():
-                    ranges.sort()
-                    dim = params[pname].shape[axis]
-                    covered = ranges[0][0] == 0 and ranges[-1][1] == dim
-                    covered = covered and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-                    assert covered, (
-                        f"{g.id}: {g.count} groups of {pname} cover {ranges} along axis {axis}, "
-                        f"but that axis has {dim} entries"
-                    )
-                assert g.params_per_group == per_group, (
-                    f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
+            for (pname, axis), ranges in spans.items():
+                ranges.sort()
+                dim = tensors[pname].shape[axis]
+                covered = ranges[0][0] == 0 and ranges[-1][1] == dim
+                covered = covered and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+                assert covered, (
+                    f"{g.id}: {g.count} groups of {pname} cover {ranges} along axis {axis}, "
+                    f"but that axis has {dim} entries"
                 )
+            assert g.params_per_group == per_group, (
+                f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
+            )
 
     def test_prune_nothing_changes_nothing(self) -> None:
         model = self.make_model()
@@ -537,7 +545,7 @@ class AdapterConformance:
             "span": {b.id for b in ir.blocks() if b.removable},
             "sublayer": {s.id for s in ir.sublayers() if s.removable},
         }
-        families = ir.channel_groups()
+        families = ir.all_channel_groups()
         for name, metric in sorted(plugins.metrics().items()):
             ctx = ScoringContext(model=model, adapter=self.adapter, ir=ir, calibration=calibration)
             if isinstance(metric, ChannelMetric):
@@ -650,6 +658,107 @@ class AdapterConformance:
         with pytest.raises(PlanError, match="remove the sublayer instead"):
             self.prune(model, [], {fid: list(range(fam.count))})
         assert _snapshot(model) == snapshot, "a rejected plan modified the model"
+
+    # stages: conv necks and projectors, narrowed and never removed ------------------------------------
+
+    #: stage families whose channels pass through a normalisation over the channels (a LayerNorm over a
+    #: conv's output) before the next layer: narrowing them changes the norm's statistics, so zeroing is
+    #: not their reference; family id -> where the plugin tests them against a narrower forward instead
+    normalised_stage_families: dict[str, str] = {}
+
+    def stage_width_removals(self, ir: ModelIR) -> dict[str, list[int]]:
+        """Groups of every stage family to remove: its first and last (one of a 2-group family)."""
+        return {
+            fid: [0, fam.count - 1] if fam.count >= 3 else [fam.count - 1]
+            for fid, (_st, fam) in ir.stage_channel_groups().items()
+            if fam.count >= 2
+        }
+
+    def stage_width_plans(self, ir: ModelIR) -> list[dict[str, list[int]]]:
+        """Stage cuts the round-trip check saves and reloads: each family alone, then all together.
+        Override to add a cut the config describes (e.g. coupled families at the config's ratio)."""
+        groups = self.stage_width_removals(ir)
+        return [{fid: g} for fid, g in groups.items()] + ([groups] if len(groups) > 1 else [])
+
+    def _stage_model(self) -> tuple[nn.Module, ModelIR]:
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        if not self.stage_width_removals(ir):
+            pytest.skip(f"{self.adapter.name} declares no stage channel groups (conv necks, projectors)")
+        unknown = sorted(set(self.normalised_stage_families) - set(ir.stage_channel_groups()))
+        assert not unknown, f"normalised_stage_families names {unknown}, which are not stage families"
+        return model, ir
+
+    def test_stage_width_removal_equals_zeroed_groups(self) -> None:
+        """Each stage family alone: the IR count and the parameter count drop by exactly the removed groups;
+        where no normalisation over the channels follows, the model equals the unpruned one with every
+        member slice of those groups zeroed."""
+        from .width import group_slices
+
+        model, ir = self._stage_model()
+        ids = self.input_ids(model)
+        fams = ir.stage_channel_groups()
+        total = _numel(dict(model.named_parameters()))
+        for fid, removed in self.stage_width_removals(ir).items():
+            fam = fams[fid][1]
+            pruned = self.prune(self.make_model(), [], {fid: removed})
+            after = self.adapter.build_ir(pruned).stage_channel_groups()[fid][1]
+            assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
+            left = _numel(dict(pruned.named_parameters()))
+            want_left = total - len(removed) * fam.params_per_group
+            assert left == want_left, f"narrowing {fid} by {removed} left {left} params, expected {want_left}"
+            got = self._logits(pruned, ids)
+            if fid in self.normalised_stage_families:
+                assert torch.isfinite(got).all(), f"narrowing {fid} gave non-finite logits"
+                continue
+            reference = self.make_model()
+            with torch.no_grad():
+                for member, tensor in group_slices(reference, fam):
+                    for g in removed:
+                        tensor.narrow(member.axis, member.offset + g * member.width, member.width).zero_()
+            torch.testing.assert_close(
+                got,
+                self._logits(reference, ids),
+                atol=self.atol,
+                rtol=0,
+                msg=lambda m, f=fid: f"narrowing {f} differs from zeroing its removed channels: {m}",
+            )
+
+    def test_stage_width_cached_generation_matches_full_forward(self) -> None:
+        """Every stage family narrowed and the first block with a KV cache removed (later cache indices
+        shift): token-by-token decoding after a prefill equals one full forward."""
+        model, ir = self._stage_model()
+        cached = [b.id for b in ir.blocks() if b.removable and any(s.uses_cache for s in b.sublayers)]
+        self.prune(model, cached[:1] or [self.mixed_removal(ir)[1]], self.stage_width_removals(ir))
+        ids = self.input_ids(model)
+        full = self._logits(model, ids)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
+            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+
+    def test_stage_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
+        """Each of :meth:`stage_width_plans`: ``load_pruned`` rebuilds the narrowed model exactly; when the
+        config claims to describe it (uniform), plain ``from_pretrained`` must too, and a model built from
+        the config must have its size."""
+        from .checkpoint import load_pruned, save_pruned
+
+        _model, ir = self._stage_model()
+        for i, groups in enumerate(self.stage_width_plans(ir)):
+            model = self.prune(self.make_model(), [], groups)
+            ids = self.input_ids(model)
+            out = save_pruned(model, tmp_path / f"stages{i}")
+            loaded = self.configure_loaded(load_pruned(out))
+            torch.testing.assert_close(self._logits(loaded, ids), self._logits(model, ids), atol=0, rtol=0)
+            if not model._prunekit_width["uniform"]:
+                continue
+            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
+                f"narrowing {sorted(groups)} claims a uniform config, but plain from_pretrained reports {info}"
+            )
+            plain = self.configure_loaded(plain.eval())
+            torch.testing.assert_close(self._logits(plain, ids), self._logits(model, ids), atol=0, rtol=0)
+            fresh = type(model)(model.config)
+            assert _numel(dict(fresh.named_parameters())) == _numel(dict(model.named_parameters()))
 
     # experts -------------------------------------------------------------------------------------------
 
@@ -804,7 +913,8 @@ def _text_config(model: nn.Module) -> Any:
 
 
 def _params_under(params: dict[str, nn.Parameter], path: str) -> list[str]:
-    return [n for n in params if n.startswith(path + ".")]
+    """Parameters inside the module at ``path``, or the parameter ``path`` itself (a position embedding)."""
+    return [n for n in params if n == path or n.startswith(path + ".")]
 
 
 def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:

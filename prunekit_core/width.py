@@ -12,6 +12,13 @@ fields the family declares (``num_key_value_heads``, ``intermediate_size``, ...)
 names a config field keeps the same count, the config describes the model exactly and plain
 ``from_pretrained`` reloads it; otherwise the field gets the largest count and the checkpoint's structure
 record carries the per-module shapes for :func:`~prunekit_core.load_pruned`.
+
+Stages that are not on a residual edge (a conv neck, a conv projector) declare families too
+(``Stage.channel_groups``): a conv's out-channels with the norm features and next layers' in-channels they
+reach. They are narrowed the same way but never removed; where a norm over the channels sits between two
+layers, the narrowed model is not the zeroed one (the norm's statistics change) but the same network at the
+narrower width. A family's config fields live in the config ``ChannelGroup.config`` names (the text config
+by default, e.g. ``vision_config`` for a conv neck).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import nn
 
 from .adapter import ArchitectureAdapter, get_module
 from .errors import PlanError
-from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 
 TopKPolicy = Literal["error", "clamp"]
 _GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
@@ -34,10 +41,11 @@ _GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
 
 @dataclass(frozen=True)
 class WidthCut:
-    """Groups to remove from one family."""
+    """Groups to remove from one family; ``sublayer`` is the unit that owns it (a stage for conv necks and
+    projectors)."""
 
     family: ChannelGroup
-    sublayer: Sublayer
+    sublayer: Sublayer | Stage
     removed: tuple[int, ...]
 
     @property
@@ -80,7 +88,7 @@ def resolve_width(
     an error (the plan would remove the same parameters twice). A routed family (experts) must keep at
     least ``top_k`` groups unless ``top_k_policy`` is ``"clamp"``.
     """
-    families = ir.channel_groups()
+    families = ir.all_channel_groups()
     cuts: dict[str, WidthCut] = {}
     for fid, indices in remove_groups.items():
         if fid not in families:
@@ -98,6 +106,11 @@ def resolve_width(
             raise PlanError(f"{fid} has {fam.count} groups (0..{fam.count - 1}); the plan names {bad[:5]}")
         if len(set(indices)) != len(indices):
             raise PlanError(f"the plan lists groups of {fid} more than once")
+        if len(indices) >= fam.count and isinstance(sub, Stage):
+            raise PlanError(
+                f"the plan removes all {fam.count} channels of {fid}: {sub.id} is not on a residual edge, so "
+                "it cannot be removed (the next layer reads its output directly); keep at least one channel"
+            )
         if len(indices) >= fam.count:
             raise PlanError(
                 f"the plan removes all {fam.count} groups of {fid}, which would leave {sub.id} with no "
@@ -117,7 +130,7 @@ def resolve_width(
                 f"than the top_k={fam.top_k.value} its router picks per token. Remove fewer, or say how to "
                 "handle it: top_k_policy='clamp' (CLI: --top-k clamp) lowers top_k to the number left"
             )
-        if sub.id in removed_units or _block_of(ir, sub.id) in removed_units:
+        if isinstance(sub, Sublayer) and (sub.id in removed_units or _block_of(ir, sub.id) in removed_units):
             raise PlanError(f"the plan both removes {sub.id} (or its block) and narrows it ({fid})")
         cuts[fid] = WidthCut(fam, sub, tuple(sorted(indices)))
     return cuts
@@ -160,34 +173,84 @@ def group_slices(model: nn.Module, fam: ChannelGroup) -> list[tuple[GroupMember,
     return out
 
 
+def set_tensor(module: nn.Module, leaf: str, new: torch.Tensor) -> None:
+    """Replace a parameter (keeping ``requires_grad``) or a buffer (a BatchNorm's running statistics)."""
+    old = getattr(module, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(module, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        module._buffers[leaf] = new
+
+
 def sync_module_shape(module: nn.Module) -> None:
-    """Make a layer's feature counters agree with its (sliced) weight."""
+    """Make a layer's feature counters agree with its (sliced) weight.
+
+    A depthwise conv (``groups == in_channels == out_channels``) stays depthwise: its group count follows
+    its channels.
+    """
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
         module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
         module.in_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
+        if isinstance(module, nn.LayerNorm):
+            module.normalized_shape = tuple(module.weight.shape)
+        elif isinstance(module, nn.GroupNorm):
+            module.num_channels = module.weight.shape[0]
+        else:
+            module.num_features = module.weight.shape[0]
+
+
+#: a config field: (the config that holds it, its name); the config is "text" or a path from model.config
+ConfigKey = tuple[str, str]
 
 
 def _config_targets(
     ir: ModelIR, cuts: Mapping[str, WidthCut], skip: frozenset[str] | set[str]
-) -> dict[str, list[int]]:
-    """For each declared config field: the value every live family implies after the cuts."""
-    values: dict[str, list[int]] = {}
-    for sub in ir.sublayers():
-        if sub.id in skip or _block_of(ir, sub.id) in skip:
+) -> dict[ConfigKey, list[int | None]]:
+    """For each declared config field: the value every live family implies after the cuts.
+
+    ``None`` stands for a value the config cannot hold (a count its divisor does not divide, or a cut
+    family no config field counts), which makes the result need ``load_pruned``.
+    """
+    values: dict[ConfigKey, list[int | None]] = {}
+    owners: list[tuple[ChannelGroup, bool]] = [
+        (fam, sub.id in skip or _block_of(ir, sub.id) in skip)
+        for sub in ir.sublayers()
+        for fam in sub.channel_groups
+    ]
+    owners += [(fam, False) for st in ir.stages() for fam in st.channel_groups]
+    for fam, skipped in owners:
+        if skipped:
             continue
-        for fam in sub.channel_groups:
-            live = len(cuts[fam.id].kept) if fam.id in cuts else fam.count
-            for field, per in fam.config_fields.items():
-                values.setdefault(field, []).append(per * live)
-            if fam.top_k is not None and fam.top_k.config_field:
-                values.setdefault(fam.top_k.config_field, []).append(min(fam.top_k.value, live))
+        live = len(cuts[fam.id].kept) if fam.id in cuts else fam.count
+        if not fam.in_config and fam.id in cuts:
+            values.setdefault((fam.config, f"<{fam.id}>"), []).extend([fam.count, live])
+        for field, per in fam.config_fields.items():
+            units, rest = divmod(per * live, fam.config_divisor)
+            values.setdefault((fam.config, field), []).append(None if rest else units)
+        if fam.top_k is not None and fam.top_k.config_field:
+            values.setdefault((fam.config, fam.top_k.config_field), []).append(min(fam.top_k.value, live))
     return values
+
+
+def family_config(model: nn.Module, adapter: ArchitectureAdapter, name: str) -> object:
+    """The config a family's ``config`` names: the adapter's text config (``"text"``), ``model.config``
+    itself (``""``) or a config under it (``"vision_config"``)."""
+    if name == "text":
+        return adapter.text_config(model) if hasattr(adapter, "text_config") else model.config
+    config: object = model.config
+    for part in name.split(".") if name else ():
+        if not hasattr(config, part):
+            raise PlanError(f"the IR names config {name!r}, which {type(model.config).__name__} lacks")
+        config = getattr(config, part)
+    return config
 
 
 def _config_valid(config: object) -> bool:
@@ -204,8 +267,9 @@ def _config_valid(config: object) -> bool:
 def width_is_uniform(
     ir: ModelIR, cuts: Mapping[str, WidthCut], skip: frozenset[str] | set[str] = frozenset()
 ) -> bool:
-    """True when every config field a family declares gets one value for all live families."""
-    return all(len(set(v)) == 1 for v in _config_targets(ir, cuts, skip).values())
+    """True when every config field a family declares gets one value, which the config can hold, for all
+    live families (and no family that no config field counts is cut)."""
+    return all(len(set(v)) == 1 and None not in v for v in _config_targets(ir, cuts, skip).values())
 
 
 @torch.no_grad()
@@ -240,7 +304,7 @@ def apply_width(
                 [i for i in range(tensor.shape[axis]) if i not in positions], dtype=torch.long
             )
             new = tensor.detach().index_select(axis, index.to(tensor.device)).clone()
-            setattr(module, leaf, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            set_tensor(module, leaf, new)
             touched[module_path] = module
         for counter in fam.counters:
             setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
@@ -250,21 +314,25 @@ def apply_width(
                 setattr(get_module(model, module), attr, min(fam.top_k.value, len(kept)))
     for module in touched.values():
         sync_module_shape(module)
-    config = adapter.text_config(model) if hasattr(adapter, "text_config") else model.config
     uniform = True
-    old: dict[str, object] = {}
-    for field, vals in _config_targets(ir, cuts, skip).items():
+    old: dict[ConfigKey, object] = {}
+    configs: dict[str, object] = {}
+    for key, vals in _config_targets(ir, cuts, skip).items():
+        uniform &= len(set(vals)) == 1 and None not in vals
+        name, field = key
+        if field.startswith("<"):  # a family no config field counts: nothing to set
+            continue
+        config = configs.setdefault(name, family_config(model, adapter, name))
         if not hasattr(config, field):
             raise PlanError(f"the IR names config field {field!r}, which {type(config).__name__} lacks")
-        uniform &= len(set(vals)) == 1
-        old[field] = getattr(config, field)
-        setattr(config, field, max(vals))
+        old[key] = getattr(config, field)
+        setattr(config, field, max(v if v is not None else 0 for v in vals) or old[key])
     adapter.finalize_width(model, ir, dict(cuts))
-    if not _config_valid(config):
+    if not all(_config_valid(c) for c in configs.values()):
         # e.g. LlamaConfig insists on hidden_size % num_attention_heads == 0 even with an explicit
         # head_dim: keep the config's original counts; the structure record carries the real shapes
-        for field, value in old.items():
-            setattr(config, field, value)
+        for (name, field), value in old.items():
+            setattr(configs[name], field, value)
         uniform = False
     uniform = uniform and record["uniform"]
     model._prunekit_width = {"uniform": uniform}  # type: ignore[attr-defined]

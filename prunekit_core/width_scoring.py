@@ -39,7 +39,7 @@ from torch import nn
 
 from .adapter import get_module
 from .errors import PlanError
-from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .width import WidthCut, _split, group_slices, member_index, width_families
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,12 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
 # Repair of narrowed output projections
 
 
-def _out_member(sub: Sublayer, fam: ChannelGroup) -> GroupMember | None:
-    if not sub.out_proj:
+def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
+    out_proj = getattr(sub, "out_proj", None)  # a stage (conv neck, projector) has none: never refit
+    if not out_proj:
         return None
     for m in fam.members:
-        if m.param == f"{sub.out_proj}.weight" and m.axis == 1:
+        if m.param == f"{out_proj}.weight" and m.axis == 1:
             return m
     return None
 
@@ -820,9 +821,17 @@ def plan_width(
     fams = width_families(ir)
     if not fams:
         where = f"in tower(s) {', '.join(ir.scope)} (--scope)" if ir.scope else "for this model"
+        stages = sorted(ir.stage_channel_groups())
+        narrow = (
+            f" Its conv stages' channels ({', '.join(stages[:4])}) are narrowed by a plan that names them "
+            "(prunekit prune --plan PLAN.json with remove_groups; `prunekit score --metric magnitude` ranks "
+            "them); the width planner does not choose them."
+            if stages
+            else ""
+        )
         raise PlanError(
             f"the {ir.adapter} plugin declares no channel groups {where}: width pruning needs them. "
-            "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".")
+            "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".") + narrow
         )
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits

@@ -212,9 +212,12 @@ CASES = [(adapter, test) for adapter, tests in FAULTS for test in tests]
 
 
 def test_every_check_has_a_fault() -> None:
-    # expert checks need an MoE model: plugins/mixtral/tests/test_moe_kit_faults.py breaks each of them
+    # expert checks need an MoE model: plugins/mixtral/tests/test_moe_kit_faults.py breaks each of them;
+    # stage checks need conv stages: plugins/llava/tests/test_got_ocr2_kit_faults.py breaks each of them
     checks = {
-        n for n in dir(AdapterConformance) if n.startswith("test_") and not n.startswith("test_expert_")
+        n
+        for n in dir(AdapterConformance)
+        if n.startswith("test_") and not n.startswith(("test_expert_", "test_stage_"))
     }
     assert checks == {t for _, t in CASES}, (
         f"checks without a broken adapter: {checks - {t for _, t in CASES}}"

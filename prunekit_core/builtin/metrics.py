@@ -136,7 +136,10 @@ class Magnitude(ChannelMetric):
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import magnitude_scores
 
-        return {fid: magnitude_scores(ctx.model, fam) for fid, (_, fam) in ctx.ir.channel_groups().items()}
+        # stage families too (conv necks, projectors): the weights alone order their channels
+        return {
+            fid: magnitude_scores(ctx.model, fam) for fid, (_, fam) in ctx.ir.all_channel_groups().items()
+        }
 
 
 class Wanda(ChannelMetric):

@@ -8,8 +8,10 @@ from typing import Any
 from prunekit_core import hookimpl
 
 from .adapter import LlavaAdapter
+from .got_ocr2 import GotOcr2Adapter
 
 
 @hookimpl
 def prunekit_register_adapters(register: Callable[[Any], Any]) -> None:
     register(LlavaAdapter())
+    register(GotOcr2Adapter())

@@ -1,0 +1,121 @@
+"""The conformance kit's stage checks catch broken conv-channel declarations.
+
+Each faulty adapter below gets one thing about GOT-OCR2's conv stages wrong; the named kit check must fail
+on it: a failed comparison, the model crashing on shapes the IR got wrong, the adapter's own dimension
+check refusing the narrowed model (``conv_channels``), or ``load_pruned`` refusing a checkpoint that
+contradicts its config. Each is loud; none lets the fault through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_got_ocr2_conformance as conformance  # a module import: pytest must not collect the class twice
+import torch
+from prunekit_llava.got_ocr2 import GotOcr2Adapter
+
+from prunekit_core.errors import CheckpointError, PlanError
+from prunekit_core.ir import ChannelGroup, ModelIR
+
+
+def _edit_family(ir: ModelIR, fid: str, edit) -> ModelIR:  # noqa: ANN001
+    """``ir`` with stage family ``fid`` replaced by ``edit(family)``."""
+    towers = []
+    for t in ir.towers:
+        stages = tuple(
+            st.model_copy(
+                update={"channel_groups": tuple(edit(g) if g.id == fid else g for g in st.channel_groups)}
+            )
+            for st in t.stages
+        )
+        towers.append(t.model_copy(update={"stages": stages}))
+    return ir.model_copy(update={"towers": tuple(towers)})
+
+
+def _without(model: torch.nn.Module, fam: ChannelGroup, suffix: str) -> ChannelGroup:
+    """``fam`` without its members on parameters ending in ``suffix``, with ``params_per_group`` lowered to
+    match, so that only the surgery itself can reveal the fault."""
+    gone = [m for m in fam.members if m.param.endswith(suffix)]
+    params = dict(model.named_parameters())
+    less = sum(params[m.param].numel() // params[m.param].shape[m.axis] for m in gone)
+    return fam.model_copy(
+        update={
+            "members": tuple(m for m in fam.members if m not in gone),
+            "params_per_group": fam.params_per_group - less,
+        }
+    )
+
+
+class ForgetsProjectorConsumer(GotOcr2Adapter):
+    """conv_upsampler1's family leaves out conv_upsampler2's input columns."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _edit_family(
+            super().build_ir(model),
+            "projector.conv_upsampler1.channels",
+            lambda f: _without(model, f, "conv_upsampler2.weight"),
+        )
+
+
+class ForgetsNeckNorm(GotOcr2Adapter):
+    """conv1's family leaves out the channel LayerNorm between conv1 and conv2."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _edit_family(
+            super().build_ir(model),
+            "vision.neck.conv1.channels",
+            lambda f: _without(model, f, "layer_norm1.weight"),
+        )
+
+
+class ClaimsProjectorInputInConfig(GotOcr2Adapter):
+    """conv_upsampler2's family claims the config describes its cut (it cannot: the linear's input)."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _edit_family(
+            super().build_ir(model),
+            "projector.conv_upsampler2.channels",
+            lambda f: f.model_copy(update={"in_config": True}),
+        )
+
+
+class ForgetsTextCacheIndices(GotOcr2Adapter):
+    """Does not hand the text tower's share of a block removal to its adapter: the language model's KV-cache
+    indices (and text config) are not renumbered."""
+
+    def finalize_surgery(self, model: torch.nn.Module, ir_before: ModelIR, kept_blocks: dict) -> None:
+        self.finalize_own_surgery(model, ir_before, {k: v for k, v in kept_blocks.items() if k != "text"})
+
+
+CASES = [
+    (ForgetsProjectorConsumer, "test_stage_width_removal_equals_zeroed_groups"),
+    (ForgetsNeckNorm, "test_stage_width_removal_equals_zeroed_groups"),
+    (ClaimsProjectorInputInConfig, "test_stage_width_save_reload_roundtrip"),
+    (ForgetsTextCacheIndices, "test_stage_width_cached_generation_matches_full_forward"),
+]
+
+
+@pytest.mark.parametrize(("adapter_cls", "test"), CASES, ids=[f"{a.__name__}-{t}" for a, t in CASES])
+def test_kit_catches_stage_fault(adapter_cls: type[GotOcr2Adapter], test: str, tmp_path: Path) -> None:
+    kit = conformance.TestGotOcr2Conformance()
+    kit.adapter = adapter_cls()
+    method = getattr(kit, test)
+    with pytest.raises((AssertionError, RuntimeError, PlanError, CheckpointError)):
+        method(tmp_path) if "tmp_path" in method.__code__.co_varnames else method()
+
+
+def test_the_correct_adapter_passes_the_same_checks(tmp_path: Path) -> None:
+    kit = conformance.TestGotOcr2Conformance()
+    kit.test_stage_width_removal_equals_zeroed_groups()
+    kit.test_stage_width_save_reload_roundtrip(tmp_path)
+    kit.test_stage_width_cached_generation_matches_full_forward()
+
+
+def test_every_stage_check_has_a_fault() -> None:
+    from prunekit_core.testing import AdapterConformance
+
+    checks = {n for n in dir(AdapterConformance) if n.startswith("test_stage_")}
+    assert checks == {t for _, t in CASES}, (
+        f"stage checks without a broken adapter: {checks - {t for _, t in CASES}}"
+    )
