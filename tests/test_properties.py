@@ -146,9 +146,8 @@ def plans(draw: st.DrawFn, ir: ModelIR) -> tuple[list[str], dict[str, list[int]]
     n_gone = draw(st.integers(0, len(blocks) - 1))
     gone, kept = order[:n_gone], order[n_gone:]
     remove = [b.id for b in gone]
-    survivor = kept[0]  # keeps every branch, so no tower loses all its blocks
     narrowed_subs: set[str] = set()
-    for block in kept[1:]:
+    for block in kept[1:]:  # kept[0] keeps every branch, so no tower loses all its blocks
         for sub in block.sublayers:
             if sub.removable and draw(st.booleans()):
                 remove.append(sub.id)
