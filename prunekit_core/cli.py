@@ -734,7 +734,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from .checkpoint import PLAN_FILE, save_pruned
+    from .checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
     from .evaluate import perplexity
     from .plan import PrunePlan
     from .surgery import apply_plan
@@ -758,6 +758,10 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
             raise PlanError(
                 f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
             )
+        from .checkpoint import verify_checkpoint
+
+        if (plan_file.parent / RECORD_FILE).is_file():
+            verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
         plan = PrunePlan.load(plan_file)
         if plan.recovery:
             raise PlanError(
