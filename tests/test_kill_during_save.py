@@ -20,35 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_tokenizer
-from prunekit_llama import LlamaFamilyAdapter
+from helpers import logits_of as logits
+from helpers import tiny_pruned as pruned
+from helpers import tiny_tokenizer
 
 from prunekit_core import atomic
 from prunekit_core.checkpoint import load_pruned, save_pruned
 from prunekit_core.errors import CheckpointError
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork")
 
-IDS = torch.arange(3, 13).unsqueeze(0)
 #: file-system calls a save makes; the step test kills the child at each of them in turn
 STEPS = ("rename", "replace", "fsync", "unlink", "rmdir", "mkdir")
-
-
-def pruned(seed: int) -> torch.nn.Module:
-    model = tiny_llama(layers=3, seed=seed)
-    adapter = LlamaFamilyAdapter()
-    plan = PrunePlan(
-        fingerprint=fingerprint(model, adapter.build_ir(model)),
-        remove=["text.blocks.0", "text.blocks.2.attn"],
-    )
-    return apply_plan(model, plan, adapter=adapter)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logits_of as logits
 from helpers import save_tiny_model, tiny_llama, tiny_tokenizer, words
+from helpers import tiny_pruned as pruned
 from prunekit_llama import LlamaFamilyAdapter
 
 from prunekit_core import atomic
@@ -31,21 +33,6 @@ from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.surgery import apply_plan
 
 WEIGHTS = "model.safetensors"
-
-
-def pruned(seed: int = 0) -> torch.nn.Module:
-    model = tiny_llama(layers=3, seed=seed)
-    adapter = LlamaFamilyAdapter()
-    plan = PrunePlan(
-        fingerprint=fingerprint(model, adapter.build_ir(model)),
-        remove=["text.blocks.0", "text.blocks.2.attn"],
-    )
-    return apply_plan(model, plan, adapter=adapter)
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=torch.arange(3, 13).unsqueeze(0), use_cache=False).logits
 
 
 def dead_pid() -> int:
