@@ -278,6 +278,25 @@ def test_cli_refuses_a_plan_for_another_model(capsys, cli_assets) -> None:
         apply_plan(tiny_llama(layers=3, seed=1), plan)
 
 
+def test_cli_recover_refuses_a_checkpoint_whose_plan_was_edited(capsys, cli_assets, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    code = main(
+        ["prune", str(cli_assets["model"]), "--plan", str(cli_assets["plan"]), "--calib"]
+        + [str(cli_assets["text"]), "--out", str(ckpt)]
+    )
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((ckpt / PLAN_FILE).read_text())
+    plan["method"] = "edited by hand"
+    (ckpt / PLAN_FILE).write_text(json.dumps(plan))
+    code = main(
+        ["recover", str(ckpt), "--method", "repair", "--base", str(cli_assets["model"])]
+        + ["--calib", str(cli_assets["text"]), "--out", str(tmp_path / "healed")]
+    )
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert code != 0 and "plan.json is shorter (truncated?) than when saved" in err  # sizes catch it first
+    assert not (tmp_path / "healed").exists()
+
+
 # --- load policy: pickle and remote code ---------------------------------------------------------------
 
 
