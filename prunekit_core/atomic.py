@@ -114,6 +114,13 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:  # removed meanwhile by its owner
+        return 0.0
+
+
 def recover(target: str | Path) -> None:
     """Tidy what killed writes of ``target`` left behind (call before reading or writing ``target``).
 
@@ -135,7 +142,7 @@ def recover(target: str | Path) -> None:
         owner = temporary_owner(entry)
         if owner is not None and owner[0] == target.name:
             mine.append((entry, owner[1], owner[2]))
-    for entry, kind, pid in sorted(mine, key=lambda e: e[0].stat().st_mtime if e[0].exists() else 0):
+    for entry, kind, pid in sorted(mine, key=lambda e: _mtime(e[0])):
         if _alive(pid):
             continue
         if kind == "old" and not os.path.lexists(target):

@@ -217,6 +217,18 @@ def test_corrupt_record_is_refused(saved: Path, damage, message: str) -> None:
         load_pruned(saved)
 
 
+def test_checkpoint_saved_before_the_integrity_fields_still_loads(saved: Path) -> None:
+    record = json.loads((saved / RECORD_FILE).read_text())
+    for key in ("files", "weights_digest", "plan_sha256"):
+        del record[key]
+    (saved / RECORD_FILE).write_text(json.dumps(record))
+    torch.testing.assert_close(logits(load_pruned(saved)), logits(pruned()), rtol=0, atol=0)
+    data = (saved / WEIGHTS).read_bytes()
+    (saved / WEIGHTS).write_bytes(data[:-1])  # the safetensors header check still applies
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_pruned(saved)
+
+
 def test_intact_checkpoint_records_sizes_and_fingerprints(saved: Path) -> None:
     record = json.loads((saved / RECORD_FILE).read_text())
     assert record["files"][WEIGHTS] == (saved / WEIGHTS).stat().st_size
