@@ -84,15 +84,18 @@ def test_random_sigkill_during_repeated_saves(tmp_path: Path, models) -> None:
             i = 1
             while True:
                 save_pruned(ms[i % 2], out, tokenizer=tok, overwrite=True)
+                os.write(w, b"s")  # one more complete save
                 i += 1
 
         pid = fork(saver)
         os.close(w)
         assert os.read(r, 1) == b"r"
-        os.close(r)
-        time.sleep(rng.uniform(0.0, 0.15))
+        for _ in range(rng.choice([0, 1, 2])):  # let 0, 1 or 2 saves complete, then kill during the next
+            assert os.read(r, 1) == b"s"
+        time.sleep(rng.uniform(0.0, 0.05))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+        os.close(r)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the child died on its own"
         which, temps = check_state(tmp_path, out, want)
         seen_models.add(which)

@@ -227,3 +227,36 @@ def test_random_plan_applies_accounts_and_round_trips(family: str, data: st.Data
     torch.testing.assert_close(logits(loaded), out, rtol=1e-5, atol=1e-5)
     assert n_params(loaded) == n_params(model)
     assert loaded._prunekit_plan.remove == remove and loaded._prunekit_plan.remove_groups == groups
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    from helpers import tiny_pruned, tiny_tokenizer
+
+    folder = save_pruned(tiny_pruned(), tmp_path_factory.mktemp("ckpt") / "ckpt", tokenizer=tiny_tokenizer())
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_any_truncated_file_is_refused(checkpoint_bytes: dict[str, bytes], data: st.DataObject) -> None:
+    """Cut any file of a checkpoint at any length: loading refuses it with a CheckpointError that names
+    the file, never loads it and never fails with another exception."""
+    from prunekit_core.errors import CheckpointError
+
+    name = data.draw(st.sampled_from(sorted(checkpoint_bytes)), label="file")
+    raw = checkpoint_bytes[name]
+    keep = data.draw(st.integers(0, len(raw) - 1), label="bytes kept")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ckpt"
+        folder.mkdir()
+        for n, b in checkpoint_bytes.items():
+            (folder / n).write_bytes(raw[:keep] if n == name else b)
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            load_pruned(folder)
