@@ -16,7 +16,7 @@ Ten lines do what ``prunekit prune`` does::
 
 from .adapter import ArchitectureAdapter, DecoderAdapter
 from .api import calibrate, inspect, score
-from .checkpoint import load_pruned, save_pruned
+from .checkpoint import load_pruned, save_pruned, verify_checkpoint
 from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 from .errors import (
     AmbiguousAdapterError,
@@ -29,6 +29,7 @@ from .errors import (
     PrunekitError,
     TextNotFoundError,
     UnknownMetricError,
+    UnsafeCheckpointError,
     UnsupportedModelError,
     UnsupportedPatternError,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "TextNotFoundError",
     "Tower",
     "UnknownMetricError",
+    "UnsafeCheckpointError",
     "UnsupportedModelError",
     "UnsupportedPatternError",
     "list_adapters",
@@ -113,4 +115,5 @@ __all__ = [
     "score",
     "select_adapter",
     "size_on_disk",
+    "verify_checkpoint",
 ]
