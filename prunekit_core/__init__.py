@@ -16,7 +16,7 @@ Ten lines do what ``prunekit prune`` does::
 
 from .adapter import ArchitectureAdapter, DecoderAdapter
 from .api import calibrate, inspect, score
-from .checkpoint import load_pruned, save_pruned
+from .checkpoint import load_pruned, save_pruned, verify_checkpoint
 from .compose import ComposedAdapter, map_submodel
 from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 from .errors import (
@@ -30,6 +30,7 @@ from .errors import (
     PrunekitError,
     TextNotFoundError,
     UnknownMetricError,
+    UnsafeCheckpointError,
     UnsupportedModelError,
     UnsupportedPatternError,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "TextNotFoundError",
     "Tower",
     "UnknownMetricError",
+    "UnsafeCheckpointError",
     "UnsupportedModelError",
     "UnsupportedPatternError",
     "list_adapters",
@@ -119,4 +121,5 @@ __all__ = [
     "score",
     "select_adapter",
     "size_on_disk",
+    "verify_checkpoint",
 ]

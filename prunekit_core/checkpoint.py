@@ -2,9 +2,11 @@
 
 A checkpoint is a Hugging Face folder (safetensors + config + tokenizer) plus two prunekit files:
 ``plan.json`` (the plan that made it) and ``prunekit.json`` (the structure record: which branches are
-removed stand-ins, and every KV-cache index). Folders are written atomically: everything goes into a hidden
-sibling ``.NAME.partial-*`` that is renamed into place only when complete, so a killed save never leaves a
-folder that looks like a checkpoint.
+removed stand-ins, every KV-cache index, the size of every file and a fingerprint of the weights). Folders
+are written atomically (:mod:`prunekit_core.atomic`): everything goes into a hidden sibling
+``.NAME.partial-*`` that is moved into place only when complete, so a killed save never leaves a folder that
+looks like a checkpoint, and loading refuses hidden temporaries and damaged folders
+(:func:`verify_checkpoint`).
 
 Uniform plans (whole blocks only) reload with plain ``AutoModelForCausalLM.from_pretrained``; any plan
 reloads with :func:`load_pruned`, which also verifies that no weight is missing or unexpected.
@@ -12,18 +14,25 @@ reloads with :func:`load_pruned`, which also verifies that no weight is missing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .adapter import get_module, set_module
+from .atomic import atomic_folder, is_temporary, recover, write_text
 from .errors import CheckpointError
+from .integrity import (
+    check_manifest,
+    check_weight_files,
+    file_manifest,
+    pickled_files,
+    safetensors_files,
+    weights_digest,
+)
 from .plan import PrunePlan
 from .surgery import RemovedBranch
 
@@ -85,6 +94,11 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
+    if is_temporary(out):
+        raise CheckpointError(
+            f"{out.name} is the name prunekit gives to unfinished saves; choose another --out folder name"
+        )
+    recover(out)  # an interrupted replacement: put the old folder back, drop dead temporaries
     if out.exists():
         if not overwrite:
             raise CheckpointError(
@@ -111,49 +125,46 @@ def save_pruned(
 ) -> Path:
     """Write ``model`` (and tokenizer, plan) to ``out_dir`` atomically; returns the folder.
 
-    ``plan`` defaults to the plan :func:`~prunekit_core.apply_plan` attached to the model.
+    ``plan`` defaults to the plan :func:`~prunekit_core.apply_plan` attached to the model. The folder is
+    built in a hidden sibling and moved into place when complete (:func:`prunekit_core.atomic.atomic_folder`):
+    a save that is killed leaves the previous folder (or none), never a mix. ``prunekit.json`` records the
+    size of every file and a fingerprint of the weights, which :func:`load_pruned` checks.
     """
     out = Path(out_dir).absolute()
     _check_target(out, overwrite)
     plan = plan if plan is not None else getattr(model, "_prunekit_plan", None)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir()
-        width = getattr(model, "_prunekit_width", None) or {"uniform": True}
-        # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
-        # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=width["uniform"])
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(tmp / PLAN_FILE)
-        record = structure_record(model)
-        # the record goes last: its presence marks a complete folder even before the rename
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out, replace=overwrite) as tmp:
+            width = getattr(model, "_prunekit_width", None) or {"uniform": True}
+            # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
+            # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=width["uniform"])
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if plan is not None:
+                plan.save(tmp / PLAN_FILE)
+            record = structure_record(model)
+            record["files"] = file_manifest(tmp, exclude=(RECORD_FILE,))
+            record["weights_digest"] = weights_digest(tmp)
+            if plan is not None:
+                record["plan_sha256"] = hashlib.sha256((tmp / PLAN_FILE).read_bytes()).hexdigest()
+            write_text(tmp / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    except FileExistsError as exc:
+        raise CheckpointError(f"{out} was created by someone else while saving; nothing was written") from exc
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     rec_path = path / RECORD_FILE
+    if is_temporary(path):
+        raise CheckpointError(
+            f"{path} is an unfinished save (a hidden temporary folder left by an interrupted or running "
+            "prunekit save), not a checkpoint. Load the folder without the hidden prefix and suffix; "
+            "delete this one if no save is running."
+        )
+    if not path.exists():
+        recover(path.absolute())  # a replacement killed between its two renames left the old folder aside
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass the folder that `prunekit prune --out` wrote")
     if not (path / "config.json").is_file():
@@ -163,14 +174,69 @@ def read_record(path: str | Path) -> dict[str, Any]:
             f"{path} has no {RECORD_FILE}: it was not written by prunekit. Load it with "
             "AutoModelForCausalLM.from_pretrained, or prunekit_core.load_model."
         )
+    fix = "copy the folder again from its source, or re-run the command that wrote it"
     try:
         record = json.loads(rec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{rec_path} is not valid JSON: {exc}") from exc
-    if record.get("format") != RECORD_FORMAT:
-        raise CheckpointError(f"{rec_path} is not a prunekit structure record")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{rec_path} is not valid JSON ({exc}): the file is corrupt; {fix}") from exc
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise CheckpointError(f"{rec_path} is not a prunekit structure record; {fix}")
     if record.get("version", 0) > RECORD_VERSION:
         raise CheckpointError(f"{rec_path} has version {record['version']}; upgrade prunekit to read it")
+    missing = [
+        k for k in ("removed_branches", "cache_indices") if not isinstance(record.get(k), (list, dict))
+    ]
+    if missing:
+        raise CheckpointError(f"{rec_path} is damaged: it lacks {', '.join(missing)}; {fix}")
+    return record
+
+
+def verify_checkpoint(path: str | Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a saved folder against its record before loading it; returns the record.
+
+    Raises :class:`CheckpointError` naming the problem when a file is missing, truncated or changed, a
+    safetensors file does not hold the bytes its header describes, the weights are not the ones saved
+    (fingerprint), or ``plan.json`` is not the plan saved with them. Folders saved by older prunekit
+    versions (without sizes and fingerprints) get only the safetensors checks.
+    """
+    path = Path(path)
+    record = read_record(path) if record is None else record
+    manifest = record.get("files") or {}
+    absent = sorted(rel for rel in manifest if not (path / rel).is_file())
+    if absent:
+        raise CheckpointError(
+            f"{path} is incomplete: {', '.join(absent)} missing (recorded in {RECORD_FILE} when saved). Copy "
+            "the folder again from its source, or re-run the command that wrote it"
+        )
+    if not safetensors_files(path):
+        pickled = pickled_files(path)
+        raise CheckpointError(
+            f"{path} holds no .safetensors weights"
+            + (f" (only pickled files: {', '.join(p.name for p in pickled)})" if pickled else "")
+            + "; a prunekit checkpoint always has them: copy the folder again or re-run the command that wrote it"
+        )
+    check_weight_files(path)  # truncated safetensors files and missing shards, named as such
+    if "files" in record:
+        check_manifest(path, record["files"], record=RECORD_FILE)
+    if "weights_digest" in record:
+        actual = weights_digest(path)
+        if actual != record["weights_digest"]:
+            raise CheckpointError(
+                f"{path}: the weights are not the ones this checkpoint was saved with (weights fingerprint "
+                f"{actual}, {RECORD_FILE} records {record['weights_digest']}): weight files were replaced or "
+                "edited after saving. Restore the original files, or re-run prunekit prune to write a new "
+                "checkpoint"
+            )
+    plan_file = path / PLAN_FILE
+    if "plan_sha256" in record:
+        if not plan_file.is_file():
+            raise CheckpointError(f"{path}: {PLAN_FILE} is missing; copy the folder again or re-run prune")
+        if hashlib.sha256(plan_file.read_bytes()).hexdigest() != record["plan_sha256"]:
+            raise CheckpointError(
+                f"{path}: {PLAN_FILE} is not the plan these weights were made with (its digest differs from "
+                f"the one in {RECORD_FILE}): it was edited or copied from another checkpoint. Restore the "
+                "original plan.json, or re-run prunekit prune"
+            )
     return record
 
 
@@ -207,23 +273,31 @@ def model_class(architecture: str | None, default: Any) -> Any:
     return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else default
 
 
-def load_pruned(path: str | Path, *, dtype: Any = "auto") -> nn.Module:
+def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: bool = False) -> nn.Module:
     """Load a checkpoint written by :func:`save_pruned`, rebuilding removed branches.
 
-    Raises :class:`CheckpointError` if any weight is missing or unexpected beyond the removed branches.
+    Raises :class:`CheckpointError` if the folder fails :func:`verify_checkpoint` (missing, truncated or
+    changed files, weights or plan that are not the ones saved), or if any weight is missing or unexpected
+    beyond the removed branches. Weights are read from safetensors only; ``trust_remote_code`` (off by
+    default) lets transformers run model code shipped in the folder.
     The returned model is in eval mode; ``model._prunekit_plan`` holds the plan when the folder has one.
     """
     import transformers
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    record = read_record(path)
+    record = verify_checkpoint(path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     shapes: dict[str, list[int]] = record.get("param_shapes", {})
     try:
         model, info = model_class(record.get("architecture"), AutoModelForCausalLM).from_pretrained(
-            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+            path,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,  # never unpickle: a prunekit checkpoint always has safetensors
+            trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # missing or corrupt weight files: OSError, SafetensorError, ...
         raise CheckpointError(f"{path} could not be loaded: {type(exc).__name__}: {exc}") from exc

@@ -196,12 +196,18 @@ def _check_model(spec: str) -> Any:
     return resolve_model_source(spec)
 
 
-def _load_model(ui: UI, spec: str) -> tuple[Any, Any, Any]:
+def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tuple[Any, Any, Any]:
     from .loading import load_model
 
+    allow_pickle = bool(getattr(args, "allow_pickle", False))
+    trust_remote_code = bool(getattr(args, "trust_remote_code", False))
+    if allow_pickle:
+        ui.info("--allow-pickle: pickled weights are read with torch.load(weights_only=True)")
+    if trust_remote_code:
+        ui.info("--trust-remote-code: model code shipped with the checkpoint will run")
     with ui.step(f"load {spec}"):
         try:
-            return load_model(spec)
+            return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         except PrunekitError:
             raise
         except (OSError, ValueError, KeyError) as exc:
@@ -307,7 +313,7 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     from .plugins import rank_adapters
 
     _check_model(args.model)
-    model, _tok, _src = _load_model(ui, args.model)
+    model, _tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)  # selects the best adapter (errors on no match or a tie)
     ranked = rank_adapters(model)
     fp = fingerprint(model, ir)
@@ -439,7 +445,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     span = args.span if args.span is not None else 1
     _check_text(args.calib)
     _check_model(args.model)
-    model, tok, _src = _load_model(ui, args.model)
+    model, tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
@@ -617,7 +623,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     _check_out(out, plan_only=args.plan_only, force=args.force)
     _check_model(args.model)
 
-    model, tok, _src = _load_model(ui, args.model)
+    model, tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)
     cal_windows = None
     if args.calib is not None and (given_plan is None or given_plan.repair != "none"):
@@ -791,7 +797,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from .checkpoint import PLAN_FILE, save_pruned
+    from .checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
     from .evaluate import perplexity
     from .plan import PrunePlan
     from .surgery import apply_plan
@@ -815,6 +821,10 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
             raise PlanError(
                 f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
             )
+        from .checkpoint import verify_checkpoint
+
+        if (plan_file.parent / RECORD_FILE).is_file():
+            verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
         plan = PrunePlan.load(plan_file)
         if plan.recovery:
             raise PlanError(
@@ -830,14 +840,14 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
     result: dict[str, Any] = {"model": args.model, "method": args.method, "out": str(out.absolute())}
     if args.method == "lora":
-        model, tok, _src = _load_model(ui, args.model)
+        model, tok, _src = _load_model(ui, args.model, args)
         skip = {args.calib: args.windows * args.seq_len} if args.calib is not None else {}
         model, result["recovery"] = _heal_lora(args, ui, model, tok, heal_texts, skip)
         if getattr(model, "_prunekit_plan", None) is None:
             ui.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
     else:
         assert plan is not None
-        model, tok, _src = _load_model(ui, args.base)
+        model, tok, _src = _load_model(ui, args.base, args)
         cal = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
         with ui.step("apply plan with the least-squares repair"):
             apply_plan(model, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids)
@@ -871,7 +881,7 @@ def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
         )
     _check_text(args.text)
     source = _check_model(args.model)
-    model, tok, source = _load_model(ui, args.model)
+    model, tok, source = _load_model(ui, args.model, args)
     windows = _windows(
         tok, args.text, seq_len=args.seq_len, num_windows=args.windows, max_tokens=args.max_tokens
     )
@@ -949,6 +959,22 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _epilog(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """The load policy flags: both off by default (safetensors only, no code from the checkpoint)."""
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a folder whose weights are pickled (pytorch_model.bin, *.pt, *.pth), read with "
+        "torch.load(weights_only=True); without it only safetensors are loaded",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run model or tokenizer code shipped with the checkpoint (config.json auto_map); only for "
+        "sources you trust",
+    )
 
 
 def _add_calib_window_args(p: argparse.ArgumentParser) -> None:
@@ -1095,6 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("prunekit inspect smollm2-135m", "prunekit inspect ./my-llama --json"),
     )
     p.add_argument("model", metavar="MODEL", help=model_help)
+    _add_load_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -1172,6 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="blocks per span for span metrics (default 1)",
     )
+    _add_load_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
@@ -1298,6 +1326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
     )
+    _add_load_args(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
@@ -1338,6 +1367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace --out if it exists (a previous prunekit output)"
     )
+    _add_load_args(p)
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser(
@@ -1377,6 +1407,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="windows per forward pass (default 4; speed only)",
     )
+    _add_load_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

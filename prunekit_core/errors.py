@@ -86,6 +86,10 @@ class CheckpointError(PrunekitError):
     """A pruned checkpoint is missing, incomplete or inconsistent."""
 
 
+class UnsafeCheckpointError(PrunekitError):
+    """Loading would run code from the checkpoint (pickled weights, model code) without the user's consent."""
+
+
 class UnsupportedPatternError(PrunekitError):
     """The generic adapter found a structure it cannot map into the IR; the message names the pattern."""
 

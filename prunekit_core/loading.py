@@ -28,9 +28,7 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,7 +42,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prunekit_core.errors import ModelNotFoundError, PrunekitError
+from prunekit_core.atomic import atomic_folder, is_temporary
+from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckpointError
+from prunekit_core.integrity import PICKLE_SUFFIXES, check_weight_files
 
 __all__ = [
     "MODEL_ALIASES",
@@ -157,7 +157,20 @@ def resolve_model_source(spec: str) -> ModelSource:
         if path.suffix.lower() == ".gguf":
             path = path.resolve()
             return ModelSource(kind="gguf", path=path.parent, gguf_file=path.name, name=path.name)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _not_found(
+                spec,
+                f"{path} is a pickled weight file ({path.suffix}), not a model: prunekit loads a Hugging Face "
+                "folder (config.json + model.safetensors) or a .gguf file. Pickled weights are loaded only "
+                "from a folder, and only with --allow-pickle",
+            )
         raise _not_found(spec, f"{path} is a file but not a .gguf file")
+    if path.is_dir() and is_temporary(path):
+        raise _not_found(
+            spec,
+            f"{path} is an unfinished save (a hidden temporary folder left by an interrupted or running "
+            "prunekit save); load the finished folder, and delete this one if no save is running",
+        )
     if path.is_dir():
         if (path / "config.json").is_file() or (path / "prunekit.json").is_file():
             path = path.resolve()
@@ -209,35 +222,70 @@ def _check_loading_info(info: dict, where: str) -> None:
         )
 
 
-def _load_hf_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+def _safety_kwargs(allow_pickle: bool, trust_remote_code: bool) -> dict:
+    """``from_pretrained`` arguments of the load policy: safetensors only unless pickle is allowed, and
+    then only ``weights_only=True``; model code from the checkpoint only when asked."""
+    return {
+        "use_safetensors": None if allow_pickle else True,
+        "weights_only": True,
+        "trust_remote_code": trust_remote_code,
+    }
+
+
+def _remote_code_error(where: str, exc: Exception) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{where} ships its own model code (config.json auto_map), which prunekit does not run unless asked. "
+        "If you trust the source, pass --trust-remote-code (API: trust_remote_code=True). "
+        f"Details: {exc}"
+    )
+
+
+def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safety) -> PreTrainedModel:
     from .checkpoint import model_class
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    except ValueError as exc:  # "Unrecognized configuration class": not a causal LM
-        # a vision-language model (LLaVA) is no causal LM: build the class its config names
-        architectures = AutoConfig.from_pretrained(folder).architectures or [None]
-        cls = model_class(architectures[0], None)
-        if cls is None:
-            raise
-        logger.debug("%s is not a causal LM (%s); loading it as %s", folder, exc, cls.__name__)
-        model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    _check_loading_info(info, str(folder))
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, output_loading_info=True, **safety
+            )
+        except ValueError as exc:  # "Unrecognized configuration class": not a causal LM
+            if "trust_remote_code" in str(exc):
+                raise
+            # a vision-language model (LLaVA) is no causal LM: build the class its config names
+            config = AutoConfig.from_pretrained(source, trust_remote_code=safety.get("trust_remote_code", False))
+            cls = model_class((config.architectures or [None])[0], None)
+            if cls is None:
+                raise
+            logger.debug("%s is not a causal LM (%s); loading it as %s", where, exc, cls.__name__)
+            model, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **safety)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(where, exc) from exc
+        raise
+    _check_loading_info(info, where)
     return model
+
+
+def _load_hf_folder(
+    folder: Path, dtype: torch.dtype, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    check_weight_files(folder, allow_pickle=allow_pickle)
+    return _from_pretrained(folder, str(folder), dtype, **_safety_kwargs(allow_pickle, trust_remote_code))
+
+
+def _load_tokenizer(source: str | Path, where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(where, exc) from exc
+        raise
 
 
 def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
     """Dequantize ``source`` into ``final_dir`` (fp32 safetensors + tokenizer), atomically."""
     assert source.path is not None and source.gguf_file is not None
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Remove temp folders of conversions of this same file that were killed long ago.
-    for stale in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
-        try:
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass
-    tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     logger.info(
         "Converting GGUF %s to a safetensors cache at %s (one-time, ~20 s for a 135M model) ...",
         source.path / source.gguf_file,
@@ -245,27 +293,23 @@ def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
     )
     t0 = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, gguf_file=source.gguf_file, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        # save_pretrained refuses a GGUF-loaded model until the quantizer state is cleared; the
-        # weights are already dequantized to plain float tensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        try:
-            os.replace(tmp_dir, final_dir)
-        except OSError:
-            if (final_dir / "config.json").is_file():  # another process finished first: use theirs
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-            else:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        # atomic_folder also removes temporaries of conversions that were killed (their process is gone)
+        with atomic_folder(final_dir) as tmp_dir:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, gguf_file=source.gguf_file, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            # save_pretrained refuses a GGUF-loaded model until the quantizer state is cleared; the
+            # weights are already dequantized to plain float tensors.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+    except FileExistsError:
+        if not (final_dir / "config.json").is_file():
+            raise
+        # another process finished first: use theirs
     logger.info("GGUF conversion done in %.1f s", time.perf_counter() - t0)
 
 
@@ -274,6 +318,8 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     """Load the causal LM named by ``spec`` (see :func:`resolve_model_source`).
 
@@ -288,6 +334,12 @@ def load_model(
       loaded from there (well under a second for 135M params), then cast to ``dtype``.
     * Folders holding ``prunekit.json`` are loaded via ``prunekit_core.checkpoint.load_pruned``.
     * Hub ids that cannot be fetched raise :class:`ModelNotFoundError`.
+    * Weights come from safetensors only; every safetensors file is checked against its header first
+      (truncated files raise :class:`~prunekit_core.errors.CheckpointError`). Pickled weights
+      (``pytorch_model.bin``, ``*.pt``, ``*.pth``) are refused with
+      :class:`~prunekit_core.errors.UnsafeCheckpointError` unless ``allow_pickle=True``, and then read with
+      ``torch.load(weights_only=True)``. Model or tokenizer code shipped with the checkpoint runs only with
+      ``trust_remote_code=True``.
     """
     source = resolve_model_source(spec)
     if source.is_gguf:
@@ -305,23 +357,24 @@ def load_model(
         if (source.path / "prunekit.json").is_file():
             from prunekit_core.checkpoint import load_pruned  # lazy: optional sibling module
 
-            model = load_pruned(source.path)
+            model = load_pruned(source.path, trust_remote_code=trust_remote_code)
             if model.dtype != dtype:
                 model = model.to(dtype)
         else:
-            model = _load_hf_folder(source.path, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+            model = _load_hf_folder(
+                source.path, dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            )
+        tokenizer = _load_tokenizer(source.path, str(source.path), trust_remote_code)
     else:  # hub
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                source.hub_id, dtype=dtype, output_loading_info=True
+            model = _from_pretrained(
+                source.hub_id, f"'{spec}'", dtype, **_safety_kwargs(allow_pickle, trust_remote_code)
             )
-            tokenizer = AutoTokenizer.from_pretrained(source.hub_id)
+            tokenizer = _load_tokenizer(source.hub_id, f"'{spec}'", trust_remote_code)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"could not load '{spec}' from the Hugging Face hub (no internet? use a local folder "
                 f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
             ) from exc
-        _check_loading_info(info, f"'{spec}'")
     model.eval()
     return model, _ensure_pad_token(tokenizer), source

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from .atomic import is_temporary, write_text
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 
@@ -87,17 +88,29 @@ class PrunePlan(BaseModel):
         return all(_is_block_id(u) for u in self.remove) and (not self.remove_groups or self.width_uniform)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        """Write the plan as JSON, atomically (a killed write leaves the old file or none)."""
+        write_text(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
         path = Path(path)
+        remake = "make it again with `prunekit prune MODEL --plan-only --out PLAN.json` (or plan_pruning)"
+        if is_temporary(path):
+            raise PlanError(
+                f"{path} is an unfinished write (a hidden temporary file left by an interrupted save), not a "
+                f"plan; pass the plan file without the hidden prefix and suffix, or {remake}"
+            )
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist")
+        raw = path.read_bytes()
+        if not raw.strip():
+            raise PlanError(f"plan file {path} is empty (an interrupted write?); {remake}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON: {exc}") from exc
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(
+                f"plan file {path} is not valid JSON ({exc}): it is truncated or corrupted; {remake}"
+            ) from exc
         if isinstance(data, dict) and data.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise PlanError(
                 f"plan {path} has version {data['version']}; this prunekit reads up to {PLAN_VERSION}. Upgrade."
@@ -105,7 +118,7 @@ class PrunePlan(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise PlanError(f"plan file {path} is not a prunekit plan: {exc}") from exc
+            raise PlanError(f"plan file {path} is not a prunekit plan ({exc}); {remake}") from exc
 
 
 def _is_block_id(unit: str) -> bool:

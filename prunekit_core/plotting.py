@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import atomic_path
 from .metrics import Scores
 
 REMOVED_COLOR = "#d62728"
@@ -102,7 +103,8 @@ def plot_scores(block_scores: Scores, sublayer_scores: Scores, removed: list[str
         bottom.set_xlabel("block")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path

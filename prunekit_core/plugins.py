@@ -123,7 +123,7 @@ class _Registry:
             except BaseException:
                 self.pm.unregister(module)
                 raise
-        except Exception as exc:  # a broken plugin is reported, not fatal
+        except (Exception, SystemExit) as exc:  # a broken plugin is reported, not fatal
             if os.environ.get("PRUNEKIT_STRICT_PLUGINS") == "1":
                 raise
             log.warning("prunekit plugin %s (%s) failed to load: %s", name, module_name, exc)
@@ -146,6 +146,22 @@ class _Registry:
             self.formats[key] = (obj, name)
             info.quant_formats.append(key)
         self.plugins.append(info)
+
+    def disable_adapter(self, key: str, plugin: str, exc: BaseException) -> None:
+        """Drop an adapter whose ``match`` raised, and report it with the plugin load failures."""
+        with self._lock:
+            self.adapters.pop(key, None)
+            log.warning(
+                "prunekit adapter %s (plugin %s) raised in match() and is disabled: %s", key, plugin, exc
+            )
+            self.failures.append(
+                LoadFailure(
+                    name=plugin,
+                    module=f"adapter {key}",
+                    error=f"match() raised {type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(),
+                )
+            )
 
     def _collect(self, module: ModuleType, staged: dict[str, list[tuple[str, Any]]]) -> None:
         """Call the module's hooks (only that module's) and validate what it registers."""
@@ -281,9 +297,16 @@ class AdapterMatch:
 
 def rank_adapters(model: nn.Module) -> list[AdapterMatch]:
     """Every adapter whose ``match`` accepts ``model``, best score first (the first one is selected)."""
+    reg = _registry()
     scored = []
-    for key, (adapter, plugin) in _registry().adapters.items():
-        score = adapter.match(model)
+    for key, (adapter, plugin) in list(reg.adapters.items()):
+        try:
+            score = adapter.match(model)
+        except Exception as exc:  # a broken adapter must not take the others down
+            if os.environ.get("PRUNEKIT_STRICT_PLUGINS") == "1":
+                raise
+            reg.disable_adapter(key, plugin, exc)
+            continue
         if score is not None:
             scored.append(AdapterMatch(adapter=adapter, name=key, plugin=plugin, score=float(score)))
     return sorted(scored, key=lambda m: -m.score)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path, write_text
 from .sweep import read_results
 
 __all__ = ["pareto_front", "plot_results", "render_report", "write_report"]
@@ -102,8 +103,11 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path, *, title: str = "
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -154,5 +158,5 @@ def write_report(results: str | Path, out_dir: str | Path, *, title: str = "") -
     out.mkdir(parents=True, exist_ok=True)
     png = plot_results(rows, out / "pareto.png", title=title)
     md = out / "report.md"
-    md.write_text(render_report(rows, plot_name=png.name, title=title))
+    write_text(md, render_report(rows, plot_name=png.name, title=title))
     return {"report": md, "plot": png}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .declared import BranchSpec, LayoutSpec
 from .errors import PrunekitError
 
@@ -145,7 +146,7 @@ def new_plugin(
     for rel, text in files.items():
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_text(path, text)
     return Skeleton(
         path=target,
         files=sorted(files),

@@ -48,3 +48,26 @@ def words(n: int, seed: int | None = None) -> str:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, WORDS, (n,), generator=gen).tolist()
     return " ".join(f"w{i}" for i in ids)
+
+
+def tiny_pruned(seed: int = 0) -> LlamaForCausalLM:
+    """A 3-block :func:`tiny_llama` with block 0 and block 2's attention removed (a non-uniform plan)."""
+    from prunekit_llama import LlamaFamilyAdapter
+
+    from prunekit_core.plan import PrunePlan, fingerprint
+    from prunekit_core.surgery import apply_plan
+
+    model = tiny_llama(layers=3, seed=seed)
+    adapter = LlamaFamilyAdapter()
+    plan = PrunePlan(
+        fingerprint=fingerprint(model, adapter.build_ir(model)),
+        remove=["text.blocks.0", "text.blocks.2.attn"],
+    )
+    return apply_plan(model, plan, adapter=adapter)
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a full forward without cache on ``ids`` (default: tokens 3..12, one row)."""
+    ids = torch.arange(3, 13).unsqueeze(0) if ids is None else ids
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits

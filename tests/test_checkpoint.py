@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned
 from prunekit_core.errors import CheckpointError
+from prunekit_core.integrity import file_manifest, weights_digest
 from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.surgery import apply_plan
 
@@ -195,12 +196,22 @@ def test_load_truncated_weights(saved: Path) -> None:
         load_pruned(saved)
 
 
+def resave_weights(saved: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Rewrite the weights AND the record's sizes and fingerprint, as a buggy writer would: the key checks
+    behind the integrity checks must still catch what does not match the structure."""
+    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    record = json.loads((saved / RECORD_FILE).read_text())
+    record["files"] = file_manifest(saved, exclude=(RECORD_FILE,))
+    record["weights_digest"] = weights_digest(saved)
+    (saved / RECORD_FILE).write_text(json.dumps(record))
+
+
 def test_load_with_a_weight_deleted_names_the_key(saved: Path) -> None:
     tensors = load_file(saved / WEIGHTS)
     victim = "model.layers.1.mlp.down_proj.weight"
     assert victim in tensors
     del tensors[victim]
-    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    resave_weights(saved, tensors)
     with pytest.raises(CheckpointError, match=r"missing weights.*model\.layers\.1\.mlp\.down_proj\.weight"):
         load_pruned(saved)
 
@@ -208,7 +219,7 @@ def test_load_with_a_weight_deleted_names_the_key(saved: Path) -> None:
 def test_load_with_an_unexpected_weight_names_it(saved: Path) -> None:
     tensors = load_file(saved / WEIGHTS)
     tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2)
-    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    resave_weights(saved, tensors)
     with pytest.raises(CheckpointError, match=r"unexpected weights.*model\.layers\.7\.mlp\.extra\.weight"):
         load_pruned(saved)
 
@@ -220,7 +231,7 @@ def test_load_with_weights_for_a_removed_branch(saved: Path) -> None:
     for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
         name = f"model.layers.1.self_attn.{key}.weight"
         tensors[name] = donor[name].contiguous()
-    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    resave_weights(saved, tensors)
     with pytest.raises(CheckpointError, match="weights present for removed branches"):
         load_pruned(saved)
 

@@ -151,7 +151,7 @@ def test_prunekit_dir_goes_through_load_pruned(hf_dir: Path, monkeypatch: pytest
     (hf_dir / "prunekit.json").write_text("{}")
     calls = []
 
-    def load_pruned(d):
+    def load_pruned(d, *, trust_remote_code=False):
         calls.append(Path(d))
         return tiny_llama().train()
 
