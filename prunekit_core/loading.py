@@ -252,7 +252,9 @@ def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safet
             if "trust_remote_code" in str(exc):
                 raise
             # a vision-language model (LLaVA) is no causal LM: build the class its config names
-            config = AutoConfig.from_pretrained(source, trust_remote_code=safety.get("trust_remote_code", False))
+            config = AutoConfig.from_pretrained(
+                source, trust_remote_code=safety.get("trust_remote_code", False)
+            )
             cls = model_class((config.architectures or [None])[0], None)
             if cls is None:
                 raise

@@ -353,7 +353,7 @@ def _plan_width(
     allocation: Literal["global", "uniform"],
     t0: float,
 ) -> PrunePlan:
-    from .width import resolve_width, width_is_uniform
+    from .width import resolve_width, width_is_uniform, width_removed_params
     from .width_scoring import plan_width
 
     ir = ctx.ir
@@ -369,7 +369,7 @@ def _plan_width(
     resolved = resolve_removals(ir, wp.remove) if wp.remove else None
     whole = (resolved.blocks | resolved.sublayers) if resolved else frozenset()
     cuts = resolve_width(ir, wp.remove_groups, removed_units=whole)
-    removed = (removed_params(ir, resolved) if resolved else 0) + sum(c.removed_params for c in cuts.values())
+    removed = (removed_params(ir, resolved) if resolved else 0) + width_removed_params(ctx.model, cuts)
     notes = [
         f"budget: at least {target} of {ir.block_params()} block parameters (embeddings and head excluded)",
         *wp.notes,
@@ -506,7 +506,7 @@ def plan_experts(
 ) -> PrunePlan:
     """Remove the least important experts: ``ceil(ratio * experts)`` of every MoE layer (uniform), or that
     many in total where each expert's share of its layer's importance is lowest (global)."""
-    from .width import resolve_width, routed_families, width_is_uniform
+    from .width import resolve_width, routed_families, width_is_uniform, width_removed_params
 
     if not 0.0 < ratio < 1.0:
         raise PlanError(f"--ratio must be strictly between 0 and 1 (a fraction of experts), got {ratio}")
@@ -576,7 +576,7 @@ def plan_experts(
         method=f"expert:{metric.name}",
         granularity="expert",
         target_ratio=ratio,
-        removed_params=sum(c.removed_params for c in cuts.values()),
+        removed_params=width_removed_params(ctx.model, cuts),
         block_params=ir.block_params(),
         scores=values,
         notes=[

@@ -159,6 +159,32 @@ def removed_positions(member: GroupMember, count: int, kept: list[int], size: in
     return out
 
 
+def width_removed_params(model: nn.Module, cuts: Mapping[str, WidthCut]) -> int:
+    """Parameters that width surgery removes from ``model`` for ``cuts``, each counted once.
+
+    ``WidthCut.removed_params`` counts a family alone. Two families that slice one tensor along different
+    axes (a conv's out-channels and, through the previous conv, its in-channels; experts and the channels
+    inside them) share the crossing of their slices, which a plain sum counts twice. Here every tensor
+    keeps ``prod(size - removed)`` over its axes. Buffers (BatchNorm statistics) are not parameters.
+    """
+    params = dict(model.named_parameters())
+    gone: dict[str, dict[int, set[int]]] = {}
+    for cut in cuts.values():
+        for m in cut.family.members:
+            if m.param not in params:
+                continue  # a buffer
+            size = params[m.param].shape[m.axis]
+            axis = gone.setdefault(m.param, {}).setdefault(m.axis, set())
+            axis.update(removed_positions(m, cut.family.count, list(cut.kept), size))
+    total = 0
+    for name, axes in gone.items():
+        kept = 1
+        for a, size in enumerate(params[name].shape):
+            kept *= size - len(axes.get(a, ()))
+        total += params[name].numel() - kept
+    return total
+
+
 def _split(path: str) -> tuple[str, str]:
     module, _, leaf = path.rpartition(".")
     return module, leaf

@@ -5,7 +5,8 @@ remain, some channel groups (KV heads, FFN channels) and some experts of MoE lay
 policy. Every drawn plan must
 
 * apply, and the pruned model must run a forward pass with finite logits of the right shape;
-* remove exactly the parameters the plan accounts for (unit parameters + groups x parameters per group);
+* remove exactly the parameters the plan accounts for (unit parameters + ``width_removed_params``, which
+  counts once the crossing of two families that slice one tensor, e.g. experts and expert channels);
 * save and reload (``save_pruned`` / ``load_pruned``) to a model with the same logits.
 
 Runs are derandomized (the same examples on every run, for stable CI) and small (a few examples per family).
@@ -32,7 +33,7 @@ from prunekit_core.generic import GenericAdapter
 from prunekit_core.ir import ModelIR
 from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.surgery import apply_plan, removed_params, resolve_removals
-from prunekit_core.width import resolve_width
+from prunekit_core.width import resolve_width, width_removed_params
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 SMALL["max_position_embeddings"] = 64
@@ -158,16 +159,10 @@ def plans(draw: st.DrawFn, ir: ModelIR) -> tuple[list[str], dict[str, list[int]]
         for sub in block.sublayers:
             if sub.id in narrowed_subs:
                 continue
-            routed = [g for g in sub.channel_groups if g.router]
-            # experts and the channels inside them are drawn for different sublayers: removing both from
-            # one sublayer would count the removed experts' channels twice
-            cut_experts = bool(routed) and draw(st.booleans())
+            # experts and the channels inside them may both be cut in one sublayer: they cross in the
+            # fused expert tensors, which width_removed_params counts once
             for fam in sub.channel_groups:
-                if fam.kind == "expert_channel" and cut_experts:
-                    continue
-                if fam.router and not cut_experts:
-                    continue
-                if not fam.router and not draw(st.booleans()):
+                if not draw(st.booleans()):
                     continue
                 floor = 1
                 if fam.top_k is not None and policy == "error":
@@ -211,7 +206,11 @@ def test_random_plan_applies_accounts_and_round_trips(family: str, data: st.Data
     )
     resolved = resolve_removals(ir, remove)
     cuts = resolve_width(ir, groups, removed_units=resolved.blocks | resolved.sublayers, top_k_policy=policy)
-    expected = removed_params(ir, resolved) + sum(c.removed_params for c in cuts.values())
+    expected = removed_params(ir, resolved) + width_removed_params(model, cuts)
+    if len({m.param for c in cuts.values() for m in c.family.members}) == sum(
+        len({m.param for m in c.family.members}) for c in cuts.values()
+    ):  # no tensor shared by two families: the per-family counts add up
+        assert expected == removed_params(ir, resolved) + sum(c.removed_params for c in cuts.values())
 
     apply_plan(model, plan, adapter=adapter)
 
