@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .scoring import ScoringContext
 
 Unit = Literal["block", "sublayer", "span", "channel"]
-Need = Literal["activations", "trials"]
+Need = Literal["activations", "trials", "gradients"]
 
 
 class Scores(BaseModel):
@@ -41,8 +41,10 @@ class ImportanceMetric(ABC):
     """Scores units of a model's IR.
 
     Subclasses set ``name``, ``description``, ``unit`` (what they score), ``needs`` (``activations``: the
-    statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked)
-    and ``reference`` (the paper).
+    statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked;
+    ``gradients``: a backward pass) and ``reference`` (the paper). ``streaming`` is true when the scores
+    come only from the stream statistics of the calibration pass (``ctx.stats()``), so a streaming pass
+    (one block in memory at a time, :mod:`prunekit_core.streaming`) can compute them.
     """
 
     name: str = ""
@@ -50,6 +52,7 @@ class ImportanceMetric(ABC):
     unit: Unit = "block"
     needs: frozenset[Need] = frozenset({"activations"})
     reference: str = ""
+    streaming: bool = False
 
     @abstractmethod
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:

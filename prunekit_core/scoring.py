@@ -94,22 +94,35 @@ class _TowerRecorder:
         self.lasts: list[torch.Tensor] = []
         self.prev: torch.Tensor | None = None
         self.block_in: torch.Tensor | None = None
+        self.batch = -1
+        self._saved: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
 
     def start_batch(self, batch: int) -> None:
+        if self.batch >= 0:
+            self._saved[self.batch] = (self.prev, self.block_in)
         self.prev = None
         self.block_in = None
         self.lasts.append(torch.zeros(batch, self.n_bounds, self.tower.width.size))
+        self._saved.append((None, None))
+        self.batch = len(self.lasts) - 1
+
+    def select_batch(self, j: int) -> None:
+        """Continue batch ``j`` (streaming runs every batch through one block before the next block)."""
+        self._saved[self.batch] = (self.prev, self.block_in)
+        self.prev, self.block_in = self._saved[j]
+        self.batch = j
 
     def hook(self, p: int):  # noqa: ANN201 - a torch hook
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
-            x = x.reshape(self.lasts[-1].shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
+            lasts = self.lasts[self.batch]
+            x = x.reshape(lasts.shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
             if self.prev is not None:
                 self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
             self.prev = x
             bi = self.block_of_point.get(p)
             if bi is not None:
-                self.lasts[-1][:, bi] = x[:, -1]
+                lasts[:, bi] = x[:, -1]
                 if bi > 0 and self.block_in is not None:
                     self.blk_sum[bi - 1] += F.cosine_similarity(self.block_in, x, dim=-1).double().sum()
                 self.block_in = x

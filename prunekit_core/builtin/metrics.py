@@ -25,6 +25,7 @@ class BlockInfluence(ImportanceMetric):
     name = "bi"
     description = "ShortGPT Block Influence: 1 - mean cos(x_in, x_out) of each block over all tokens"
     unit = "block"
+    streaming = True
     reference = "ShortGPT, arXiv 2403.03853"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -38,6 +39,7 @@ class AngularDistance(ImportanceMetric):
         "Gromov et al.: arccos(cos(x_l, x_l+n))/pi on the last token, averaged; per span of n blocks"
     )
     unit = "span"
+    streaming = True
     reference = "The Unreasonable Ineffectiveness of the Deeper Layers, arXiv 2403.17887"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -58,6 +60,7 @@ class SublayerDrop(ImportanceMetric):
     name = "sublayer_drop"
     description = "'What Matters in Transformers': S = 1 - cos(X, X + f(LN(X))) per attention/MLP sublayer"
     unit = "sublayer"
+    streaming = True
     reference = "What Matters in Transformers? arXiv 2406.15786"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -162,7 +165,7 @@ class Taylor(ChannelMetric):
     name = "taylor"
     description = "width: |sum of w * dL/dw| over each channel group (first order, calibration gradients)"
     reference = "LLM-Pruner, arXiv 2305.11627; Molchanov et al., arXiv 1906.10771"
-    needs = frozenset({"activations"})
+    needs = frozenset({"gradients"})
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import taylor_scores
