@@ -31,6 +31,9 @@ class Scores(BaseModel):
     values: dict[str, float]
     span: int | None = Field(None, description="for span metrics: blocks per span; ids name the first block")
     per_param: bool = Field(False, description="values are already divided by the unit's parameter count")
+    block_forwards: int | None = Field(
+        None, description="for trial metrics: block forward calls the scores cost (the capture pass included)"
+    )
 
     def ranked(self) -> list[tuple[str, float]]:
         """Least important first."""

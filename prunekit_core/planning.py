@@ -184,6 +184,7 @@ def plan_pruning(
     width_allocation: Literal["global", "uniform"] = "uniform",
     expert_allocation: Literal["global", "uniform"] = "uniform",
     top_k_policy: Literal["error", "clamp"] = "error",
+    naive_trials: bool = False,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
@@ -195,6 +196,10 @@ def plan_pruning(
     layer go (``expert_allocation="uniform"``), or that many in total, spread over layers by the metric's
     share of each layer's importance (``"global"``: per-layer counts); every layer keeps ``top_k`` experts
     unless ``top_k_policy="clamp"``.
+
+    ``naive_trials`` measures removal trials with a full model evaluation each
+    (:class:`~prunekit_core.scoring.NaiveTrialRunner`): the reference the cached trials are checked and
+    benchmarked against; same plan, more block forwards.
     """
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
@@ -211,6 +216,7 @@ def plan_pruning(
         calibration=calibration,
         trial_windows=trial_windows,
         loss_stride=loss_stride,
+        naive_trials=naive_trials,
     )
     t0 = time.perf_counter()
     if uses_width(metric, granularity):
@@ -235,7 +241,10 @@ def plan_pruning(
         f"planning took {time.perf_counter() - t0:.1f} s on {calibration.tokens} calibration tokens",
     ]
     if ctx._trials is not None:
-        notes.append(f"{ctx._trials.trials} removal trials on {ctx._trials.windows.numel()} tokens")
+        notes.append(
+            f"{ctx._trials.trials} removal trials on {ctx._trials.windows.numel()} tokens, "
+            f"{ctx._trials.block_forwards} block forwards"
+        )
     return PrunePlan(
         fingerprint=fingerprint(model, ir),
         remove=remove,
@@ -385,7 +394,10 @@ def _plan_greedy(
         ranking = sorted(cost, key=cost.get) + [u for u in live if u not in cost]  # type: ignore[arg-type]
         remove.append(best)
         runner.commit([best])
-        msg = f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/{target})"
+        msg = (
+            f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/"
+            f"{target}); {runner.block_forwards} block forwards so far"
+        )
         log.info(msg)
         if on_step:
             on_step(msg)

@@ -210,6 +210,7 @@ class TrialRunner:
         self.skipped: set[str] = set()
         self.masked: set[str] = set()
         self.trials = 0
+        self.block_forwards = 0  # block calls, the capture pass included: the cost of every trial
         self._capture()
 
     # The cached state ---------------------------------------------------------------------------------
@@ -223,15 +224,23 @@ class TrialRunner:
         def make_hook(i: int):
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 inputs[i] = _first_tensor(args, kwargs)
+                self.block_forwards += 1
                 kw = dict(kwargs)
                 kw.pop("hidden_states", None)
                 kwargs_of[i] = {"__args__": args[1:], **kw}
 
             return hook
 
+        final: list[torch.Tensor] = []
+
+        def grab_final(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            final.append(x.reshape(self.windows.shape[0], -1, x.shape[-1]))
+
         handles = [
             b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)
         ]
+        handles.append(self.norm.register_forward_pre_hook(grab_final, with_kwargs=True))
         try:
             self.model(input_ids=self.windows, use_cache=False)
         finally:
@@ -243,11 +252,13 @@ class TrialRunner:
         self.kwargs: list[dict[str, Any]] = kwargs_of  # type: ignore[assignment]
         labels = self.windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
-        self.base_loss = self._run_from(0, set(), set())
+        # the capture pass ran the whole model: its stream end gives the base loss, no second pass
+        self.base_loss = self._loss(final[-1]) if final else self._run_from(0, set(), set())
 
     def _call_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         kw = dict(self.kwargs[i])
         args = kw.pop("__args__")
+        self.block_forwards += 1
         out = self.blocks[i](x, *args, **kw)
         return out[0] if isinstance(out, tuple) else out
 
@@ -325,6 +336,101 @@ class TrialRunner:
         return getattr(self, "_current", self.base_loss)
 
 
+class NaiveTrialRunner:
+    """The reference for :class:`TrialRunner`: one full model evaluation per trial (embeddings, every
+    kept block, head), no cached inputs. Same interface and same loss; used by tests and ``bench/perf.py``
+    to check and measure what the cache saves."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchitectureAdapter,
+        windows: torch.Tensor,
+        *,
+        tower: str = "text",
+        loss_stride: int = 1,
+    ) -> None:
+        self.model = model
+        self.ir = adapter.build_ir(model)
+        self.tower = self.ir.tower(tower)
+        self.windows = windows
+        self.loss_stride = max(1, loss_stride)
+        labels = windows[:, 1:]
+        self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
+        self.norm = get_module(model, self.tower.final_norm)  # type: ignore[arg-type]
+        self.head = get_module(model, self.tower.head)  # type: ignore[arg-type]
+        self.trials = 0
+        self.block_forwards = 0
+        self.skipped: set[str] = set()
+        self.masked: set[str] = set()
+        self._current = self._evaluate(set(), set())
+        self.base_loss = self._current
+
+    @torch.inference_mode()
+    def _evaluate(self, skipped: set[str], masked: set[str]) -> float:
+        """Loss of the full model with blocks ``skipped`` (bypassed) and branches ``masked``."""
+        units = self.ir.units()
+        ids = {b.id: i for i, b in enumerate(self.tower.blocks)}
+        blocks = [get_module(self.model, b.module) for b in self.tower.blocks]
+        out: list[torch.Tensor] = []
+        template: list[Any] = []
+
+        def bypass(*args: Any, **kwargs: Any) -> Any:  # a skipped block: its input, as the block returns
+            x = _first_tensor(args, kwargs)
+            return (x, *self._template[1:]) if isinstance(self._template, tuple) else x
+
+        def count(_m: nn.Module, _a: Any, _k: Any) -> None:
+            self.block_forwards += 1
+
+        def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            out.append(args[0])
+
+        handles = [b.register_forward_pre_hook(count, with_kwargs=True) for b in blocks]
+        handles.append(self.norm.register_forward_pre_hook(grab))
+        if not hasattr(self, "_template"):
+            handles.append(blocks[0].register_forward_hook(lambda _m, _a, r: template.append(r)))
+        for u in skipped:
+            blocks[ids[u]].forward = bypass
+        try:
+            with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
+                self.model(input_ids=self.windows, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+            for u in skipped:
+                del blocks[ids[u]].forward
+        if template:
+            self._template = template[0]
+        self.block_forwards -= len(skipped)  # bypassed blocks ran no computation
+        h = self.norm(out[-1][:, :-1])
+        if self.loss_stride > 1:
+            h = h[:, :: self.loss_stride]
+        logits = self.head(h).float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1)))
+
+    def _split(self, ids: set[str]) -> tuple[set[str], set[str]]:
+        blocks = {u for u in ids if u in {b.id for b in self.tower.blocks}}
+        return blocks, ids - blocks
+
+    def loss(self, remove: Iterable[str] = ()) -> float:
+        extra = set(remove)
+        if not extra:
+            return self._current
+        self.trials += 1
+        blocks, subs = self._split(extra)
+        return self._evaluate(self.skipped | blocks, self.masked | subs)
+
+    def commit(self, remove: Iterable[str]) -> None:
+        blocks, subs = self._split(set(remove))
+        self.skipped |= blocks
+        self.masked |= subs
+        self._current = self._evaluate(self.skipped, self.masked)
+
+    @property
+    def current_loss(self) -> float:
+        return self._current
+
+
 @dataclass
 class ScoringContext:
     """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
@@ -336,7 +442,8 @@ class ScoringContext:
     candidates: list[str] | None = None
     trial_windows: int = 8
     loss_stride: int = 4
-    _trials: TrialRunner | None = None
+    naive_trials: bool = False
+    _trials: TrialRunner | NaiveTrialRunner | None = None
     _width_stats: Any = None
     _taylor: dict[str, torch.Tensor] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -352,9 +459,11 @@ class ScoringContext:
         return self._cache[key]
 
     def trials(self) -> TrialRunner:
-        """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows)."""
+        """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
+        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
         if self._trials is None:
-            self._trials = TrialRunner(
+            cls = NaiveTrialRunner if self.naive_trials else TrialRunner
+            self._trials = cls(  # type: ignore[assignment]
                 self.model,
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],

@@ -106,6 +106,7 @@ class NRI(ImportanceMetric):
     reference = "Rethinking the Impact of Heterogeneous Sublayers (OpenReview qG1S5eXMzx)"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        before = ctx._trials.block_forwards if ctx._trials is not None else 0
         runner = ctx.trials()
         units = ctx.ir.units()
         base = runner.current_loss
@@ -113,7 +114,13 @@ class NRI(ImportanceMetric):
         for uid in _trial_candidates(ctx, self.unit):
             rel = math.exp(runner.loss([uid]) - base) - 1.0  # ppl ratio - 1
             values[uid] = rel / units[uid].params
-        return Scores(metric=self.name, unit=self.unit, values=values, per_param=True)
+        return Scores(
+            metric=self.name,
+            unit=self.unit,
+            values=values,
+            per_param=True,
+            block_forwards=runner.block_forwards - before,
+        )
 
 
 class SLEB(ImportanceMetric):
@@ -126,9 +133,12 @@ class SLEB(ImportanceMetric):
     reference = "SLEB, arXiv 2402.09025"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        before = ctx._trials.block_forwards if ctx._trials is not None else 0
         runner = ctx.trials()
         values = {uid: runner.loss([uid]) for uid in _trial_candidates(ctx, self.unit)}
-        return Scores(metric=self.name, unit=self.unit, values=values)
+        return Scores(
+            metric=self.name, unit=self.unit, values=values, block_forwards=runner.block_forwards - before
+        )
 
 
 class Magnitude(ChannelMetric):
