@@ -336,6 +336,10 @@ class TrialRunner:
         return getattr(self, "_current", self.base_loss)
 
 
+class _StopForward(Exception):
+    """Ends a forward pass at the stream's end (the final norm's input)."""
+
+
 class NaiveTrialRunner:
     """The reference for :class:`TrialRunner`: one full model evaluation per trial (embeddings, every
     kept block, head), no cached inputs. Same interface and same loss; used by tests and ``bench/perf.py``
@@ -384,6 +388,7 @@ class NaiveTrialRunner:
 
         def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
             out.append(args[0])
+            raise _StopForward  # the head runs below on the loss positions only, as in TrialRunner
 
         handles = [b.register_forward_pre_hook(count, with_kwargs=True) for b in blocks]
         handles.append(self.norm.register_forward_pre_hook(grab))
@@ -394,6 +399,8 @@ class NaiveTrialRunner:
         try:
             with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
                 self.model(input_ids=self.windows, use_cache=False)
+        except _StopForward:
+            pass
         finally:
             for h in handles:
                 h.remove()
