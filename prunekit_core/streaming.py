@@ -34,6 +34,7 @@ from .adapter import ArchitectureAdapter, get_module
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ImportanceMetric, Scores
+from .plan import DIGEST_ATTR, digest_samples, weight_sample
 from .scoring import Calibration, ScoringContext, _first_tensor, _progress, _TowerRecorder
 
 __all__ = ["StreamingModel", "check_streaming_metric", "open_streaming", "stream_calibrate", "stream_score"]
@@ -93,6 +94,7 @@ class StreamingModel:
     loaded_blocks: int = 0
     loaded_bytes: int = 0
     _mapping: Any = field(default=None, repr=False)
+    _samples: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def tower(self) -> Tower:
@@ -164,12 +166,25 @@ class StreamingModel:
                 f"{self.folder} has no weights for {', '.join(outside[:5])}; the checkpoint does not match "
                 "its config (re-save it with save_pretrained)"
             )
+        for name, t in self.model.state_dict().items():
+            if not name.startswith(tuple(prefixes)):
+                self._samples[name] = weight_sample(t)
+
+    def weights_digest(self) -> str | None:
+        """The weights fingerprint of the checkpoint (as :func:`~prunekit_core.plan.fingerprint` computes it
+        in memory), once every block has been loaded once; ``None`` before."""
+        names = set(self.model.state_dict())
+        if not names <= set(self._samples):
+            return None
+        return digest_samples({n: self._samples[n] for n in names})
 
     def load_block(self, path: str) -> nn.Module:
         block = get_module(self.model, path)
         prefix = path + "."
         self.load([k for k in self.files if k.startswith(prefix)])
         self._check_loaded(block, f"block {path}")
+        for name, t in block.state_dict().items():  # for the weights fingerprint, while they are here
+            self._samples[f"{prefix}{name}"] = weight_sample(t)
         self.loaded_blocks += 1
         self.loaded_bytes += sum(p.numel() * p.element_size() for p in block.parameters())
         return block
@@ -324,6 +339,9 @@ def stream_calibrate(
             h.remove()
     cal = Calibration(windows=windows)
     cal.towers[tower.name] = rec.result(windows.numel())
+    digest = sm.weights_digest()
+    if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
+        object.__setattr__(sm.model, DIGEST_ATTR, digest)
     logger.info("streamed %d blocks (%.1f MB of weights)", sm.loaded_blocks, sm.loaded_bytes / 1e6)
     return cal
 
@@ -338,3 +356,32 @@ def stream_score(
     check_streaming_metric(m)
     ctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=sm.ir, calibration=calibration)
     return m.score(ctx, span=span)
+
+
+def streaming_folder(spec: str) -> Path:
+    """The local safetensors folder a model spec streams from (a GGUF source: its dequantized cache,
+    converted once like :func:`~prunekit_core.loading.load_model` does)."""
+    from . import loading
+
+    source = loading.resolve_model_source(spec)
+    if source.is_gguf:
+        assert source.path is not None and source.gguf_file is not None
+        final_dir = loading.default_cache_dir() / loading._gguf_cache_key(source.path / source.gguf_file)
+        if not (final_dir / "config.json").is_file():
+            loading._convert_gguf(source, final_dir)
+        return final_dir
+    if source.kind != "hf_dir" or source.path is None:
+        raise CheckpointError(
+            f"--streaming reads a local folder of safetensors shards; {spec!r} is a hub id: download it "
+            "first (e.g. huggingface-cli download) and pass the folder"
+        )
+    return source.path
+
+
+def streaming_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a streamed folder, with a pad token (as :func:`~prunekit_core.loading.load_model`)."""
+    from transformers import AutoTokenizer
+
+    from .loading import _ensure_pad_token
+
+    return _ensure_pad_token(AutoTokenizer.from_pretrained(folder))

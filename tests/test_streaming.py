@@ -180,3 +180,129 @@ def test_greedy_plan_equals_naive_with_fewer_block_forwards() -> None:
         k: int(next(n for n in p.notes if "block forwards" in n).split()[-3]) for k, p in plans.items()
     }
     assert forwards[False] < forwards[True]
+
+
+def test_streaming_plan_applies_to_the_loaded_model(tmp_path: Path) -> None:
+    from prunekit_core.plan import fingerprint
+    from prunekit_core.surgery import apply_plan
+
+    folder = tmp_path / "m"
+    MODELS["mixtral"]().save_pretrained(folder, max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    windows = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows)
+    plan = plan_pruning(sm.model, scal, ratio=0.3, metric="bi", granularity="block", planner="rank")
+    ref = plan_pruning(
+        model, calibrate(model, windows), ratio=0.3, metric="bi", granularity="block", planner="rank"
+    )
+    assert plan.fingerprint == ref.fingerprint == fingerprint(model, select_adapter(model).build_ir(model))
+    assert plan.remove == ref.remove
+    apply_plan(model, plan)  # the fingerprint check passes
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from helpers import save_tiny_model, words
+
+    root = tmp_path_factory.mktemp("stream-cli")
+    text = root / "text.txt"
+    text.write_text(words(3000, seed=1) + "\n")
+    return {"model": save_tiny_model(root / "tiny", layers=3), "text": text}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    from prunekit_core.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FAST = ["--windows", "3", "--seq-len", "16"]
+
+
+def test_cli_score_streaming_equals_in_memory(
+    capsys: pytest.CaptureFixture[str], cli_assets: dict[str, Path]
+) -> None:
+    import json
+
+    args = ["score", cli_assets["model"], "--calib", cli_assets["text"], *FAST, "--json"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    code, out_s, err = _cli(capsys, *args, "--streaming")
+    assert code == 0, err
+    assert json.loads(out_s) == json.loads(out)
+
+
+def test_cli_score_streaming_refuses_gradient_and_trial_metrics(
+    capsys: pytest.CaptureFixture[str], cli_assets: dict[str, Path]
+) -> None:
+    base = ["score", cli_assets["model"], "--calib", cli_assets["text"], *FAST, "--streaming"]
+    code, _, err = _cli(capsys, *base, "--metric", "taylor")
+    assert code == 2 and "needs gradients" in err and "drop --streaming" in err
+    code, _, err = _cli(capsys, *base, "--metric", "nri")
+    assert code == 2 and "not available with --streaming" in err
+
+
+def test_cli_prune_streaming_plan_only_then_apply(
+    capsys: pytest.CaptureFixture[str], cli_assets: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    common = ["prune", cli_assets["model"], "--ratio", "0.3", "--calib", cli_assets["text"], *FAST]
+    common += ["--metric", "bi", "--json"]
+    code, out, err = _cli(capsys, *common, "--streaming", "--plan-only", "--out", tmp_path / "s.json")
+    assert code == 0, err
+    code, out2, err = _cli(capsys, *common, "--plan-only", "--out", tmp_path / "m.json")
+    assert code == 0, err
+    streamed, in_memory = json.loads(out), json.loads(out2)
+    assert streamed["removed"] == in_memory["removed"]
+    assert streamed["plan"]["fingerprint"] == in_memory["plan"]["fingerprint"]
+    code, out, err = _cli(capsys, *common, "--streaming", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert json.loads(out)["removed"] == in_memory["removed"] and (tmp_path / "o" / "config.json").is_file()
+    code, out, err = _cli(
+        capsys,
+        "prune",
+        cli_assets["model"],
+        "--plan",
+        tmp_path / "s.json",
+        "--out",
+        tmp_path / "o2",
+        "--json",
+    )
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--streaming needs a similarity metric"),
+        (["--metric", "nri"], "not available with --streaming"),
+        (["--metric", "bi", "--repair", "lsq"], "without repair"),
+    ],
+)
+def test_cli_prune_streaming_bad_inputs(
+    capsys: pytest.CaptureFixture[str],
+    cli_assets: dict[str, Path],
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+) -> None:
+    args = [
+        "prune",
+        cli_assets["model"],
+        "--ratio",
+        "0.3",
+        "--calib",
+        cli_assets["text"],
+        *FAST,
+        "--streaming",
+    ]
+    code, _, err = _cli(capsys, *args, *extra, "--out", tmp_path / "o")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
