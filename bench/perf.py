@@ -196,34 +196,35 @@ def write_random_llama(folder: Path, layers: int, seed: int = 0) -> int:
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.02
 
+    def block(i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        return {
+            p + "self_attn.q_proj.weight": rnd(h, h),
+            p + "self_attn.k_proj.weight": rnd(h, h),
+            p + "self_attn.v_proj.weight": rnd(h, h),
+            p + "self_attn.o_proj.weight": rnd(h, h),
+            p + "mlp.gate_proj.weight": rnd(f, h),
+            p + "mlp.up_proj.weight": rnd(f, h),
+            p + "mlp.down_proj.weight": rnd(h, f),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+        }
+
     weight_map: dict[str, str] = {}
     total = 0
-    shards: list[tuple[str, dict[str, torch.Tensor]]] = [
-        ("outside.safetensors", {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h)})
-    ]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append(
-            (
-                f"block-{i:03d}.safetensors",
-                {
-                    p + "self_attn.q_proj.weight": rnd(h, h),
-                    p + "self_attn.k_proj.weight": rnd(h, h),
-                    p + "self_attn.v_proj.weight": rnd(h, h),
-                    p + "self_attn.o_proj.weight": rnd(h, h),
-                    p + "mlp.gate_proj.weight": rnd(f, h),
-                    p + "mlp.up_proj.weight": rnd(f, h),
-                    p + "mlp.down_proj.weight": rnd(h, f),
-                    p + "input_layernorm.weight": torch.ones(h),
-                    p + "post_attention_layernorm.weight": torch.ones(h),
-                },
-            )
+    parts = [
+        (
+            "outside.safetensors",
+            lambda: {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h)},
         )
-    for name, tensors in shards:  # generated lazily would be nicer; one block at a time is what matters
+    ]
+    parts += [(f"block-{i:03d}.safetensors", lambda i=i: block(i)) for i in range(layers)]
+    for name, make in parts:  # one shard in memory at a time
+        tensors = make()
         save_file(tensors, folder / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
-        tensors.clear()
+        del tensors
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
@@ -253,6 +254,15 @@ def link_prefix(src: Path, dst: Path, layers: int) -> int:
     return total
 
 
+def _vm_hwm_gb() -> float:
+    """This process's peak RSS (VmHWM: per address space, unlike ru_maxrss, which a child inherits from
+    the parent it was forked from)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
 def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) -> None:
     """Run in a subprocess: stream-score (or load in memory) ``folder``; print one JSON line."""
     out: dict[str, Any] = {"mode": mode}
@@ -280,7 +290,7 @@ def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) 
     except (MemoryError, RuntimeError, OSError) as exc:
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     out["seconds"] = time.perf_counter() - t
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    out["peak_rss_gb"] = _vm_hwm_gb()
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -574,7 +584,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             f"Random Llama (hidden {_STREAM_CFG['hidden_size']}, FFN {_STREAM_CFG['intermediate_size']}, vocab "
             f"{_STREAM_CFG['vocab_size']}, fp32, one safetensors shard per block), "
             f"{args.stream_windows} windows x {args.stream_seq_len} tokens, `bi` scores; each run in its own process "
-            f"(peak RSS = ru_maxrss). Weights written in {s['write_s']:.0f} s to a temporary folder, deleted "
+            f"(peak RSS = VmHWM of that process). Weights written in {s['write_s']:.0f} s to a temporary folder, deleted "
             "afterwards.",
             "",
             "| run | weights (GB) | address-space limit | finished | peak RSS (GB) | s |",

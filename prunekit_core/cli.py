@@ -791,7 +791,7 @@ def _check_streaming_prune(
         raise PlanError("--streaming makes a plan; --plan applies an existing one: drop --streaming")
     if args.metric is None:
         raise PlanError(
-            "--streaming needs a similarity metric: pass --metric bi, angular or sublayer_drop (the default "
+            "--streaming needs a metric it can compute: pass --metric bi, angular, sublayer_drop, nri or sleb (the default "
             f"method, {metric} with repair {repair}, reads the whole model)"
         )
     check_streaming_metric(get_metric(metric))
@@ -1070,8 +1070,8 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
 
 STREAMING_HELP = (
     "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
-    "the calibration activations, so models larger than memory can be scored (similarity metrics only: "
-    "bi, angular, sublayer_drop)"
+    "the calibration activations, so models larger than memory can be scored (bi, angular, sublayer_drop; "
+    "nri and sleb by single-unit trials in passes over the blocks)"
 )
 
 
@@ -1338,7 +1338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help=STREAMING_HELP
-        + "; plans with --metric bi, angular or sublayer_drop, the rank planner and no repair. With "
+        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb, the rank planner and no repair. With "
         "--plan-only the model is never loaded whole; otherwise it is loaded after planning for the surgery",
     )
     p.add_argument(

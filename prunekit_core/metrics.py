@@ -46,8 +46,9 @@ class ImportanceMetric(ABC):
     Subclasses set ``name``, ``description``, ``unit`` (what they score), ``needs`` (``activations``: the
     statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked;
     ``gradients``: a backward pass) and ``reference`` (the paper). ``streaming`` is true when the scores
-    come only from the stream statistics of the calibration pass (``ctx.stats()``), so a streaming pass
-    (one block in memory at a time, :mod:`prunekit_core.streaming`) can compute them.
+    come only from the stream statistics of the calibration pass (``ctx.stats()``) or from single-unit
+    ``ctx.trials().loss([unit])`` calls, so a streaming pass (one block in memory at a time,
+    :mod:`prunekit_core.streaming`) can compute them.
     """
 
     name: str = ""

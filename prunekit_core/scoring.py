@@ -438,6 +438,10 @@ class NaiveTrialRunner:
         return self._current
 
 
+#: an attribute of a model whose trials run elsewhere (a streaming skeleton): ``f(ctx) -> runner``
+TRIALS_ATTR = "_prunekit_trial_factory"
+
+
 @dataclass
 class ScoringContext:
     """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
@@ -468,6 +472,9 @@ class ScoringContext:
     def trials(self) -> TrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
         :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
+        factory = getattr(self.model, TRIALS_ATTR, None)
+        if self._trials is None and factory is not None:
+            self._trials = factory(self)
         if self._trials is None:
             cls = NaiveTrialRunner if self.naive_trials else TrialRunner
             self._trials = cls(  # type: ignore[assignment]

@@ -35,7 +35,7 @@ from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ImportanceMetric, Scores
 from .plan import DIGEST_ATTR, digest_samples, weight_sample
-from .scoring import Calibration, ScoringContext, _first_tensor, _progress, _TowerRecorder
+from .scoring import TRIALS_ATTR, Calibration, ScoringContext, _first_tensor, _progress, _TowerRecorder
 
 __all__ = ["StreamingModel", "check_streaming_metric", "open_streaming", "stream_calibrate", "stream_score"]
 
@@ -51,14 +51,13 @@ def check_streaming_metric(metric: ImportanceMetric) -> None:
     if "gradients" in metric.needs:
         raise PlanError(
             f"metric {metric.name!r} needs gradients (a backward pass through the whole model), which "
-            "streaming mode does not run: drop --streaming, or use a similarity metric (bi, angular, "
-            "sublayer_drop)"
+            "streaming mode does not run: drop --streaming, or use bi, angular, sublayer_drop, nri or sleb"
         )
     if not metric.streaming:
         raise PlanError(
-            f"metric {metric.name!r} reads more than the stream statistics (removal trials, weights or "
-            "per-projection statistics) and is not available with --streaming: drop --streaming, or use a "
-            "similarity metric (bi, angular, sublayer_drop)"
+            f"metric {metric.name!r} reads more than the stream statistics and single-unit removal trials "
+            "(weights or per-projection statistics) and is not available with --streaming: drop "
+            "--streaming, or use bi, angular, sublayer_drop, nri or sleb"
         )
 
 
@@ -95,6 +94,7 @@ class StreamingModel:
     loaded_bytes: int = 0
     _mapping: Any = field(default=None, repr=False)
     _samples: dict[str, Any] = field(default_factory=dict, repr=False)
+    _template: Any = field(default=None, repr=False)
 
     @property
     def tower(self) -> Tower:
@@ -240,6 +240,16 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
     )
     sm.tower  # noqa: B018 - one tower of blocks, or a clear error now
     sm.load_outside_blocks()
+
+    def trials(ctx: ScoringContext) -> StreamingTrialRunner:
+        return StreamingTrialRunner(
+            sm,
+            ctx.calibration.windows[: ctx.trial_windows],
+            loss_stride=ctx.loss_stride,
+            candidates=ctx.candidates,
+        )
+
+    object.__setattr__(model, TRIALS_ATTR, trials)  # ScoringContext.trials() on the skeleton streams too
     return sm
 
 
@@ -269,6 +279,41 @@ def _pass_through(blocks: list[nn.Module], template: Any, calls: list[list[Any]]
             del b.forward
 
 
+def _block_calls(
+    sm: StreamingModel, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[list[Any]]]:
+    """The first block's input per batch, and the arguments the model calls every block with, per batch."""
+    paths = [b.module for b in sm.tower.blocks]
+    blocks = [get_module(sm.model, p) for p in paths]
+    template = getattr(sm, "_template", None)
+    if template is None:  # what a block returns (a tensor or a tuple): run the real first block once
+        first = sm.load_block(paths[0])
+        seen: list[Any] = []
+
+        def grab(_m: nn.Module, _a: Any, out: Any) -> None:
+            seen.append(out)
+            raise _Stop
+
+        h = first.register_forward_hook(grab)
+        try:
+            sm.model(input_ids=batches[0][:1], use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        sm.unload_block(paths[0])
+        if not seen:
+            raise CalibrationError(f"the first block ({paths[0]}) did not run in the model's forward")
+        template = sm._template = seen[0]
+    calls: list[list[Any]] = [[] for _ in blocks]
+    with _pass_through(blocks, template, calls) as inputs:  # blocks pass their input through
+        for batch in batches:
+            sm.model(input_ids=batch, use_cache=False)
+    if any(len(c) != len(batches) for c in calls):
+        raise CalibrationError("some blocks were not called once per batch by the model's forward")
+    return list(inputs), calls
+
+
 @torch.inference_mode()
 def stream_calibrate(
     sm: StreamingModel, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
@@ -280,37 +325,9 @@ def stream_calibrate(
         )
     tower = sm.tower
     paths = [b.module for b in tower.blocks]
-    blocks = [get_module(sm.model, p) for p in paths]
     batches = [windows[s : s + batch_size] for s in range(0, windows.shape[0], batch_size)]
-
-    # 1. what a block returns (a tensor or a tuple): run the real first block once
-    first = sm.load_block(paths[0])
-    seen: list[Any] = []
-
-    def grab(_m: nn.Module, _a: Any, out: Any) -> None:
-        seen.append(out)
-        raise _Stop
-
-    h = first.register_forward_hook(grab)
-    try:
-        sm.model(input_ids=batches[0][:1], use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    sm.unload_block(paths[0])
-    if not seen:
-        raise CalibrationError(f"the first block ({paths[0]}) did not run in the model's forward")
-    template = seen[0]
-
-    # 2. the first block's input and every block's call arguments, per batch (blocks pass through)
-    calls: list[list[Any]] = [[] for _ in blocks]
-    with _pass_through(blocks, template, calls) as inputs:
-        for batch in batches:
-            sm.model(input_ids=batch, use_cache=False)
-    if any(len(c) != len(batches) for c in calls):
-        raise CalibrationError("some blocks were not called once per batch by the model's forward")
-    xs: list[torch.Tensor] = list(inputs)
+    xs, calls = _block_calls(sm, batches)
+    blocks = [get_module(sm.model, p) for p in paths]
 
     # 3. block by block: load, run every batch with the stream hooks on, empty
     rec = _TowerRecorder(tower)
@@ -344,6 +361,137 @@ def stream_calibrate(
         object.__setattr__(sm.model, DIGEST_ATTR, digest)
     logger.info("streamed %d blocks (%.1f MB of weights)", sm.loaded_blocks, sm.loaded_bytes / 1e6)
     return cal
+
+
+class StreamingTrialRunner:
+    """Single-unit removal losses (the trials of ``nri`` and ``sleb``), one block in memory at a time.
+
+    Same losses as :class:`~prunekit_core.scoring.TrialRunner` (the same operations on the same single
+    batch of trial windows), computed in passes over the blocks: each pass carries the residual stream of
+    the unmasked model plus one stream per trial of a chunk of ``chunk`` units, which forks from the
+    unmasked stream at its unit's block. Memory is ``chunk + 1`` streams of the trial windows, whatever the
+    depth; the first request for a block (or a sublayer) computes the trials of every candidate of that
+    kind. Committing removals (the greedy planner) is not supported: plan with the rank planner.
+    """
+
+    def __init__(
+        self,
+        sm: StreamingModel,
+        windows: torch.Tensor,
+        *,
+        loss_stride: int = 1,
+        candidates: list[str] | None = None,
+        chunk: int = 8,
+    ) -> None:
+        from .scoring import TrialRunner
+
+        self.sm = sm
+        self.tower = sm.tower
+        if not self.tower.final_norm or not self.tower.head:
+            raise CalibrationError(
+                f"tower {self.tower.name} has no final norm/head; trials need a language-model head"
+            )
+        self.windows = windows
+        self.loss_stride = max(1, loss_stride)
+        self.candidates = candidates
+        self.chunk = max(1, chunk)
+        self.norm = get_module(sm.model, self.tower.final_norm)
+        self.head = get_module(sm.model, self.tower.head)
+        labels = windows[:, 1:]
+        self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
+        self._loss_of = TrialRunner._loss.__get__(self)  # the same loss as the in-memory runner
+        self.trials = 0
+        self.block_forwards = 0
+        self.passes = 0
+        self._losses: dict[str, float] = {}
+        self._x0, calls = _block_calls(sm, [windows])
+        self._calls = [c[0] for c in calls]
+        self.base_loss = self._pass([])[None]
+
+    @property
+    def current_loss(self) -> float:
+        return self.base_loss
+
+    def _start(self, unit: str) -> int:
+        for i, b in enumerate(self.tower.blocks):
+            if unit == b.id or unit.startswith(b.id + "."):
+                return i
+        raise KeyError(unit)
+
+    def _call(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        args, kw = self._calls[i]
+        self.block_forwards += 1
+        out = block(x, *args, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def _pass(self, units: list[str]) -> dict[str | None, float]:
+        """One pass over the blocks: the loss with each of ``units`` removed alone (``None``: nothing)."""
+        from .surgery import branches_masked
+
+        self.passes += 1
+        subs = self.sm.ir.units()
+        starts = {u: self._start(u) for u in units}
+        last_start = max(starts.values(), default=len(self.tower.blocks))
+        x = self._x0[0]
+        states: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.tower.blocks):
+            block = self.sm.load_block(b.module)
+            for u in units:
+                if starts[u] == i:
+                    states[u] = x  # forks from the unmasked stream at its block
+            for u, st in states.items():
+                if u == b.id:
+                    continue  # the removed block: its input flows on
+                if starts[u] == i:  # a sublayer of this block: run the block with that branch masked
+                    with branches_masked(self.sm.model, [subs[u]]):  # type: ignore[list-item]
+                        states[u] = self._call(block, i, st)
+                else:
+                    states[u] = self._call(block, i, st)
+            if not units or i < last_start:  # the unmasked stream is still needed
+                x = self._call(block, i, x)
+            self.sm.unload_block(b.module)
+        out: dict[str | None, float] = {u: self._loss_of(st) for u, st in states.items()}
+        if not units:
+            out[None] = self._loss_of(x)
+        return out
+
+    def _compute(self, kind_of: str) -> None:
+        block_ids = {b.id for b in self.tower.blocks}
+        is_block = kind_of in block_ids
+        blocks = self.tower.blocks
+        if self.candidates is not None:
+            pool = self.candidates
+        elif is_block:
+            pool = [b.id for b in blocks if b.removable]
+        else:
+            pool = [s.id for b in blocks for s in b.sublayers if s.removable]
+        todo = [u for u in pool if u not in self._losses and (u in block_ids) == is_block]
+        if kind_of not in todo and kind_of not in self._losses:
+            todo.append(kind_of)
+        todo.sort(key=self._start)
+        for k in range(0, len(todo), self.chunk):
+            self._losses.update(self._pass(todo[k : k + self.chunk]))  # type: ignore[arg-type]
+
+    def loss(self, remove: list[str] | tuple[str, ...] = ()) -> float:
+        units = list(remove)
+        if not units:
+            return self.base_loss
+        if len(units) > 1:
+            raise PlanError("streaming removal trials remove one unit at a time (rank planner, nri, sleb)")
+        if units[0] not in self._losses:
+            self._compute(units[0])
+        self.trials += 1
+        return self._losses[units[0]]
+
+    def commit(self, remove: Any) -> None:
+        raise PlanError(
+            "the greedy planner commits removals between trials, which streaming does not support: "
+            "plan with the rank planner (or drop --streaming)"
+        )
+
+    def replay(self, unit_id: str) -> float:
+        raise PlanError("in-place trials (width planning) need the whole model: drop --streaming")
 
 
 def stream_score(

@@ -98,7 +98,7 @@ def test_streaming_refuses_metrics_it_cannot_compute(tmp_path: Path) -> None:
     cal = stream_calibrate(sm, torch.randint(3, 100, (2, 8)))
     with pytest.raises(PlanError, match="needs gradients"):
         stream_score(sm, cal, "taylor")
-    for metric in ("nri", "wanda", "bi_lsq"):
+    for metric in ("magnitude", "wanda", "bi_lsq"):
         with pytest.raises(PlanError, match="not available with --streaming"):
             stream_score(sm, cal, metric)
 
@@ -123,6 +123,43 @@ def test_streaming_refuses_missing_block_weights(tmp_path: Path) -> None:
     sm = open_streaming(folder)
     with pytest.raises(CheckpointError, match="no weights for block model.layers.1"):
         stream_calibrate(sm, torch.randint(3, 100, (2, 8)))
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "gptj", "generic-neox"])
+def test_streaming_trials_equal_in_memory(name: str, tmp_path: Path) -> None:
+    folder = tmp_path / name
+    MODELS[name]().save_pretrained(folder, max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    windows = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(model, windows)
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows)
+    for metric in ("nri", "sleb"):
+        ref = score(model, cal, metric)
+        got = stream_score(sm, scal, metric)
+        assert got.values.keys() == ref.values.keys()
+        for uid, v in ref.values.items():
+            assert got.values[uid] == pytest.approx(v, rel=1e-6, abs=1e-12), (metric, uid)
+    # the planner too (rank), and the greedy planner is refused with a clear error
+    plan = plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
+    ref_plan = plan_pruning(model, cal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
+    assert plan.remove == ref_plan.remove
+    with pytest.raises(PlanError, match="rank planner"):
+        plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="greedy", granularity="sublayer")
+
+
+def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
+    from prunekit_core.streaming import StreamingTrialRunner
+
+    folder = tmp_path / "m"
+    tiny_llama(layers=5).save_pretrained(folder)
+    sm = open_streaming(folder)
+    runner = StreamingTrialRunner(sm, torch.randint(3, 100, (2, 8)), chunk=3)
+    units = [s.id for s in sm.ir.sublayers()]
+    for u in units:
+        runner.loss([u])
+    assert runner.passes == 1 + -(-len(units) // 3)  # the base pass, then chunks of 3 trials
+    assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
 
 
 # --- cached removal trials ---------------------------------------------------------------------------
@@ -244,7 +281,7 @@ def test_cli_score_streaming_refuses_gradient_and_trial_metrics(
     base = ["score", cli_assets["model"], "--calib", cli_assets["text"], *FAST, "--streaming"]
     code, _, err = _cli(capsys, *base, "--metric", "taylor")
     assert code == 2 and "needs gradients" in err and "drop --streaming" in err
-    code, _, err = _cli(capsys, *base, "--metric", "nri")
+    code, _, err = _cli(capsys, *base, "--metric", "wanda")
     assert code == 2 and "not available with --streaming" in err
 
 
@@ -281,8 +318,9 @@ def test_cli_prune_streaming_plan_only_then_apply(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "--streaming needs a similarity metric"),
-        (["--metric", "nri"], "not available with --streaming"),
+        ([], "--streaming needs a metric it can compute"),
+        (["--metric", "obs"], "not available with --streaming"),
+        (["--metric", "nri"], "rank planner"),
         (["--metric", "bi", "--repair", "lsq"], "without repair"),
     ],
 )

@@ -102,6 +102,7 @@ class NRI(ImportanceMetric):
         "relative perplexity increase when the unit alone is removed, per parameter (removal trials)"
     )
     unit = "sublayer"
+    streaming = True  # single-unit trials: StreamingTrialRunner computes them block by block
     needs = frozenset({"trials"})
     reference = "Rethinking the Impact of Heterogeneous Sublayers (OpenReview qG1S5eXMzx)"
 
@@ -129,6 +130,7 @@ class SLEB(ImportanceMetric):
         "SLEB: calibration loss after removing the unit alone (removal trials); lower = remove first"
     )
     unit = "block"
+    streaming = True  # single-unit trials: StreamingTrialRunner computes them block by block
     needs = frozenset({"trials"})
     reference = "SLEB, arXiv 2402.09025"
 
