@@ -74,6 +74,13 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise CalibrationError("could not find the hidden states among a hooked module's inputs")
 
 
+def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Sum over tokens of cos(a, b) from the streams and their norms (as F.cosine_similarity, eps 1e-8),
+    without recomputing norms: one dot product per token."""
+    dot = torch.linalg.vecdot(a[0], b[0])
+    return (dot / (a[1] * b[1]).clamp_min(1e-8)).double().sum()
+
+
 class _TowerRecorder:
     """Accumulates one tower's stream statistics from pre-hooks at its stream points."""
 
@@ -92,10 +99,11 @@ class _TowerRecorder:
         self.sub_sum = torch.zeros(len(self.points) - 1, dtype=torch.float64)
         self.blk_sum = torch.zeros(len(tower.blocks), dtype=torch.float64)
         self.lasts: list[torch.Tensor] = []
-        self.prev: torch.Tensor | None = None
-        self.block_in: torch.Tensor | None = None
+        # (stream, its per-token norms): each point's norm is computed once and reused by the next point
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.block_in: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch = -1
-        self._saved: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        self._saved: list[tuple[Any, Any]] = []
 
     def start_batch(self, batch: int) -> None:
         if self.batch >= 0:
@@ -117,15 +125,16 @@ class _TowerRecorder:
             x = _first_tensor(args, kwargs).float()
             lasts = self.lasts[self.batch]
             x = x.reshape(lasts.shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
+            cur = (x, torch.linalg.vector_norm(x, dim=-1))
             if self.prev is not None:
-                self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
-            self.prev = x
+                self.sub_sum[p - 1] += _cos(self.prev, cur)
+            self.prev = cur
             bi = self.block_of_point.get(p)
             if bi is not None:
                 lasts[:, bi] = x[:, -1]
                 if bi > 0 and self.block_in is not None:
-                    self.blk_sum[bi - 1] += F.cosine_similarity(self.block_in, x, dim=-1).double().sum()
-                self.block_in = x
+                    self.blk_sum[bi - 1] += _cos(self.block_in, cur)
+                self.block_in = cur
 
         return fn
 
