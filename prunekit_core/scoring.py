@@ -188,6 +188,18 @@ def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
     return track(seq, description=label, transient=True)
 
 
+def stream_loss(
+    norm: nn.Module, head: nn.Module, x: torch.Tensor, labels: torch.Tensor, stride: int
+) -> float:
+    """Next-token loss of the stream end ``x`` on every ``stride``-th position (``labels`` already strided):
+    the loss every trial runner measures."""
+    h = norm(x[:, :-1])
+    if stride > 1:
+        h = h[:, ::stride]
+    logits = head(h).float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+
+
 class TrialRunner:
     """Calibration loss of ``model`` with some blocks skipped and some branches masked.
 
@@ -286,12 +298,7 @@ class TrialRunner:
         return self._loss(x)
 
     def _loss(self, x: torch.Tensor) -> float:
-        h = self.norm(x[:, :-1])
-        if self.loss_stride > 1:
-            h = h[:, :: self.loss_stride]
-        logits = self.head(h).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1))
-        return float(loss)
+        return stream_loss(self.norm, self.head, x, self.labels, self.loss_stride)
 
     # Public -------------------------------------------------------------------------------------------
 
@@ -418,11 +425,7 @@ class NaiveTrialRunner:
         if template:
             self._template = template[0]
         self.block_forwards -= len(skipped)  # bypassed blocks ran no computation
-        h = self.norm(out[-1][:, :-1])
-        if self.loss_stride > 1:
-            h = h[:, :: self.loss_stride]
-        logits = self.head(h).float()
-        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1)))
+        return stream_loss(self.norm, self.head, out[-1], self.labels, self.loss_stride)
 
     def _split(self, ids: set[str]) -> tuple[set[str], set[str]]:
         blocks = {u for u in ids if u in {b.id for b in self.tower.blocks}}

@@ -35,7 +35,15 @@ from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ImportanceMetric, Scores
 from .plan import DIGEST_ATTR, digest_samples, weight_sample
-from .scoring import TRIALS_ATTR, Calibration, ScoringContext, _first_tensor, _progress, _TowerRecorder
+from .scoring import (
+    TRIALS_ATTR,
+    Calibration,
+    ScoringContext,
+    _first_tensor,
+    _progress,
+    _TowerRecorder,
+    stream_loss,
+)
 
 __all__ = ["StreamingModel", "check_streaming_metric", "open_streaming", "stream_calibrate", "stream_score"]
 
@@ -383,8 +391,6 @@ class StreamingTrialRunner:
         candidates: list[str] | None = None,
         chunk: int = 8,
     ) -> None:
-        from .scoring import TrialRunner
-
         self.sm = sm
         self.tower = sm.tower
         if not self.tower.final_norm or not self.tower.head:
@@ -399,7 +405,6 @@ class StreamingTrialRunner:
         self.head = get_module(sm.model, self.tower.head)
         labels = windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
-        self._loss_of = TrialRunner._loss.__get__(self)  # the same loss as the in-memory runner
         self.trials = 0
         self.block_forwards = 0
         self.passes = 0
@@ -451,9 +456,12 @@ class StreamingTrialRunner:
             if not units or i < last_start:  # the unmasked stream is still needed
                 x = self._call(block, i, x)
             self.sm.unload_block(b.module)
-        out: dict[str | None, float] = {u: self._loss_of(st) for u, st in states.items()}
+        out: dict[str | None, float] = {
+            u: stream_loss(self.norm, self.head, st, self.labels, self.loss_stride)
+            for u, st in states.items()
+        }
         if not units:
-            out[None] = self._loss_of(x)
+            out[None] = stream_loss(self.norm, self.head, x, self.labels, self.loss_stride)
         return out
 
     def _compute(self, kind_of: str) -> None:
