@@ -408,6 +408,10 @@ def bench_throughput(model: Any, cal: Any, args: argparse.Namespace) -> list[dic
         plan = make(model)
         pk.apply_plan(m, plan)
         models[label] = m
+        if label.startswith("width") and m._prunekit_plan.is_uniform:
+            # the same shape built from its config, no surgery: what the shape itself runs at
+            torch.manual_seed(0)
+            models[label + ": same shape built fresh"] = type(m)(copy.deepcopy(m.config)).eval()
     moe = _moe_models(args)
     rows = _measure(models, "unpruned", args, "SmolLM2-135M", _params)
     rows += _measure(moe, "unpruned", args, "random Mixtral", _active_params)
