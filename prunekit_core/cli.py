@@ -798,7 +798,8 @@ def _check_streaming_prune(
     if planner != "rank" or granularity not in ("block", "sublayer") or repair != "none":
         raise PlanError(
             f"--streaming plans with the rank planner at block or sublayer granularity without repair; got "
-            f"planner {planner}, granularity {granularity}, repair {repair}"
+            f"planner {planner}, granularity {granularity}, repair {repair} (pass --planner rank, "
+            "--granularity block or sublayer, --repair none)"
         )
     if args.recover == "lora":
         raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
