@@ -2,9 +2,10 @@
 
 Two parts, measured in one run:
 
-1. Executor speedup: the same 4 cells (unpruned x 4 formats) run one after another in this process
-   (``serial``, torch using every core, then with one thread) and through the local process pool
-   (``local``: one single-threaded worker per core). Each run starts cold (loads the model).
+1. Executor speedup: the same 4 cells (unpruned x 4 formats) run one after another (``serial``, torch
+   using every core, then with one thread) and through the local process pool (``local``: one
+   single-threaded worker per core). Each run is a cold ``prunekit sweep`` process; the three alternate,
+   ``--repeats`` times, and medians are compared.
 2. The grid: ratios x formats with prunekit's best pruning method (angular span + least-squares repair)
    and ShortGPT BI, through the local executor, into a resumable SQLite store; then the report.
 
@@ -21,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,38 +57,68 @@ def make_config(args: argparse.Namespace, ratios: list[float], formats: list[str
     )
 
 
-def timed_sweep(cfg: sw.SweepConfig, executor: str, **kw) -> tuple[float, dict[str, float]]:
-    sw._STATE.clear()  # every run starts cold: the serial run pays its model load like each worker does
+def timed_sweep(cfg: sw.SweepConfig, executor: str, threads: int) -> tuple[float, dict[str, float]]:
+    """Wall time of a cold ``prunekit sweep`` process (imports, model load, cells) and its perplexities.
+
+    Every executor runs as the user would run it, in a fresh process: the serial one pays its imports and
+    model load once, the pool's workers each pay their model load (the imports are paid once, by the
+    forkserver). ``threads`` sets ``OMP_NUM_THREADS`` of that process (the pool's workers use one each).
+    """
     with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "sweep.json").write_text(json.dumps(cfg.model_dump()))
+        db = Path(d) / "r.sqlite"
+        cmd = [sys.executable, "-m", "prunekit_core.cli", "sweep", str(Path(d) / "sweep.json")]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         t0 = time.perf_counter()
-        sw.run_sweep(cfg, Path(d) / "r.sqlite", executor=executor, **kw)  # type: ignore[arg-type]
+        subprocess.run(
+            [*cmd, "--results", str(db), "--executor", executor], env=env, check=True, capture_output=True
+        )
         wall = time.perf_counter() - t0
-        ppl = {r["cell"]: r["perplexity"] for r in sw.read_results(Path(d) / "r.sqlite")}
-    sw._STATE.clear()
+        ppl = {r["cell"]: r["perplexity"] for r in sw.read_results(db)}
     return wall, ppl
 
 
 def speedup(args: argparse.Namespace) -> str:
+    """Serial (all cores, one core) and local pool, interleaved ``--repeats`` times; medians compared."""
     cores = os.cpu_count() or 1
-    cfg = make_config(args, [0.0], ["none", "mxfp8_e4m3", "mxfp4", "int4_g32"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cores)
-    serial_all, ppl_s = timed_sweep(cfg, "serial")
-    torch.set_num_threads(1)
-    serial_one, _ = timed_sweep(cfg, "serial")
-    torch.set_num_threads(threads)
-    local, ppl_l = timed_sweep(cfg, "local")
-    same = all(abs(ppl_s[k] - ppl_l[k]) <= 1e-4 * ppl_s[k] for k in ppl_s)
+    cell_args = argparse.Namespace(
+        **(
+            vars(args)
+            | {"eval_windows": args.speedup_eval_windows, "eval_seq_len": args.speedup_eval_seq_len}
+        )
+    )
+    cfg = make_config(cell_args, [0.0], ["none", "mxfp8_e4m3", "mxfp4", "int4_g32"])
+    runs = {"serial_all": ("serial", cores), "serial_one": ("serial", 1), "local": ("local", 1)}
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    ppls: dict[str, dict[str, float]] = {}
+    for i in range(args.repeats):
+        for name, (executor, threads) in runs.items():
+            wall, ppls[name] = timed_sweep(cfg, executor, threads)
+            walls[name].append(wall)
+            print(f"speedup run {i + 1}/{args.repeats}: {name} {wall:.1f} s", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    same = all(
+        abs(ppls["serial_all"][k] - ppls["local"][k]) <= 1e-4 * ppls["serial_all"][k] for k in ppls["local"]
+    )
+
+    def row(label: str, k: str) -> str:
+        each = ", ".join(f"{w:.1f}" for w in walls[k])
+        return f"| {label} | {med[k]:.1f} | {each} | {med[k] / med['local']:.2f}x |"
+
     lines = [
         "## Executor speedup (4 cells: unpruned x none, mxfp8_e4m3, mxfp4, int4_g32)",
         "",
-        f"{cores} CPU cores (shared with other jobs: timings are noisy). Every run loads the model cold.",
+        f"{cores} CPU cores (shared with other jobs: timings are noisy). Each run is a cold `prunekit sweep` "
+        f"process (imports, model load, the 4 cells); the three executors run interleaved, {args.repeats} "
+        "times; the table compares medians. Evaluation "
+        f"{cell_args.eval_windows} x {cell_args.eval_seq_len} tokens of {args.eval_text} per cell "
+        "(`--speedup-eval-windows`, `--speedup-eval-seq-len`).",
         "",
-        "| executor | wall s | speedup of local |",
-        "|---|---|---|",
-        f"| serial, torch {cores} threads | {serial_all:.1f} | {serial_all / local:.2f}x |",
-        f"| serial, torch 1 thread | {serial_one:.1f} | {serial_one / local:.2f}x |",
-        f"| local pool, {min(cores, 4)} workers x 1 thread | {local:.1f} | 1.00x |",
+        "| executor | median wall s | runs (s) | speedup of local |",
+        "|---|---|---|---|",
+        row(f"serial, torch {cores} threads", "serial_all"),
+        row("serial, torch 1 thread (the pool's cells, one after another)", "serial_one"),
+        row(f"local pool, {min(cores, 4)} workers x 1 thread", "local"),
         "",
         f"Same perplexities from both executors: {'yes' if same else 'NO'}.",
         "",
@@ -136,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=FORMATS)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-speedup", action="store_true")
+    ap.add_argument(
+        "--speedup-eval-windows",
+        type=int,
+        default=8,
+        help="evaluation windows per cell in the speedup part (a cell's work against the fixed start-up)",
+    )
+    ap.add_argument("--speedup-eval-seq-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each executor in the speedup part")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

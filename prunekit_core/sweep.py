@@ -346,7 +346,8 @@ _STATE: dict[str, Any] = {}
 def _prepared(config: SweepConfig, *, calibrated: bool) -> dict[str, Any]:
     """Model, windows, calibration and plans, loaded once per process and per config.
 
-    The calibration pass runs only when a pruned cell first needs it (unpruned cells do not).
+    The calibration windows and pass are made only when a pruned cell first needs them (unpruned cells
+    do not).
     """
     import torch
 
@@ -359,20 +360,20 @@ def _prepared(config: SweepConfig, *, calibrated: bool) -> dict[str, Any]:
         _STATE.clear()
         dtype = getattr(torch, config.dtype)
         model, tok, _ = load_model(config.model, dtype=dtype)
-        calib = load_windows(
-            tok,
-            config.calibration.text,
-            seq_len=config.calibration.seq_len,
-            num_windows=config.calibration.windows,
-        ).ids
         evalw = load_windows(
             tok,
             config.evaluation.text,
             seq_len=config.evaluation.seq_len,
             num_windows=config.evaluation.windows,
         ).ids
-        _STATE.update(key=key, model=model, calib=calib, eval=evalw, cal=None, plans={})
+        _STATE.update(key=key, model=model, tok=tok, calib=None, eval=evalw, cal=None, plans={})
     if calibrated and _STATE["cal"] is None:
+        _STATE["calib"] = load_windows(
+            _STATE["tok"],
+            config.calibration.text,
+            seq_len=config.calibration.seq_len,
+            num_windows=config.calibration.windows,
+        ).ids
         _STATE["cal"] = calibrate(_STATE["model"], _STATE["calib"])
     return _STATE
 

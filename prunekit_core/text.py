@@ -121,6 +121,35 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
 
+# Tokens past the requested count that a prefix must also yield before it is trusted (see _encode_prefix).
+_PREFIX_MARGIN = 64
+
+
+def _first_prefix_chars(need: int) -> int:
+    """Characters to try first for ``need`` tokens: about twice what English needs."""
+    return max(4096, 8 * (need + _PREFIX_MARGIN))
+
+
+def _encode_prefix(tokenizer: PreTrainedTokenizerBase, text: str, need: int | None) -> list[int]:
+    """The first ``need`` tokens of ``text`` (all of them for ``None``), tokenizing only a prefix.
+
+    Tokenizing a 2 MB text takes seconds; a few windows need a few kB of it. The prefix is cut at a line
+    break and grown until it yields ``need`` tokens plus a margin: tokenization is local (pre-tokenizers
+    split on whitespace and punctuation, merges stay inside a piece), so tokens far from the cut equal the
+    whole text's. ``tests/test_text.py`` checks this against whole-text tokenization of every packaged text.
+    """
+    if need is None:
+        return _encode(tokenizer, text)
+    chars = _first_prefix_chars(need)
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars)
+        ids = _encode(tokenizer, text[: cut if cut > chars // 2 else chars])
+        if len(ids) >= need + _PREFIX_MARGIN:
+            return ids[:need]
+        chars *= 2
+    return _encode(tokenizer, text)
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -158,7 +187,7 @@ def token_windows(
         cap = max_tokens // seq_len
         wanted = cap if wanted is None else min(wanted, cap)
 
-    ids = _encode(tokenizer, text)
+    ids = _encode_prefix(tokenizer, text, None if wanted is None else wanted * seq_len)
     available = len(ids) // seq_len
     if available < 1:
         raise CalibrationError(

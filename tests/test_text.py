@@ -151,3 +151,55 @@ def test_load_windows_from_file(tmp_path: Path):
     assert isinstance(tw, TextWindows)
     assert tw.ids.shape == (3, 8) and tw.num_windows == 3 and tw.num_tokens == 24 and tw.seq_len == 8
     assert tw.source == str(f)
+
+
+# --- prefix tokenization -------------------------------------------------------------------------
+
+
+def _bpe_tokenizer(kind: str, corpus: str) -> PreTrainedTokenizerFast:
+    """A small BPE trained here on ``corpus``: byte-level (GPT-2/SmolLM2 style) or Metaspace (SentencePiece style)."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    if kind == "bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(
+        [corpus], trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]"], initial_alphabet=alphabet)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_prefix_tokenization_equals_whole_text(kind: str):
+    """Windows cut from a tokenized prefix equal the whole text's first tokens, on every packaged text."""
+    from prunekit_core.text import _encode, _encode_prefix
+
+    texts = {alias: read_text(alias)[:300_000] for alias in TEXT_ALIASES}
+    tok = _bpe_tokenizer(kind, texts["c4"][:100_000])
+    for alias, text in texts.items():
+        whole = _encode(tok, text)
+        for need in (1, 255, 4096, 16 * 1024):
+            assert _encode_prefix(tok, text, need) == whole[:need], (alias, need)
+        # more tokens than the text has: everything, like the whole-text path
+        assert _encode_prefix(tok, text, len(whole) + 10) == whole
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_prefix_tokenization_when_the_prefix_is_tight(kind: str, monkeypatch: pytest.MonkeyPatch):
+    """The first prefix tried ends inside the last token asked for (or one character per token)."""
+    import prunekit_core.text as text_mod
+
+    text = read_text("wiki")[:60_000]
+    tok = _bpe_tokenizer(kind, read_text("c4")[:100_000])
+    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    whole, ends = enc.ids, [end for _, end in enc.offsets]
+    for first in (lambda need: ends[need - 1] - 1, lambda need: need):
+        monkeypatch.setattr(text_mod, "_first_prefix_chars", first)
+        for need in range(100, 4000, 97):
+            assert text_mod._encode_prefix(tok, text, need) == whole[:need], need
