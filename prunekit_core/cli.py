@@ -443,22 +443,41 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
             "scores blocks or sublayers: score them in separate runs"
         )
     span = args.span if args.span is not None else 1
+    if args.streaming:
+        from .streaming import check_streaming_metric
+
+        for m in metrics:
+            check_streaming_metric(m)
     _check_text(args.calib)
     _check_model(args.model)
-    model, tok, _src = _load_model(ui, args.model, args)
-    ir = inspect(model)
+    if args.streaming:
+        sm, tok = _open_streaming(ui, args.model)
+        model, ir = sm.model, sm.ir
+    else:
+        model, tok, _src = _load_model(ui, args.model, args)
+        ir = inspect(model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
     if channel:
         return _score_channels(ui, model, windows, channel, args.calib)
-    with ui.step("calibrate"):
-        ids, extra = _multimodal(model, windows.ids)
-        cal = calibrate(model, ids, inputs=extra)
+    if args.streaming:
+        cal = _stream_calibrate(ui, sm, windows.ids)
+    else:
+        with ui.step("calibrate"):
+            ids, extra = _multimodal(model, windows.ids)
+            cal = calibrate(model, ids, inputs=extra)
     results: dict[str, Any] = {}
     labels: dict[str, str] = {}
     for m in metrics:
         with ui.step(f"score {m.name}"):
-            s = score(model, cal, m.name, span=span if m.unit == "span" else None)
+            if args.streaming:
+                from .streaming import stream_score
+
+                s = stream_score(sm, cal, m.name, span=span if m.unit == "span" else None)
+            else:
+                s = score(model, cal, m.name, span=span if m.unit == "span" else None)
+            if s.block_forwards is not None:
+                ui.info(f"{m.name}: {s.block_forwards} block forwards (cached removal trials)")
         results[m.name] = s
         labels[m.name] = f"{m.name} (span {s.span})" if s.span else m.name
     if ui.json_mode:
@@ -480,6 +499,23 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     for m in metrics:
         ui.say(f"{m.name}: {m.description}")
     return EXIT_OK
+
+
+def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
+    from .streaming import open_streaming, streaming_folder, streaming_tokenizer
+
+    with ui.step(f"open {spec} (streaming: blocks stay on disk)"):
+        folder = streaming_folder(spec)
+        return open_streaming(folder), streaming_tokenizer(folder)
+
+
+def _stream_calibrate(ui: UI, sm: Any, ids: Any) -> Any:
+    from .streaming import stream_calibrate
+
+    with ui.step("calibrate (streaming, one block in memory at a time)"):
+        cal = stream_calibrate(sm, ids, progress=_bars())
+    ui.info(f"streamed {sm.loaded_blocks} block loads, {sm.loaded_bytes / 1e9:.2f} GB of weights read")
+    return cal
 
 
 def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
@@ -608,6 +644,8 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     metric_name, planner, granularity, repair = resolve_method(
         args.metric, args.planner, args.granularity, repair_arg
     )
+    if args.streaming:
+        _check_streaming_prune(args, metric_name, planner, granularity, repair)
     if given_plan is None:
         _check_text(args.calib)
     elif given_plan.repair != "none":
@@ -623,6 +661,25 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     _check_out(out, plan_only=args.plan_only, force=args.force)
     _check_model(args.model)
 
+    streamed_plan: PrunePlan | None = None
+    if args.streaming:  # plan from a streaming pass; the model is loaded afterwards only for surgery
+        streamed_plan = _plan_streaming(args, ui, metric_name, granularity, repair)
+        if args.plan_only:
+            streamed_plan.save(out)
+            ui.say(f"plan written to {out} (streaming: the model was never loaded whole)")
+            if ui.json_mode:
+                ui.emit_json(
+                    {
+                        "model": args.model,
+                        "out": str(out.absolute()),
+                        "plan": streamed_plan.model_dump(mode="json"),
+                        "removed": list(streamed_plan.remove),
+                        "achieved_ratio": streamed_plan.achieved_ratio,
+                        "written": "plan",
+                    }
+                )
+            return EXIT_OK
+        given_plan = streamed_plan
     model, tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)
     cal_windows = None
@@ -703,7 +760,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     else:
         plan = given_plan
         ui.say(
-            f"plan: {args.plan} ({plan.method or 'no method recorded'}, {len(plan.remove)} units, "
+            f"plan: {args.plan or 'streaming'} ({plan.method or 'no method recorded'}, {len(plan.remove)} units, "
             f"{len(plan.remove_groups)} narrowed channel-group families)"
         )
 
@@ -791,6 +848,57 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if ui.json_mode:
         ui.emit_json(result)
     return EXIT_OK
+
+
+def _check_streaming_prune(
+    args: argparse.Namespace, metric: str, planner: str, granularity: str, repair: str
+) -> None:
+    from .plugins import get_metric
+    from .streaming import check_streaming_metric
+
+    if args.plan is not None:
+        raise PlanError("--streaming makes a plan; --plan applies an existing one: drop --streaming")
+    if args.metric is None:
+        raise PlanError(
+            "--streaming needs a metric it can compute: pass --metric bi, angular, sublayer_drop, nri or sleb (the default "
+            f"method, {metric} with repair {repair}, reads the whole model)"
+        )
+    check_streaming_metric(get_metric(metric))
+    if planner != "rank" or granularity not in ("block", "sublayer") or repair != "none":
+        raise PlanError(
+            f"--streaming plans with the rank planner at block or sublayer granularity without repair; got "
+            f"planner {planner}, granularity {granularity}, repair {repair} (pass --planner rank, "
+            "--granularity block or sublayer, --repair none)"
+        )
+    if args.recover == "lora":
+        raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
+
+
+def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: str, repair: str) -> Any:
+    from .planning import budget_params, plan_pruning
+
+    sm, tok = _open_streaming(ui, args.model)
+    windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
+    ui.say(
+        f"budget: at least {args.ratio:g} of the {_fmt_params(sm.ir.block_params())} block parameters "
+        f"(embeddings and head excluded) = {_fmt_params(budget_params(sm.ir, args.ratio))} parameters"
+    )
+    ui.info(
+        f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
+        f"planner rank, metric {metric}, granularity {granularity}, streaming"
+    )
+    cal = _stream_calibrate(ui, sm, windows.ids)
+    with ui.step(f"plan (rank:{metric}, {granularity})"):
+        return plan_pruning(
+            sm.model,
+            cal,
+            ratio=args.ratio,
+            metric=metric,
+            granularity=granularity,  # type: ignore[arg-type]
+            planner="rank",
+            repair=repair,  # type: ignore[arg-type]
+            adapter=sm.adapter,
+        )
 
 
 # --- prunekit recover --------------------------------------------------------------------------------
@@ -1050,6 +1158,13 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
     )
 
 
+STREAMING_HELP = (
+    "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
+    "the calibration activations, so models larger than memory can be scored (bi, angular, sublayer_drop; "
+    "nri and sleb by single-unit trials in passes over the blocks)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .loading import MODEL_ALIASES
     from .planning import BEST, BEST_EXPERT, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
@@ -1180,6 +1295,7 @@ def build_parser() -> argparse.ArgumentParser:
             "prunekit score smollm2-135m --calib c4 --metric obs --metric wanda",
             "prunekit score smollm2-135m --calib c4 --metric bi --metric angular --span 4 --json",
             "prunekit score ./my-llama --calib notes.txt --seq-len 128 --windows 8 --metric nri",
+            "prunekit score ./big-llama --calib c4 --metric bi --metric sublayer_drop --streaming",
         ),
     )
     p.add_argument("model", metavar="MODEL", help=model_help)
@@ -1200,6 +1316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="blocks per span for span metrics (default 1)",
     )
     _add_load_args(p)
+    p.add_argument("--streaming", action="store_true", help=STREAMING_HELP)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
@@ -1222,6 +1339,7 @@ def build_parser() -> argparse.ArgumentParser:
             "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --out out/smollm2-10",
             "prunekit prune smollm2-135m --ratio 0.2 --calib c4 --granularity block --metric bi --out out/bi20",
             "prunekit prune smollm2-135m --ratio 0.1 --calib c4 --plan-only --out plan.json",
+            "prunekit prune ./big-llama --ratio 0.2 --calib c4 --metric bi --streaming --plan-only --out plan.json",
             "prunekit prune ./my-mixtral --ratio 0.25 --calib c4 --granularity expert --out out/experts25",
             "prunekit prune smollm2-135m --plan plan.json --eval wiki --out out/from-plan --json",
         ),
@@ -1317,6 +1435,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_args(p, DEFAULT_HEAL_TEXTS)
     _add_calib_window_args(p)
     p.add_argument("--plan-only", action="store_true", help="write only the plan JSON to --out (a file path)")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help=STREAMING_HELP
+        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb, the rank planner and no repair. With "
+        "--plan-only the model is never loaded whole; otherwise it is loaded after planning for the surgery",
+    )
     p.add_argument(
         "--plan",
         metavar="PLAN.json",

@@ -121,7 +121,7 @@ def _analysis(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
         _CACHE.move_to_end(key)
         layout, branches = _CACHE[key]
     else:
-        layout, branches = _discover(model)
+        layout, branches = _discover_shallow(model) if _is_empty(model) else _discover(model)
         _CACHE[key] = (layout, branches)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -250,6 +250,48 @@ class _Graph:
             if n is not start and any(src in on for src in n.all_input_nodes):
                 on.add(n)
         return sorted(on, key=self.index.__getitem__)
+
+
+def _is_empty(model: nn.Module) -> bool:
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    return emb is not None and getattr(emb, "weight", None) is not None and emb.weight.is_meta
+
+
+#: blocks of the real copy an empty (meta-device) model is discovered on
+_SHALLOW = 2
+
+
+def _discover_shallow(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
+    """Discovery for an empty skeleton (streaming): trace a real copy with :data:`_SHALLOW` blocks, the
+    same config otherwise, and give every block of ``model`` the branches found in the copy's first block.
+
+    Blocks whose modules differ from the copy's (heterogeneous stacks) are refused.
+    """
+    import copy
+
+    cls = type(model).__name__
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config(decoder=True)
+    n = text.num_hidden_layers
+    text.num_hidden_layers = min(n, _SHALLOW)
+    for attr in ("layer_types", "mlp_layer_types"):
+        if isinstance(getattr(text, attr, None), list):
+            setattr(text, attr, getattr(text, attr)[: text.num_hidden_layers])
+    with torch.device("cpu"):
+        small = type(model)(config).eval()
+    layout, small_branches = _discover(small)
+    del small
+    branches = [small_branches[0]] * n
+    for i, block in enumerate(get_module(model, layout.blocks)):
+        for spec, module_type in branches[i]:
+            module = _get_or_none(block, spec.module)
+            if module is None or type(module).__name__ != module_type:
+                raise UnsupportedPatternError(
+                    cls,
+                    f"block {i} differs from block 0 ({spec.module}), so the branches of an empty (streaming) "
+                    "skeleton cannot be discovered on a shallow copy: score this model in memory",
+                )
+    return layout, branches
 
 
 def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .scoring import ScoringContext
 
 Unit = Literal["block", "sublayer", "span", "channel"]
-Need = Literal["activations", "trials"]
+Need = Literal["activations", "trials", "gradients"]
 
 
 class Scores(BaseModel):
@@ -31,6 +31,9 @@ class Scores(BaseModel):
     values: dict[str, float]
     span: int | None = Field(None, description="for span metrics: blocks per span; ids name the first block")
     per_param: bool = Field(False, description="values are already divided by the unit's parameter count")
+    block_forwards: int | None = Field(
+        None, description="for trial metrics: block forward calls the scores cost (the capture pass included)"
+    )
 
     def ranked(self) -> list[tuple[str, float]]:
         """Least important first."""
@@ -41,8 +44,11 @@ class ImportanceMetric(ABC):
     """Scores units of a model's IR.
 
     Subclasses set ``name``, ``description``, ``unit`` (what they score), ``needs`` (``activations``: the
-    statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked)
-    and ``reference`` (the paper).
+    statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked;
+    ``gradients``: a backward pass) and ``reference`` (the paper). ``streaming`` is true when the scores
+    come only from the stream statistics of the calibration pass (``ctx.stats()``) or from single-unit
+    ``ctx.trials().loss([unit])`` calls, so a streaming pass (one block in memory at a time,
+    :mod:`prunekit_core.streaming`) can compute them.
     """
 
     name: str = ""
@@ -50,6 +56,7 @@ class ImportanceMetric(ABC):
     unit: Unit = "block"
     needs: frozenset[Need] = frozenset({"activations"})
     reference: str = ""
+    streaming: bool = False
 
     @abstractmethod
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:

@@ -125,17 +125,34 @@ def _is_block_id(unit: str) -> bool:
     return unit.rsplit(".", 1)[-1].isdigit()
 
 
-def _weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
+def weight_sample(p: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
+    """What the weights fingerprint reads of one tensor: its shape and 64 evenly spaced values."""
     with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].to(torch.float64)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.numpy().tobytes())
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        return tuple(p.shape), flat[::step][:64].to(torch.float64).numpy().tobytes()
+
+
+def digest_samples(samples: dict[str, tuple[tuple[int, ...], bytes]]) -> str:
+    """The weights fingerprint from :func:`weight_sample` of every state-dict entry (by name)."""
+    h = hashlib.sha256()
+    for name in sorted(samples):
+        shape, data = samples[name]
+        h.update(name.encode())
+        h.update(str(shape).encode())
+        h.update(data)
     return h.hexdigest()[:16]
+
+
+#: set on an empty skeleton (streaming) whose weights live on disk: their digest, sampled block by block
+DIGEST_ATTR = "_prunekit_weights_digest"
+
+
+def _weights_digest(model: nn.Module) -> str:
+    given = getattr(model, DIGEST_ATTR, None)
+    if isinstance(given, str):
+        return given
+    return digest_samples({name: weight_sample(p) for name, p in model.state_dict().items()})
 
 
 def fingerprint(model: nn.Module, ir: ModelIR) -> Fingerprint:

@@ -186,6 +186,7 @@ def plan_pruning(
     top_k_policy: Literal["error", "clamp"] = "error",
     scope: Sequence[str] | None = None,
     repair_optional: bool = False,
+    naive_trials: bool = False,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
 
@@ -203,6 +204,10 @@ def plan_pruning(
     layer go (``expert_allocation="uniform"``), or that many in total, spread over layers by the metric's
     share of each layer's importance (``"global"``: per-layer counts); every layer keeps ``top_k`` experts
     unless ``top_k_policy="clamp"``.
+
+    ``naive_trials`` measures removal trials with a full model evaluation each
+    (:class:`~prunekit_core.scoring.NaiveTrialRunner`): the reference the cached trials are checked and
+    benchmarked against; same plan, more block forwards.
     """
     explicit_lsq = repair == "lsq" and not repair_optional
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
@@ -211,7 +216,7 @@ def plan_pruning(
     ir = full_ir.restricted(list(scope) if scope else None)
     plan = _plan_in_scope(
         model, calibration, ir, adapter, ratio, metric, granularity, planner, shortlist, trial_windows,
-        loss_stride, on_step, repair, round_to, width_allocation, expert_allocation, top_k_policy,
+        loss_stride, on_step, repair, round_to, width_allocation, expert_allocation, top_k_policy, naive_trials,
     )  # fmt: skip
     notes = [*plan.notes, *budget_notes(full_ir, plan)]
     update: dict[str, object] = {"notes": notes}
@@ -290,6 +295,7 @@ def _plan_in_scope(
     width_allocation: Literal["global", "uniform"],
     expert_allocation: Literal["global", "uniform"],
     top_k_policy: Literal["error", "clamp"],
+    naive_trials: bool,
 ) -> PrunePlan:
     if granularity == "expert":
         ctx = ScoringContext(model=model, adapter=adapter, ir=ir, calibration=calibration)
@@ -303,6 +309,7 @@ def _plan_in_scope(
         calibration=calibration,
         trial_windows=trial_windows,
         loss_stride=loss_stride,
+        naive_trials=naive_trials,
     )
     t0 = time.perf_counter()
     if uses_width(metric, granularity):
@@ -327,7 +334,10 @@ def _plan_in_scope(
         f"planning took {time.perf_counter() - t0:.1f} s on {calibration.tokens} calibration tokens",
     ]
     if ctx._trials is not None:
-        notes.append(f"{ctx._trials.trials} removal trials on {ctx._trials.windows.numel()} tokens")
+        notes.append(
+            f"{ctx._trials.trials} removal trials on {ctx._trials.windows.numel()} tokens, "
+            f"{ctx._trials.block_forwards} block forwards"
+        )
     return PrunePlan(
         fingerprint=fingerprint(model, ir),
         remove=remove,
@@ -477,7 +487,10 @@ def _plan_greedy(
         ranking = sorted(cost, key=cost.get) + [u for u in live if u not in cost]  # type: ignore[arg-type]
         remove.append(best)
         runner.commit([best])
-        msg = f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/{target})"
+        msg = (
+            f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/"
+            f"{target}); {runner.block_forwards} block forwards so far"
+        )
         log.info(msg)
         if on_step:
             on_step(msg)

@@ -78,6 +78,13 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     raise CalibrationError("could not find the hidden states among a hooked module's inputs")
 
 
+def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Sum over tokens of cos(a, b) from the streams and their norms (as F.cosine_similarity, eps 1e-8),
+    without recomputing norms: one dot product per token."""
+    dot = torch.linalg.vecdot(a[0], b[0])
+    return (dot / (a[1] * b[1]).clamp_min(1e-8)).double().sum()
+
+
 class _TowerRecorder:
     """Accumulates one tower's stream statistics from pre-hooks at its stream points."""
 
@@ -96,30 +103,45 @@ class _TowerRecorder:
         self.sub_sum = torch.zeros(len(self.points) - 1, dtype=torch.float64)
         self.blk_sum = torch.zeros(len(tower.blocks), dtype=torch.float64)
         self.lasts: list[torch.Tensor] = []
-        self.prev: torch.Tensor | None = None
-        self.block_in: torch.Tensor | None = None
+        # (stream, its per-token norms): each point's norm is computed once and reused by the next point
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.block_in: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ntok = 0  # positions seen on this stream (a vision tower sees patches, not text tokens)
+        self.batch = -1
+        self._saved: list[tuple[Any, Any]] = []
 
     def start_batch(self, batch: int) -> None:
+        if self.batch >= 0:
+            self._saved[self.batch] = (self.prev, self.block_in)
         self.prev = None
         self.block_in = None
         self.lasts.append(torch.zeros(batch, self.n_bounds, self.tower.width.size))
+        self._saved.append((None, None))
+        self.batch = len(self.lasts) - 1
+
+    def select_batch(self, j: int) -> None:
+        """Continue batch ``j`` (streaming runs every batch through one block before the next block)."""
+        self._saved[self.batch] = (self.prev, self.block_in)
+        self.prev, self.block_in = self._saved[j]
+        self.batch = j
 
     def hook(self, p: int):  # noqa: ANN201 - a torch hook
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
-            x = x.reshape(self.lasts[-1].shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
+            lasts = self.lasts[self.batch]
+            x = x.reshape(lasts.shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
             if p == 0:
                 self.ntok += x.shape[0] * x.shape[1]
+            cur = (x, torch.linalg.vector_norm(x, dim=-1))
             if self.prev is not None:
-                self.sub_sum[p - 1] += F.cosine_similarity(self.prev, x, dim=-1).double().sum()
-            self.prev = x
+                self.sub_sum[p - 1] += _cos(self.prev, cur)
+            self.prev = cur
             bi = self.block_of_point.get(p)
             if bi is not None:
-                self.lasts[-1][:, bi] = x[:, -1]
+                lasts[:, bi] = x[:, -1]
                 if bi > 0 and self.block_in is not None:
-                    self.blk_sum[bi - 1] += F.cosine_similarity(self.block_in, x, dim=-1).double().sum()
-                self.block_in = x
+                    self.blk_sum[bi - 1] += _cos(self.block_in, cur)
+                self.block_in = cur
 
         return fn
 
@@ -195,6 +217,18 @@ def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
     return track(seq, description=label, transient=True)
 
 
+def stream_loss(
+    norm: nn.Module, head: nn.Module, x: torch.Tensor, labels: torch.Tensor, stride: int
+) -> float:
+    """Next-token loss of the stream end ``x`` on every ``stride``-th position (``labels`` already strided):
+    the loss every trial runner measures."""
+    h = norm(x[:, :-1])
+    if stride > 1:
+        h = h[:, ::stride]
+    logits = head(h).float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+
+
 class TrialRunner:
     """Calibration loss of ``model`` with some blocks skipped and some branches masked.
 
@@ -233,6 +267,7 @@ class TrialRunner:
         self.masked: set[str] = set()
         self.foreign = False  # a committed unit outside the cached tower: trials run full forwards
         self.trials = 0
+        self.block_forwards = 0  # block calls, the capture pass included: the cost of every trial
         self._capture()
 
     # The cached state ---------------------------------------------------------------------------------
@@ -246,15 +281,23 @@ class TrialRunner:
         def make_hook(i: int):
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 inputs[i] = _first_tensor(args, kwargs)
+                self.block_forwards += 1
                 kw = dict(kwargs)
                 kw.pop("hidden_states", None)
                 kwargs_of[i] = {"__args__": args[1:], **kw}
 
             return hook
 
+        final: list[torch.Tensor] = []
+
+        def grab_final(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            final.append(x.reshape(self.windows.shape[0], -1, x.shape[-1]))
+
         handles = [
             b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)
         ]
+        handles.append(self.norm.register_forward_pre_hook(grab_final, with_kwargs=True))
         try:
             self.model(input_ids=self.windows, use_cache=False, **self.extra)
         finally:
@@ -266,11 +309,13 @@ class TrialRunner:
         self.kwargs: list[dict[str, Any]] = kwargs_of  # type: ignore[assignment]
         labels = self.windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
-        self.base_loss = self._run_from(0, set(), set())
+        # the capture pass ran the whole model: its stream end gives the base loss, no second pass
+        self.base_loss = self._loss(final[-1]) if final else self._run_from(0, set(), set())
 
     def _call_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         kw = dict(self.kwargs[i])
         args = kw.pop("__args__")
+        self.block_forwards += 1
         out = self.blocks[i](x, *args, **kw)
         return out[0] if isinstance(out, tuple) else out
 
@@ -289,12 +334,7 @@ class TrialRunner:
         return self._loss(x)
 
     def _loss(self, x: torch.Tensor) -> float:
-        h = self.norm(x[:, :-1])
-        if self.loss_stride > 1:
-            h = h[:, :: self.loss_stride]
-        logits = self.head(h).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1))
-        return float(loss)
+        return stream_loss(self.norm, self.head, x, self.labels, self.loss_stride)
 
     # Public -------------------------------------------------------------------------------------------
 
@@ -393,6 +433,108 @@ class TrialRunner:
         return getattr(self, "_current", self.base_loss)
 
 
+class _StopForward(Exception):
+    """Ends a forward pass at the stream's end (the final norm's input)."""
+
+
+class NaiveTrialRunner:
+    """The reference for :class:`TrialRunner`: one full model evaluation per trial (embeddings, every
+    kept block, head), no cached inputs. Same interface and same loss; used by tests and ``bench/perf.py``
+    to check and measure what the cache saves."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchitectureAdapter,
+        windows: torch.Tensor,
+        *,
+        tower: str = "text",
+        loss_stride: int = 1,
+    ) -> None:
+        self.model = model
+        self.ir = adapter.build_ir(model)
+        self.tower = self.ir.tower(tower)
+        self.windows = windows
+        self.loss_stride = max(1, loss_stride)
+        labels = windows[:, 1:]
+        self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
+        self.norm = get_module(model, self.tower.final_norm)  # type: ignore[arg-type]
+        self.head = get_module(model, self.tower.head)  # type: ignore[arg-type]
+        self.trials = 0
+        self.block_forwards = 0
+        self.skipped: set[str] = set()
+        self.masked: set[str] = set()
+        self._current = self._evaluate(set(), set())
+        self.base_loss = self._current
+
+    @torch.inference_mode()
+    def _evaluate(self, skipped: set[str], masked: set[str]) -> float:
+        """Loss of the full model with blocks ``skipped`` (bypassed) and branches ``masked``."""
+        units = self.ir.units()
+        ids = {b.id: i for i, b in enumerate(self.tower.blocks)}
+        blocks = [get_module(self.model, b.module) for b in self.tower.blocks]
+        out: list[torch.Tensor] = []
+        template: list[Any] = []
+
+        def bypass(*args: Any, **kwargs: Any) -> Any:  # a skipped block: its input, as the block returns
+            x = _first_tensor(args, kwargs)
+            return (x, *self._template[1:]) if isinstance(self._template, tuple) else x
+
+        def count(_m: nn.Module, _a: Any, _k: Any) -> None:
+            self.block_forwards += 1
+
+        def grab(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            out.append(args[0])
+            raise _StopForward  # the head runs below on the loss positions only, as in TrialRunner
+
+        handles = [b.register_forward_pre_hook(count, with_kwargs=True) for b in blocks]
+        handles.append(self.norm.register_forward_pre_hook(grab))
+        if not hasattr(self, "_template"):
+            handles.append(blocks[0].register_forward_hook(lambda _m, _a, r: template.append(r)))
+        for u in skipped:
+            blocks[ids[u]].forward = bypass
+        try:
+            with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
+                self.model(input_ids=self.windows, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            for u in skipped:
+                del blocks[ids[u]].forward
+        if template:
+            self._template = template[0]
+        self.block_forwards -= len(skipped)  # bypassed blocks ran no computation
+        return stream_loss(self.norm, self.head, out[-1], self.labels, self.loss_stride)
+
+    def _split(self, ids: set[str]) -> tuple[set[str], set[str]]:
+        blocks = {u for u in ids if u in {b.id for b in self.tower.blocks}}
+        return blocks, ids - blocks
+
+    def loss(self, remove: Iterable[str] = ()) -> float:
+        extra = set(remove)
+        if not extra:
+            return self._current
+        self.trials += 1
+        blocks, subs = self._split(extra)
+        return self._evaluate(self.skipped | blocks, self.masked | subs)
+
+    def commit(self, remove: Iterable[str]) -> None:
+        blocks, subs = self._split(set(remove))
+        self.skipped |= blocks
+        self.masked |= subs
+        self._current = self._evaluate(self.skipped, self.masked)
+
+    @property
+    def current_loss(self) -> float:
+        return self._current
+
+
+#: an attribute of a model whose trials run elsewhere (a streaming skeleton): ``f(ctx) -> runner``
+TRIALS_ATTR = "_prunekit_trial_factory"
+
+
 @dataclass
 class ScoringContext:
     """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
@@ -404,7 +546,8 @@ class ScoringContext:
     candidates: list[str] | None = None
     trial_windows: int = 8
     loss_stride: int = 4
-    _trials: TrialRunner | None = None
+    naive_trials: bool = False
+    _trials: TrialRunner | NaiveTrialRunner | None = None
     _width_stats: Any = None
     _taylor: dict[str, torch.Tensor] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -420,9 +563,14 @@ class ScoringContext:
         return self._cache[key]
 
     def trials(self) -> TrialRunner:
-        """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows)."""
+        """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
+        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
+        factory = getattr(self.model, TRIALS_ATTR, None)
+        if self._trials is None and factory is not None:
+            self._trials = factory(self)
         if self._trials is None:
-            self._trials = TrialRunner(
+            cls = NaiveTrialRunner if self.naive_trials else TrialRunner
+            self._trials = cls(  # type: ignore[assignment]
                 self.model,
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],

@@ -25,6 +25,7 @@ class BlockInfluence(ImportanceMetric):
     name = "bi"
     description = "ShortGPT Block Influence: 1 - mean cos(x_in, x_out) of each block over all tokens"
     unit = "block"
+    streaming = True
     reference = "ShortGPT, arXiv 2403.03853"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -38,6 +39,7 @@ class AngularDistance(ImportanceMetric):
         "Gromov et al.: arccos(cos(x_l, x_l+n))/pi on the last token, averaged; per span of n blocks"
     )
     unit = "span"
+    streaming = True
     reference = "The Unreasonable Ineffectiveness of the Deeper Layers, arXiv 2403.17887"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -58,6 +60,7 @@ class SublayerDrop(ImportanceMetric):
     name = "sublayer_drop"
     description = "'What Matters in Transformers': S = 1 - cos(X, X + f(LN(X))) per attention/MLP sublayer"
     unit = "sublayer"
+    streaming = True
     reference = "What Matters in Transformers? arXiv 2406.15786"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
@@ -99,10 +102,12 @@ class NRI(ImportanceMetric):
         "relative perplexity increase when the unit alone is removed, per parameter (removal trials)"
     )
     unit = "sublayer"
+    streaming = True  # single-unit trials: StreamingTrialRunner computes them block by block
     needs = frozenset({"trials"})
     reference = "Rethinking the Impact of Heterogeneous Sublayers (OpenReview qG1S5eXMzx)"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        before = ctx._trials.block_forwards if ctx._trials is not None else 0
         runner = ctx.trials()
         units = ctx.ir.units()
         base = runner.current_loss
@@ -110,7 +115,13 @@ class NRI(ImportanceMetric):
         for uid in _trial_candidates(ctx, self.unit):
             rel = math.exp(runner.loss([uid]) - base) - 1.0  # ppl ratio - 1
             values[uid] = rel / units[uid].params
-        return Scores(metric=self.name, unit=self.unit, values=values, per_param=True)
+        return Scores(
+            metric=self.name,
+            unit=self.unit,
+            values=values,
+            per_param=True,
+            block_forwards=runner.block_forwards - before,
+        )
 
 
 class SLEB(ImportanceMetric):
@@ -119,13 +130,17 @@ class SLEB(ImportanceMetric):
         "SLEB: calibration loss after removing the unit alone (removal trials); lower = remove first"
     )
     unit = "block"
+    streaming = True  # single-unit trials: StreamingTrialRunner computes them block by block
     needs = frozenset({"trials"})
     reference = "SLEB, arXiv 2402.09025"
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
+        before = ctx._trials.block_forwards if ctx._trials is not None else 0
         runner = ctx.trials()
         values = {uid: runner.loss([uid]) for uid in _trial_candidates(ctx, self.unit)}
-        return Scores(metric=self.name, unit=self.unit, values=values)
+        return Scores(
+            metric=self.name, unit=self.unit, values=values, block_forwards=runner.block_forwards - before
+        )
 
 
 class Magnitude(ChannelMetric):
@@ -165,7 +180,7 @@ class Taylor(ChannelMetric):
     name = "taylor"
     description = "width: |sum of w * dL/dw| over each channel group (first order, calibration gradients)"
     reference = "LLM-Pruner, arXiv 2305.11627; Molchanov et al., arXiv 1906.10771"
-    needs = frozenset({"activations"})
+    needs = frozenset({"gradients"})
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import taylor_scores
