@@ -450,8 +450,10 @@ class NaiveTrialRunner:
         *,
         tower: str = "text",
         loss_stride: int = 1,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.extra = dict(inputs or {})  # further per-window inputs (images), as TrialRunner takes them
         self.ir = adapter.build_ir(model)
         self.tower = self.ir.tower(tower)
         self.windows = windows
@@ -495,7 +497,7 @@ class NaiveTrialRunner:
             blocks[ids[u]].forward = bypass
         try:
             with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
-                self.model(input_ids=self.windows, use_cache=False)
+                self.model(input_ids=self.windows, use_cache=False, **self.extra)
         except _StopForward:
             pass
         finally:

@@ -386,7 +386,7 @@ def stream_calibrate(
         for h in handles:
             h.remove()
     cal = Calibration(windows=windows)
-    cal.towers[tower.name] = rec.result(windows.numel())
+    cal.towers[tower.name] = rec.result()
     digest = sm.weights_digest()
     if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
         object.__setattr__(sm.model, DIGEST_ATTR, digest)
