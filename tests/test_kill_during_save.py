@@ -45,6 +45,14 @@ def fork(child: Callable[[], None]) -> int:
     if pid == 0:  # the child never returns into pytest
         code = 0
         try:
+            # tqdm's write lock is a multiprocessing semaphore the child shares with the parent: a child
+            # killed while it holds the lock (any progress bar transformers opens) would block the
+            # parent's next progress bar forever. The child opens none.
+            from huggingface_hub.utils import disable_progress_bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            disable_progress_bars()
             child()
         except BaseException:  # noqa: BLE001
             code = 3
