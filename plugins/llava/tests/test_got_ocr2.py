@@ -10,7 +10,6 @@ its statistics change, equals the neck and projector written out by hand at the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -103,14 +102,6 @@ def prune(model: nn.Module, remove: list[str] = (), groups: dict[str, list[int]]
 
 def numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- the IR ----------------------------------------------------------------------------------------------

@@ -88,14 +88,6 @@ def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**inputs, use_cache=False).logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @settings(
     max_examples=6,
