@@ -40,6 +40,7 @@ from .scoring import (
     Calibration,
     ScoringContext,
     _first_tensor,
+    _hook_point,
     _progress,
     _TowerRecorder,
     stream_loss,
@@ -100,19 +101,37 @@ class StreamingModel:
     dtype: torch.dtype
     loaded_blocks: int = 0
     loaded_bytes: int = 0
+    #: bytes of tower outputs the last streaming pass held for replay (a vision tower's, for its images)
+    replay_bytes: int = 0
     _mapping: Any = field(default=None, repr=False)
     _samples: dict[str, Any] = field(default_factory=dict, repr=False)
-    _template: Any = field(default=None, repr=False)
+    #: tower name -> what one of its blocks returns (a tensor, or a tuple whose first item is the stream)
+    _templates: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: tower names in the order the model's forward reaches them (known after the first probe)
+    _order: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def towers(self) -> list[Tower]:
+        """The towers with blocks (a vision encoder, a language model, ...), in the IR's order."""
+        return [t for t in self.ir.towers if t.blocks]
 
     @property
     def tower(self) -> Tower:
-        towers = [t for t in self.ir.towers if t.blocks]
+        """The tower that ends in the language-model head (the one removal trials measure the loss of)."""
+        towers = [t for t in self.towers if t.final_norm and t.head] or self.towers
         if len(towers) != 1:
             raise CalibrationError(
-                f"streaming supports models with one tower of blocks; {self.ir.architecture} has "
-                f"{len(towers)} ({', '.join(t.name for t in towers)}): score it in memory (drop --streaming)"
+                f"{self.ir.architecture} has {len(towers)} towers with a language-model head "
+                f"({', '.join(t.name for t in towers)}); streaming removal trials need exactly one"
             )
         return towers[0]
+
+    def calibration_inputs(self, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The adapter's :meth:`~prunekit_core.adapter.ArchitectureAdapter.calibration_inputs` on the
+        skeleton (e.g. image placeholders and ``pixel_values``): the blocks pass their input through (each
+        tower's first block is loaded once to learn what a block returns), so shapes are the model's."""
+        with _probing(self, stop=False):
+            return self.adapter.calibration_inputs(self.model, windows)
 
     def _prefixes(self) -> list[str]:
         return [t.blocks_path + "." for t in self.ir.towers if t.blocks]
@@ -256,7 +275,15 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
     files = _weight_index(folder)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError:  # "Unrecognized configuration class": a vision-language model is no causal LM
+            from .checkpoint import model_class
+
+            cls = model_class((config.architectures or [None])[0], None)
+            if cls is None:
+                raise
+            model = cls._from_config(config, dtype=dtype)
     model.eval()
     adapter = select_adapter(model)
     ir = adapter.build_ir(model)
@@ -269,128 +296,290 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
         dtype=dtype,
         _mapping=get_model_conversion_mapping(model),
     )
-    sm.tower  # noqa: B018 - one tower of blocks, or a clear error now
+    if not sm.towers:
+        raise CalibrationError(f"{ir.architecture} has no tower of blocks to stream")
     sm.load_outside_blocks()
 
     def trials(ctx: ScoringContext) -> StreamingTrialRunner:
+        n = ctx.trial_windows
         return StreamingTrialRunner(
             sm,
-            ctx.calibration.windows[: ctx.trial_windows],
+            ctx.calibration.windows[:n],
             loss_stride=ctx.loss_stride,
             candidates=ctx.candidates,
+            inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
         )
 
     object.__setattr__(model, TRIALS_ATTR, trials)  # ScoringContext.trials() on the skeleton streams too
     return sm
 
 
+def _wrap(template: Any, x: torch.Tensor) -> Any:
+    """``x`` in the shape of what a block returns (``template``: a tensor or a tuple led by the stream)."""
+    return (x, *template[1:]) if isinstance(template, tuple) else x
+
+
+def _stream_of(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 @contextlib.contextmanager
-def _pass_through(blocks: list[nn.Module], template: Any, calls: list[list[Any]]) -> Iterator[list[Any]]:
-    """Replace every block's forward by one that records its call and returns its input unchanged."""
-    inputs: list[Any] = []
-
-    def make(i: int):  # noqa: ANN202
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            x = _first_tensor(args, kwargs)
-            kw = dict(kwargs)
-            kw.pop("hidden_states", None)
-            calls[i].append((args[1:], kw))
-            if i == 0:
-                inputs.append(x)
-            return (x, *template[1:]) if isinstance(template, tuple) else x
-
-        return forward
-
+def _forwards(blocks: list[nn.Module], make: Any) -> Iterator[None]:
+    """Replace block ``i``'s forward by ``make(i)`` for the duration (hooks on the blocks still run)."""
     for i, b in enumerate(blocks):
         b.forward = make(i)
     try:
-        yield inputs
+        yield
     finally:
         for b in blocks:
             del b.forward
 
 
-def _block_calls(
-    sm: StreamingModel, batches: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[list[Any]]]:
-    """The first block's input per batch, and the arguments the model calls every block with, per batch."""
-    paths = [b.module for b in sm.tower.blocks]
-    blocks = [get_module(sm.model, p) for p in paths]
-    template = getattr(sm, "_template", None)
-    if template is None:  # what a block returns (a tensor or a tuple): run the real first block once
-        first = sm.load_block(paths[0])
-        seen: list[Any] = []
+@contextlib.contextmanager
+def _probing(sm: StreamingModel, *, stop: bool) -> Iterator[None]:
+    """Blocks pass their input through, so the skeleton's forward runs with the model's shapes.
 
-        def grab(_m: nn.Module, _a: Any, out: Any) -> None:
-            seen.append(out)
-            raise _Stop
+    The first block of a tower whose return type is not known yet is loaded when the forward reaches it,
+    runs for real, and is emptied again: what it returns is the template of its tower's pass-throughs. The
+    order in which towers are reached is recorded. With ``stop``, the forward ends (``_Stop``) once every
+    tower's template is known.
+    """
 
-        h = first.register_forward_hook(grab)
+    def reached(name: str) -> None:
+        if name not in sm._order:
+            sm._order.append(name)
+
+    with contextlib.ExitStack() as stack:
+        handles: list[Any] = []
+        stack.callback(lambda: [h.remove() for h in handles])
+        for tower in sm.towers:
+            paths = [b.module for b in tower.blocks]
+            blocks = [get_module(sm.model, p) for p in paths]
+
+            def make(i: int, name: str = tower.name, path: str = paths[0]):  # noqa: ANN202
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    if name not in sm._templates:
+                        raise CalibrationError(
+                            f"a block of tower {name} ran before its first block ({path}) in the model's forward"
+                        )
+                    reached(name)
+                    return _wrap(sm._templates[name], _first_tensor(args, kwargs))
+
+                return forward
+
+            if tower.name in sm._templates:
+                stack.enter_context(_forwards(blocks, make))
+                continue
+            stack.enter_context(_forwards(blocks[1:], lambda i, m=make: m(i + 1)))
+
+            def load(_m: nn.Module, _a: Any, path: str = paths[0]) -> None:
+                sm.load_block(path)
+
+            def learn(_m: nn.Module, _a: Any, out: Any, name: str = tower.name, path: str = paths[0]) -> None:
+                sm.unload_block(path)
+                sm._templates[name] = out
+                reached(name)
+                if stop and all(t.name in sm._templates for t in sm.towers):
+                    raise _Stop
+
+            handles.append(blocks[0].register_forward_pre_hook(load))
+            handles.append(blocks[0].register_forward_hook(learn))
+        yield
+
+
+def _learn_templates(sm: StreamingModel, ids: torch.Tensor, extra: dict[str, torch.Tensor]) -> None:
+    """Run the skeleton once on one window so every tower's template and the towers' order are known."""
+    if all(t.name in sm._templates for t in sm.towers) and len(sm._order) == len(sm.towers):
+        return
+    with _probing(sm, stop=True), contextlib.suppress(_Stop):
+        sm.model(input_ids=ids[:1], use_cache=False, **{k: v[:1] for k, v in extra.items()})
+
+
+class _TowerStreams:
+    """The towers of a model streamed in the order its forward reaches them, over fixed batches.
+
+    For the tower being streamed, :meth:`capture` runs the model's forward on every batch with that tower's
+    blocks as pass-throughs that record how the model calls them, and stops at its last block: the first
+    block's input per batch and each block's call arguments. The blocks of towers already streamed
+    replay the outputs they produced (the model reads intermediate hidden states, e.g. LLaVA's
+    ``vision_feature_layer=-2``, through hooks on the blocks, so every block's output is kept until the
+    last tower is done). Everything outside blocks (patch embeddings, projector, text embeddings) runs
+    as the model runs it. :meth:`stream` then loads one block at a time and runs every batch through it.
+    """
+
+    def __init__(
+        self, sm: StreamingModel, batches: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    ) -> None:
+        self.sm = sm
+        self.batches = batches
+        _learn_templates(sm, *batches[0])
+        by_name = {t.name: t for t in sm.towers}
+        #: towers the forward reaches, in that order (a vision tower without images is not reached)
+        self.order = [by_name[n] for n in sm._order if n in by_name]
+        self.replay: dict[str, list[list[torch.Tensor]]] = {}  # tower -> [block][batch] outputs
+        self.cached_bytes = 0
+
+    @contextlib.contextmanager
+    def _replaying(self, current: list[int]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for name, outs in self.replay.items():
+                tower = next(t for t in self.order if t.name == name)
+                blocks = [get_module(self.sm.model, b.module) for b in tower.blocks]
+
+                def make(i: int, outs: list[list[torch.Tensor]] = outs, name: str = name):  # noqa: ANN202
+                    def forward(*args: Any, **kwargs: Any) -> Any:
+                        x, out = _first_tensor(args, kwargs), outs[i][current[0]]
+                        if x.shape != out.shape:
+                            raise CalibrationError(
+                                f"block {i} of tower {name} was called with a {tuple(x.shape)} stream, not the "
+                                f"{tuple(out.shape)} one streamed: the model's forward is not deterministic"
+                            )
+                        return _wrap(self.sm._templates[name], out)
+
+                    return forward
+
+                stack.enter_context(_forwards(blocks, make))
+            yield
+
+    def capture(self, tower: Tower) -> tuple[list[torch.Tensor], list[list[Any]]]:
+        """The input of ``tower``'s first block per batch, and every block's call arguments per batch."""
+        sm = self.sm
+        blocks = [get_module(sm.model, b.module) for b in tower.blocks]
+        template = sm._templates[tower.name]
+        calls: list[list[Any]] = [[] for _ in blocks]
+        inputs: list[torch.Tensor] = []
+
+        def make(i: int):  # noqa: ANN202
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                x = _first_tensor(args, kwargs)
+                kw = dict(kwargs)
+                kw.pop("hidden_states", None)
+                calls[i].append((args[1:], kw))
+                if i == 0:
+                    inputs.append(x)
+                if i == len(blocks) - 1:
+                    raise _Stop  # the towers after this one are not streamed yet
+                return _wrap(template, x)
+
+            return forward
+
+        current = [0]
+        with self._replaying(current), _forwards(blocks, make):
+            for j, (ids, extra) in enumerate(self.batches):
+                current[0] = j
+                try:
+                    sm.model(input_ids=ids, use_cache=False, **extra)
+                except _Stop:
+                    pass
+        if len(inputs) != len(self.batches) or any(len(c) != len(self.batches) for c in calls):
+            raise CalibrationError(
+                f"the blocks of tower {tower.name} were not called once per batch by the model's forward"
+            )
+        return inputs, calls
+
+    def stream(
+        self,
+        tower: Tower,
+        xs: list[torch.Tensor],
+        calls: list[list[Any]],
+        *,
+        rec: _TowerRecorder | None = None,
+        progress: bool = False,
+    ) -> list[torch.Tensor]:
+        """Run every batch through ``tower``'s blocks, one block loaded at a time (``xs`` in, streams out).
+
+        ``rec`` observes the stream (the hooks of :func:`~prunekit_core.scoring.calibrate`, in the same
+        order per batch). Each block's outputs are kept for replay when a later tower is still to come.
+        """
+        sm = self.sm
+        paths = [b.module for b in tower.blocks]
+        keep = tower is not self.order[-1]
+        outs: list[list[torch.Tensor]] = []
+        handles = (
+            []
+            if rec is None
+            else [_hook_point(sm.model, rec, p, path) for p, (_, path) in enumerate(rec.points)]
+        )
         try:
-            sm.model(input_ids=batches[0][:1], use_cache=False)
-        except _Stop:
-            pass
+            for i in _progress(range(len(paths)), progress, f"streaming {tower.name} blocks"):
+                block = sm.load_block(paths[i])
+                for j in range(len(xs)):
+                    if rec is not None:
+                        rec.select_batch(j)
+                    args, kw = calls[i][j]
+                    xs[j] = _stream_of(block(xs[j], *args, **kw))
+                sm.unload_block(paths[i])
+                calls[i] = []
+                if keep:
+                    outs.append(list(xs))
+                    self.cached_bytes += sum(x.numel() * x.element_size() for x in xs)
+            if rec is not None and tower.final_norm is not None:
+                norm = get_module(sm.model, tower.final_norm)
+                for j in range(len(xs)):
+                    rec.select_batch(j)
+                    norm(xs[j])
         finally:
-            h.remove()
-        sm.unload_block(paths[0])
-        if not seen:
-            raise CalibrationError(f"the first block ({paths[0]}) did not run in the model's forward")
-        template = sm._template = seen[0]
-    calls: list[list[Any]] = [[] for _ in blocks]
-    with _pass_through(blocks, template, calls) as inputs:  # blocks pass their input through
-        for batch in batches:
-            sm.model(input_ids=batch, use_cache=False)
-    if any(len(c) != len(batches) for c in calls):
-        raise CalibrationError("some blocks were not called once per batch by the model's forward")
-    return list(inputs), calls
+            for h in handles:
+                h.remove()
+        if keep:
+            self.replay[tower.name] = outs
+        return xs
+
+    @torch.inference_mode()
+    def inputs_of(self, tower: Tower) -> tuple[list[torch.Tensor], list[list[Any]]]:
+        """Stream every tower before ``tower`` (for replay), then capture ``tower``'s block inputs."""
+        for t in self.order:
+            if t.name == tower.name:
+                return self.capture(t)
+            if t.name not in self.replay:
+                self.stream(t, *self.capture(t))
+        raise CalibrationError(f"the model's forward did not reach tower {tower.name}")
 
 
 @torch.inference_mode()
 def stream_calibrate(
-    sm: StreamingModel, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    sm: StreamingModel,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> Calibration:
-    """:func:`~prunekit_core.scoring.calibrate` of ``sm``'s model, one block in memory at a time."""
+    """:func:`~prunekit_core.scoring.calibrate` of ``sm``'s model, one block in memory at a time.
+
+    ``inputs`` are further per-window model inputs (images: see :meth:`StreamingModel.calibration_inputs`).
+    Towers are streamed in the order the model's forward reaches them; a tower already streamed replays its
+    blocks' outputs while the next one's inputs are captured, so those outputs (every block's, for every
+    calibration window) are held until the last tower starts.
+    """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
         )
-    tower = sm.tower
-    paths = [b.module for b in tower.blocks]
-    batches = [windows[s : s + batch_size] for s in range(0, windows.shape[0], batch_size)]
-    xs, calls = _block_calls(sm, batches)
-    blocks = [get_module(sm.model, p) for p in paths]
-
-    # 3. block by block: load, run every batch with the stream hooks on, empty
-    rec = _TowerRecorder(tower)
-    for b in batches:
-        rec.start_batch(b.shape[0])
-    handles = [
-        get_module(sm.model, path).register_forward_pre_hook(rec.hook(p), with_kwargs=True)
-        for p, (_, path) in enumerate(rec.points)
+    extra = dict(inputs or {})
+    batches = [
+        (windows[s : s + batch_size], {k: v[s : s + batch_size] for k, v in extra.items()})
+        for s in range(0, windows.shape[0], batch_size)
     ]
-    try:
-        for i in _progress(range(len(blocks)), progress, "streaming blocks"):
-            block = sm.load_block(paths[i])
-            for j in range(len(batches)):
-                rec.select_batch(j)
-                args, kw = calls[i][j]
-                out = block(xs[j], *args, **kw)
-                xs[j] = out[0] if isinstance(out, tuple) else out
-            sm.unload_block(paths[i])
-            calls[i] = []
-        norm = get_module(sm.model, tower.final_norm)  # type: ignore[arg-type]
-        for j in range(len(batches)):
-            rec.select_batch(j)
-            norm(xs[j])
-    finally:
-        for h in handles:
-            h.remove()
-    cal = Calibration(windows=windows)
-    cal.towers[tower.name] = rec.result()
+    streams = _TowerStreams(sm, batches)
+    cal = Calibration(windows=windows, inputs=extra)
+    for tower in streams.order:
+        rec = _TowerRecorder(tower)
+        for b, _ in batches:
+            rec.start_batch(b.shape[0])
+        streams.stream(tower, *streams.capture(tower), rec=rec, progress=progress)
+        cal.towers[tower.name] = rec.result()
+    cal.towers = {t.name: cal.towers[t.name] for t in sm.towers if t.name in cal.towers}  # IR order
     digest = sm.weights_digest()
     if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
         object.__setattr__(sm.model, DIGEST_ATTR, digest)
-    logger.info("streamed %d blocks (%.1f MB of weights)", sm.loaded_blocks, sm.loaded_bytes / 1e6)
+    logger.info(
+        "streamed %d blocks (%.1f MB of weights), %.1f MB of tower outputs held for replay",
+        sm.loaded_blocks,
+        sm.loaded_bytes / 1e6,
+        streams.cached_bytes / 1e6,
+    )
+    sm.replay_bytes = streams.cached_bytes
     return cal
 
 
@@ -413,6 +602,7 @@ class StreamingTrialRunner:
         loss_stride: int = 1,
         candidates: list[str] | None = None,
         chunk: int = 8,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.sm = sm
         self.tower = sm.tower
@@ -432,8 +622,11 @@ class StreamingTrialRunner:
         self.block_forwards = 0
         self.passes = 0
         self._losses: dict[str, float] = {}
-        self._x0, calls = _block_calls(sm, [windows])
+        # towers before this one (a vision encoder) are streamed once over the trial windows' images
+        streams = _TowerStreams(sm, [(windows, dict(inputs or {}))])
+        self._x0, calls = streams.inputs_of(self.tower)
         self._calls = [c[0] for c in calls]
+        del streams  # the replayed outputs are no longer needed
         self.base_loss = self._pass([])[None]
 
     @property
@@ -444,7 +637,11 @@ class StreamingTrialRunner:
         for i, b in enumerate(self.tower.blocks):
             if unit == b.id or unit.startswith(b.id + "."):
                 return i
-        raise KeyError(unit)
+        raise PlanError(
+            f"streaming removal trials measure units of the {self.tower.name} tower; {unit} is not one: "
+            f"restrict the plan with --scope {self.tower.name} (API: scope=[{self.tower.name!r}]), score "
+            "other towers with bi, angular or sublayer_drop, or drop --streaming"
+        )
 
     def _call(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
         args, kw = self._calls[i]
