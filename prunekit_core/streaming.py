@@ -104,6 +104,9 @@ class StreamingModel:
     #: bytes of tower outputs the last streaming pass held for replay (a vision tower's, for its images)
     replay_bytes: int = 0
     _mapping: Any = field(default=None, repr=False)
+    #: checkpoint key -> the model's parameter name it loads into (transformers' renamings: a LLaVA folder
+    #: stores ``vision_tower.encoder.layers.0...`` for ``model.vision_tower.encoder.layers.0...``)
+    _targets: dict[str, str] = field(default_factory=dict, repr=False)
     _samples: dict[str, Any] = field(default_factory=dict, repr=False)
     #: tower name -> what one of its blocks returns (a tensor, or a tuple whose first item is the stream)
     _templates: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -135,6 +138,24 @@ class StreamingModel:
 
     def _prefixes(self) -> list[str]:
         return [t.blocks_path + "." for t in self.ir.towers if t.blocks]
+
+    def _map_keys(self) -> None:
+        """Where each checkpoint key loads, as transformers renames it (renamings, then one converter)."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = self._mapping or []
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        meta = self.model.state_dict()
+        prefix = self.model.base_model_prefix
+        for key in self.files:
+            target, _ = rename_source_key(key, renamings, converters, prefix, meta)
+            if target not in meta and key in meta:
+                target, _ = rename_source_key(key, [], [], prefix, meta)
+            self._targets[key] = target
+
+    def _keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.files if self._targets.get(k, k).startswith(prefix)]
 
     def load(self, keys: list[str]) -> None:
         """Materialize the parameters stored under checkpoint ``keys`` (converted by transformers)."""
@@ -180,7 +201,7 @@ class StreamingModel:
     def load_outside_blocks(self) -> None:
         """Embeddings, final norms, head: everything outside the towers' block lists."""
         prefixes = self._prefixes()
-        self.load([k for k in self.files if not k.startswith(tuple(prefixes))])
+        self.load([k for k in self.files if not self._targets.get(k, k).startswith(tuple(prefixes))])
         if getattr(self.model.config, "tie_word_embeddings", False) or any(
             getattr(c, "tie_word_embeddings", False) for c in _sub_configs(self.model.config)
         ):
@@ -208,7 +229,7 @@ class StreamingModel:
     def load_block(self, path: str) -> nn.Module:
         block = get_module(self.model, path)
         prefix = path + "."
-        self.load([k for k in self.files if k.startswith(prefix)])
+        self.load(self._keys_under(prefix))
         self._check_loaded(block, f"block {path}")
         for name, t in block.state_dict().items():  # for the weights fingerprint, while they are here
             self._samples[f"{prefix}{name}"] = weight_sample(t)
@@ -298,6 +319,7 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
     )
     if not sm.towers:
         raise CalibrationError(f"{ir.architecture} has no tower of blocks to stream")
+    sm._map_keys()
     sm.load_outside_blocks()
 
     def trials(ctx: ScoringContext) -> StreamingTrialRunner:
