@@ -1,0 +1,128 @@
+"""Streaming calibration (one block in memory at a time) on multi-tower models.
+
+The vision tower is streamed first (its blocks' outputs are replayed while the language model's block
+inputs are captured), then the language model. Scores must equal the in-memory multi-tower pass bit for
+bit, with the same calibration images, for LLaVA with a CLIP or SigLIP tower, LLaVA with a Mixtral, and
+GOT-OCR2 (SAM tower, conv neck and projector); removal trials on the language model must equal the
+in-memory trials; a streamed plan applies to the model loaded afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from llava_tiny import save_tiny_llava, tiny_llava, tiny_llava_moe, write_text
+from test_got_ocr2 import make_got
+
+import prunekit_core as pk
+from prunekit_core.checkpoint import model_class
+from prunekit_core.errors import PlanError
+from prunekit_core.planning import plan_pruning
+from prunekit_core.plugins import get_metric
+from prunekit_core.scoring import ScoringContext
+from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
+
+MODELS = {
+    "llava-clip": lambda: tiny_llava("clip"),
+    "llava-siglip": lambda: tiny_llava("siglip"),
+    "llava-mixtral": tiny_llava_moe,
+    "got-ocr2": make_got,
+}
+LENGTH = {"got-ocr2": 24}  # GOT-OCR2's tiny image takes 16 tokens
+
+
+def _saved(name: str, folder: Path) -> torch.nn.Module:
+    """The model saved in many shards (blocks span files), and the same model loaded back in memory."""
+    original = MODELS[name]()
+    original.save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return model_class(type(original).__name__, None).from_pretrained(folder).eval()
+
+
+def _windows(name: str, n: int = 5) -> torch.Tensor:
+    return torch.randint(3, 100, (n, LENGTH.get(name, 16)), generator=torch.Generator().manual_seed(0))
+
+
+def _block_params_meta(sm) -> bool:  # noqa: ANN001
+    return all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_streaming_scores_equal_in_memory_with_images(name: str, tmp_path: Path) -> None:
+    model = _saved(name, tmp_path / name)
+    ids, extra = pk.select_adapter(model).calibration_inputs(model, _windows(name))
+    cal = pk.calibrate(model, ids, inputs=extra, batch_size=2)  # 3 batches, the last one short
+    sm = open_streaming(tmp_path / name)
+    assert _block_params_meta(sm)  # only what lies outside the blocks was loaded
+    sids, sextra = sm.calibration_inputs(_windows(name))  # on the skeleton: same image tokens and images
+    assert torch.equal(sids, ids) and sextra.keys() == extra.keys()
+    assert all(torch.equal(sextra[k], extra[k]) for k in extra)
+    scal = stream_calibrate(sm, sids, inputs=sextra, batch_size=2)
+    assert list(scal.towers) == list(cal.towers) == ["vision", "text"]
+    for metric in ("bi", "angular", "sublayer_drop"):
+        got, want = stream_score(sm, scal, metric).values, pk.score(model, cal, metric).values
+        assert got == want, metric
+        assert any(u.startswith("vision.") for u in got) and any(u.startswith("text.") for u in got)
+    for tower in ("vision", "text"):
+        assert torch.equal(scal.towers[tower].boundary_last, cal.towers[tower].boundary_last), tower
+        assert scal.towers[tower].tokens == cal.towers[tower].tokens
+    # every block once, the first block of each tower also probed (once, for its return type)
+    assert sm.loaded_blocks == len(sm.ir.blocks()) + 2
+    assert _block_params_meta(sm)
+    vision = sm.ir.tower("vision")
+    patches = cal.towers["vision"].tokens // ids.shape[0]
+    # the replayed vision stream: every vision block's output for every window
+    assert sm.replay_bytes == len(vision.blocks) * ids.shape[0] * patches * vision.width.size * 4
+
+
+@pytest.mark.parametrize("name", ["llava-clip", "got-ocr2"])
+def test_streaming_trials_on_the_language_model_equal_in_memory(name: str, tmp_path: Path) -> None:
+    model = _saved(name, tmp_path / name)
+    ids, extra = pk.select_adapter(model).calibration_inputs(model, _windows(name))
+    cal = pk.calibrate(model, ids, inputs=extra)
+    sm = open_streaming(tmp_path / name)
+    scal = stream_calibrate(sm, *sm.calibration_inputs(_windows(name))[:1], inputs=extra)
+    text = pk.inspect(model).restricted(["text"])
+    for metric in ("nri", "sleb"):
+        ctx = ScoringContext(model=model, adapter=pk.select_adapter(model), ir=text, calibration=cal)
+        want = get_metric(metric).score(ctx).values
+        sctx = ScoringContext(
+            model=sm.model, adapter=sm.adapter, ir=sm.ir.restricted(["text"]), calibration=scal
+        )
+        got = get_metric(metric).score(sctx).values
+        assert got.keys() == want.keys() and all(u.startswith("text.") for u in got), metric
+        for u in want:
+            assert got[u] == pytest.approx(want[u], rel=1e-5, abs=1e-7), (metric, u)
+    # a unit of the vision tower is refused with the way out
+    sctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=sm.ir, calibration=scal)
+    with pytest.raises(PlanError, match="--scope text"):
+        get_metric("sleb").score(sctx)
+
+
+@pytest.mark.parametrize("scope", [["vision"], ["text"], None])
+def test_streamed_scoped_plan_applies_to_the_model_loaded_later(scope, tmp_path: Path) -> None:  # noqa: ANN001
+    model = _saved("llava-siglip", tmp_path / "m")
+    sm = open_streaming(tmp_path / "m")
+    ids, extra = sm.calibration_inputs(_windows("llava-siglip"))
+    scal = stream_calibrate(sm, ids, inputs=extra)
+    plan = plan_pruning(
+        sm.model,
+        scal,
+        ratio=0.25,
+        metric="bi",
+        planner="rank",
+        repair="none",
+        scope=scope,
+        adapter=sm.adapter,
+    )
+    cal = pk.calibrate(model, ids, inputs=extra)
+    want = plan_pruning(model, cal, ratio=0.25, metric="bi", planner="rank", repair="none", scope=scope)
+    assert plan.remove == want.remove and plan.fingerprint == want.fingerprint
+    if scope:
+        assert all(u.startswith(scope[0] + ".") for u in plan.remove)
+    pruned = pk.apply_plan(model, plan)  # the fingerprint matches the model loaded afterwards
+    assert len(pk.inspect(pruned).blocks()) == len(pk.inspect(tiny_llava("siglip")).blocks()) - len(
+        plan.remove
+    )
