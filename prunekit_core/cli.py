@@ -513,8 +513,11 @@ def _stream_calibrate(ui: UI, sm: Any, ids: Any) -> Any:
     from .streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
-        cal = stream_calibrate(sm, ids, progress=_bars())
+        ids, extra = sm.calibration_inputs(ids)  # a vision-language model: one image per window
+        cal = stream_calibrate(sm, ids, inputs=extra, progress=_bars())
     ui.info(f"streamed {sm.loaded_blocks} block loads, {sm.loaded_bytes / 1e9:.2f} GB of weights read")
+    if sm.replay_bytes:
+        ui.info(f"held {sm.replay_bytes / 1e9:.2f} GB of earlier towers' block outputs for replay")
     return cal
 
 
@@ -879,9 +882,11 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
 
     sm, tok = _open_streaming(ui, args.model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
+    scoped = sm.ir.restricted(args.scope)
+    where = f" of tower(s) {', '.join(args.scope)}" if args.scope else ""
     ui.say(
-        f"budget: at least {args.ratio:g} of the {_fmt_params(sm.ir.block_params())} block parameters "
-        f"(embeddings and head excluded) = {_fmt_params(budget_params(sm.ir, args.ratio))} parameters"
+        f"budget: at least {args.ratio:g} of the {_fmt_params(scoped.block_params())} block parameters{where} "
+        f"(embeddings and head excluded) = {_fmt_params(budget_params(scoped, args.ratio))} parameters"
     )
     ui.info(
         f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
@@ -898,6 +903,7 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
             planner="rank",
             repair=repair,  # type: ignore[arg-type]
             adapter=sm.adapter,
+            scope=args.scope,
         )
 
 

@@ -747,12 +747,19 @@ class StreamingTrialRunner:
 def stream_score(
     sm: StreamingModel, calibration: Calibration, metric: str, *, span: int | None = None
 ) -> Scores:
-    """Scores of ``metric`` from a streaming calibration (similarity metrics only, see module docs)."""
+    """Scores of ``metric`` from a streaming calibration (similarity metrics only, see module docs).
+
+    Removal trials (``nri``, ``sleb``) measure the language model's loss one block at a time; on a model
+    with several towers they score the units of the tower with the head (the language model) only.
+    """
     from .plugins import get_metric
 
     m = get_metric(metric)
     check_streaming_metric(m)
-    ctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=sm.ir, calibration=calibration)
+    ir = sm.ir
+    if "trials" in m.needs and len(sm.towers) > 1:
+        ir = ir.restricted([sm.tower.name])
+    ctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=ir, calibration=calibration)
     return m.score(ctx, span=span)
 
 

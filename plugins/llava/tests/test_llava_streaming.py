@@ -9,6 +9,7 @@ in-memory trials; a streamed plan applies to the model loaded afterwards.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,46 @@ def test_streamed_scoped_plan_applies_to_the_model_loaded_later(scope, tmp_path:
     assert len(pk.inspect(pruned).blocks()) == len(pk.inspect(tiny_llava("siglip")).blocks()) - len(
         plan.remove
     )
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv) -> dict:  # noqa: ANN001
+    from prunekit_core.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+CALIB = ("--windows", "4", "--seq-len", "16")
+
+
+def test_cli_score_streaming_equals_in_memory(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    folder = save_tiny_llava(tmp_path / "llava", "siglip")
+    text = write_text(tmp_path / "t.txt")
+    metrics = ("--metric", "bi", "--metric", "sublayer_drop", "--metric", "sleb")
+    want = _cli(capsys, "score", folder, "--calib", text, *CALIB, *metrics, "--json")
+    got = _cli(capsys, "score", folder, "--calib", text, *CALIB, *metrics, "--json", "--streaming")
+    assert got["bi"] == want["bi"] and got["sublayer_drop"] == want["sublayer_drop"]
+    assert any(u.startswith("vision.") for u in got["bi"])  # the images reached the vision tower
+    # trials in streaming measure the language model's units (the same values as in memory)
+    assert got["sleb"] == {u: v for u, v in want["sleb"].items() if u.startswith("text.")}
+
+
+@pytest.mark.parametrize("scope", ["vision", "text"])
+def test_cli_prune_streaming_scope_plan_only(scope: str, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    folder = save_tiny_llava(tmp_path / "llava", "clip")
+    text = write_text(tmp_path / "t.txt")
+    args = ("prune", folder, "--ratio", "0.2", "--calib", text, *CALIB, "--metric", "bi", "--scope", scope)
+    args += ("--planner", "rank", "--repair", "none", "--json")
+    streamed = _cli(capsys, *args, "--streaming", "--plan-only", "--out", tmp_path / "plan.json")
+    memory = _cli(capsys, *args, "--plan-only", "--out", tmp_path / "plan_mem.json")
+    assert streamed["removed"] == memory["removed"] and streamed["removed"]
+    assert {u.split(".")[0] for u in streamed["removed"]} == {scope}
+    # the streamed plan applies to the model loaded later (its fingerprint is the checkpoint's)
+    out = _cli(capsys, "prune", folder, "--plan", tmp_path / "plan.json", "--json", "--out", tmp_path / "out")
+    assert out["removed"] == streamed["removed"]
+    assert len(pk.inspect(pk.load_pruned(tmp_path / "out")).blocks()) == 8 - len(out["removed"])
