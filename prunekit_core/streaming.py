@@ -22,7 +22,7 @@ import contextlib
 import gc
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,30 @@ from torch import nn
 from .adapter import ArchitectureAdapter, get_module
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
-from .metrics import ImportanceMetric, Scores
+from .metrics import ChannelMetric, ImportanceMetric, Scores
 from .plan import DIGEST_ATTR, digest_samples, weight_sample
 from .scoring import (
     TRIALS_ATTR,
+    BlockObserver,
+    BlockView,
     Calibration,
     ScoringContext,
     _first_tensor,
     _progress,
     _TowerRecorder,
+    block_ir,
+    block_observers,
     stream_loss,
 )
 
-__all__ = ["StreamingModel", "check_streaming_metric", "open_streaming", "stream_calibrate", "stream_score"]
+__all__ = [
+    "StreamingModel",
+    "check_streaming_metric",
+    "open_streaming",
+    "stream_calibrate",
+    "stream_score",
+    "stream_score_groups",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +70,21 @@ def check_streaming_metric(metric: ImportanceMetric) -> None:
     if "gradients" in metric.needs:
         raise PlanError(
             f"metric {metric.name!r} needs gradients (a backward pass through the whole model), which "
-            "streaming mode does not run: drop --streaming, or use bi, angular, sublayer_drop, nri or sleb"
+            f"streaming mode does not run: drop --streaming, or use one of {', '.join(streaming_metrics())}"
         )
     if not metric.streaming:
         raise PlanError(
-            f"metric {metric.name!r} reads more than the stream statistics and single-unit removal trials "
-            "(weights or per-projection statistics) and is not available with --streaming: drop "
-            "--streaming, or use bi, angular, sublayer_drop, nri or sleb"
+            f"metric {metric.name!r} is not available with --streaming (it reads more than the stream "
+            "statistics, single-unit removal trials and one block's weights and statistics at a time): drop "
+            f"--streaming, or use one of {', '.join(streaming_metrics())}"
         )
+
+
+def streaming_metrics() -> list[str]:
+    """The names of every registered metric a streaming pass can compute."""
+    from .plugins import metrics
+
+    return sorted(n for n, m in metrics().items() if m.streaming and "gradients" not in m.needs)
 
 
 def _weight_index(folder: Path) -> dict[str, Path]:
@@ -345,11 +363,47 @@ def _block_calls(
     return list(inputs), calls
 
 
+def _observing(
+    sm: StreamingModel, observers: list[BlockObserver], tower: Tower, i: int, windows: torch.Tensor
+) -> contextlib.ExitStack:
+    """Every observer's hooks on block ``i`` of ``tower`` (loaded) for the duration of its batches; left
+    while the block is still loaded, so observers read its weights and statistics then."""
+    stack = contextlib.ExitStack()
+    if observers:
+        b = tower.blocks[i]
+        view = BlockView(sm.model, sm.adapter, block_ir(sm.ir, b.id), tower, b, i, windows)
+        for obs in observers:
+            stack.enter_context(obs.observe(view))
+    return stack
+
+
+def _metric_objects(metrics: Sequence[str | ImportanceMetric]) -> list[ImportanceMetric]:
+    from .plugins import get_metric
+
+    out = [get_metric(m) if isinstance(m, str) else m for m in metrics]
+    for m in out:
+        check_streaming_metric(m)
+    return out
+
+
 @torch.inference_mode()
 def stream_calibrate(
-    sm: StreamingModel, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False
+    sm: StreamingModel,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    metrics: Sequence[str | ImportanceMetric] = (),
+    observers: Sequence[BlockObserver] = (),
 ) -> Calibration:
-    """:func:`~prunekit_core.scoring.calibrate` of ``sm``'s model, one block in memory at a time."""
+    """:func:`~prunekit_core.scoring.calibrate` of ``sm``'s model, one block in memory at a time.
+
+    ``metrics`` that read a block's weights or statistics (``magnitude``, ``wanda``, ``obs``, ``bi_lsq``,
+    a plugin's ``streaming`` channel metrics) are computed while each block is loaded, through their
+    :class:`~prunekit_core.scoring.BlockObserver` s (plus any given in ``observers``); their scores go to
+    the calibration's ``observed`` (read by :func:`stream_score`, :func:`stream_score_groups` and the
+    planners).
+    """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
@@ -359,6 +413,7 @@ def stream_calibrate(
     batches = [windows[s : s + batch_size] for s in range(0, windows.shape[0], batch_size)]
     xs, calls = _block_calls(sm, batches)
     blocks = [get_module(sm.model, p) for p in paths]
+    obs = [*block_observers(_metric_objects(metrics)), *observers]
 
     # 3. block by block: load, run every batch with the stream hooks on, empty
     rec = _TowerRecorder(tower)
@@ -371,11 +426,12 @@ def stream_calibrate(
     try:
         for i in _progress(range(len(blocks)), progress, "streaming blocks"):
             block = sm.load_block(paths[i])
-            for j in range(len(batches)):
-                rec.select_batch(j)
-                args, kw = calls[i][j]
-                out = block(xs[j], *args, **kw)
-                xs[j] = out[0] if isinstance(out, tuple) else out
+            with _observing(sm, obs, tower, i, windows):
+                for j in range(len(batches)):
+                    rec.select_batch(j)
+                    args, kw = calls[i][j]
+                    out = block(xs[j], *args, **kw)
+                    xs[j] = out[0] if isinstance(out, tuple) else out
             sm.unload_block(paths[i])
             calls[i] = []
         norm = get_module(sm.model, tower.final_norm)  # type: ignore[arg-type]
@@ -387,6 +443,9 @@ def stream_calibrate(
             h.remove()
     cal = Calibration(windows=windows)
     cal.towers[tower.name] = rec.result()
+    for o in obs:
+        o.finish(sm.model, sm.adapter, sm.ir)
+        cal.observed.update(o.results())
     digest = sm.weights_digest()
     if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
         object.__setattr__(sm.model, DIGEST_ATTR, digest)
@@ -525,16 +584,39 @@ class StreamingTrialRunner:
         raise PlanError("in-place trials (width planning) need the whole model: drop --streaming")
 
 
+def _observed(m: ImportanceMetric, calibration: Calibration) -> None:
+    if (
+        isinstance(m, ChannelMetric) or m.block_observer() is not None
+    ) and m.name not in calibration.observed:
+        raise PlanError(
+            f"metric {m.name!r} is computed block by block during the streaming pass: pass it to "
+            f"stream_calibrate(..., metrics=[{m.name!r}])"
+        )
+
+
 def stream_score(
     sm: StreamingModel, calibration: Calibration, metric: str, *, span: int | None = None
 ) -> Scores:
-    """Scores of ``metric`` from a streaming calibration (similarity metrics only, see module docs)."""
+    """Scores of ``metric`` from a streaming calibration (see module docs; metrics computed block by block
+    must have been passed to :func:`stream_calibrate`)."""
     from .plugins import get_metric
 
     m = get_metric(metric)
     check_streaming_metric(m)
+    _observed(m, calibration)
     ctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=sm.ir, calibration=calibration)
     return m.score(ctx, span=span)
+
+
+def stream_score_groups(calibration: Calibration, metric: str) -> dict[str, torch.Tensor]:
+    """Group scores of the channel metric ``metric``, computed block by block by :func:`stream_calibrate`
+    (``metrics=[metric]``)."""
+    from .plugins import get_metric
+
+    m = get_metric(metric)
+    check_streaming_metric(m)
+    _observed(m, calibration)
+    return dict(calibration.observed[m.name])
 
 
 def streaming_folder(spec: str) -> Path:

@@ -66,6 +66,43 @@ def _member_modules(fams: list[ChannelGroup]) -> set[str]:
     return {_split(m.param)[0] for f in fams for m in f.members}
 
 
+#: the :meth:`~prunekit_core.scoring.ScoringContext.observed` key of :func:`width_collector`'s statistics
+WIDTH_STATS = "prunekit.width_stats"
+
+
+def _width_hooks(
+    model: nn.Module, ir: ModelIR, families: list[str] | None, grams: bool, state: dict[str, Any]
+) -> tuple[WidthStats, list[Any]]:
+    fams = ir.channel_groups()
+    chosen = list(fams) if families is None else families
+    modules = _member_modules([fams[f][1] for f in chosen])
+    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
+    stats = WidthStats()
+
+    def make_hook(path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq = (x * x).sum(0)
+            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
+            if path in outs:
+                g = x.T @ x
+                key = stats.gram_hold if state["hold"] else stats.gram
+                key[path] = key[path] + g if path in key else g
+
+        return hook
+
+    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    return stats, handles
+
+
+def width_collector(model: nn.Module, ir: ModelIR, windows: torch.Tensor) -> tuple[WidthStats, list[Any]]:
+    """A :data:`~prunekit_core.scoring.Collector` of the width statistics of every family in ``ir``: the
+    hooks of :func:`collect_width_stats` (no held-out part), for a caller that runs the windows."""
+    stats, handles = _width_hooks(model, ir, None, True, {"hold": False})
+    stats.tokens = int(windows.numel())
+    return stats, handles
+
+
 @torch.inference_mode()
 def collect_width_stats(
     model: nn.Module,
@@ -81,26 +118,8 @@ def collect_width_stats(
 
     With ``hold_every=n`` the Gram of every n-th window also goes to ``gram_hold`` (ridge choice).
     """
-    fams = ir.channel_groups()
-    chosen = list(fams) if families is None else families
-    modules = _member_modules([fams[f][1] for f in chosen])
-    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
-    stats = WidthStats()
     state: dict[str, Any] = {"hold": False}
-
-    def make_hook(path: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq = (x * x).sum(0)
-            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
-            if path in outs:
-                g = x.T @ x
-                key = stats.gram_hold if state["hold"] else stats.gram
-                key[path] = key[path] + g if path in key else g
-
-        return hook
-
-    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    stats, handles = _width_hooks(model, ir, families, grams, state)
     try:
         n = windows.shape[0]
         if hold_every:
@@ -835,7 +854,7 @@ def plan_width(
         )
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits
-    scores = metric.score_groups(ctx)
+    scores = ctx.group_scores(metric)
     orders = {
         fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
     }
