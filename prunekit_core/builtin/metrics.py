@@ -16,7 +16,7 @@ import torch
 from ..errors import PlanError
 from ..hookspecs import hookimpl
 from ..metrics import ChannelMetric, ImportanceMetric, Scores
-from ..scoring import Collector, ScoringContext
+from ..scoring import BlockObserver, Collector, ScoringContext
 from ..width import width_families
 from ..width_scoring import WIDTH_STATS, _out_member, linear_members, width_collector
 
@@ -79,13 +79,22 @@ class RepairedBlockInfluence(ImportanceMetric):
         "prunekit; repair in the spirit of LLM-Streamline (arXiv 2403.19135), folded into existing weights"
     )
 
+    streaming = True  # block by block: BlockRepairObserver
+
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         from ..repair import block_repair_residuals
 
-        values = block_repair_residuals(
-            ctx.model, ctx.ir, ctx.calibration.windows, inputs=ctx.calibration.inputs
-        )
-        return Scores(metric=self.name, unit="block", values=values)
+        values = ctx.calibration.observed.get(self.name)  # computed by a streaming pass
+        if values is None:
+            values = block_repair_residuals(
+                ctx.model, ctx.ir, ctx.calibration.windows, inputs=ctx.calibration.inputs
+            )
+        return Scores(metric=self.name, unit="block", values=dict(values))
+
+    def block_observer(self) -> BlockObserver:
+        from ..repair import BlockRepairObserver
+
+        return BlockRepairObserver(self.name)
 
 
 def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
