@@ -459,9 +459,9 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
     if channel:
-        return _score_channels(ui, model, windows, channel, args.calib)
+        return _score_channels(ui, sm if args.streaming else model, windows, channel, args.calib)
     if args.streaming:
-        cal = _stream_calibrate(ui, sm, windows.ids)
+        cal = _stream_calibrate(ui, sm, windows.ids, metrics)
     else:
         with ui.step("calibrate"):
             ids, extra = _multimodal(model, windows.ids)
@@ -509,24 +509,31 @@ def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
         return open_streaming(folder), streaming_tokenizer(folder)
 
 
-def _stream_calibrate(ui: UI, sm: Any, ids: Any) -> Any:
+def _stream_calibrate(ui: UI, sm: Any, ids: Any, metrics: list[Any]) -> Any:
     from .streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
-        cal = stream_calibrate(sm, ids, progress=_bars())
+        # metrics that read a block's weights or statistics are computed while it is loaded
+        cal = stream_calibrate(sm, ids, progress=_bars(), metrics=metrics)
     ui.info(f"streamed {sm.loaded_blocks} block loads, {sm.loaded_bytes / 1e9:.2f} GB of weights read")
     return cal
 
 
 def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
+    """``model``: a loaded model, or a :class:`~prunekit_core.streaming.StreamingModel` (block by block)."""
     from rich.table import Table
 
     from .api import score_groups
     from .scoring import Calibration
+    from .streaming import StreamingModel, stream_score_groups
 
-    cal = Calibration(windows=windows.ids)
-    with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
-        results = score_groups(model, cal, [m.name for m in metrics])
+    if isinstance(model, StreamingModel):
+        cal = _stream_calibrate(ui, model, windows.ids, metrics)
+        results = {m.name: stream_score_groups(cal, m.name) for m in metrics}
+    else:
+        cal = Calibration(windows=windows.ids)
+        with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
+            results = score_groups(model, cal, [m.name for m in metrics])
     if ui.json_mode:
         ui.emit_json({n: {f: [float(v) for v in t] for f, t in r.items()} for n, r in results.items()})
         return EXIT_OK

@@ -598,6 +598,12 @@ class ScoringContext:
         context. In a streaming pass's per-block context (:class:`BlockScorer`) the hooks were on while the
         block ran, and only that block's modules were observed."""
         if key not in self._cache:
+            if getattr(self.model, TRIALS_ATTR, None) is not None:  # a streaming skeleton: blocks on disk
+                raise PlanError(
+                    f"statistics {key!r} are collected while each block is loaded in a streaming pass; this "
+                    "step reads them for the whole model: pass the metric (or the planner's observer) to "
+                    "stream_calibrate, or drop --streaming"
+                )
             if self.frozen:
                 raise CalibrationError(
                     f"statistics {key!r} were not collected while this block ran: the metric must name "
