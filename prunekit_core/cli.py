@@ -509,12 +509,14 @@ def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
         return open_streaming(folder), streaming_tokenizer(folder)
 
 
-def _stream_calibrate(ui: UI, sm: Any, ids: Any, metrics: list[Any]) -> Any:
+def _stream_calibrate(
+    ui: UI, sm: Any, ids: Any, metrics: list[Any], observers: list[Any] | None = None
+) -> Any:
     from .streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
         # metrics that read a block's weights or statistics are computed while it is loaded
-        cal = stream_calibrate(sm, ids, progress=_bars(), metrics=metrics)
+        cal = stream_calibrate(sm, ids, progress=_bars(), metrics=metrics, observers=observers or [])
     ui.info(f"streamed {sm.loaded_blocks} block loads, {sm.loaded_bytes / 1e9:.2f} GB of weights read")
     return cal
 
@@ -860,41 +862,55 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 def _check_streaming_prune(
     args: argparse.Namespace, metric: str, planner: str, granularity: str, repair: str
 ) -> None:
+    from .metrics import ChannelMetric
     from .plugins import get_metric
-    from .streaming import check_streaming_metric
+    from .streaming import check_streaming_metric, streaming_metrics
 
     if args.plan is not None:
         raise PlanError("--streaming makes a plan; --plan applies an existing one: drop --streaming")
     if args.metric is None:
         raise PlanError(
-            "--streaming needs a metric it can compute: pass --metric bi, angular, sublayer_drop, nri or sleb (the default "
-            f"method, {metric} with repair {repair}, reads the whole model)"
+            f"--streaming needs a metric it can compute: pass --metric (one of {', '.join(streaming_metrics())}; "
+            f"the default method, {metric} with repair {repair}, reads the whole model)"
         )
-    check_streaming_metric(get_metric(metric))
-    if planner != "rank" or granularity not in ("block", "sublayer") or repair != "none":
+    m = get_metric(metric)
+    check_streaming_metric(m)
+    if planner != "rank" or repair != "none":
         raise PlanError(
-            f"--streaming plans with the rank planner at block or sublayer granularity without repair; got "
-            f"planner {planner}, granularity {granularity}, repair {repair} (pass --planner rank, "
-            "--granularity block or sublayer, --repair none)"
+            f"--streaming plans with the rank planner without repair; got planner {planner}, repair {repair} "
+            "(pass --planner rank, --repair none)"
+        )
+    if granularity == "mixed" and isinstance(m, ChannelMetric):
+        raise PlanError(
+            "the mixed planner with a channel metric measures its candidate plans on pruned copies of the "
+            "whole model, which --streaming does not hold: use --granularity width, a block or sublayer "
+            "metric at --granularity mixed, or drop --streaming"
         )
     if args.recover == "lora":
         raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
 
 
 def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: str, repair: str) -> Any:
-    from .planning import budget_params, plan_pruning
+    from .planning import budget_params, plan_pruning, uses_width
+    from .plugins import get_metric
+    from .width_scoring import WidthCurveObserver
 
     sm, tok = _open_streaming(ui, args.model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
-    ui.say(
-        f"budget: at least {args.ratio:g} of the {_fmt_params(sm.ir.block_params())} block parameters "
-        f"(embeddings and head excluded) = {_fmt_params(budget_params(sm.ir, args.ratio))} parameters"
-    )
+    if granularity != "expert":
+        ui.say(
+            f"budget: at least {args.ratio:g} of the {_fmt_params(sm.ir.block_params())} block parameters "
+            f"(embeddings and head excluded) = {_fmt_params(budget_params(sm.ir, args.ratio))} parameters"
+        )
     ui.info(
         f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
         f"planner rank, metric {metric}, granularity {granularity}, streaming"
     )
-    cal = _stream_calibrate(ui, sm, windows.ids)
+    m = get_metric(metric)
+    if uses_width(metric, granularity):  # the width cost model's curves, block by block
+        cal = _stream_calibrate(ui, sm, windows.ids, [], [WidthCurveObserver(m, repair=repair == "lsq")])
+    else:
+        cal = _stream_calibrate(ui, sm, windows.ids, [m])
     with ui.step(f"plan (rank:{metric}, {granularity})"):
         return plan_pruning(
             sm.model,
@@ -905,6 +921,10 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
             planner="rank",
             repair=repair,  # type: ignore[arg-type]
             adapter=sm.adapter,
+            round_to=args.round_to,
+            width_allocation=args.width_allocation,
+            expert_allocation=args.expert_allocation,
+            top_k_policy=args.top_k,
         )
 
 
@@ -1167,8 +1187,10 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
 
 STREAMING_HELP = (
     "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
-    "the calibration activations, so models larger than memory can be scored (bi, angular, sublayer_drop; "
-    "nri and sleb by single-unit trials in passes over the blocks)"
+    "the calibration activations, so models larger than memory can be scored: every metric that needs no "
+    "gradients (bi, angular, sublayer_drop from the stream; nri and sleb by single-unit trials in passes "
+    "over the blocks; magnitude, wanda, obs, bi_lsq and plugin metrics such as the expert metrics from each "
+    "block's weights and statistics while it is loaded); not taylor"
 )
 
 
@@ -1446,8 +1468,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help=STREAMING_HELP
-        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb, the rank planner and no repair. With "
-        "--plan-only the model is never loaded whole; otherwise it is loaded after planning for the surgery",
+        + "; plans with a named --metric, the rank planner and no repair at granularity block, sublayer, "
+        "mixed (block/sublayer metrics), width (channel metrics; uniform or global allocation; not the "
+        "channels inside fused experts) or expert. With --plan-only the model is never loaded whole; "
+        "otherwise it is loaded after planning for the surgery",
     )
     p.add_argument(
         "--plan",

@@ -376,7 +376,9 @@ class BlockRepairObserver(BlockObserver):
             x0 = state["x"].double()
             x1 = (out[0] if isinstance(out, tuple) else out).double()
             if x0.dim() != 3:
-                raise CalibrationError("bi_lsq streams [batch, seq, hidden] block inputs; got a flattened stream")
+                raise CalibrationError(
+                    "bi_lsq streams [batch, seq, hidden] block inputs; got a flattened stream"
+                )
             d = x1 - x0
             dd = dd + (d * d).sum()
             xx = xx + (x1 * x1).sum()
