@@ -459,9 +459,9 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
     if channel:
-        return _score_channels(ui, model, windows, channel, args.calib)
+        return _score_channels(ui, sm if args.streaming else model, windows, channel, args.calib)
     if args.streaming:
-        cal = _stream_calibrate(ui, sm, windows.ids)
+        cal = _stream_calibrate(ui, sm, windows.ids, metrics)
     else:
         with ui.step("calibrate"):
             ids, extra = _multimodal(model, windows.ids)
@@ -509,12 +509,17 @@ def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
         return open_streaming(folder), streaming_tokenizer(folder)
 
 
-def _stream_calibrate(ui: UI, sm: Any, ids: Any) -> Any:
+def _stream_calibrate(
+    ui: UI, sm: Any, ids: Any, metrics: list[Any], observers: list[Any] | None = None
+) -> Any:
     from .streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
         ids, extra = sm.calibration_inputs(ids)  # a vision-language model: one image per window
-        cal = stream_calibrate(sm, ids, inputs=extra, progress=_bars())
+        # metrics that read a block's weights or statistics are computed while it is loaded
+        cal = stream_calibrate(
+            sm, ids, inputs=extra, progress=_bars(), metrics=metrics, observers=observers or []
+        )
     ui.info(f"streamed {sm.loaded_blocks} block loads, {sm.loaded_bytes / 1e9:.2f} GB of weights read")
     if sm.replay_bytes:
         ui.info(f"held {sm.replay_bytes / 1e9:.2f} GB of earlier towers' block outputs for replay")
@@ -522,14 +527,20 @@ def _stream_calibrate(ui: UI, sm: Any, ids: Any) -> Any:
 
 
 def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
+    """``model``: a loaded model, or a :class:`~prunekit_core.streaming.StreamingModel` (block by block)."""
     from rich.table import Table
 
     from .api import score_groups
     from .scoring import Calibration
+    from .streaming import StreamingModel, stream_score_groups
 
-    cal = Calibration(windows=windows.ids)
-    with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
-        results = score_groups(model, cal, [m.name for m in metrics])
+    if isinstance(model, StreamingModel):
+        cal = _stream_calibrate(ui, model, windows.ids, metrics)
+        results = {m.name: stream_score_groups(cal, m.name) for m in metrics}
+    else:
+        cal = Calibration(windows=windows.ids)
+        with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
+            results = score_groups(model, cal, [m.name for m in metrics])
     if ui.json_mode:
         ui.emit_json({n: {f: [float(v) for v in t] for f, t in r.items()} for n, r in results.items()})
         return EXIT_OK
@@ -856,43 +867,58 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 def _check_streaming_prune(
     args: argparse.Namespace, metric: str, planner: str, granularity: str, repair: str
 ) -> None:
+    from .metrics import ChannelMetric
     from .plugins import get_metric
-    from .streaming import check_streaming_metric
+    from .streaming import check_streaming_metric, streaming_metrics
 
     if args.plan is not None:
         raise PlanError("--streaming makes a plan; --plan applies an existing one: drop --streaming")
     if args.metric is None:
         raise PlanError(
-            "--streaming needs a metric it can compute: pass --metric bi, angular, sublayer_drop, nri or sleb (the default "
-            f"method, {metric} with repair {repair}, reads the whole model)"
+            f"--streaming needs a metric it can compute: pass --metric (one of {', '.join(streaming_metrics())}; "
+            f"the default method, {metric} with repair {repair}, reads the whole model)"
         )
-    check_streaming_metric(get_metric(metric))
-    if planner != "rank" or granularity not in ("block", "sublayer") or repair != "none":
+    m = get_metric(metric)
+    check_streaming_metric(m)
+    if planner != "rank" or repair != "none":
         raise PlanError(
-            f"--streaming plans with the rank planner at block or sublayer granularity without repair; got "
-            f"planner {planner}, granularity {granularity}, repair {repair} (pass --planner rank, "
-            "--granularity block or sublayer, --repair none)"
+            f"--streaming plans with the rank planner without repair; got planner {planner}, repair {repair} "
+            "(pass --planner rank, --repair none)"
+        )
+    if granularity == "mixed" and isinstance(m, ChannelMetric):
+        raise PlanError(
+            "the mixed planner with a channel metric measures its candidate plans on pruned copies of the "
+            "whole model, which --streaming does not hold: use --granularity width, a block or sublayer "
+            "metric at --granularity mixed, or drop --streaming"
         )
     if args.recover == "lora":
         raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
 
 
 def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: str, repair: str) -> Any:
-    from .planning import budget_params, plan_pruning
+    from .planning import budget_params, plan_pruning, uses_width
+    from .plugins import get_metric
+    from .width_scoring import WidthCurveObserver
 
     sm, tok = _open_streaming(ui, args.model)
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
-    scoped = sm.ir.restricted(args.scope)
-    where = f" of tower(s) {', '.join(args.scope)}" if args.scope else ""
-    ui.say(
-        f"budget: at least {args.ratio:g} of the {_fmt_params(scoped.block_params())} block parameters{where} "
-        f"(embeddings and head excluded) = {_fmt_params(budget_params(scoped, args.ratio))} parameters"
-    )
+    if granularity != "expert":
+        scoped = sm.ir.restricted(args.scope)
+        where = f" of tower(s) {', '.join(args.scope)}" if args.scope else ""
+        ui.say(
+            f"budget: at least {args.ratio:g} of the {_fmt_params(scoped.block_params())} block parameters"
+            f"{where} (embeddings and head excluded) = {_fmt_params(budget_params(scoped, args.ratio))} "
+            "parameters"
+        )
     ui.info(
         f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
         f"planner rank, metric {metric}, granularity {granularity}, streaming"
     )
-    cal = _stream_calibrate(ui, sm, windows.ids)
+    m = get_metric(metric)
+    if uses_width(metric, granularity):  # the width cost model's curves, block by block
+        cal = _stream_calibrate(ui, sm, windows.ids, [], [WidthCurveObserver(m, repair=repair == "lsq")])
+    else:
+        cal = _stream_calibrate(ui, sm, windows.ids, [m])
     with ui.step(f"plan (rank:{metric}, {granularity})"):
         return plan_pruning(
             sm.model,
@@ -903,6 +929,10 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
             planner="rank",
             repair=repair,  # type: ignore[arg-type]
             adapter=sm.adapter,
+            round_to=args.round_to,
+            width_allocation=args.width_allocation,
+            expert_allocation=args.expert_allocation,
+            top_k_policy=args.top_k,
             scope=args.scope,
         )
 
@@ -1166,8 +1196,10 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
 
 STREAMING_HELP = (
     "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
-    "the calibration activations, so models larger than memory can be scored (bi, angular, sublayer_drop; "
-    "nri and sleb by single-unit trials in passes over the blocks)"
+    "the calibration activations, so models larger than memory can be scored: every metric that needs no "
+    "gradients (bi, angular, sublayer_drop from the stream; nri and sleb by single-unit trials in passes "
+    "over the blocks; magnitude, wanda, obs, bi_lsq and plugin metrics such as the expert metrics from each "
+    "block's weights and statistics while it is loaded); not taylor"
 )
 
 
@@ -1445,8 +1477,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help=STREAMING_HELP
-        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb, the rank planner and no repair. With "
-        "--plan-only the model is never loaded whole; otherwise it is loaded after planning for the surgery",
+        + "; plans with a named --metric, the rank planner and no repair at granularity block, sublayer, "
+        "mixed (block/sublayer metrics), width (channel metrics; uniform or global allocation; not the "
+        "channels inside fused experts) or expert. With --plan-only the model is never loaded whole; "
+        "otherwise it is loaded after planning for the surgery",
     )
     p.add_argument(
         "--plan",

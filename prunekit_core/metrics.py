@@ -17,7 +17,7 @@ from .errors import PlanError
 if TYPE_CHECKING:
     import torch
 
-    from .scoring import ScoringContext
+    from .scoring import BlockObserver, Collector, ScoringContext
 
 Unit = Literal["block", "sublayer", "span", "channel"]
 Need = Literal["activations", "trials", "gradients"]
@@ -45,10 +45,12 @@ class ImportanceMetric(ABC):
 
     Subclasses set ``name``, ``description``, ``unit`` (what they score), ``needs`` (``activations``: the
     statistics of the one shared calibration pass; ``trials``: loss measurements with branches masked;
-    ``gradients``: a backward pass) and ``reference`` (the paper). ``streaming`` is true when the scores
-    come only from the stream statistics of the calibration pass (``ctx.stats()``) or from single-unit
-    ``ctx.trials().loss([unit])`` calls, so a streaming pass (one block in memory at a time,
-    :mod:`prunekit_core.streaming`) can compute them.
+    ``gradients``: a backward pass) and ``reference`` (the paper). ``streaming`` is true when a streaming
+    pass (one block in memory at a time, :mod:`prunekit_core.streaming`) can compute the scores: from the
+    stream statistics of the calibration pass (``ctx.stats()``), from single-unit
+    ``ctx.trials().loss([unit])`` calls, or block by block from the weights and statistics of each block
+    while it is loaded (a :class:`ChannelMetric` whose ``score_groups`` reads only the families in
+    ``ctx.ir``; any other metric through its :meth:`block_observer`).
     """
 
     name: str = ""
@@ -61,6 +63,12 @@ class ImportanceMetric(ABC):
     @abstractmethod
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         """Scores for every removable unit of kind ``unit`` in ``ctx.ir``."""
+
+    def block_observer(self) -> BlockObserver | None:
+        """An observer that computes this metric's scores one block at a time during a calibration pass
+        (``results()[self.name]`` are the values ``score`` returns; ``score`` reads them from
+        ``ctx.calibration.observed``); ``None``: the metric does not need one."""
+        return None
 
 
 class ChannelMetric(ImportanceMetric):
@@ -75,6 +83,11 @@ class ChannelMetric(ImportanceMetric):
     @abstractmethod
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         """Importance of every group of every channel-group family in ``ctx.ir``."""
+
+    def collectors(self) -> dict[str, Collector]:
+        """The statistics ``score_groups`` reads through ``ctx.observed(key, collector)``, by key: a
+        streaming pass turns their hooks on while each block runs (``streaming`` metrics only)."""
+        return {}
 
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         raise PlanError(

@@ -531,7 +531,7 @@ def plan_experts(
             f"the {ir.adapter} plugin declares no experts for this model: --granularity expert needs a "
             "mixture-of-experts model"
         )
-    scores = metric.score_groups(ctx)
+    scores = ctx.group_scores(metric)
     missing = [f for f in routed if f not in scores]
     if missing:
         raise PlanError(

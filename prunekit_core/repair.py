@@ -16,6 +16,8 @@ forward stops as soon as the run's end is observed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from torch import nn
 from .adapter import get_module
 from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer
-from .scoring import _first_tensor
+from .scoring import BlockObserver, BlockView, _first_tensor
 from .surgery import Resolved, branches_masked
 
 log = logging.getLogger(__name__)
@@ -227,22 +229,22 @@ def block_repair_residuals(
     The ridge strength is chosen on held-out windows as in :func:`lsq_repair`. The value is
     ``E||D - A dW^T||^2 / E||x_out||^2``, comparable to Block Influence (which is about half the same
     ratio without the fold, for small angles). A block with no writer before it keeps its unrepaired
-    ratio. ``inputs`` are further per-window inputs (images); a tower without a final norm (a vision
-    encoder) ends at its last block's output. Memory: two ``in x in`` float64 matrices per block (about 1.6 GB for a 30-block model with a
-    1536-wide FFN); this is not meant for 7B-scale models yet.
+    ratio. ``inputs`` are further per-window inputs (images). The stream is read at block boundaries
+    (each block's input, the last block's output), so a block whose branches read an undeclared norm
+    (GPT-J's shared ``ln_1``) is measured on the stream, not on normed states. Memory: two ``in x in``
+    float64 matrices per block (about 1.6 GB for a 30-block model with a 1536-wide FFN); a streaming pass
+    (:class:`BlockRepairObserver`) keeps one block's.
     """
     out: dict[str, float] = {}
     for tower in ir.towers:
         blocks = list(tower.blocks)
         if not any(b.removable for b in blocks):
             continue  # nothing a plan may remove here (e.g. a tower outside the plan's scope)
-        starts = [b.sublayers[0].norm or b.sublayers[0].module for b in blocks if b.sublayers]
-        if len(starts) != len(blocks):
+        if not all(b.sublayers for b in blocks):
             raise CalibrationError(
                 f"tower {tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
                 "Use another metric (bi, angular)"
             )
-        points = starts + [tower.final_norm or blocks[-1].module]
         writers: list[nn.Linear | None] = [None]
         for b in blocks[:-1]:
             w = next((s.out_proj for s in reversed(b.sublayers) if s.out_proj), None)
@@ -280,18 +282,12 @@ def block_repair_residuals(
         ) -> None:
             cur[end] = out[0] if isinstance(out, tuple) else out
 
+        # the stream at block boundaries: every block's input, and the last block's output
         handles = [
-            get_module(model, p).register_forward_pre_hook(on_point(i), with_kwargs=True)
-            for i, p in enumerate(points[:-1])
+            get_module(model, b.module).register_forward_pre_hook(on_point(i), with_kwargs=True)
+            for i, b in enumerate(blocks)
         ]
-        if tower.final_norm is None:  # read from its hidden states: the stream ends at the last block
-            handles.append(get_module(model, points[-1]).register_forward_hook(on_end))
-        else:
-            handles.append(
-                get_module(model, points[-1]).register_forward_pre_hook(
-                    on_point(len(blocks)), with_kwargs=True
-                )
-            )
+        handles.append(get_module(model, blocks[-1].module).register_forward_hook(on_end))
         handles += [w.register_forward_pre_hook(on_writer(i)) for i, w in enumerate(writers) if w is not None]
         try:
             for part, mask in (("fit", ~held_mask), ("hold", held_mask)):
@@ -325,3 +321,94 @@ def block_repair_residuals(
                     resid = (acc[i]["fit"] + acc[i]["hold"]).residual(dw)
             out[b.id] = float(resid / xx_all[i].clamp_min(1e-30))
     return out
+
+
+def _writer(block: Any) -> str | None:
+    """The last output projection of a block: the one a fold into that block writes through."""
+    return next((s.out_proj for s in reversed(block.sublayers) if s.out_proj), None)
+
+
+class BlockRepairObserver(BlockObserver):
+    """:func:`block_repair_residuals` block by block (a streaming pass, one block loaded at a time).
+
+    While block ``i-1`` runs, the inputs of its last output projection (the writer) are kept, batch by
+    batch, in the model's dtype; while block ``i`` runs, its contribution ``D`` meets them in the normal
+    equations, and block ``i``'s value is computed before it is unloaded. Memory: the writer's inputs over
+    the calibration windows (the residual stream's size times its width ratio, e.g. about 2.7x for a
+    Llama FFN) plus one block's two ``in x in`` matrices; no weights are kept. The sums run in another
+    order than in memory (all windows batch by batch, not fit windows then held-out ones), so values agree
+    to float64 rounding, not bitwise.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.values: dict[str, float] = {}
+        self._feats: list[torch.Tensor] = []  # the previous block's writer inputs, per batch
+
+    @contextmanager
+    def observe(self, view: BlockView) -> Iterator[None]:
+        block = view.block
+        if not block.sublayers:
+            raise CalibrationError(
+                f"tower {view.tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
+                "Use another metric (bi, angular)"
+            )
+        writer_path = _writer(block)
+        held_mask = torch.arange(view.windows.shape[0]) % 4 == 3
+        prev = self._feats
+        acc = None
+        if prev:
+            d_in = prev[0].shape[-1]
+            acc = {part: _Normal.zeros(d_in, view.tower.width.size) for part in ("fit", "hold")}
+        dd = torch.zeros((), dtype=torch.float64)
+        xx = torch.zeros((), dtype=torch.float64)
+        feats: list[torch.Tensor] = []
+        state: dict[str, Any] = {"x": None, "batch": 0, "row": 0}
+
+        def on_start(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            state["x"] = _first_tensor(args, kwargs)
+
+        def on_writer(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            feats.append(args[0])
+
+        def on_end(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            nonlocal dd, xx
+            x0 = state["x"].double()
+            x1 = (out[0] if isinstance(out, tuple) else out).double()
+            if x0.dim() != 3:
+                raise CalibrationError(
+                    "bi_lsq streams [batch, seq, hidden] block inputs; got a flattened stream"
+                )
+            d = x1 - x0
+            dd = dd + (d * d).sum()
+            xx = xx + (x1 * x1).sum()
+            held = held_mask[state["row"] : state["row"] + d.shape[0]]
+            state["row"] += d.shape[0]
+            if acc is not None:
+                a = prev[state["batch"]]
+                for part, rows in (("fit", ~held), ("hold", held)):
+                    if rows.any():
+                        acc[part].add(a[rows], d[rows])
+            state["batch"] += 1
+
+        handles = [
+            get_module(view.model, block.module).register_forward_pre_hook(on_start, with_kwargs=True),
+            get_module(view.model, block.module).register_forward_hook(on_end),
+        ]
+        if writer_path is not None:
+            handles.append(get_module(view.model, writer_path).register_forward_pre_hook(on_writer))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        resid = dd
+        if acc is not None:
+            _, gain, dw = _solve(acc["fit"], acc["hold"])
+            if gain > 0:
+                resid = (acc["fit"] + acc["hold"]).residual(dw)
+        self.values[block.id] = float(resid / xx.clamp_min(1e-30))
+        self._feats = feats  # the next block folds into this block's writer
+
+    def results(self) -> dict[str, Any]:
+        return {self.name: dict(self.values)}

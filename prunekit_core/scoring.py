@@ -13,9 +13,11 @@ embeddings, masks) captured from the real forward, so a trial never re-runs the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,13 @@ from torch import nn
 
 from .adapter import ArchitectureAdapter, get_module
 from .errors import CalibrationError, PlanError
-from .ir import ModelIR, Sublayer, Tower
+from .ir import Block, ModelIR, Sublayer, Tower
 from .surgery import branches_masked
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from .metrics import ImportanceMetric
 
 
 @dataclass
@@ -47,6 +54,9 @@ class Calibration:
     towers: dict[str, StreamStats] = field(default_factory=dict)
     #: further per-window model inputs the windows were run with (e.g. ``pixel_values``)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: results of :class:`BlockObserver` s by metric name: scores a streaming pass computed while each
+    #: block was loaded (``{family id: group scores}`` of a channel metric, ``{unit id: score}`` otherwise)
+    observed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -550,7 +560,8 @@ class ScoringContext:
     loss_stride: int = 4
     naive_trials: bool = False
     _trials: TrialRunner | NaiveTrialRunner | None = None
-    _width_stats: Any = None
+    #: a per-block context of a streaming pass: statistics come only from the hooks that ran with the block
+    frozen: bool = False
     _taylor: dict[str, torch.Tensor] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
@@ -581,13 +592,51 @@ class ScoringContext:
             )
         return self._trials
 
+    def observed(self, key: str, collector: Collector) -> Any:
+        """The statistics ``collector`` accumulates over the calibration windows, shared by every metric that
+        asks for ``key``: one forward pass over the windows (batches of 8) with its hooks on, run once per
+        context. In a streaming pass's per-block context (:class:`BlockScorer`) the hooks were on while the
+        block ran, and only that block's modules were observed."""
+        if key not in self._cache:
+            if getattr(self.model, TRIALS_ATTR, None) is not None:  # a streaming skeleton: blocks on disk
+                raise PlanError(
+                    f"statistics {key!r} are collected while each block is loaded in a streaming pass; this "
+                    "step reads them for the whole model: pass the metric (or the planner's observer) to "
+                    "stream_calibrate, or drop --streaming"
+                )
+            if self.frozen:
+                raise CalibrationError(
+                    f"statistics {key!r} were not collected while this block ran: the metric must name "
+                    "their collector in collectors()"
+                )
+            stats, handles = collector(self.model, self.ir, self.calibration.windows)
+            windows = self.calibration.windows
+            try:
+                with torch.inference_mode():
+                    for start in range(0, windows.shape[0], 8):
+                        self.model(input_ids=windows[start : start + 8], use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._cache[key] = stats
+        return self._cache[key]
+
+    def group_scores(self, metric: Any) -> dict[str, torch.Tensor]:
+        """``metric.score_groups(self)``, or what a streaming pass computed for it block by block."""
+        if metric.name in self.calibration.observed:
+            return dict(self.calibration.observed[metric.name])
+        if getattr(self.model, TRIALS_ATTR, None) is not None:  # a streaming skeleton: no weights here
+            raise PlanError(
+                f"metric {metric.name!r} reads weights or per-block statistics, which a streaming pass computes "
+                f"while each block is loaded: pass it to stream_calibrate(..., metrics=[{metric.name!r}])"
+            )
+        return metric.score_groups(self)
+
     def width_stats(self) -> Any:
         """Input statistics of every channel-group member (one pass over the calibration windows)."""
-        if self._width_stats is None:
-            from .width_scoring import collect_width_stats
+        from .width_scoring import WIDTH_STATS, width_collector
 
-            self._width_stats = collect_width_stats(self.model, self.ir, self.calibration.windows)
-        return self._width_stats
+        return self.observed(WIDTH_STATS, width_collector)
 
     def taylor_grads(self) -> dict[str, torch.Tensor]:
         """Calibration-loss gradients of every channel-group member parameter (one backward pass)."""
@@ -607,3 +656,134 @@ class ScoringContext:
         if tower not in self.calibration.towers:
             raise CalibrationError(f"no calibration statistics for tower {tower!r}; run calibrate() first")
         return self.calibration.towers[tower]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block by block: metrics that read a block's weights or statistics, computed while the block is loaded
+
+#: registers hooks on ``model``'s modules named in ``ir`` (the whole model, or one block's families in a
+#: streaming pass) that accumulate statistics into the returned object while ``windows`` run; the caller
+#: runs the windows and removes the handles
+Collector = Callable[[nn.Module, ModelIR, torch.Tensor], "tuple[Any, list[RemovableHandle]]"]
+
+
+@dataclass
+class BlockView:
+    """One block of a calibration pass, while its weights are loaded.
+
+    ``ir`` is the model's IR with the channel-group families of every other block (and of the stages)
+    taken out, so a metric's ``score_groups`` on a context over it scores only this block's families.
+    """
+
+    model: nn.Module
+    adapter: ArchitectureAdapter
+    ir: ModelIR
+    tower: Tower
+    block: Block
+    index: int
+    windows: torch.Tensor
+
+
+def block_ir(ir: ModelIR, block_id: str | None) -> ModelIR:
+    """``ir`` with only the channel-group families of block ``block_id`` (``None``: of the stages only)."""
+    towers = []
+    for t in ir.towers:
+        blocks = tuple(
+            b
+            if b.id == block_id
+            else b.model_copy(
+                update={"sublayers": tuple(s.model_copy(update={"channel_groups": ()}) for s in b.sublayers)}
+            )
+            for b in t.blocks
+        )
+        stages = (
+            t.stages
+            if block_id is None
+            else tuple(st.model_copy(update={"channel_groups": ()}) for st in t.stages)
+        )
+        towers.append(t.model_copy(update={"blocks": blocks, "stages": stages}))
+    return ir.model_copy(update={"towers": tuple(towers)})
+
+
+class BlockObserver(ABC):
+    """Sees every block of a calibration pass in order, while the block is loaded.
+
+    ``observe(view)`` is entered before the block runs the calibration batches (register hooks there) and
+    left after them, with the block still loaded (read its weights and the statistics then). A streaming
+    pass keeps one block in memory, so whatever an observer keeps across blocks must not grow with the
+    block's weights. ``results()`` gives, by metric name, what goes to :attr:`Calibration.observed`.
+    """
+
+    @abstractmethod
+    def observe(self, view: BlockView) -> AbstractContextManager[None]:
+        """Hooks on while the block runs its batches; scores of the block's units when left."""
+
+    def finish(self, model: nn.Module, adapter: ArchitectureAdapter, ir: ModelIR) -> None:  # noqa: B027
+        """After the last block (weights outside the blocks are loaded): e.g. the stages' families."""
+
+    @abstractmethod
+    def results(self) -> dict[str, Any]:
+        """Metric name -> scores (what ``score_groups`` or ``score(...).values`` returns)."""
+
+
+class BlockScorer(BlockObserver):
+    """Channel metrics (``score_groups``) one block at a time: their statistics collectors are on while
+    the block runs, then each metric scores the block's families on a context over the block's IR.
+    Collectors are shared by key between metrics, as in an in-memory :class:`ScoringContext`."""
+
+    def __init__(self, metrics: Sequence[ImportanceMetric]) -> None:
+        self.metrics = list(metrics)
+        self.collectors: dict[str, Collector] = {}
+        for m in self.metrics:
+            self.collectors.update(m.collectors())  # type: ignore[attr-defined]
+        self.scores: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in self.metrics}
+
+    def _context(
+        self, model: nn.Module, adapter: ArchitectureAdapter, ir: ModelIR, windows: torch.Tensor
+    ) -> ScoringContext:
+        return ScoringContext(
+            model=model, adapter=adapter, ir=ir, calibration=Calibration(windows=windows), frozen=True
+        )
+
+    def _score(self, ctx: ScoringContext) -> None:
+        for m in self.metrics:
+            self.scores[m.name].update(m.score_groups(ctx))  # type: ignore[attr-defined]
+
+    @contextmanager
+    def observe(self, view: BlockView) -> Iterator[None]:
+        ctx = self._context(view.model, view.adapter, view.ir, view.windows)
+        with ExitStack() as stack:
+            for key, collector in self.collectors.items():
+                stats, handles = collector(view.model, view.ir, view.windows)
+                ctx._cache[key] = stats
+                stack.callback(lambda hs=handles: [h.remove() for h in hs])
+            yield
+        self._score(ctx)
+
+    def finish(self, model: nn.Module, adapter: ArchitectureAdapter, ir: ModelIR) -> None:
+        if not ir.stage_channel_groups():
+            return
+        outside = block_ir(ir, None)
+        ctx = self._context(model, adapter, outside, torch.zeros(0, 0, dtype=torch.long))
+        for key, collector in self.collectors.items():  # nothing ran: statistics stay empty
+            stats, handles = collector(model, outside, ctx.calibration.windows)
+            for h in handles:
+                h.remove()
+            ctx._cache[key] = stats
+        self._score(ctx)
+
+    def results(self) -> dict[str, Any]:
+        return dict(self.scores)
+
+
+def block_observers(metrics: Sequence[ImportanceMetric]) -> list[BlockObserver]:
+    """The observers that compute ``metrics`` block by block: one :class:`BlockScorer` for every channel
+    metric that can (``streaming``), plus each other metric's own ``block_observer()``."""
+    from .metrics import ChannelMetric
+
+    channel = [m for m in metrics if isinstance(m, ChannelMetric) and m.streaming]
+    out: list[BlockObserver] = [BlockScorer(channel)] if channel else []
+    for m in metrics:
+        if not isinstance(m, ChannelMetric) and (obs := m.block_observer()) is not None:
+            out.append(obs)
+    return out

@@ -22,7 +22,7 @@ import contextlib
 import gc
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,31 @@ from torch import nn
 from .adapter import ArchitectureAdapter, get_module
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
-from .metrics import ImportanceMetric, Scores
+from .metrics import ChannelMetric, ImportanceMetric, Scores
 from .plan import DIGEST_ATTR, digest_samples, weight_sample
 from .scoring import (
     TRIALS_ATTR,
+    BlockObserver,
+    BlockView,
     Calibration,
     ScoringContext,
     _first_tensor,
     _hook_point,
     _progress,
     _TowerRecorder,
+    block_ir,
+    block_observers,
     stream_loss,
 )
 
-__all__ = ["StreamingModel", "check_streaming_metric", "open_streaming", "stream_calibrate", "stream_score"]
+__all__ = [
+    "StreamingModel",
+    "check_streaming_metric",
+    "open_streaming",
+    "stream_calibrate",
+    "stream_score",
+    "stream_score_groups",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +71,21 @@ def check_streaming_metric(metric: ImportanceMetric) -> None:
     if "gradients" in metric.needs:
         raise PlanError(
             f"metric {metric.name!r} needs gradients (a backward pass through the whole model), which "
-            "streaming mode does not run: drop --streaming, or use bi, angular, sublayer_drop, nri or sleb"
+            f"streaming mode does not run: drop --streaming, or use one of {', '.join(streaming_metrics())}"
         )
     if not metric.streaming:
         raise PlanError(
-            f"metric {metric.name!r} reads more than the stream statistics and single-unit removal trials "
-            "(weights or per-projection statistics) and is not available with --streaming: drop "
-            "--streaming, or use bi, angular, sublayer_drop, nri or sleb"
+            f"metric {metric.name!r} is not available with --streaming (it reads more than the stream "
+            "statistics, single-unit removal trials and one block's weights and statistics at a time): drop "
+            f"--streaming, or use one of {', '.join(streaming_metrics())}"
         )
+
+
+def streaming_metrics() -> list[str]:
+    """The names of every registered metric a streaming pass can compute."""
+    from .plugins import metrics
+
+    return sorted(n for n, m in metrics().items() if m.streaming and "gradients" not in m.needs)
 
 
 def _weight_index(folder: Path) -> dict[str, Path]:
@@ -430,10 +448,17 @@ class _TowerStreams:
     """
 
     def __init__(
-        self, sm: StreamingModel, batches: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+        self,
+        sm: StreamingModel,
+        batches: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        *,
+        observers: Sequence[BlockObserver] = (),
+        windows: torch.Tensor | None = None,
     ) -> None:
         self.sm = sm
         self.batches = batches
+        self.observers = list(observers)  # run on each block while it is loaded (every tower's)
+        self.windows = windows if windows is not None else torch.cat([b for b, _ in batches])
         _learn_templates(sm, *batches[0])
         by_name = {t.name: t for t in sm.towers}
         #: towers the forward reaches, in that order (a vision tower without images is not reached)
@@ -525,11 +550,12 @@ class _TowerStreams:
         try:
             for i in _progress(range(len(paths)), progress, f"streaming {tower.name} blocks"):
                 block = sm.load_block(paths[i])
-                for j in range(len(xs)):
-                    if rec is not None:
-                        rec.select_batch(j)
-                    args, kw = calls[i][j]
-                    xs[j] = _stream_of(block(xs[j], *args, **kw))
+                with _observing(sm, self.observers, tower, i, self.windows):
+                    for j in range(len(xs)):
+                        if rec is not None:
+                            rec.select_batch(j)
+                        args, kw = calls[i][j]
+                        xs[j] = _stream_of(block(xs[j], *args, **kw))
                 sm.unload_block(paths[i])
                 calls[i] = []
                 if keep:
@@ -558,6 +584,29 @@ class _TowerStreams:
         raise CalibrationError(f"the model's forward did not reach tower {tower.name}")
 
 
+def _observing(
+    sm: StreamingModel, observers: list[BlockObserver], tower: Tower, i: int, windows: torch.Tensor
+) -> contextlib.ExitStack:
+    """Every observer's hooks on block ``i`` of ``tower`` (loaded) for the duration of its batches; left
+    while the block is still loaded, so observers read its weights and statistics then."""
+    stack = contextlib.ExitStack()
+    if observers:
+        b = tower.blocks[i]
+        view = BlockView(sm.model, sm.adapter, block_ir(sm.ir, b.id), tower, b, i, windows)
+        for obs in observers:
+            stack.enter_context(obs.observe(view))
+    return stack
+
+
+def _metric_objects(metrics: Sequence[str | ImportanceMetric]) -> list[ImportanceMetric]:
+    from .plugins import get_metric
+
+    out = [get_metric(m) if isinstance(m, str) else m for m in metrics]
+    for m in out:
+        check_streaming_metric(m)
+    return out
+
+
 @torch.inference_mode()
 def stream_calibrate(
     sm: StreamingModel,
@@ -566,6 +615,8 @@ def stream_calibrate(
     batch_size: int = 8,
     progress: bool = False,
     inputs: dict[str, torch.Tensor] | None = None,
+    metrics: Sequence[str | ImportanceMetric] = (),
+    observers: Sequence[BlockObserver] = (),
 ) -> Calibration:
     """:func:`~prunekit_core.scoring.calibrate` of ``sm``'s model, one block in memory at a time.
 
@@ -573,6 +624,12 @@ def stream_calibrate(
     Towers are streamed in the order the model's forward reaches them; a tower already streamed replays its
     blocks' outputs while the next one's inputs are captured, so those outputs (every block's, for every
     calibration window) are held until the last tower starts.
+
+    ``metrics`` that read a block's weights or statistics (``magnitude``, ``wanda``, ``obs``, ``bi_lsq``,
+    a plugin's ``streaming`` channel metrics) are computed while each block is loaded, through their
+    :class:`~prunekit_core.scoring.BlockObserver` s (plus any given in ``observers``); their scores go to
+    the calibration's ``observed`` (read by :func:`stream_score`, :func:`stream_score_groups` and the
+    planners).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise CalibrationError(
@@ -583,7 +640,8 @@ def stream_calibrate(
         (windows[s : s + batch_size], {k: v[s : s + batch_size] for k, v in extra.items()})
         for s in range(0, windows.shape[0], batch_size)
     ]
-    streams = _TowerStreams(sm, batches)
+    obs = [*block_observers(_metric_objects(metrics)), *observers]
+    streams = _TowerStreams(sm, batches, observers=obs, windows=windows)
     cal = Calibration(windows=windows, inputs=extra)
     for tower in streams.order:
         rec = _TowerRecorder(tower)
@@ -592,6 +650,9 @@ def stream_calibrate(
         streams.stream(tower, *streams.capture(tower), rec=rec, progress=progress)
         cal.towers[tower.name] = rec.result()
     cal.towers = {t.name: cal.towers[t.name] for t in sm.towers if t.name in cal.towers}  # IR order
+    for o in obs:
+        o.finish(sm.model, sm.adapter, sm.ir)
+        cal.observed.update(o.results())
     digest = sm.weights_digest()
     if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
         object.__setattr__(sm.model, DIGEST_ATTR, digest)
@@ -744,10 +805,21 @@ class StreamingTrialRunner:
         raise PlanError("in-place trials (width planning) need the whole model: drop --streaming")
 
 
+def _observed(m: ImportanceMetric, calibration: Calibration) -> None:
+    if (
+        isinstance(m, ChannelMetric) or m.block_observer() is not None
+    ) and m.name not in calibration.observed:
+        raise PlanError(
+            f"metric {m.name!r} is computed block by block during the streaming pass: pass it to "
+            f"stream_calibrate(..., metrics=[{m.name!r}])"
+        )
+
+
 def stream_score(
     sm: StreamingModel, calibration: Calibration, metric: str, *, span: int | None = None
 ) -> Scores:
-    """Scores of ``metric`` from a streaming calibration (similarity metrics only, see module docs).
+    """Scores of ``metric`` from a streaming calibration (see module docs; metrics computed block by block
+    must have been passed to :func:`stream_calibrate`).
 
     Removal trials (``nri``, ``sleb``) measure the language model's loss one block at a time; on a model
     with several towers they score the units of the tower with the head (the language model) only.
@@ -756,11 +828,23 @@ def stream_score(
 
     m = get_metric(metric)
     check_streaming_metric(m)
+    _observed(m, calibration)
     ir = sm.ir
     if "trials" in m.needs and len(sm.towers) > 1:
         ir = ir.restricted([sm.tower.name])
     ctx = ScoringContext(model=sm.model, adapter=sm.adapter, ir=ir, calibration=calibration)
     return m.score(ctx, span=span)
+
+
+def stream_score_groups(calibration: Calibration, metric: str) -> dict[str, torch.Tensor]:
+    """Group scores of the channel metric ``metric``, computed block by block by :func:`stream_calibrate`
+    (``metrics=[metric]``)."""
+    from .plugins import get_metric
+
+    m = get_metric(metric)
+    check_streaming_metric(m)
+    _observed(m, calibration)
+    return dict(calibration.observed[m.name])
 
 
 def streaming_folder(spec: str) -> Path:

@@ -40,6 +40,7 @@ from torch import nn
 from .adapter import get_module
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
+from .scoring import TRIALS_ATTR, BlockScorer
 from .width import WidthCut, _split, group_slices, member_index, width_families
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,43 @@ def _member_modules(fams: list[ChannelGroup]) -> set[str]:
     return {_split(m.param)[0] for f in fams for m in f.members}
 
 
+#: the :meth:`~prunekit_core.scoring.ScoringContext.observed` key of :func:`width_collector`'s statistics
+WIDTH_STATS = "prunekit.width_stats"
+
+
+def _width_hooks(
+    model: nn.Module, ir: ModelIR, families: list[str] | None, grams: bool, state: dict[str, Any]
+) -> tuple[WidthStats, list[Any]]:
+    fams = ir.channel_groups()
+    chosen = list(fams) if families is None else families
+    modules = _member_modules([fams[f][1] for f in chosen])
+    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
+    stats = WidthStats()
+
+    def make_hook(path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq = (x * x).sum(0)
+            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
+            if path in outs:
+                g = x.T @ x
+                key = stats.gram_hold if state["hold"] else stats.gram
+                key[path] = key[path] + g if path in key else g
+
+        return hook
+
+    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    return stats, handles
+
+
+def width_collector(model: nn.Module, ir: ModelIR, windows: torch.Tensor) -> tuple[WidthStats, list[Any]]:
+    """A :data:`~prunekit_core.scoring.Collector` of the width statistics of every family in ``ir``: the
+    hooks of :func:`collect_width_stats` (no held-out part), for a caller that runs the windows."""
+    stats, handles = _width_hooks(model, ir, None, True, {"hold": False})
+    stats.tokens = int(windows.numel())
+    return stats, handles
+
+
 @torch.inference_mode()
 def collect_width_stats(
     model: nn.Module,
@@ -81,26 +119,8 @@ def collect_width_stats(
 
     With ``hold_every=n`` the Gram of every n-th window also goes to ``gram_hold`` (ridge choice).
     """
-    fams = ir.channel_groups()
-    chosen = list(fams) if families is None else families
-    modules = _member_modules([fams[f][1] for f in chosen])
-    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
-    stats = WidthStats()
     state: dict[str, Any] = {"hold": False}
-
-    def make_hook(path: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq = (x * x).sum(0)
-            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
-            if path in outs:
-                g = x.T @ x
-                key = stats.gram_hold if state["hold"] else stats.gram
-                key[path] = key[path] + g if path in key else g
-
-        return hook
-
-    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    stats, handles = _width_hooks(model, ir, families, grams, state)
     try:
         n = windows.shape[0]
         if hold_every:
@@ -353,6 +373,44 @@ def _output_energy_curve(
     return torch.cat([torch.zeros(1, dtype=corner.dtype), corner]).clamp_min(0)
 
 
+def curve_key(metric: str, repair: bool) -> str:
+    """Where a streaming pass leaves the width cost model's output-energy curves (``Calibration.observed``)."""
+    return f"prunekit.width_curves:{metric}:{'lsq' if repair else 'none'}"
+
+
+class WidthCurveObserver(BlockScorer):
+    """The width planner's per-block inputs, one block at a time (a streaming pass): the channel metric's
+    group scores, and for every family cut off its sublayer's output projection the branch-output error
+    curve of removing its least important groups (:func:`_output_energy_curve`, from the block's weights
+    and input Gram). What the planner keeps of a block is ``count + 1`` numbers per family, not its Grams
+    or weights; :func:`plan_width` reads them instead of computing them from the model."""
+
+    def __init__(self, metric: Any, *, repair: bool) -> None:
+        super().__init__([metric])
+        self.collectors = {**self.collectors, WIDTH_STATS: width_collector}
+        self.key = curve_key(metric.name, repair)
+        self.repair = repair
+        self.curves: dict[str, torch.Tensor] = {}
+
+    def _score(self, ctx: Any) -> None:
+        before = set(self.scores[self.metrics[0].name])
+        super()._score(ctx)
+        scores = self.scores[self.metrics[0].name]
+        fams = width_families(ctx.ir)
+        for fid in set(scores) - before:
+            if fid not in fams or (member := _out_member(*fams[fid])) is None:
+                continue
+            sub, fam = fams[fid]
+            order = [int(i) for i in torch.argsort(scores[fid], stable=True)]
+            W = get_module(ctx.model, sub.out_proj).weight.detach().double()  # type: ignore[arg-type]
+            stats = ctx.width_stats()
+            G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+            self.curves[fid] = _output_energy_curve(W, G, member, fam.count, order, self.repair)
+
+    def results(self) -> dict[str, Any]:
+        return {**super().results(), self.key: dict(self.curves)}
+
+
 @torch.no_grad()
 def _probe(
     ctx: Any,
@@ -474,20 +532,25 @@ def family_costs(
     round_to: int,
     allow_all: bool,
     probes: dict[str, dict[int, float]] | None = None,
+    curves: dict[str, torch.Tensor] | None = None,
 ) -> list[FamilyCost]:
-    """The cost curve of every family (see the module docstring)."""
+    """The cost curve of every family (see the module docstring). ``curves``: the output-energy curves,
+    already computed block by block (:class:`WidthCurveObserver`), instead of ``stats`` and the weights."""
     out = []
     for fid, (sub, fam) in ir.channel_groups().items():
         if fid not in orders:
             continue
         member = _out_member(sub, fam)
-        if member is None or sub.out_proj not in stats.gram:
-            raise PlanError(
-                f"{fid}: the cost model needs the sublayer's out_proj among the family's members (axis 1)"
-            )
-        W = get_module(model, sub.out_proj).weight.detach().double()
-        G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
-        curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
+        if curves is not None and member is not None:
+            curve = curves[fid]
+        else:
+            if member is None or sub.out_proj not in stats.gram:
+                raise PlanError(
+                    f"{fid}: the cost model needs the sublayer's out_proj among the family's members (axis 1)"
+                )
+            W = get_module(model, sub.out_proj).weight.detach().double()
+            G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+            curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
         measured = max(sublayer_loss.get(sub.id, 0.0), 0.0)  # removal that helps is free
         anchors = {0: 0.0, **(probes or {}).get(fid, {}), fam.count: measured}
         ks_a = sorted(anchors)
@@ -833,13 +896,27 @@ def plan_width(
             f"the {ir.adapter} plugin declares no channel groups {where}: width pruning needs them. "
             "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".") + narrow
         )
+    if mixed and getattr(ctx.model, TRIALS_ATTR, None) is not None:
+        raise PlanError(
+            "the mixed planner with a channel metric measures its candidate plans on pruned copies of the "
+            "whole model, which streaming does not hold: use --granularity width (uniform or global "
+            "allocation), or a block/sublayer metric at --granularity mixed, or drop --streaming"
+        )
     if mixed:
         allocation = "global"  # the one-scale candidate; the mixed planner also tries uniform width splits
-    scores = metric.score_groups(ctx)
+    scores = ctx.group_scores(metric)
     orders = {
         fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
     }
     gram_orders = {fid: o for fid, o in orders.items() if _out_member(*fams[fid]) is not None}
+    trial_only = sorted(set(orders) - set(gram_orders))
+    if trial_only and getattr(ctx.model, TRIALS_ATTR, None) is not None:
+        raise PlanError(
+            f"families {', '.join(trial_only[:3])}{' ...' if len(trial_only) > 3 else ''} have no output "
+            "projection among their members (channels inside fused experts): their cost is measured by "
+            "zeroing groups in place, which needs the whole model. With --streaming use a metric that does "
+            "not score them (wanda, obs), or drop --streaming"
+        )
     runner = ctx.trials()
     base = runner.base_loss
     subs_with = {fams[fid][0].id for fid in orders}
@@ -850,9 +927,12 @@ def plan_width(
     for sub in ir.sublayers():
         if sub.removable and (sub.id in subs_with or mixed):
             measured[sub.id] = runner.loss([sub.id]) - base
-    stats = ctx.width_stats()
-    probes = _probe(
-        ctx, runner, gram_orders, stats, repair=repair, round_to=round_to, fractions=probe_fractions
+    curves = ctx.calibration.observed.get(curve_key(metric.name, repair))  # a streaming pass's, per block
+    stats = ctx.width_stats() if curves is None else WidthStats()
+    probes = (
+        _probe(ctx, runner, gram_orders, stats, repair=repair, round_to=round_to, fractions=probe_fractions)
+        if probe_fractions
+        else {}
     )
     single = {fid for fid in gram_orders if per_sub[fams[fid][0].id] == 1 and fams[fid][0].removable}
     costs = []
@@ -870,6 +950,7 @@ def plan_width(
             round_to=round_to,
             allow_all=mixed and fid in single,
             probes=probes,
+            curves=curves,
         )
     if mixed:  # sublayers that cannot go all the way through one family: whole-branch moves
         covered = {fams[f][0].id for f in single}

@@ -16,9 +16,9 @@ import torch
 from ..errors import PlanError
 from ..hookspecs import hookimpl
 from ..metrics import ChannelMetric, ImportanceMetric, Scores
-from ..scoring import ScoringContext
+from ..scoring import BlockObserver, Collector, ScoringContext
 from ..width import width_families
-from ..width_scoring import _out_member, linear_members
+from ..width_scoring import WIDTH_STATS, _out_member, linear_members, width_collector
 
 
 class BlockInfluence(ImportanceMetric):
@@ -79,13 +79,22 @@ class RepairedBlockInfluence(ImportanceMetric):
         "prunekit; repair in the spirit of LLM-Streamline (arXiv 2403.19135), folded into existing weights"
     )
 
+    streaming = True  # block by block: BlockRepairObserver
+
     def score(self, ctx: ScoringContext, *, span: int | None = None) -> Scores:
         from ..repair import block_repair_residuals
 
-        values = block_repair_residuals(
-            ctx.model, ctx.ir, ctx.calibration.windows, inputs=ctx.calibration.inputs
-        )
-        return Scores(metric=self.name, unit="block", values=values)
+        values = ctx.calibration.observed.get(self.name)  # computed by a streaming pass
+        if values is None:
+            values = block_repair_residuals(
+                ctx.model, ctx.ir, ctx.calibration.windows, inputs=ctx.calibration.inputs
+            )
+        return Scores(metric=self.name, unit="block", values=dict(values))
+
+    def block_observer(self) -> BlockObserver:
+        from ..repair import BlockRepairObserver
+
+        return BlockRepairObserver(self.name)
 
 
 def _trial_candidates(ctx: ScoringContext, default_unit: str) -> list[str]:
@@ -147,6 +156,7 @@ class Magnitude(ChannelMetric):
     name = "magnitude"
     description = "width: L2 norm of each channel group's weights (every coupled slice)"
     reference = "Li et al., Pruning Filters for Efficient ConvNets, arXiv 1608.08710; Torch-Pruning's default"
+    streaming = True  # the weights of the families in ctx.ir: one block at a time
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import magnitude_scores
@@ -164,6 +174,10 @@ class Wanda(ChannelMetric):
     description = "width: sum of |W_ij| * ||X_j|| over each channel group's weights (calibration inputs)"
     reference = "Wanda, arXiv 2306.11695 (structured: Wanda-sp / FLAP)"
     needs = frozenset({"activations"})
+    streaming = True  # the block's weights and input statistics, while it is loaded
+
+    def collectors(self) -> dict[str, Collector]:
+        return {WIDTH_STATS: width_collector}
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import wanda_scores
@@ -201,6 +215,10 @@ class OBS(ChannelMetric):
     )
     reference = "Optimal Brain Surgeon (Hassibi & Stork 1993); structured form as in ZipLM, arXiv 2302.04089"
     needs = frozenset({"activations"})
+    streaming = True  # the block's weights and input Grams, while it is loaded
+
+    def collectors(self) -> dict[str, Collector]:
+        return {WIDTH_STATS: width_collector}
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
         from ..width_scoring import obs_scores

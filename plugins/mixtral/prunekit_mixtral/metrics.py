@@ -14,6 +14,7 @@ every transformers fused-experts kernel takes), for each expert ``e``:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from prunekit_core.adapter import get_module
 from prunekit_core.ir import ChannelGroup, ModelIR, Sublayer
 from prunekit_core.metrics import ExpertMetric
 from prunekit_core.routing import router_rows_masked
-from prunekit_core.scoring import ScoringContext
+from prunekit_core.scoring import Collector, ScoringContext
 from prunekit_core.width import routed_families
 
 STATS_KEY = "prunekit_mixtral.expert_stats"
@@ -47,12 +48,12 @@ def _moe_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
     return {fid: v for fid, v in routed_families(ir).items() if v[0].kind == "moe"}
 
 
-@torch.inference_mode()
-def collect_expert_stats(
-    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, sample_tokens: int = 2048
-) -> ExpertStats:
-    """One pass over ``windows`` ([n, seq_len] token ids); keeps ``sample_tokens`` MoE inputs per layer."""
-    stats = ExpertStats()
+def expert_collector(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, sample_tokens: int = 2048
+) -> tuple[ExpertStats, list[Any]]:
+    """The hooks of :func:`collect_expert_stats` on every MoE layer of ``ir`` (a
+    :data:`~prunekit_core.scoring.Collector`: the caller runs the windows; a streaming pass, one block's)."""
+    stats = ExpertStats(tokens=int(windows.numel()))
     handles = []
     for fid, (sub, _fam) in _moe_families(ir).items():
         block = get_module(model, sub.module)
@@ -64,13 +65,21 @@ def collect_expert_stats(
         stats.mid_sq[fid] = torch.zeros(n_exp, two_i // 2, dtype=torch.float64)
         handles.append(experts.register_forward_pre_hook(_routing_hook(fid, experts, stats)))
         handles.append(block.register_forward_pre_hook(_sample_hook(fid, stats, sample_tokens)))
+    return stats, handles
+
+
+@torch.inference_mode()
+def collect_expert_stats(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 8, sample_tokens: int = 2048
+) -> ExpertStats:
+    """One pass over ``windows`` ([n, seq_len] token ids); keeps ``sample_tokens`` MoE inputs per layer."""
+    stats, handles = expert_collector(model, ir, windows, sample_tokens=sample_tokens)
     try:
         for start in range(0, windows.shape[0], batch_size):
             model(input_ids=windows[start : start + batch_size], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    stats.tokens = int(windows.numel())
     return stats
 
 
@@ -108,11 +117,22 @@ def _sample_hook(fid: str, stats: ExpertStats, limit: int) -> Callable[..., None
 
 
 def expert_stats(ctx: ScoringContext) -> ExpertStats:
-    """The shared statistics of ``ctx`` (collected on first use, one pass for every expert metric)."""
-    return ctx.cached(STATS_KEY, lambda: collect_expert_stats(ctx.model, ctx.ir, ctx.calibration.windows))
+    """The shared statistics of ``ctx`` (collected on first use, one pass for every expert metric; in a
+    streaming pass, while each block runs)."""
+    return ctx.observed(STATS_KEY, expert_collector)
 
 
-class RoutingFrequency(ExpertMetric):
+class _StatsMetric(ExpertMetric):
+    """An expert metric computed from the routing statistics and the weights of the block's experts: a
+    streaming pass computes it one block at a time."""
+
+    streaming = True
+
+    def collectors(self) -> dict[str, Collector]:
+        return {STATS_KEY: expert_collector}
+
+
+class RoutingFrequency(_StatsMetric):
     name = "expert_frequency"
     description = "experts: fraction of calibration tokens the router sends to each expert (top-k hits)"
     reference = "common baseline, e.g. NAEE (arXiv 2402.14800)"
@@ -122,7 +142,7 @@ class RoutingFrequency(ExpertMetric):
         return {fid: t / max(stats.tokens, 1) for fid, t in stats.frequency.items()}
 
 
-class RoutingMass(ExpertMetric):
+class RoutingMass(_StatsMetric):
     name = "expert_mass"
     description = "experts: sum of the routing weights each expert receives, per calibration token"
     reference = "common baseline, e.g. NAEE (arXiv 2402.14800)"
@@ -132,7 +152,7 @@ class RoutingMass(ExpertMetric):
         return {fid: t / max(stats.tokens, 1) for fid, t in stats.mass.items()}
 
 
-class MoEPruner(ExpertMetric):
+class MoEPruner(_StatsMetric):
     name = "moe_pruner"
     description = (
         "experts: MoE-Pruner's router-weighted Wanda score |W_ij| * ||X_j * gate|| summed over each "
@@ -153,7 +173,7 @@ class MoEPruner(ExpertMetric):
         return out
 
 
-class OutputReconstruction(ExpertMetric):
+class OutputReconstruction(_StatsMetric):
     name = "expert_reconstruction"
     description = (
         "experts: relative change of the MoE block's output on sampled calibration tokens when the expert "
@@ -181,13 +201,19 @@ class OutputReconstruction(ExpertMetric):
 
 class RandomExperts(ExpertMetric):
     name = "expert_random"
-    description = "experts: a seeded random order (seed 0) — the baseline every expert metric must beat"
+    description = "experts: a seeded random order (seed 0 and the family id) — the baseline every expert metric must beat"
     reference = "baseline"
+    streaming = True  # nothing but the family ids: any block, any time
 
     def score_groups(self, ctx: ScoringContext) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
+        # one generator per family, seeded from seed 0 and the family id: the same order whichever
+        # families a context holds (a streaming pass scores one block's at a time)
         return {
-            fid: torch.rand(fam.count, generator=gen, dtype=torch.float64)
+            fid: torch.rand(
+                fam.count,
+                generator=torch.Generator().manual_seed(zlib.crc32(f"0:{fid}".encode())),
+                dtype=torch.float64,
+            )
             for fid, (_s, fam) in routed_families(ctx.ir).items()
         }
 
