@@ -510,12 +510,23 @@ def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
 
 
 def _stream_calibrate(
-    ui: UI, sm: Any, ids: Any, metrics: list[Any], observers: list[Any] | None = None
+    ui: UI,
+    sm: Any,
+    ids: Any,
+    metrics: list[Any],
+    observers: list[Any] | None = None,
+    *,
+    images: bool = True,
 ) -> Any:
+    """``images``: put one image in every window of a vision-language model, as the in-memory calibration
+    does (channel statistics, like :func:`~prunekit_core.width_scoring.collect_width_stats`, read the text
+    windows alone)."""
     from .streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
-        ids, extra = sm.calibration_inputs(ids)  # a vision-language model: one image per window
+        extra: dict[str, Any] = {}
+        if images:
+            ids, extra = sm.calibration_inputs(ids)  # a vision-language model: one image per window
         # metrics that read a block's weights or statistics are computed while it is loaded
         cal = stream_calibrate(
             sm, ids, inputs=extra, progress=_bars(), metrics=metrics, observers=observers or []
@@ -535,7 +546,7 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
     from .streaming import StreamingModel, stream_score_groups
 
     if isinstance(model, StreamingModel):
-        cal = _stream_calibrate(ui, model, windows.ids, metrics)
+        cal = _stream_calibrate(ui, model, windows.ids, metrics, images=False)  # as score_groups below
         results = {m.name: stream_score_groups(cal, m.name) for m in metrics}
     else:
         cal = Calibration(windows=windows.ids)
@@ -916,7 +927,8 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
     )
     m = get_metric(metric)
     if uses_width(metric, granularity):  # the width cost model's curves, block by block
-        cal = _stream_calibrate(ui, sm, windows.ids, [], [WidthCurveObserver(m, repair=repair == "lsq")])
+        curves = [WidthCurveObserver(m, repair=repair == "lsq")]
+        cal = _stream_calibrate(ui, sm, windows.ids, [], curves, images=False)  # text windows, as in memory
     else:
         cal = _stream_calibrate(ui, sm, windows.ids, [m])
     with ui.step(f"plan (rank:{metric}, {granularity})"):

@@ -355,6 +355,8 @@ class BlockRepairObserver(BlockObserver):
             )
         writer_path = _writer(block)
         held_mask = torch.arange(view.windows.shape[0]) % 4 == 3
+        if view.index == 0:  # a new tower (a vision encoder came first): nothing carries over
+            self._feats = []
         prev = self._feats
         acc = None
         if prev:
