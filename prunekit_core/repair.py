@@ -377,7 +377,7 @@ class BlockRepairObserver(BlockObserver):
             nonlocal dd, xx
             x0 = state["x"].double()
             x1 = (out[0] if isinstance(out, tuple) else out).double()
-            if x0.dim() != 3:
+            if x0.dim() < 3:  # rows must be windows ([batch, seq, hidden]; SAM: [batch, h, w, hidden])
                 raise CalibrationError(
                     "bi_lsq streams [batch, seq, hidden] block inputs; got a flattened stream"
                 )
