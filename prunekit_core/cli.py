@@ -1213,6 +1213,10 @@ STREAMING_HELP = (
     "over the blocks; magnitude, wanda, obs, bi_lsq and plugin metrics such as the expert metrics from each "
     "block's weights and statistics while it is loaded); not taylor"
 )
+STREAMING_HELP += (
+    "; a vision-language model streams tower by tower with its calibration images (removal trials score "
+    "the language model's units)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
