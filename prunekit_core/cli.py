@@ -663,7 +663,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
     streamed_plan: PrunePlan | None = None
     if args.streaming:  # plan from a streaming pass; the model is loaded afterwards only for surgery
-        streamed_plan = _plan_streaming(args, ui, metric_name, granularity, repair)
+        streamed_plan = _plan_streaming(args, ui, metric_name, planner, granularity, repair)
         if args.plan_only:
             streamed_plan.save(out)
             ui.say(f"plan written to {out} (streaming: the model was never loaded whole)")
@@ -864,17 +864,18 @@ def _check_streaming_prune(
             f"method, {metric} with repair {repair}, reads the whole model)"
         )
     check_streaming_metric(get_metric(metric))
-    if planner != "rank" or granularity not in ("block", "sublayer") or repair != "none":
+    if granularity not in ("block", "sublayer") or repair != "none":  # rank and greedy planners both stream
         raise PlanError(
-            f"--streaming plans with the rank planner at block or sublayer granularity without repair; got "
-            f"planner {planner}, granularity {granularity}, repair {repair} (pass --planner rank, "
-            "--granularity block or sublayer, --repair none)"
+            f"--streaming plans at block or sublayer granularity without repair; got planner {planner}, "
+            f"granularity {granularity}, repair {repair} (pass --granularity block or sublayer, --repair none)"
         )
     if args.recover == "lora":
         raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
 
 
-def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: str, repair: str) -> Any:
+def _plan_streaming(
+    args: argparse.Namespace, ui: UI, metric: str, planner: str, granularity: str, repair: str
+) -> Any:
     from .planning import budget_params, plan_pruning
 
     sm, tok = _open_streaming(ui, args.model)
@@ -885,20 +886,25 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
     )
     ui.info(
         f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
-        f"planner rank, metric {metric}, granularity {granularity}, streaming"
+        f"planner {planner}, metric {metric}, granularity {granularity}, streaming"
     )
     cal = _stream_calibrate(ui, sm, windows.ids)
-    with ui.step(f"plan (rank:{metric}, {granularity})"):
-        return plan_pruning(
+    loads = sm.loaded_blocks
+    with ui.step(f"plan ({planner}:{metric}, {granularity})"):
+        plan = plan_pruning(
             sm.model,
             cal,
             ratio=args.ratio,
             metric=metric,
             granularity=granularity,  # type: ignore[arg-type]
-            planner="rank",
+            planner=planner,  # type: ignore[arg-type]
             repair=repair,  # type: ignore[arg-type]
             adapter=sm.adapter,
+            on_step=lambda msg: ui.info("  " + msg),
         )
+    if sm.loaded_blocks > loads:
+        ui.info(f"removal trials: {sm.loaded_blocks - loads} more block loads from disk")
+    return plan
 
 
 # --- prunekit recover --------------------------------------------------------------------------------
@@ -1161,7 +1167,7 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
 STREAMING_HELP = (
     "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
     "the calibration activations, so models larger than memory can be scored (bi, angular, sublayer_drop; "
-    "nri and sleb by single-unit trials in passes over the blocks)"
+    "nri and sleb by removal trials in passes over the blocks)"
 )
 
 
@@ -1439,7 +1445,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help=STREAMING_HELP
-        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb, the rank planner and no repair. With "
+        + "; plans with --metric bi, angular, sublayer_drop, nri or sleb at block or sublayer granularity, "
+        "the rank planner or the greedy one (nri, sleb: each round of trials forks from the committed removals, "
+        "a pass over the blocks per 8 trials), and no repair. With "
         "--plan-only the model is never loaded whole; otherwise it is loaded after planning for the surgery",
     )
     p.add_argument(

@@ -140,12 +140,99 @@ def test_streaming_trials_equal_in_memory(name: str, tmp_path: Path) -> None:
         assert got.values.keys() == ref.values.keys()
         for uid, v in ref.values.items():
             assert got.values[uid] == pytest.approx(v, rel=1e-6, abs=1e-12), (metric, uid)
-    # the planner too (rank), and the greedy planner is refused with a clear error
+    # the rank planner too
     plan = plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
     ref_plan = plan_pruning(model, cal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
     assert plan.remove == ref_plan.remove
-    with pytest.raises(PlanError, match="rank planner"):
-        plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="greedy", granularity="sublayer")
+
+
+def _record_trials(monkeypatch: pytest.MonkeyPatch, cls: type, log: list[tuple[object, ...]]) -> None:
+    """Log every trial loss, committed-model loss and commit of ``cls``'s runners, in call order."""
+    loss, commit = cls.loss, cls.commit
+
+    def logged_loss(self: object, remove: tuple[str, ...] = ()) -> float:
+        value = loss(self, remove)
+        log.append(("loss", tuple(remove), value))
+        return value
+
+    def logged_commit(self: object, remove: list[str]) -> None:
+        commit(self, remove)
+        log.append(("commit", tuple(remove)))
+
+    monkeypatch.setattr(cls, "loss", logged_loss)
+    monkeypatch.setattr(cls, "commit", logged_commit)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "gptj", "generic-gpt2"])
+@pytest.mark.parametrize(
+    ("metric", "granularity"), [("nri", "sublayer"), ("sleb", "block"), ("nri", "block")]
+)
+def test_streaming_greedy_plan_equals_in_memory(
+    name: str, metric: str, granularity: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prunekit_core.scoring import TrialRunner
+    from prunekit_core.streaming import StreamingTrialRunner
+
+    folder = tmp_path / name
+    model = MODELS[name]()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    windows = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    logs: dict[str, list[tuple[object, ...]]] = {"memory": [], "streaming": []}
+    _record_trials(monkeypatch, TrialRunner, logs["memory"])
+    _record_trials(monkeypatch, StreamingTrialRunner, logs["streaming"])
+    steps: dict[str, list[str]] = {"memory": [], "streaming": []}
+    kw = dict(ratio=0.5, metric=metric, planner="greedy", granularity=granularity, shortlist=2)
+    ref = plan_pruning(model, calibrate(model, windows), on_step=steps["memory"].append, **kw)
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows)
+    loads = sm.loaded_blocks
+    plan = plan_pruning(sm.model, scal, on_step=steps["streaming"].append, **kw)
+    assert len(plan.remove) >= 2  # several greedy steps, each on top of the committed removals
+    assert plan.remove == ref.remove and plan.scores == ref.scores and plan.fingerprint == ref.fingerprint
+    # every trial loss, bitwise, in the same order: the same operations on the same batch of windows
+    assert logs["streaming"] == logs["memory"]
+    # and the same loss before -> after each removal in the planner's progress lines
+    assert [m.split(";")[0] for m in steps["streaming"]] == [m.split(";")[0] for m in steps["memory"]]
+    # block forwards are counted (the note the in-memory planner writes too); every pass loads blocks
+    trials = [n for n in plan.notes if "block forwards" in n]
+    assert len(trials) == 1 and int(trials[0].split()[-3]) > 0
+    assert sm.loaded_blocks > loads
+    assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
+
+
+def test_streaming_greedy_pass_count(tmp_path: Path) -> None:
+    """A greedy step over P candidates costs ceil(P / chunk) passes; a commit costs none: the next round
+    of trials forks from the committed stream, and its first pass also measures the committed loss."""
+    from prunekit_core.streaming import StreamingTrialRunner
+
+    folder = tmp_path / "m"
+    tiny_llama(layers=6).save_pretrained(folder)
+    sm = open_streaming(folder)
+    windows = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    pool = [s.id for s in sm.ir.sublayers()]  # 12 sublayers
+    runner = StreamingTrialRunner(sm, windows, candidates=lambda: pool, chunk=5)
+    loads = sm.loaded_blocks
+    base = runner.current_loss  # the first round: the base loss rides along with the trials
+    first = {u: runner.loss([u]) for u in pool}
+    assert runner.passes == 3  # ceil(12 / 5): no pass of its own for the base loss
+    # the chunks run in block order, each from the deepest saved stream: blocks 0-5, 2-5, 4-5
+    assert sm.loaded_blocks - loads == 6 + 4 + 2
+    runner.commit(["text.blocks.3.mlp"])
+    assert runner.passes == 3 and runner.base_loss == base  # a commit runs nothing
+    pool = [u for u in pool if u != "text.blocks.3.mlp"]
+    loads = sm.loaded_blocks
+    after = runner.current_loss
+    assert after == first["text.blocks.3.mlp"]  # the committed model's loss: that unit's trial loss
+    assert runner.passes == 3 + 3  # ceil(11 / 5) passes measured the committed loss and the next round
+    # the commit (block 3) dropped the saved stream of block 5: blocks 0-5, then 2-5, then 5
+    assert sm.loaded_blocks - loads == 6 + 4 + 1
+    trial = runner.loss(["text.blocks.1.attn"])
+    assert runner.passes == 6 and trial != first["text.blocks.1.attn"]  # on top of the commit
+    with pytest.raises(PlanError, match="one unit at a time"):
+        runner.loss(["text.blocks.0.mlp", "text.blocks.1.mlp"])
+    with pytest.raises(PlanError, match="not in tower"):
+        runner.commit(["text.blocks.9"])
+    assert runner.loss(["text.blocks.3.mlp"]) == after  # a committed unit: nothing more to remove
 
 
 def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
@@ -158,7 +245,7 @@ def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None
     units = [s.id for s in sm.ir.sublayers()]
     for u in units:
         runner.loss([u])
-    assert runner.passes == 1 + -(-len(units) // 3)  # the base pass, then chunks of 3 trials
+    assert runner.passes == -(-len(units) // 3)  # chunks of 3 trials, the first also measures the base loss
     assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
 
 
@@ -320,7 +407,7 @@ def test_cli_prune_streaming_plan_only_then_apply(
     [
         ([], "--streaming needs a metric it can compute"),
         (["--metric", "obs"], "not available with --streaming"),
-        (["--metric", "nri"], "rank planner"),
+        (["--metric", "nri", "--granularity", "mixed"], "at block or sublayer granularity"),
         (["--metric", "bi", "--repair", "lsq"], "without repair"),
     ],
 )
