@@ -235,6 +235,25 @@ def test_streaming_greedy_pass_count(tmp_path: Path) -> None:
     assert runner.loss(["text.blocks.3.mlp"]) == after  # a committed unit: nothing more to remove
 
 
+def test_unloaded_block_weights_are_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    folder = tmp_path / "m"
+    MODELS["mixtral"]().save_pretrained(folder, max_shard_size="20KB")
+    sm = open_streaming(folder)
+    stream_calibrate(sm, torch.randint(3, 100, (2, 8)))
+    path = sm.tower.blocks[1].module
+    gc.disable()
+    try:
+        refs = [weakref.ref(p) for p in sm.load_block(path).parameters()]
+        assert refs and all(r() is not None for r in refs)
+        sm.unload_block(path)
+        assert [r() for r in refs] == [None] * len(refs)  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
 def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
     from prunekit_core.streaming import StreamingTrialRunner
 
@@ -247,6 +266,46 @@ def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None
         runner.loss([u])
     assert runner.passes == -(-len(units) // 3)  # chunks of 3 trials, the first also measures the base loss
     assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
+
+
+def test_streaming_from_a_gguf_source_equals_its_in_memory_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GGUF source streams from its dequantized safetensors cache (converted once, shared with
+    ``load_model``): same scores, trial losses and greedy plan as the in-memory load of the same file."""
+    import json
+
+    from helpers import words, write_tiny_gguf
+
+    from prunekit_core.loading import load_model
+    from prunekit_core.streaming import streaming_folder, streaming_tokenizer
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.F32.gguf")
+    folder = streaming_folder(str(gguf))  # converts into the cache
+    assert folder.parent == tmp_path / "cache" and (folder / "config.json").is_file()
+    model, tok, src = load_model(str(gguf))  # reads the same cache: no second conversion
+    assert src.is_gguf and list((tmp_path / "cache").iterdir()) == [folder]
+    assert streaming_folder(str(gguf)) == folder
+    assert streaming_tokenizer(folder).get_vocab() == tok.get_vocab()
+    windows = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(model, windows, batch_size=3)
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows, batch_size=3)
+    for metric in ("bi", "angular", "sublayer_drop", "nri", "sleb"):
+        assert stream_score(sm, scal, metric).values == score(model, cal, metric).values, metric
+    kw = dict(ratio=0.4, metric="nri", planner="greedy", granularity="sublayer")
+    plan, ref = plan_pruning(sm.model, scal, **kw), plan_pruning(model, cal, **kw)
+    assert plan.remove == ref.remove and plan.fingerprint == ref.fingerprint
+    # the CLI: prunekit score FILE.gguf --streaming prints what the in-memory run prints
+    text = tmp_path / "text.txt"
+    text.write_text(words(2000, seed=3) + "\n")
+    args = ["score", gguf, "--calib", text, *FAST, "--json", "--metric", "bi", "--metric", "sleb"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    code, out_s, err = _cli(capsys, *args, "--streaming")
+    assert code == 0, err
+    assert json.loads(out_s) == json.loads(out)
 
 
 # --- cached removal trials ---------------------------------------------------------------------------
