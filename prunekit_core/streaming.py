@@ -11,9 +11,10 @@ whatever the depth.
 
 Everything is driven by the IR (towers, blocks, module paths, stream points): no family code. The stream
 statistics are recorded by the same hooks as :func:`prunekit_core.scoring.calibrate`, in the same order
-per batch, so scores are bitwise equal to the in-memory pass. Metrics that read only those statistics
-(``ImportanceMetric.streaming``) can be computed; metrics that need gradients, trials or the weights are
-refused with a clear error.
+per batch, so scores are bitwise equal to the in-memory pass. Metrics that read only those statistics or
+single-unit removal trials (``ImportanceMetric.streaming``) can be computed, and the greedy planner can
+commit removals between rounds of trials (:class:`StreamingTrialRunner`); metrics that need gradients or
+the weights are refused with a clear error.
 """
 
 from __future__ import annotations

@@ -146,8 +146,11 @@ def test_streaming_trials_equal_in_memory(name: str, tmp_path: Path) -> None:
     assert plan.remove == ref_plan.remove
 
 
-def _record_trials(monkeypatch: pytest.MonkeyPatch, cls: type, log: list[tuple[object, ...]]) -> None:
-    """Log every trial loss, committed-model loss and commit of ``cls``'s runners, in call order."""
+def _record_trials(
+    monkeypatch: pytest.MonkeyPatch, cls: type, log: list[tuple[object, ...]], runners: list[object]
+) -> None:
+    """Log every trial loss, committed-model loss and commit of ``cls``'s runners, in call order; collect
+    the runners that committed."""
     loss, commit = cls.loss, cls.commit
 
     def logged_loss(self: object, remove: tuple[str, ...] = ()) -> float:
@@ -158,6 +161,7 @@ def _record_trials(monkeypatch: pytest.MonkeyPatch, cls: type, log: list[tuple[o
     def logged_commit(self: object, remove: list[str]) -> None:
         commit(self, remove)
         log.append(("commit", tuple(remove)))
+        runners.append(self)
 
     monkeypatch.setattr(cls, "loss", logged_loss)
     monkeypatch.setattr(cls, "commit", logged_commit)
@@ -178,8 +182,10 @@ def test_streaming_greedy_plan_equals_in_memory(
     model.save_pretrained(folder, max_shard_size="20KB")
     windows = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(0))
     logs: dict[str, list[tuple[object, ...]]] = {"memory": [], "streaming": []}
-    _record_trials(monkeypatch, TrialRunner, logs["memory"])
-    _record_trials(monkeypatch, StreamingTrialRunner, logs["streaming"])
+    runners: list[object] = []
+    memory_runners: list[object] = []
+    _record_trials(monkeypatch, TrialRunner, logs["memory"], memory_runners)
+    _record_trials(monkeypatch, StreamingTrialRunner, logs["streaming"], runners)
     steps: dict[str, list[str]] = {"memory": [], "streaming": []}
     kw = dict(ratio=0.5, metric=metric, planner="greedy", granularity=granularity, shortlist=2)
     ref = plan_pruning(model, calibrate(model, windows), on_step=steps["memory"].append, **kw)
@@ -197,6 +203,18 @@ def test_streaming_greedy_plan_equals_in_memory(
     trials = [n for n in plan.notes if "block forwards" in n]
     assert len(trials) == 1 and int(trials[0].split()[-3]) > 0
     assert sm.loaded_blocks > loads
+    # passes: ceil(trials / chunk) per greedy step (the committed loss rides along), one for the final loss
+    runner = runners[0]
+    assert isinstance(runner, StreamingTrialRunner) and runner.chunk == 8
+    rounds: list[set[tuple[str, ...]]] = [set()]
+    for entry in logs["streaming"]:
+        if entry[0] == "commit":
+            rounds.append(set())
+        elif entry[1]:
+            rounds[-1].add(entry[1])  # type: ignore[arg-type]
+    assert not rounds[-1] and len(rounds) == len(plan.remove) + 1
+    assert runner.passes == sum(-(-len(r) // 8) for r in rounds[:-1]) + 1
+    assert runner.current_loss == memory_runners[0].current_loss  # the pruned model's loss, bitwise
     assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
 
 
@@ -459,6 +477,27 @@ def test_cli_prune_streaming_plan_only_then_apply(
         "--json",
     )
     assert code == 0, err
+
+
+@pytest.mark.parametrize("metric", ["nri", "sleb"])
+def test_cli_prune_streaming_greedy_equals_in_memory(
+    capsys: pytest.CaptureFixture[str], cli_assets: dict[str, Path], tmp_path: Path, metric: str
+) -> None:
+    import json
+
+    common = ["prune", cli_assets["model"], "--ratio", "0.4", "--calib", cli_assets["text"], *FAST]
+    common += ["--metric", metric, "--planner", "greedy", "--plan-only", "--json"]
+    if metric == "nri":
+        common += ["--granularity", "sublayer"]
+    code, out, err = _cli(capsys, *common, "--out", tmp_path / "m.json")
+    assert code == 0, err
+    code, out_s, err = _cli(capsys, *common, "--streaming", "--out", tmp_path / "s.json", "-v")
+    assert code == 0, err
+    streamed, in_memory = json.loads(out_s), json.loads(out)
+    assert streamed["plan"]["method"] == f"greedy:{metric}"
+    assert streamed["removed"] == in_memory["removed"] and len(streamed["removed"]) >= 2
+    assert streamed["plan"]["scores"] == in_memory["plan"]["scores"]
+    assert "removed text.blocks." in err and "more block loads from disk" in err  # progress lines
 
 
 @pytest.mark.parametrize(
