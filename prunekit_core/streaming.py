@@ -534,6 +534,8 @@ class StreamingTrialRunner:
     def _compute(self, unit: str | None) -> None:
         """Trials of ``unit`` and of every unmeasured candidate, in chunks; the committed loss if unknown."""
         pool = self._candidates()
+        if unit is None and pool and any(self._removed(u) for u in pool):
+            pool = None  # a finished round's pool (it holds a committed unit): the committed loss alone
         if pool is None and unit is not None:  # no planner pool: every removable unit of ``unit``'s kind
             if unit in self._block_ids:
                 pool = [b.id for b in self.tower.blocks if b.removable]

@@ -251,6 +251,11 @@ def test_streaming_greedy_pass_count(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="not in tower"):
         runner.commit(["text.blocks.9"])
     assert runner.loss(["text.blocks.3.mlp"]) == after  # a committed unit: nothing more to remove
+    # the planner's last commit: its pool (holding the committed unit) is a finished round, so the final
+    # loss costs one pass (from block 0: the saved input of block 5 lay after the commit), and no trials
+    runner.commit(["text.blocks.4.attn"])
+    passes, loads = runner.passes, sm.loaded_blocks
+    assert runner.current_loss < 100 and runner.passes == passes + 1 and sm.loaded_blocks - loads == 6
 
 
 def test_unloaded_block_weights_are_freed_without_the_garbage_collector(tmp_path: Path) -> None:
