@@ -79,7 +79,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     prev = (0, 0, loads0)
     for k, cur in enumerate([*steps, (runner.trials, runner.passes, sm.loaded_blocks)]):
-        trials, passes, loads = (c - p for c, p in zip(cur, prev))
+        trials, passes, loads = (c - p for c, p in zip(cur, prev, strict=True))
         label = str(k + 1) if k < len(steps) else "final loss"
         print(f"| {label} | {trials} | {passes} | {loads} | {trials + (1 if k else 0)} |")
         prev = cur
