@@ -74,11 +74,12 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.
 
 
 def write_tiny_gguf(
-    path: Path, *, layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2
+    path: Path, *, layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2, tied: bool = False
 ) -> Path:
     """A real (unquantized F32) GGUF file of a tiny random Llama with a byte-level BPE vocabulary, written
     with the ``gguf`` package as llama.cpp lays it out (tensor names, metadata), so transformers loads it
-    through its own GGUF conversion."""
+    through its own GGUF conversion. ``tied``: no ``output.weight`` (the head reads the embeddings, as in
+    SmolLM2's GGUF)."""
     import gguf
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -119,7 +120,8 @@ def write_tiny_gguf(
         add(f"blk.{i}.ffn_up.weight", ffn, hidden)
         add(f"blk.{i}.ffn_down.weight", hidden, ffn)
     add("output_norm.weight", hidden, around=1.0)
-    add("output.weight", len(tokens), hidden)
+    if not tied:
+        add("output.weight", len(tokens), hidden)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

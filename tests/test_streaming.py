@@ -291,8 +291,9 @@ def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None
     assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
 
 
+@pytest.mark.parametrize("tied", [False, True])
 def test_streaming_from_a_gguf_source_equals_its_in_memory_load(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tied: bool
 ) -> None:
     """A GGUF source streams from its dequantized safetensors cache (converted once, shared with
     ``load_model``): same scores, trial losses and greedy plan as the in-memory load of the same file."""
@@ -304,11 +305,14 @@ def test_streaming_from_a_gguf_source_equals_its_in_memory_load(
     from prunekit_core.streaming import streaming_folder, streaming_tokenizer
 
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
-    gguf = write_tiny_gguf(tmp_path / "tiny.F32.gguf")
+    gguf = write_tiny_gguf(tmp_path / "tiny.F32.gguf", tied=tied)
     folder = streaming_folder(str(gguf))  # converts into the cache
     assert folder.parent == tmp_path / "cache" and (folder / "config.json").is_file()
     model, tok, src = load_model(str(gguf))  # reads the same cache: no second conversion
     assert src.is_gguf and list((tmp_path / "cache").iterdir()) == [folder]
+    assert (
+        model.config.tie_word_embeddings == tied == (model.lm_head.weight is model.model.embed_tokens.weight)
+    )
     assert streaming_folder(str(gguf)) == folder
     assert streaming_tokenizer(folder).get_vocab() == tok.get_vocab()
     windows = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
