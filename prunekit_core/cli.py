@@ -688,7 +688,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 
     streamed_plan: PrunePlan | None = None
     if args.streaming:  # plan from a streaming pass; the model is loaded afterwards only for surgery
-        streamed_plan = _plan_streaming(args, ui, metric_name, granularity, repair)
+        streamed_plan = _plan_streaming(args, ui, metric_name, planner, granularity, repair)
         if args.plan_only:
             streamed_plan.save(out)
             ui.say(f"plan written to {out} (streaming: the model was never loaded whole)")
@@ -891,10 +891,13 @@ def _check_streaming_prune(
         )
     m = get_metric(metric)
     check_streaming_metric(m)
-    if planner != "rank" or repair != "none":
+    if repair != "none":
+        raise PlanError(f"--streaming plans without repair; got repair {repair} (pass --repair none)")
+    if planner != "rank" and (planner != "greedy" or granularity not in ("block", "sublayer")):
         raise PlanError(
-            f"--streaming plans with the rank planner without repair; got planner {planner}, repair {repair} "
-            "(pass --planner rank, --repair none)"
+            f"--streaming plans with the rank planner, or with the greedy one at block or sublayer granularity; "
+            f"got planner {planner}, granularity {granularity} (pass --planner rank, or --granularity block or "
+            "sublayer)"
         )
     if granularity == "mixed" and isinstance(m, ChannelMetric):
         raise PlanError(
@@ -906,7 +909,9 @@ def _check_streaming_prune(
         raise PlanError("--streaming cannot heal with LoRA (it needs the whole model): drop one of them")
 
 
-def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: str, repair: str) -> Any:
+def _plan_streaming(
+    args: argparse.Namespace, ui: UI, metric: str, planner: str, granularity: str, repair: str
+) -> Any:
     from .planning import budget_params, plan_pruning, uses_width
     from .plugins import get_metric
     from .width_scoring import WidthCurveObserver
@@ -923,7 +928,7 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
         )
     ui.info(
         f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}; "
-        f"planner rank, metric {metric}, granularity {granularity}, streaming"
+        f"planner {planner}, metric {metric}, granularity {granularity}, streaming"
     )
     m = get_metric(metric)
     if uses_width(metric, granularity):  # the width cost model's curves, block by block
@@ -931,14 +936,15 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
         cal = _stream_calibrate(ui, sm, windows.ids, [], curves, images=False)  # text windows, as in memory
     else:
         cal = _stream_calibrate(ui, sm, windows.ids, [m])
-    with ui.step(f"plan (rank:{metric}, {granularity})"):
-        return plan_pruning(
+    loads = sm.loaded_blocks
+    with ui.step(f"plan ({planner}:{metric}, {granularity})"):
+        plan = plan_pruning(
             sm.model,
             cal,
             ratio=args.ratio,
             metric=metric,
             granularity=granularity,  # type: ignore[arg-type]
-            planner="rank",
+            planner=planner,  # type: ignore[arg-type]
             repair=repair,  # type: ignore[arg-type]
             adapter=sm.adapter,
             round_to=args.round_to,
@@ -946,7 +952,11 @@ def _plan_streaming(args: argparse.Namespace, ui: UI, metric: str, granularity: 
             expert_allocation=args.expert_allocation,
             top_k_policy=args.top_k,
             scope=args.scope,
+            on_step=lambda msg: ui.info("  " + msg),
         )
+    if sm.loaded_blocks > loads:
+        ui.info(f"removal trials: {sm.loaded_blocks - loads} more block loads from disk")
+    return plan
 
 
 # --- prunekit recover --------------------------------------------------------------------------------
@@ -1209,7 +1219,7 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
 STREAMING_HELP = (
     "calibrate one block at a time, read from MODEL's safetensors shards: memory stays at one block plus "
     "the calibration activations, so models larger than memory can be scored: every metric that needs no "
-    "gradients (bi, angular, sublayer_drop from the stream; nri and sleb by single-unit trials in passes "
+    "gradients (bi, angular, sublayer_drop from the stream; nri and sleb by removal trials in passes "
     "over the blocks; magnitude, wanda, obs, bi_lsq and plugin metrics such as the expert metrics from each "
     "block's weights and statistics while it is loaded); not taylor"
 )
@@ -1493,10 +1503,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming",
         action="store_true",
         help=STREAMING_HELP
-        + "; plans with a named --metric, the rank planner and no repair at granularity block, sublayer, "
+        + "; plans with a named --metric and no repair: the rank planner at granularity block, sublayer, "
         "mixed (block/sublayer metrics), width (channel metrics; uniform or global allocation; not the "
-        "channels inside fused experts) or expert. With --plan-only the model is never loaded whole; "
-        "otherwise it is loaded after planning for the surgery",
+        "channels inside fused experts) or expert, or the greedy planner at block or sublayer granularity "
+        "(nri, sleb: each round of trials forks from the committed removals, a pass over the blocks per 8 "
+        "trials). With --plan-only the model is never loaded whole; otherwise it is loaded after planning for "
+        "the surgery",
     )
     p.add_argument(
         "--plan",

@@ -455,6 +455,21 @@ def _plan_greedy(
     remove: list[str] = []
     first_scores: dict[str, float] = {}
     ranking: list[str] | None = None
+    # the last removal, reported once the loss after it is known: a lazy runner (streaming) measures that
+    # loss in the same pass as the next round of trials, so it is read only once that round's pool is set
+    last: tuple[str, float, int, int] | None = None
+
+    def report(after: float) -> None:
+        assert last is not None
+        unit, before, removed, forwards = last
+        msg = (
+            f"removed {unit}: loss {before:.4f} -> {after:.4f} ({removed}/{target}); "
+            f"{forwards} block forwards so far"
+        )
+        log.info(msg)
+        if on_step:
+            on_step(msg)
+
     while (done := _removed_params(ir, remove)) < target:
         need = target - done
         live = [
@@ -474,6 +489,8 @@ def _plan_greedy(
             pool = live
         ctx.candidates = pool
         base = runner.current_loss
+        if last is not None:
+            report(base)
         scores = _as_losses(m.score(ctx), runner, units, base)
         if not first_scores:
             first_scores = {u: s for u, s in scores.items()}
@@ -487,13 +504,9 @@ def _plan_greedy(
         ranking = sorted(cost, key=cost.get) + [u for u in live if u not in cost]  # type: ignore[arg-type]
         remove.append(best)
         runner.commit([best])
-        msg = (
-            f"removed {best}: loss {base:.4f} -> {runner.current_loss:.4f} ({_removed_params(ir, remove)}/"
-            f"{target}); {runner.block_forwards} block forwards so far"
-        )
-        log.info(msg)
-        if on_step:
-            on_step(msg)
+        last = (best, base, _removed_params(ir, remove), runner.block_forwards)
+    if last is not None:
+        report(runner.current_loss)
     return remove, first_scores
 
 

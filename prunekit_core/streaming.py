@@ -11,18 +11,18 @@ whatever the depth.
 
 Everything is driven by the IR (towers, blocks, module paths, stream points): no family code. The stream
 statistics are recorded by the same hooks as :func:`prunekit_core.scoring.calibrate`, in the same order
-per batch, so scores are bitwise equal to the in-memory pass. Metrics that read only those statistics
-(``ImportanceMetric.streaming``) can be computed; metrics that need gradients, trials or the weights are
-refused with a clear error.
+per batch, so scores are bitwise equal to the in-memory pass. Metrics that read only those statistics or
+single-unit removal trials (``ImportanceMetric.streaming``) can be computed, and the greedy planner can
+commit removals between rounds of trials (:class:`StreamingTrialRunner`); metrics that need gradients or
+the weights are refused with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,13 +256,17 @@ class StreamingModel:
         return block
 
     def unload_block(self, path: str) -> None:
-        """Back to the meta device (parameters only: buffers such as rotary tables stay)."""
+        """Back to the meta device (parameters only: buffers such as rotary tables stay).
+
+        The weights are freed by reference counting as they are replaced (no cycle holds them: a test
+        checks it), so no garbage collection runs here: a full ``gc.collect()`` costs a quarter of a second
+        once transformers is imported, per block and per pass of removal trials.
+        """
         from accelerate.utils import set_module_tensor_to_device
 
         block = get_module(self.model, path)
         for name, _ in list(block.named_parameters()):
             set_module_tensor_to_device(block, name, "meta")
-        gc.collect()
         _release_free_memory()
 
 
@@ -346,7 +350,7 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
             sm,
             ctx.calibration.windows[:n],
             loss_stride=ctx.loss_stride,
-            candidates=ctx.candidates,
+            candidates=lambda: ctx.candidates,  # the planner's pool of the moment
             inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
         )
 
@@ -667,14 +671,24 @@ def stream_calibrate(
 
 
 class StreamingTrialRunner:
-    """Single-unit removal losses (the trials of ``nri`` and ``sleb``), one block in memory at a time.
+    """Removal trials (``nri``, ``sleb``, the greedy planner's re-scoring), one block in memory at a time.
 
-    Same losses as :class:`~prunekit_core.scoring.TrialRunner` (the same operations on the same single
-    batch of trial windows), computed in passes over the blocks: each pass carries the residual stream of
-    the unmasked model plus one stream per trial of a chunk of ``chunk`` units, which forks from the
-    unmasked stream at its unit's block. Memory is ``chunk + 1`` streams of the trial windows, whatever the
-    depth; the first request for a block (or a sublayer) computes the trials of every candidate of that
-    kind. Committing removals (the greedy planner) is not supported: plan with the rank planner.
+    The same losses as :class:`~prunekit_core.scoring.TrialRunner`, bitwise (the same operations on the
+    same single batch of trial windows), computed in passes over the blocks. A pass runs the *committed
+    stream* (the model with every removal committed so far: skipped blocks are not even loaded, masked
+    branches stay masked) and carries one more stream per trial of a chunk of ``chunk`` units, forked from
+    the committed stream at its unit's block. Memory is ``chunk + 1`` streams of the trial windows plus
+    two saved block inputs of the committed stream, whatever the depth.
+
+    What a pass costs: every block from its start to the last one is loaded once. A pass starts at the
+    deepest saved committed block input at or before its first trial's block: block 0, or the input of
+    the last trial's block of the previous pass (the trials are run in block order, so the chunks of one
+    round of trials reach less and less of the model). A commit drops a saved input only when it lies
+    after the committed unit's block. The loss of the committed model (``current_loss``) is measured by
+    the first pass that needs it, carrying the committed stream to the end alongside its trials: a
+    commit runs nothing itself, and the next round of trials forks from the committed stream. So a
+    greedy step over ``P`` candidates costs ``ceil(P / chunk)`` passes (the first from block 0 unless
+    the committed unit lies at or after its first trial's block), and no pass of its own for the commit.
     """
 
     def __init__(
@@ -683,7 +697,7 @@ class StreamingTrialRunner:
         windows: torch.Tensor,
         *,
         loss_stride: int = 1,
-        candidates: list[str] | None = None,
+        candidates: list[str] | Callable[[], list[str] | None] | None = None,
         chunk: int = 8,
         inputs: dict[str, torch.Tensor] | None = None,
     ) -> None:
@@ -695,7 +709,8 @@ class StreamingTrialRunner:
             )
         self.windows = windows
         self.loss_stride = max(1, loss_stride)
-        self.candidates = candidates
+        #: the units a round of trials measures together (a planner's live pool: ``ctx.candidates``)
+        self._candidates = candidates if callable(candidates) else (lambda: candidates)
         self.chunk = max(1, chunk)
         self.norm = get_module(sm.model, self.tower.final_norm)
         self.head = get_module(sm.model, self.tower.head)
@@ -704,102 +719,153 @@ class StreamingTrialRunner:
         self.trials = 0
         self.block_forwards = 0
         self.passes = 0
-        self._losses: dict[str, float] = {}
+        self.skipped: set[str] = set()  # committed block removals
+        self.masked: set[str] = set()  # committed sublayer removals
+        self._units = sm.ir.units()
+        self._block_ids = {b.id for b in self.tower.blocks}
+        self._losses: dict[str, float] = {}  # trial losses on top of the committed removals
+        self._current: float | None = None
+        self._base: float | None = None
         # towers before this one (a vision encoder) are streamed once over the trial windows' images
         streams = _TowerStreams(sm, [(windows, dict(inputs or {}))])
-        self._x0, calls = streams.inputs_of(self.tower)
-        self._calls = [c[0] for c in calls]
+        x0, calls = streams.inputs_of(self.tower)
         del streams  # the replayed outputs are no longer needed
-        self.base_loss = self._pass([])[None]
+        self._calls = [c[0] for c in calls]
+        self._saved: dict[int, torch.Tensor] = {0: x0[0]}  # block index -> committed stream entering it
 
     @property
     def current_loss(self) -> float:
-        return self.base_loss
+        """Calibration loss with the committed removals (measured with the next trials when unknown)."""
+        if self._current is None:
+            self._compute(None)
+        assert self._current is not None
+        return self._current
+
+    @property
+    def base_loss(self) -> float:
+        """Calibration loss of the model as loaded (no removal)."""
+        if self._base is None:
+            self.current_loss  # noqa: B018 - nothing is committed before the first loss is known
+        assert self._base is not None
+        return self._base
 
     def _start(self, unit: str) -> int:
         for i, b in enumerate(self.tower.blocks):
             if unit == b.id or unit.startswith(b.id + "."):
                 return i
         raise PlanError(
-            f"streaming removal trials measure units of the {self.tower.name} tower; {unit} is not one: "
+            f"streaming removal trials measure units of the {self.tower.name} tower; {unit!r} is not in tower "
+            f"{self.tower.name}: "
             f"restrict the plan with --scope {self.tower.name} (API: scope=[{self.tower.name!r}]), score "
             "other towers with bi, angular or sublayer_drop, or drop --streaming"
         )
 
-    def _call(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _call(self, block: nn.Module, i: int, x: torch.Tensor, masks: list[str]) -> torch.Tensor:
+        from .surgery import branches_masked
+
         args, kw = self._calls[i]
         self.block_forwards += 1
-        out = block(x, *args, **kw)
+        with branches_masked(self.sm.model, [self._units[s] for s in masks]):  # type: ignore[misc]
+            out = block(x, *args, **kw)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def _pass(self, units: list[str]) -> dict[str | None, float]:
-        """One pass over the blocks: the loss with each of ``units`` removed alone (``None``: nothing)."""
-        from .surgery import branches_masked
-
+    def _pass(self, units: list[str]) -> dict[str, float]:
+        """One pass over the blocks: the loss with each of ``units`` (in block order) removed on top of the
+        committed removals, and the committed loss when it is not known yet."""
         self.passes += 1
-        subs = self.sm.ir.units()
+        blocks = self.tower.blocks
         starts = {u: self._start(u) for u in units}
-        last_start = max(starts.values(), default=len(self.tower.blocks))
-        x = self._x0[0]
+        need_current = self._current is None
+        first = min(starts.values(), default=len(blocks))
+        last = max(starts.values(), default=-1)
+        begin = max(i for i in self._saved if i <= first)
+        x = self._saved[begin]
         states: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(self.tower.blocks):
-            block = self.sm.load_block(b.module)
+        for i in range(begin, len(blocks)):
+            b = blocks[i]
             for u in units:
                 if starts[u] == i:
-                    states[u] = x  # forks from the unmasked stream at its block
-            for u, st in states.items():
-                if u == b.id:
-                    continue  # the removed block: its input flows on
-                if starts[u] == i:  # a sublayer of this block: run the block with that branch masked
-                    with branches_masked(self.sm.model, [subs[u]]):  # type: ignore[list-item]
-                        states[u] = self._call(block, i, st)
-                else:
-                    states[u] = self._call(block, i, st)
-            if not units or i < last_start:  # the unmasked stream is still needed
-                x = self._call(block, i, x)
-            self.sm.unload_block(b.module)
-        out: dict[str | None, float] = {
+                    states[u] = x  # forks from the committed stream at its block
+            if i == last:  # the next chunk's trials start here or later: resume from this block then
+                self._saved = {0: self._saved[0], i: x}
+            if b.id in self.skipped:
+                continue  # a committed block removal: every stream flows past it, the block stays on disk
+            committed = sorted(s for s in self.masked if s.startswith(b.id + "."))
+            block = self.sm.load_block(b.module)
+            try:
+                for u, st in states.items():
+                    if u == b.id:
+                        continue  # the trial's removed block: its input flows on
+                    extra = [u] if starts[u] == i and u not in self._block_ids else []
+                    states[u] = self._call(block, i, st, committed + extra)
+                if need_current or i < last:  # the committed stream is still needed
+                    x = self._call(block, i, x, committed)
+            finally:
+                self.sm.unload_block(b.module)
+        if need_current:
+            self._current = stream_loss(self.norm, self.head, x, self.labels, self.loss_stride)
+            if not (self.skipped or self.masked):
+                self._base = self._current
+        return {
             u: stream_loss(self.norm, self.head, st, self.labels, self.loss_stride)
             for u, st in states.items()
         }
-        if not units:
-            out[None] = stream_loss(self.norm, self.head, x, self.labels, self.loss_stride)
-        return out
 
-    def _compute(self, kind_of: str) -> None:
-        block_ids = {b.id for b in self.tower.blocks}
-        is_block = kind_of in block_ids
-        blocks = self.tower.blocks
-        if self.candidates is not None:
-            pool = self.candidates
-        elif is_block:
-            pool = [b.id for b in blocks if b.removable]
-        else:
-            pool = [s.id for b in blocks for s in b.sublayers if s.removable]
-        todo = [u for u in pool if u not in self._losses and (u in block_ids) == is_block]
-        if kind_of not in todo and kind_of not in self._losses:
-            todo.append(kind_of)
+    def _compute(self, unit: str | None) -> None:
+        """Trials of ``unit`` and of every unmeasured candidate, in chunks; the committed loss if unknown."""
+        pool = self._candidates()
+        if unit is None and pool and any(self._removed(u) for u in pool):
+            pool = None  # a finished round's pool (it holds a committed unit): the committed loss alone
+        if pool is None and unit is not None:  # no planner pool: every removable unit of ``unit``'s kind
+            if unit in self._block_ids:
+                pool = [b.id for b in self.tower.blocks if b.removable]
+            else:
+                pool = [s.id for b in self.tower.blocks for s in b.sublayers if s.removable]
+        wanted = dict.fromkeys([*(pool or []), *([unit] if unit else [])])
+        todo = [u for u in wanted if u not in self._losses and not self._removed(u)]
         todo.sort(key=self._start)
+        if not todo:
+            self._pass([])
         for k in range(0, len(todo), self.chunk):
-            self._losses.update(self._pass(todo[k : k + self.chunk]))  # type: ignore[arg-type]
+            self._losses.update(self._pass(todo[k : k + self.chunk]))
 
-    def loss(self, remove: list[str] | tuple[str, ...] = ()) -> float:
-        units = list(remove)
+    def loss(self, remove: Iterable[str] = ()) -> float:
+        """Calibration loss with the committed removals plus ``remove`` (one block or sublayer id)."""
+        units = list(dict.fromkeys(remove))
         if not units:
-            return self.base_loss
+            return self.current_loss
         if len(units) > 1:
-            raise PlanError("streaming removal trials remove one unit at a time (rank planner, nri, sleb)")
-        if units[0] not in self._losses:
-            self._compute(units[0])
+            raise PlanError(
+                "streaming removal trials remove one unit at a time on top of the committed removals "
+                "(the rank and greedy planners, nri, sleb); drop --streaming to measure several at once"
+            )
         self.trials += 1
-        return self._losses[units[0]]
+        unit = units[0]
+        if self._removed(unit):
+            return self.current_loss  # already removed: nothing more to remove
+        if unit not in self._losses:
+            self._compute(unit)
+        return self._losses[unit]
 
-    def commit(self, remove: Any) -> None:
-        raise PlanError(
-            "the greedy planner commits removals between trials, which streaming does not support: "
-            "plan with the rank planner (or drop --streaming)"
-        )
+    def _removed(self, unit: str) -> bool:
+        """Whether ``unit`` is committed already (itself, or the block it lies in)."""
+        return unit in self.masked or self.tower.blocks[self._start(unit)].id in self.skipped
+
+    def commit(self, remove: Iterable[str]) -> None:
+        """Make removals permanent for later trials. Runs nothing: the next trials (or ``current_loss``)
+        fork from the committed stream, which only changes from the earliest committed unit's block."""
+        extra = set(remove)
+        if not extra:
+            return
+        start = min(self._start(u) for u in extra)  # unknown ids: a clear error before anything changes
+        if self._base is None and not (self.skipped or self.masked):
+            self._pass([])  # the loss before any removal (base_loss)
+        self.skipped |= extra & self._block_ids
+        self.masked |= extra - self._block_ids
+        self._saved = {i: x for i, x in self._saved.items() if i <= start}
+        self._losses.clear()
+        self._current = None
 
     def replay(self, unit_id: str) -> float:
         raise PlanError("in-place trials (width planning) need the whole model: drop --streaming")

@@ -71,3 +71,59 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.
     ids = torch.arange(3, 13).unsqueeze(0) if ids is None else ids
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+def write_tiny_gguf(
+    path: Path, *, layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2, tied: bool = False
+) -> Path:
+    """A real (unquantized F32) GGUF file of a tiny random Llama with a byte-level BPE vocabulary, written
+    with the ``gguf`` package as llama.cpp lays it out (tensor names, metadata), so transformers loads it
+    through its own GGUF conversion. ``tied``: no ``output.weight`` (the head reads the embeddings, as in
+    SmolLM2's GGUF)."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(0)
+    ffn, head_dim = hidden * 3 // 2, hidden // heads
+    tokens = [*bytes_to_unicode().values(), "th", "the", "an", "in", "<|endoftext|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_merges(["t h", "th e", "a n", "i n"])
+    w.add_token_types([1] * (len(tokens) - 1) + [3])  # the last one is a control token
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+
+    def add(name: str, *shape: int, around: float = 0.0) -> None:
+        w.add_tensor(name, (around + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+
+    add("token_embd.weight", len(tokens), hidden)
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", hidden, around=1.0)
+        add(f"blk.{i}.attn_q.weight", hidden, hidden)
+        add(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        add(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        add(f"blk.{i}.attn_output.weight", hidden, hidden)
+        add(f"blk.{i}.ffn_norm.weight", hidden, around=1.0)
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    add("output_norm.weight", hidden, around=1.0)
+    if not tied:
+        add("output.weight", len(tokens), hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

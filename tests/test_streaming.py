@@ -143,12 +143,141 @@ def test_streaming_trials_equal_in_memory(name: str, tmp_path: Path) -> None:
         assert got.values.keys() == ref.values.keys()
         for uid, v in ref.values.items():
             assert got.values[uid] == pytest.approx(v, rel=1e-6, abs=1e-12), (metric, uid)
-    # the planner too (rank), and the greedy planner is refused with a clear error
+    # the rank planner too
     plan = plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
     ref_plan = plan_pruning(model, cal, ratio=0.3, metric="nri", planner="rank", granularity="sublayer")
     assert plan.remove == ref_plan.remove
-    with pytest.raises(PlanError, match="rank planner"):
-        plan_pruning(sm.model, scal, ratio=0.3, metric="nri", planner="greedy", granularity="sublayer")
+
+
+def _record_trials(
+    monkeypatch: pytest.MonkeyPatch, cls: type, log: list[tuple[object, ...]], runners: list[object]
+) -> None:
+    """Log every trial loss, committed-model loss and commit of ``cls``'s runners, in call order; collect
+    the runners that committed."""
+    loss, commit = cls.loss, cls.commit
+
+    def logged_loss(self: object, remove: tuple[str, ...] = ()) -> float:
+        value = loss(self, remove)
+        log.append(("loss", tuple(remove), value))
+        return value
+
+    def logged_commit(self: object, remove: list[str]) -> None:
+        commit(self, remove)
+        log.append(("commit", tuple(remove)))
+        runners.append(self)
+
+    monkeypatch.setattr(cls, "loss", logged_loss)
+    monkeypatch.setattr(cls, "commit", logged_commit)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "gptj", "generic-gpt2"])
+@pytest.mark.parametrize(
+    ("metric", "granularity"), [("nri", "sublayer"), ("sleb", "block"), ("nri", "block")]
+)
+def test_streaming_greedy_plan_equals_in_memory(
+    name: str, metric: str, granularity: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prunekit_core.scoring import TrialRunner
+    from prunekit_core.streaming import StreamingTrialRunner
+
+    folder = tmp_path / name
+    model = MODELS[name]()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    windows = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    logs: dict[str, list[tuple[object, ...]]] = {"memory": [], "streaming": []}
+    runners: list[object] = []
+    memory_runners: list[object] = []
+    _record_trials(monkeypatch, TrialRunner, logs["memory"], memory_runners)
+    _record_trials(monkeypatch, StreamingTrialRunner, logs["streaming"], runners)
+    steps: dict[str, list[str]] = {"memory": [], "streaming": []}
+    kw = dict(ratio=0.5, metric=metric, planner="greedy", granularity=granularity, shortlist=2)
+    ref = plan_pruning(model, calibrate(model, windows), on_step=steps["memory"].append, **kw)
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows)
+    loads = sm.loaded_blocks
+    plan = plan_pruning(sm.model, scal, on_step=steps["streaming"].append, **kw)
+    assert len(plan.remove) >= 2  # several greedy steps, each on top of the committed removals
+    assert plan.remove == ref.remove and plan.scores == ref.scores and plan.fingerprint == ref.fingerprint
+    # every trial loss, bitwise, in the same order: the same operations on the same batch of windows
+    assert logs["streaming"] == logs["memory"]
+    # and the same loss before -> after each removal in the planner's progress lines
+    assert [m.split(";")[0] for m in steps["streaming"]] == [m.split(";")[0] for m in steps["memory"]]
+    # block forwards are counted (the note the in-memory planner writes too); every pass loads blocks
+    trials = [n for n in plan.notes if "block forwards" in n]
+    assert len(trials) == 1 and int(trials[0].split()[-3]) > 0
+    assert sm.loaded_blocks > loads
+    # passes: ceil(trials / chunk) per greedy step (the committed loss rides along), one for the final loss
+    runner = runners[0]
+    assert isinstance(runner, StreamingTrialRunner) and runner.chunk == 8
+    rounds: list[set[tuple[str, ...]]] = [set()]
+    for entry in logs["streaming"]:
+        if entry[0] == "commit":
+            rounds.append(set())
+        elif entry[1]:
+            rounds[-1].add(entry[1])  # type: ignore[arg-type]
+    assert not rounds[-1] and len(rounds) == len(plan.remove) + 1
+    assert runner.passes == sum(-(-len(r) // 8) for r in rounds[:-1]) + 1
+    assert runner.current_loss == memory_runners[0].current_loss  # the pruned model's loss, bitwise
+    assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
+
+
+def test_streaming_greedy_pass_count(tmp_path: Path) -> None:
+    """A greedy step over P candidates costs ceil(P / chunk) passes; a commit costs none: the next round
+    of trials forks from the committed stream, and its first pass also measures the committed loss."""
+    from prunekit_core.streaming import StreamingTrialRunner
+
+    folder = tmp_path / "m"
+    tiny_llama(layers=6).save_pretrained(folder)
+    sm = open_streaming(folder)
+    windows = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    pool = [s.id for s in sm.ir.sublayers()]  # 12 sublayers
+    runner = StreamingTrialRunner(sm, windows, candidates=lambda: pool, chunk=5)
+    loads = sm.loaded_blocks
+    base = runner.current_loss  # the first round: the base loss rides along with the trials
+    first = {u: runner.loss([u]) for u in pool}
+    assert runner.passes == 3  # ceil(12 / 5): no pass of its own for the base loss
+    # the chunks run in block order, each from the deepest saved stream: blocks 0-5, 2-5, 4-5
+    assert sm.loaded_blocks - loads == 6 + 4 + 2
+    runner.commit(["text.blocks.3.mlp"])
+    assert runner.passes == 3 and runner.base_loss == base  # a commit runs nothing
+    pool = [u for u in pool if u != "text.blocks.3.mlp"]
+    loads = sm.loaded_blocks
+    after = runner.current_loss
+    assert after == first["text.blocks.3.mlp"]  # the committed model's loss: that unit's trial loss
+    assert runner.passes == 3 + 3  # ceil(11 / 5) passes measured the committed loss and the next round
+    # the commit (block 3) dropped the saved stream of block 5: blocks 0-5, then 2-5, then 5
+    assert sm.loaded_blocks - loads == 6 + 4 + 1
+    trial = runner.loss(["text.blocks.1.attn"])
+    assert runner.passes == 6 and trial != first["text.blocks.1.attn"]  # on top of the commit
+    with pytest.raises(PlanError, match="one unit at a time"):
+        runner.loss(["text.blocks.0.mlp", "text.blocks.1.mlp"])
+    with pytest.raises(PlanError, match="not in tower"):
+        runner.commit(["text.blocks.9"])
+    assert runner.loss(["text.blocks.3.mlp"]) == after  # a committed unit: nothing more to remove
+    # the planner's last commit: its pool (holding the committed unit) is a finished round, so the final
+    # loss costs one pass (from block 0: the saved input of block 5 lay after the commit), and no trials
+    runner.commit(["text.blocks.4.attn"])
+    passes, loads = runner.passes, sm.loaded_blocks
+    assert runner.current_loss < 100 and runner.passes == passes + 1 and sm.loaded_blocks - loads == 6
+
+
+def test_unloaded_block_weights_are_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    folder = tmp_path / "m"
+    MODELS["mixtral"]().save_pretrained(folder, max_shard_size="20KB")
+    sm = open_streaming(folder)
+    stream_calibrate(sm, torch.randint(3, 100, (2, 8)))
+    path = sm.tower.blocks[1].module
+    gc.disable()
+    try:
+        refs = [weakref.ref(p) for p in sm.load_block(path).parameters()]
+        assert refs and all(r() is not None for r in refs)
+        sm.unload_block(path)
+        assert [r() for r in refs] == [None] * len(refs)  # freed by reference counting alone
+    finally:
+        gc.enable()
 
 
 def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
@@ -161,8 +290,52 @@ def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None
     units = [s.id for s in sm.ir.sublayers()]
     for u in units:
         runner.loss([u])
-    assert runner.passes == 1 + -(-len(units) // 3)  # the base pass, then chunks of 3 trials
+    assert runner.passes == -(-len(units) // 3)  # chunks of 3 trials, the first also measures the base loss
     assert all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streaming_from_a_gguf_source_equals_its_in_memory_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tied: bool
+) -> None:
+    """A GGUF source streams from its dequantized safetensors cache (converted once, shared with
+    ``load_model``): same scores, trial losses and greedy plan as the in-memory load of the same file."""
+    import json
+
+    from helpers import words, write_tiny_gguf
+
+    from prunekit_core.loading import load_model
+    from prunekit_core.streaming import streaming_folder, streaming_tokenizer
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.F32.gguf", tied=tied)
+    folder = streaming_folder(str(gguf))  # converts into the cache
+    assert folder.parent == tmp_path / "cache" and (folder / "config.json").is_file()
+    model, tok, src = load_model(str(gguf))  # reads the same cache: no second conversion
+    assert src.is_gguf and list((tmp_path / "cache").iterdir()) == [folder]
+    assert (
+        model.config.tie_word_embeddings == tied == (model.lm_head.weight is model.model.embed_tokens.weight)
+    )
+    assert streaming_folder(str(gguf)) == folder
+    assert streaming_tokenizer(folder).get_vocab() == tok.get_vocab()
+    windows = torch.randint(3, 250, (4, 12), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(model, windows, batch_size=3)
+    sm = open_streaming(folder)
+    scal = stream_calibrate(sm, windows, batch_size=3)
+    for metric in ("bi", "angular", "sublayer_drop", "nri", "sleb"):
+        assert stream_score(sm, scal, metric).values == score(model, cal, metric).values, metric
+    kw = dict(ratio=0.4, metric="nri", planner="greedy", granularity="sublayer")
+    plan, ref = plan_pruning(sm.model, scal, **kw), plan_pruning(model, cal, **kw)
+    assert plan.remove == ref.remove and plan.fingerprint == ref.fingerprint
+    # the CLI: prunekit score FILE.gguf --streaming prints what the in-memory run prints
+    text = tmp_path / "text.txt"
+    text.write_text(words(2000, seed=3) + "\n")
+    args = ["score", gguf, "--calib", text, *FAST, "--json", "--metric", "bi", "--metric", "sleb"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    code, out_s, err = _cli(capsys, *args, "--streaming")
+    assert code == 0, err
+    assert json.loads(out_s) == json.loads(out)
 
 
 # --- cached removal trials ---------------------------------------------------------------------------
@@ -317,12 +490,33 @@ def test_cli_prune_streaming_plan_only_then_apply(
     assert code == 0, err
 
 
+@pytest.mark.parametrize("metric", ["nri", "sleb"])
+def test_cli_prune_streaming_greedy_equals_in_memory(
+    capsys: pytest.CaptureFixture[str], cli_assets: dict[str, Path], tmp_path: Path, metric: str
+) -> None:
+    import json
+
+    common = ["prune", cli_assets["model"], "--ratio", "0.4", "--calib", cli_assets["text"], *FAST]
+    common += ["--metric", metric, "--planner", "greedy", "--plan-only", "--json"]
+    if metric == "nri":
+        common += ["--granularity", "sublayer"]
+    code, out, err = _cli(capsys, *common, "--out", tmp_path / "m.json")
+    assert code == 0, err
+    code, out_s, err = _cli(capsys, *common, "--streaming", "--out", tmp_path / "s.json", "-v")
+    assert code == 0, err
+    streamed, in_memory = json.loads(out_s), json.loads(out)
+    assert streamed["plan"]["method"] == f"greedy:{metric}"
+    assert streamed["removed"] == in_memory["removed"] and len(streamed["removed"]) >= 2
+    assert streamed["plan"]["scores"] == in_memory["plan"]["scores"]
+    assert "removed text.blocks." in err and "more block loads from disk" in err  # progress lines
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ([], "--streaming needs a metric it can compute"),
         (["--metric", "taylor"], "needs gradients"),
-        (["--metric", "nri"], "rank planner"),
+        (["--metric", "nri", "--granularity", "mixed"], "at block or sublayer granularity"),
         (["--metric", "bi", "--repair", "lsq"], "without repair"),
     ],
 )
