@@ -211,3 +211,14 @@ def test_cli_prune_streaming_refusals(
     code, _, err = _cli(capsys, *args, *extra, "--out", tmp_path / "o")
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("metric", ["sublayer_drop", "nri"])
+def test_streaming_mixed_rank_plan_equals_in_memory(metric: str, tmp_path: Path) -> None:
+    folder, model = _folders(tmp_path, "llama")
+    windows = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(ratio=0.3, metric=metric, granularity="mixed", planner="rank")
+    ref = plan_pruning(model, calibrate(model, windows), **kw)
+    sm = open_streaming(folder)
+    got = plan_pruning(sm.model, stream_calibrate(sm, windows), adapter=sm.adapter, **kw)
+    assert got.remove and got.remove == ref.remove and got.fingerprint == ref.fingerprint
