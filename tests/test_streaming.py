@@ -324,6 +324,12 @@ def test_cli_prune_streaming_plan_only_then_apply(
         (["--metric", "taylor"], "needs gradients"),
         (["--metric", "nri"], "rank planner"),
         (["--metric", "bi", "--repair", "lsq"], "without repair"),
+        (["--metric", "taylor", "--granularity", "width"], "needs gradients"),
+        (
+            ["--metric", "wanda", "--granularity", "mixed", "--repair", "none"],
+            "pruned copies of the whole model",
+        ),
+        (["--metric", "wanda", "--granularity", "width", "--repair", "lsq"], "without repair"),
     ],
 )
 def test_cli_prune_streaming_bad_inputs(
