@@ -263,8 +263,8 @@ def _vm_hwm_gb() -> float:
     return float("nan")
 
 
-def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) -> None:
-    """Run in a subprocess: stream-score (or load in memory) ``folder``; print one JSON line."""
+def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int, metrics: str = "bi") -> None:
+    """Run in a subprocess: stream-score ``metrics`` (or load in memory) ``folder``; print one JSON line."""
     out: dict[str, Any] = {"mode": mode}
     if limit_gb > 0:
         lim = int(limit_gb * 1024**3)
@@ -276,10 +276,13 @@ def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) 
         if mode == "stream":
             from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
 
+            names = metrics.split(",")
             sm = open_streaming(folder)
-            cal = stream_calibrate(sm, ids, batch_size=windows)
+            # metrics that read weights or per-block statistics are computed while each block is loaded
+            cal = stream_calibrate(sm, ids, batch_size=windows, metrics=names)
             bi = stream_score(sm, cal, "bi").values
             out.update(blocks=len(bi), loaded_gb=sm.loaded_bytes / 1e9, bi_min=min(bi, key=bi.get))
+            out["observed"] = sorted(cal.observed)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -304,6 +307,7 @@ def _run_child(mode: str, folder: Path, args: argparse.Namespace, limit_gb: floa
         str(limit_gb),
         str(args.stream_windows),
         str(args.stream_seq_len),
+        args.stream_metrics,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -607,7 +611,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             "",
             f"Random Llama (hidden {_STREAM_CFG['hidden_size']}, FFN {_STREAM_CFG['intermediate_size']}, vocab "
             f"{_STREAM_CFG['vocab_size']}, fp32, one safetensors shard per block), "
-            f"{args.stream_windows} windows x {args.stream_seq_len} tokens, `bi` scores; each run in its own process "
+            f"{args.stream_windows} windows x {args.stream_seq_len} tokens, scores of {args.stream_metrics}; each run in its own process "
             f"(peak RSS = VmHWM of that process). Weights written in {s['write_s']:.0f} s to a temporary folder, deleted "
             "afterwards.",
             "",
@@ -684,8 +688,8 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, mode, folder, limit, windows, seq_len = sys.argv
-        _child(mode, folder, float(limit), int(windows), int(seq_len))
+        _, _, mode, folder, limit, windows, seq_len, metrics = sys.argv
+        _child(mode, folder, float(limit), int(windows), int(seq_len), metrics)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -703,6 +707,11 @@ def main() -> int:
     ap.add_argument("--stream-layers", type=int, default=10, help="L: models of L and 2L blocks")
     ap.add_argument("--stream-windows", type=int, default=4)
     ap.add_argument("--stream-seq-len", type=int, default=128)
+    ap.add_argument(
+        "--stream-metrics",
+        default="bi",
+        help="streaming: comma-separated metrics scored in the pass (bi always; e.g. bi,wanda,obs,bi_lsq)",
+    )
     ap.add_argument("--limit-gb", type=float, default=3.0, help="RLIMIT_AS of the limited runs (GB)")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--repeats", type=int, default=3)
