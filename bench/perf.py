@@ -263,8 +263,8 @@ def _vm_hwm_gb() -> float:
     return float("nan")
 
 
-def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) -> None:
-    """Run in a subprocess: stream-score (or load in memory) ``folder``; print one JSON line."""
+def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int, metrics: str = "bi") -> None:
+    """Run in a subprocess: stream-score ``metrics`` (or load in memory) ``folder``; print one JSON line."""
     out: dict[str, Any] = {"mode": mode}
     if limit_gb > 0:
         lim = int(limit_gb * 1024**3)
@@ -276,10 +276,13 @@ def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int) 
         if mode == "stream":
             from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
 
+            names = metrics.split(",")
             sm = open_streaming(folder)
-            cal = stream_calibrate(sm, ids, batch_size=windows)
+            # metrics that read weights or per-block statistics are computed while each block is loaded
+            cal = stream_calibrate(sm, ids, batch_size=windows, metrics=names)
             bi = stream_score(sm, cal, "bi").values
             out.update(blocks=len(bi), loaded_gb=sm.loaded_bytes / 1e9, bi_min=min(bi, key=bi.get))
+            out["observed"] = sorted(cal.observed)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -304,6 +307,7 @@ def _run_child(mode: str, folder: Path, args: argparse.Namespace, limit_gb: floa
         str(limit_gb),
         str(args.stream_windows),
         str(args.stream_seq_len),
+        args.stream_metrics,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -490,6 +494,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from prunekit_core import atomic
     from prunekit_core.checkpoint import save_pruned
 
     root = Path(tempfile.mkdtemp(prefix="prunekit-save-", dir=args.tmp))
@@ -512,13 +517,21 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                 t2 = time.perf_counter()
                 save_pruned(m, root / f"ours-{i}", tokenizer=tok, plan=m._prunekit_plan)
                 t3 = time.perf_counter()
+                atomic.EARLY_WRITEBACK = (
+                    False  # the same durable save, its disk writes started only by the fsyncs
+                )
+                try:
+                    save_pruned(m, root / f"late-{i}", tokenizer=tok, plan=m._prunekit_plan)
+                finally:
+                    atomic.EARLY_WRITEBACK = True
+                t3b = time.perf_counter()
                 m.save_pretrained(root / f"plain-{i}")
                 tok.save_pretrained(root / f"plain-{i}")
                 t4 = time.perf_counter()
                 _fsync_tree(root / f"plain-{i}")  # the durability save_pruned gives (it fsyncs)
                 t5 = time.perf_counter()
-                shutil.rmtree(root / f"ours-{i}")
-                shutil.rmtree(root / f"plain-{i}")
+                for name in ("ours", "late", "plain"):
+                    shutil.rmtree(root / f"{name}-{i}")
                 del m
                 if i == 0:
                     continue
@@ -526,8 +539,9 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                     "plan": t1 - t0,
                     "apply": t2 - t1,
                     "save": t3 - t2,
-                    "plain": t4 - t3,
-                    "synced": t5 - t3,
+                    "late": t3b - t3,
+                    "plain": t4 - t3b,
+                    "synced": t5 - t3b,
                 }
                 for k, v in times.items():
                     best[k] = min(v, best.get(k, v))
@@ -538,6 +552,7 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                     "plan_s": best["plan"],
                     "apply_s": best["apply"],
                     "save_s": best["save"],
+                    "late_s": best["late"],
                     "ours_s": ours,
                     "plain_s": best["plain"],
                     "ratio": ours / best["plain"],
@@ -607,7 +622,7 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             "",
             f"Random Llama (hidden {_STREAM_CFG['hidden_size']}, FFN {_STREAM_CFG['intermediate_size']}, vocab "
             f"{_STREAM_CFG['vocab_size']}, fp32, one safetensors shard per block), "
-            f"{args.stream_windows} windows x {args.stream_seq_len} tokens, `bi` scores; each run in its own process "
+            f"{args.stream_windows} windows x {args.stream_seq_len} tokens, scores of {args.stream_metrics}; each run in its own process "
             f"(peak RSS = VmHWM of that process). Weights written in {s['write_s']:.0f} s to a temporary folder, deleted "
             "afterwards.",
             "",
@@ -665,16 +680,18 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             + " from a calibration made beforehand; ours = plan_pruning + "
             "apply_plan + save_pruned (atomic, with tokenizer and plan); plain = save_pretrained of the same pruned "
             "model + its tokenizer; plain + fsync adds an fsync of its files and folder (save_pruned is atomic and "
-            "durable: it fsyncs before the rename). The width planner measures removal trials to allocate widths "
-            f"(the plan column). Best of {args.repeats} after one warm-up round.",
+            "durable: it fsyncs before the rename; a background thread starts the disk writes while the files are "
+            "written, and the late column is the same save with that thread off). The width planner measures "
+            f"removal trials to allocate widths (the plan column). Best of {args.repeats} after one warm-up round.",
             "",
-            "| plan | plan (s) | surgery (s) | save_pruned (s) | ours total (s) | plain save_pretrained (s) "
+            "| plan | plan (s) | surgery (s) | save_pruned (s) | late (s) | ours total (s) | plain save_pretrained (s) "
             "| ratio | goal <= 1.3 | (surgery + save) / plain | plain + fsync (s) | ours / (plain + fsync) |",
-            "|:--|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|",
+            "|:--|---:|---:|---:|---:|---:|---:|---:|:--|---:|---:|---:|",
         ]
         for r in res["save"]:
             out.append(
-                f"| {r['what']} | {r['plan_s']:.2f} | {r['apply_s']:.2f} | {r['save_s']:.2f} | {r['ours_s']:.2f} | "
+                f"| {r['what']} | {r['plan_s']:.2f} | {r['apply_s']:.2f} | {r['save_s']:.2f} | {r['late_s']:.2f} | "
+                f"{r['ours_s']:.2f} | "
                 f"{r['plain_s']:.2f} | {r['ratio']:.3f} | {_ok(r['ratio'], 1.3, at_most=True)} | "
                 f"{r['surgery_save_ratio']:.3f} | {r['synced_s']:.2f} | {r['synced_ratio']:.3f} |"
             )
@@ -684,8 +701,8 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, mode, folder, limit, windows, seq_len = sys.argv
-        _child(mode, folder, float(limit), int(windows), int(seq_len))
+        _, _, mode, folder, limit, windows, seq_len, metrics = sys.argv
+        _child(mode, folder, float(limit), int(windows), int(seq_len), metrics)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -703,6 +720,11 @@ def main() -> int:
     ap.add_argument("--stream-layers", type=int, default=10, help="L: models of L and 2L blocks")
     ap.add_argument("--stream-windows", type=int, default=4)
     ap.add_argument("--stream-seq-len", type=int, default=128)
+    ap.add_argument(
+        "--stream-metrics",
+        default="bi",
+        help="streaming: comma-separated metrics scored in the pass (bi always; e.g. bi,wanda,obs,bi_lsq)",
+    )
     ap.add_argument("--limit-gb", type=float, default=3.0, help="RLIMIT_AS of the limited runs (GB)")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--repeats", type=int, default=3)

@@ -11,10 +11,13 @@ whatever the depth.
 
 Everything is driven by the IR (towers, blocks, module paths, stream points): no family code. The stream
 statistics are recorded by the same hooks as :func:`prunekit_core.scoring.calibrate`, in the same order
-per batch, so scores are bitwise equal to the in-memory pass. Metrics that read only those statistics or
-single-unit removal trials (``ImportanceMetric.streaming``) can be computed, and the greedy planner can
-commit removals between rounds of trials (:class:`StreamingTrialRunner`); metrics that need gradients or
-the weights are refused with a clear error.
+per batch, so scores are bitwise equal to the in-memory pass. While each block is loaded, the
+:class:`~prunekit_core.scoring.BlockObserver` s of the metrics that read weights or per-block statistics
+(``magnitude``, ``wanda``, ``obs``, ``bi_lsq``, plugin metrics such as the expert metrics) see it: hooks on
+before its batches run, scores of its units computed after, then it is emptied. Single-unit removal trials
+run in passes over the blocks, and the greedy planner can commit removals between rounds of trials
+(:class:`StreamingTrialRunner`). Every metric that needs no gradients
+(``ImportanceMetric.streaming``) can be computed; ``taylor`` is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -588,18 +591,19 @@ class _TowerStreams:
         raise CalibrationError(f"the model's forward did not reach tower {tower.name}")
 
 
+@contextlib.contextmanager
 def _observing(
     sm: StreamingModel, observers: list[BlockObserver], tower: Tower, i: int, windows: torch.Tensor
-) -> contextlib.ExitStack:
+) -> Iterator[None]:
     """Every observer's hooks on block ``i`` of ``tower`` (loaded) for the duration of its batches; left
     while the block is still loaded, so observers read its weights and statistics then."""
-    stack = contextlib.ExitStack()
-    if observers:
-        b = tower.blocks[i]
-        view = BlockView(sm.model, sm.adapter, block_ir(sm.ir, b.id), tower, b, i, windows)
-        for obs in observers:
-            stack.enter_context(obs.observe(view))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if observers:
+            b = tower.blocks[i]
+            view = BlockView(sm.model, sm.adapter, block_ir(sm.ir, b.id), tower, b, i, windows)
+            for obs in observers:
+                stack.enter_context(obs.observe(view))
+        yield
 
 
 def _metric_objects(metrics: Sequence[str | ImportanceMetric]) -> list[ImportanceMetric]:

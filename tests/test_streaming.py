@@ -518,6 +518,12 @@ def test_cli_prune_streaming_greedy_equals_in_memory(
         (["--metric", "taylor"], "needs gradients"),
         (["--metric", "nri", "--granularity", "mixed"], "at block or sublayer granularity"),
         (["--metric", "bi", "--repair", "lsq"], "without repair"),
+        (["--metric", "taylor", "--granularity", "width"], "needs gradients"),
+        (
+            ["--metric", "wanda", "--granularity", "mixed", "--repair", "none"],
+            "pruned copies of the whole model",
+        ),
+        (["--metric", "wanda", "--granularity", "width", "--repair", "lsq"], "without repair"),
     ],
 )
 def test_cli_prune_streaming_bad_inputs(
