@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,8 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,56 @@ def test_atomic_folder_replaces_an_existing_folder(tmp_path: Path, monkeypatch, 
     with pytest.raises(FileExistsError), atomic.atomic_folder(target) as tmp:
         (tmp / "a").write_text("refused")
     assert (target / "a").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_folder_writeback_starts_while_files_are_written(tmp_path: Path, monkeypatch) -> None:
+    """The writeback thread asks the kernel to write each file out while it grows, before the final fsync."""
+    seen: list[tuple[str, int]] = []
+    grown = threading.Event()
+
+    def fake_sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        seen.append((Path(path).name, os.fstat(fd).st_size))
+        if os.fstat(fd).st_size >= 3 << 20:
+            grown.set()
+        return 0
+
+    monkeypatch.setattr(atomic, "_load_sync_file_range", lambda: fake_sync_file_range)
+    fsynced_after: list[int] = []
+    real_fsync_tree = atomic.fsync_tree
+    monkeypatch.setattr(
+        atomic, "fsync_tree", lambda root: (fsynced_after.append(len(seen)), real_fsync_tree(root))
+    )
+    with atomic.atomic_folder(tmp_path / "out") as tmp:
+        with open(tmp / "weights.bin", "wb") as fh:
+            for _ in range(3):
+                fh.write(b"x" * (1 << 20))
+                fh.flush()
+                time.sleep(0.05)
+        assert grown.wait(5), seen  # requested while the folder is still being filled
+    names = {name for name, _ in seen}
+    assert names == {"weights.bin"}
+    sizes = [size for _, size in seen]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)  # once per growth, not per tick
+    assert fsynced_after == [len(seen)]  # the thread has stopped before the final fsync
+    assert (tmp_path / "out" / "weights.bin").stat().st_size == 3 << 20
+
+
+def test_folder_writeback_off_or_failing_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    def broken(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        raise OSError(errno.EIO, "writeback refused")
+
+    monkeypatch.setattr(atomic, "_load_sync_file_range", lambda: broken)
+    with atomic.atomic_folder(tmp_path / "a") as tmp:
+        (tmp / "f").write_bytes(b"data")
+        time.sleep(0.05)
+    assert (tmp_path / "a" / "f").read_bytes() == b"data"
+    monkeypatch.setattr(atomic, "EARLY_WRITEBACK", False)
+    before = threading.active_count()
+    with atomic.atomic_folder(tmp_path / "b") as tmp:
+        assert threading.active_count() == before  # no thread started
+        (tmp / "f").write_bytes(b"data")
+    assert (tmp_path / "b" / "f").read_bytes() == b"data"
 
 
 def test_recover_restores_an_aside_folder_and_removes_dead_temporaries(tmp_path: Path) -> None:
