@@ -1221,11 +1221,8 @@ STREAMING_HELP = (
     "the calibration activations, so models larger than memory can be scored: every metric that needs no "
     "gradients (bi, angular, sublayer_drop from the stream; nri and sleb by removal trials in passes "
     "over the blocks; magnitude, wanda, obs, bi_lsq and plugin metrics such as the expert metrics from each "
-    "block's weights and statistics while it is loaded); not taylor"
-)
-STREAMING_HELP += (
-    "; a vision-language model streams tower by tower with its calibration images (removal trials score "
-    "the language model's units)"
+    "block's weights and statistics while it is loaded); not taylor; a vision-language model streams tower by "
+    "tower with its calibration images (removal trials score the language model's units)"
 )
 
 
