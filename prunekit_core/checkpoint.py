@@ -114,6 +114,22 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"parent folder {out.parent} does not exist")
 
 
+_MIN_SHARD = 100 * 1000**2
+_MAX_SHARD = 2 * 1000**3
+
+
+def default_shard_size(model: nn.Module) -> int:
+    """An eighth of ``model``'s weights in bytes (tied tensors counted once), between 100 MB and 2 GB."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return min(max(total // 8, _MIN_SHARD), _MAX_SHARD)
+
+
 def save_pruned(
     model: nn.Module,
     out_dir: str | Path,
@@ -121,7 +137,7 @@ def save_pruned(
     tokenizer: Any = None,
     plan: PrunePlan | None = None,
     overwrite: bool = False,
-    max_shard_size: str = "2GB",
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Write ``model`` (and tokenizer, plan) to ``out_dir`` atomically; returns the folder.
 
@@ -129,6 +145,11 @@ def save_pruned(
     built in a hidden sibling and moved into place when complete (:func:`prunekit_core.atomic.atomic_folder`):
     a save that is killed leaves the previous folder (or none), never a mix. ``prunekit.json`` records the
     size of every file and a fingerprint of the weights, which :func:`load_pruned` checks.
+
+    ``max_shard_size`` (bytes, or a string such as ``"2GB"``) defaults to an eighth of the weights, between
+    100 MB and 2 GB: the disk writes of each finished shard run while the next is serialized
+    (:func:`~prunekit_core.atomic.atomic_folder` starts them early), so the ``fsync`` before the rename waits
+    for little more than the last shard.
     """
     out = Path(out_dir).absolute()
     _check_target(out, overwrite)
@@ -138,7 +159,8 @@ def save_pruned(
             width = getattr(model, "_prunekit_width", None) or {"uniform": True}
             # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
             # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
-            model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=width["uniform"])
+            shard = max_shard_size if max_shard_size is not None else default_shard_size(model)
+            model.save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if plan is not None:

@@ -290,6 +290,30 @@ def test_intact_checkpoint_records_sizes_and_fingerprints(saved: Path) -> None:
     torch.testing.assert_close(logits(load_pruned(saved)), logits(pruned()), rtol=0, atol=0)
 
 
+def test_default_shards_are_an_eighth_of_the_weights_and_reload(tmp_path: Path, monkeypatch) -> None:
+    """Several shards let the early writeback overlap the serialization; they load back to the same logits."""
+    from prunekit_core import checkpoint
+
+    model = pruned()
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert checkpoint.default_shard_size(model) == checkpoint._MIN_SHARD  # tiny: one 100 MB shard at most
+    monkeypatch.setattr(checkpoint, "_MIN_SHARD", 1)
+    assert checkpoint.default_shard_size(model) == total // 8
+    monkeypatch.setattr(checkpoint, "_MAX_SHARD", total // 16)
+    assert checkpoint.default_shard_size(model) == total // 16
+    monkeypatch.setattr(checkpoint, "_MAX_SHARD", 2 * 1000**3)
+    out = save_pruned(model, tmp_path / "sharded", tokenizer=tiny_tokenizer())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) >= 6, shards
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert set(shards) <= set(record["files"])
+    torch.testing.assert_close(logits(load_pruned(out)), logits(pruned()), rtol=0, atol=0)
+    one = save_pruned(model, tmp_path / "one", max_shard_size="2GB")  # an explicit size still wins
+    assert [p.name for p in one.glob("*.safetensors")] == [WEIGHTS]
+
+
 # --- plan files given to the CLI -----------------------------------------------------------------------
 
 
