@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -506,8 +507,8 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                 metric="magnitude", granularity="width", width_allocation="global"
             ),
         }.items():
-            best: dict[str, float] = {}
-            for i in range(args.repeats + 1):  # the first round warms up (page cache, allocator)
+            runs: dict[str, list[float]] = {}
+            for i in range(args.save_repeats + 1):  # the first round warms up (page cache, allocator)
                 m = copy.deepcopy(model)
                 gc.collect()
                 t0 = time.perf_counter()
@@ -515,36 +516,33 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                 t1 = time.perf_counter()
                 pk.apply_plan(m, plan)
                 t2 = time.perf_counter()
-                save_pruned(m, root / f"ours-{i}", tokenizer=tok, plan=m._prunekit_plan)
-                t3 = time.perf_counter()
-                atomic.EARLY_WRITEBACK = (
-                    False  # the same durable save, its disk writes started only by the fsyncs
-                )
-                try:
-                    save_pruned(m, root / f"late-{i}", tokenizer=tok, plan=m._prunekit_plan)
-                finally:
-                    atomic.EARLY_WRITEBACK = True
-                t3b = time.perf_counter()
-                m.save_pretrained(root / f"plain-{i}")
-                tok.save_pretrained(root / f"plain-{i}")
-                t4 = time.perf_counter()
-                _fsync_tree(root / f"plain-{i}")  # the durability save_pruned gives (it fsyncs)
-                t5 = time.perf_counter()
-                for name in ("ours", "late", "plain"):
-                    shutil.rmtree(root / f"{name}-{i}")
+                times = {"plan": t1 - t0, "apply": t2 - t1}
+                kinds = ["ours", "late", "plain"]
+                for kind in kinds[i % 3 :] + kinds[: i % 3]:  # rotate the order: no save always goes first
+                    os.sync()  # nothing left to write back from the previous save
+                    folder = root / f"{kind}-{i}"
+                    atomic.EARLY_WRITEBACK = kind != "late"  # late: disk writes started only by the fsyncs
+                    try:
+                        ts = time.perf_counter()
+                        if kind == "plain":
+                            m.save_pretrained(folder)
+                            tok.save_pretrained(folder)
+                            times["plain"] = time.perf_counter() - ts
+                            _fsync_tree(folder)  # the durability save_pruned gives (it fsyncs)
+                            times["synced"] = time.perf_counter() - ts
+                        else:
+                            save_pruned(m, folder, tokenizer=tok, plan=m._prunekit_plan)
+                            times["save" if kind == "ours" else "late"] = time.perf_counter() - ts
+                    finally:
+                        atomic.EARLY_WRITEBACK = True
+                for kind in kinds:
+                    shutil.rmtree(root / f"{kind}-{i}")
                 del m
                 if i == 0:
                     continue
-                times = {
-                    "plan": t1 - t0,
-                    "apply": t2 - t1,
-                    "save": t3 - t2,
-                    "late": t3b - t3,
-                    "plain": t4 - t3b,
-                    "synced": t5 - t3b,
-                }
                 for k, v in times.items():
-                    best[k] = min(v, best.get(k, v))
+                    runs.setdefault(k, []).append(v)
+            best = {k: statistics.median(v) for k, v in runs.items()}
             ours = best["plan"] + best["apply"] + best["save"]
             rows.append(
                 {
@@ -682,7 +680,8 @@ def render(res: dict[str, Any], args: argparse.Namespace, cmd: str) -> str:
             "model + its tokenizer; plain + fsync adds an fsync of its files and folder (save_pruned is atomic and "
             "durable: it fsyncs before the rename; a background thread starts the disk writes while the files are "
             "written, and the late column is the same save with that thread off). The width planner measures "
-            f"removal trials to allocate widths (the plan column). Best of {args.repeats} after one warm-up round.",
+            f"removal trials to allocate widths (the plan column). Medians of {args.save_repeats} rounds after one "
+            "warm-up round; in each round the three saves run in a rotated order, each after an `os.sync()`.",
             "",
             "| plan | plan (s) | surgery (s) | save_pruned (s) | late (s) | ours total (s) | plain save_pretrained (s) "
             "| ratio | goal <= 1.3 | (surgery + save) / plain | plain + fsync (s) | ours / (plain + fsync) |",
@@ -728,6 +727,7 @@ def main() -> int:
     ap.add_argument("--limit-gb", type=float, default=3.0, help="RLIMIT_AS of the limited runs (GB)")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--save-repeats", type=int, default=6, help="save: rounds (medians are reported)")
     ap.add_argument("--out", default=None, help="also write the Markdown here")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
