@@ -932,7 +932,7 @@ def _plan_streaming(
     )
     m = get_metric(metric)
     if uses_width(metric, granularity):  # the width cost model's curves, block by block
-        curves = [WidthCurveObserver(m, repair=repair == "lsq")]
+        curves = [WidthCurveObserver(m, repair=False)]  # --streaming plans without repair (checked above)
         cal = _stream_calibrate(ui, sm, windows.ids, [], curves, images=False)  # text windows, as in memory
     else:
         cal = _stream_calibrate(ui, sm, windows.ids, [m])

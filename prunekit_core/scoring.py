@@ -575,6 +575,12 @@ class ScoringContext:
             self._cache[key] = compute()
         return self._cache[key]
 
+    @property
+    def streaming(self) -> bool:
+        """Whether ``model`` is a streaming skeleton (:func:`~prunekit_core.streaming.open_streaming`): its
+        blocks' weights stay on disk, and only a streaming pass sees them, one block at a time."""
+        return getattr(self.model, TRIALS_ATTR, None) is not None
+
     def trials(self) -> TrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
         :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
@@ -598,7 +604,7 @@ class ScoringContext:
         context. In a streaming pass's per-block context (:class:`BlockScorer`) the hooks were on while the
         block ran, and only that block's modules were observed."""
         if key not in self._cache:
-            if getattr(self.model, TRIALS_ATTR, None) is not None:  # a streaming skeleton: blocks on disk
+            if self.streaming:  # blocks on disk
                 raise PlanError(
                     f"statistics {key!r} are collected while each block is loaded in a streaming pass; this "
                     "step reads them for the whole model: pass the metric (or the planner's observer) to "
@@ -625,7 +631,7 @@ class ScoringContext:
         """``metric.score_groups(self)``, or what a streaming pass computed for it block by block."""
         if metric.name in self.calibration.observed:
             return dict(self.calibration.observed[metric.name])
-        if getattr(self.model, TRIALS_ATTR, None) is not None:  # a streaming skeleton: no weights here
+        if self.streaming:  # no weights here
             raise PlanError(
                 f"metric {metric.name!r} reads weights or per-block statistics, which a streaming pass computes "
                 f"while each block is loaded: pass it to stream_calibrate(..., metrics=[{metric.name!r}])"

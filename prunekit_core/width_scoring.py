@@ -40,7 +40,7 @@ from torch import nn
 from .adapter import get_module
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
-from .scoring import TRIALS_ATTR, BlockScorer
+from .scoring import BlockScorer
 from .width import WidthCut, _split, group_slices, member_index, width_families
 
 log = logging.getLogger(__name__)
@@ -896,7 +896,7 @@ def plan_width(
             f"the {ir.adapter} plugin declares no channel groups {where}: width pruning needs them. "
             "Use --granularity block or sublayer" + (", or another --scope." if ir.scope else ".") + narrow
         )
-    if mixed and getattr(ctx.model, TRIALS_ATTR, None) is not None:
+    if mixed and ctx.streaming:
         raise PlanError(
             "the mixed planner with a channel metric measures its candidate plans on pruned copies of the "
             "whole model, which streaming does not hold: use --granularity width (uniform or global "
@@ -910,7 +910,7 @@ def plan_width(
     }
     gram_orders = {fid: o for fid, o in orders.items() if _out_member(*fams[fid]) is not None}
     trial_only = sorted(set(orders) - set(gram_orders))
-    if trial_only and getattr(ctx.model, TRIALS_ATTR, None) is not None:
+    if trial_only and ctx.streaming:
         raise PlanError(
             f"families {', '.join(trial_only[:3])}{' ...' if len(trial_only) > 3 else ''} have no output "
             "projection among their members (channels inside fused experts): their cost is measured by "
