@@ -70,7 +70,63 @@ from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
 from .surgery import apply_plan, branch_paths
 
-__all__ = ["AdapterConformance", "word_tokenizer"]
+__all__ = [
+    "KERNEL_TOLERANCE_EPS",
+    "AdapterConformance",
+    "assert_identical",
+    "assert_kernel_close",
+    "assert_same_weights",
+    "kernel_tolerance",
+    "word_tokenizer",
+]
+
+#: the kit's one tolerance, in machine epsilons of the compared dtype (see :func:`kernel_tolerance`)
+KERNEL_TOLERANCE_EPS = 64
+
+
+def kernel_tolerance(reference: torch.Tensor) -> float:
+    """Absolute tolerance for two computations of the same function that may run different kernels.
+
+    ``KERNEL_TOLERANCE_EPS * finfo(dtype).eps * max(1, max |reference|)``: 7.6e-6 for float32 logits of
+    magnitude up to 1. Two kernels that sum the same products in another order (another vectorised path
+    for an unaligned operand, another blocking for another shape, a cache step instead of a full forward)
+    differ by a few epsilons of the largest value; a wrong weight, mask or index differs by far more.
+    Measured over the kit on every shipped plugin (float32, AMD EPYC without AVX-512): at most 9.8
+    epsilons; the faults the kit's own tests plant: at least 6,950.
+    """
+    if not reference.is_floating_point():
+        return 0.0
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return KERNEL_TOLERANCE_EPS * torch.finfo(reference.dtype).eps * max(1.0, scale)
+
+
+def assert_kernel_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float | None = None, msg: Any = None
+) -> None:
+    """``actual`` equals ``expected`` within :func:`kernel_tolerance` of ``expected`` (or ``atol``).
+
+    Use it where the two sides may run different kernels or layouts: cached decoding against a full
+    forward, a stand-in against a forward hook, a model that plain ``from_pretrained`` memory-mapped.
+    """
+    tol = kernel_tolerance(expected) if atol is None else atol
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0, msg=msg)
+
+
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor, *, msg: Any = None) -> None:
+    """Bitwise equality, for two runs of the same computation on the same layout (a model and its
+    :func:`~prunekit_core.checkpoint.load_pruned` reload, whose tensors are aligned like the original's).
+    """
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=msg)
+
+
+def assert_same_weights(actual: nn.Module, expected: nn.Module) -> None:
+    """Every parameter and buffer of ``expected`` is in ``actual`` with the same shape and bitwise value."""
+    got = actual.state_dict()
+    for name, want in expected.state_dict().items():
+        assert name in got, f"weight {name} is missing from the reloaded model"
+        assert got[name].shape == want.shape and torch.equal(got[name], want), (
+            f"weight {name} differs after the reload: {tuple(got[name].shape)} vs {tuple(want.shape)}"
+        )
 
 
 class AdapterConformance:
@@ -82,8 +138,9 @@ class AdapterConformance:
     vocab_size: int | None = None
     #: length of the test sequences; make it longer than any sliding window of the model
     seq_len: int = 16
-    #: absolute tolerance for comparisons that go through different kernels (cache vs full forward)
-    atol: float = 1e-5
+    #: absolute tolerance for comparisons that may go through different kernels (cache vs full forward);
+    #: ``None`` (the default) is the kit's rule, :func:`kernel_tolerance`, derived from the dtype
+    atol: float | None = None
 
     def make_model(self) -> nn.Module:
         """A fresh, tiny, seeded model in eval mode (the same weights on every call)."""
@@ -350,8 +407,8 @@ class AdapterConformance:
                 want = self._logits(reference, ids)
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
-            torch.testing.assert_close(
-                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+            assert_kernel_close(
+                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
             )
             gone = 0
             named = dict(model.named_parameters())
@@ -373,8 +430,8 @@ class AdapterConformance:
                 want = self._logits(reference, ids)
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
-            torch.testing.assert_close(
-                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+            assert_kernel_close(
+                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
             )
             named = dict(model.named_parameters())
             gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
@@ -436,11 +493,10 @@ class AdapterConformance:
         prefill = max(1, ids.shape[1] // 2)
         for step, got in enumerate(self._cached_logits(model, ids, prefill)):
             pos = prefill - 1 + step
-            torch.testing.assert_close(
+            assert_kernel_close(
                 got,
                 full[:, pos],
                 atol=self.atol,
-                rtol=0,
                 msg=lambda m, p=pos: f"cached logits at position {p} differ from the full forward: {m}",
             )
 
@@ -463,11 +519,10 @@ class AdapterConformance:
                 f"alone it generates {alone.sequences[0, prompt.shape[1] :].tolist()}"
             )
             for step, (a, b) in enumerate(zip(got.scores, alone.scores, strict=True)):
-                torch.testing.assert_close(
+                assert_kernel_close(
                     a[row],
                     b[0],
-                    atol=1e-4,
-                    rtol=0,
+                    atol=self.atol,
                     msg=lambda m, r=row, s=step: f"row {r}, step {s}: padded scores differ: {m}",
                 )
 
@@ -482,12 +537,12 @@ class AdapterConformance:
         model = self.prune(self.make_model(), self.mixed_removal(ir))
         out = save_pruned(model, tmp_path / "mixed")
         loaded = self.configure_loaded(load_pruned(out))
-        torch.testing.assert_close(self._logits(loaded, ids), self._logits(model, ids), atol=0, rtol=0)
+        assert_identical(self._logits(loaded, ids), self._logits(model, ids))
         assert torch.equal(
             self._greedy(loaded, ids, mask, 0).sequences, self._greedy(model, ids, mask, 0).sequences
         )
         for a, b in zip(self._cached_logits(loaded, ids, 4), self._cached_logits(model, ids, 4), strict=True):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            assert_identical(a, b)
         plan = getattr(loaded, "_prunekit_plan", None)
         assert plan is not None and plan.remove == model._prunekit_plan.remove
 
@@ -499,9 +554,11 @@ class AdapterConformance:
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
             f"unexpected {info['unexpected_keys']}"
         )
-        torch.testing.assert_close(self._logits(plain, ids), self._logits(model, ids), atol=0, rtol=0)
+        # plain transformers memory-maps the weights (unaligned): the same weights, perhaps other kernels
+        assert_same_weights(plain, model)
+        assert_kernel_close(self._logits(plain, ids), self._logits(model, ids), atol=self.atol)
         for a, b in zip(self._cached_logits(plain, ids, 4), self._cached_logits(model, ids, 4), strict=True):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            assert_kernel_close(a, b, atol=self.atol)
 
     def test_plan_for_other_model_rejected(self) -> None:
         source = self.make_model()
@@ -596,11 +653,10 @@ class AdapterConformance:
                 fam = fams[fid][1]
                 after = self.adapter.build_ir(pruned).channel_groups()[fid][1]
                 assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
-            torch.testing.assert_close(
+            assert_kernel_close(
                 self._logits(pruned, ids),
                 self._logits(reference, ids),
                 atol=self.atol,
-                rtol=0,
                 msg=lambda m: f"narrowed model differs from the model with those groups zeroed: {m}",
             )
 
@@ -614,7 +670,7 @@ class AdapterConformance:
         full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
         for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._width_model()
@@ -633,7 +689,8 @@ class AdapterConformance:
         plain, info = type(uniform).from_pretrained(out, output_loading_info=True)
         plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-        torch.testing.assert_close(self._logits(plain, ids), self._logits(uniform, ids), atol=0, rtol=0)
+        assert_same_weights(plain, uniform)
+        assert_kernel_close(self._logits(plain, ids), self._logits(uniform, ids), atol=self.atol)
         fresh = type(uniform)(uniform.config)
         assert _numel(dict(fresh.named_parameters())) == _numel(dict(uniform.named_parameters())), (
             "a model built from the pruned config has a different parameter count"
@@ -642,11 +699,11 @@ class AdapterConformance:
         assert not per_layer._prunekit_width["uniform"]
         out = save_pruned(per_layer, tmp_path / "per_layer")
         loaded = self.configure_loaded(load_pruned(out))
-        torch.testing.assert_close(self._logits(loaded, ids), self._logits(per_layer, ids), atol=0, rtol=0)
+        assert_identical(self._logits(loaded, ids), self._logits(per_layer, ids))
         for a, b in zip(
             self._cached_logits(loaded, ids, 4), self._cached_logits(per_layer, ids, 4), strict=True
         ):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            assert_identical(a, b)
         assert loaded._prunekit_plan.remove_groups == per_layer._prunekit_plan.remove_groups
 
     def test_width_remove_every_group_rejected(self) -> None:
@@ -716,11 +773,10 @@ class AdapterConformance:
                 for member, tensor in group_slices(reference, fam):
                     for g in removed:
                         tensor.narrow(member.axis, member.offset + g * member.width, member.width).zero_()
-            torch.testing.assert_close(
+            assert_kernel_close(
                 got,
                 self._logits(reference, ids),
                 atol=self.atol,
-                rtol=0,
                 msg=lambda m, f=fid: f"narrowing {f} differs from zeroing its removed channels: {m}",
             )
 
@@ -734,7 +790,7 @@ class AdapterConformance:
         full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
         for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
 
     def test_stage_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         """Each of :meth:`stage_width_plans`: ``load_pruned`` rebuilds the narrowed model exactly; when the
@@ -748,7 +804,7 @@ class AdapterConformance:
             ids = self.input_ids(model)
             out = save_pruned(model, tmp_path / f"stages{i}")
             loaded = self.configure_loaded(load_pruned(out))
-            torch.testing.assert_close(self._logits(loaded, ids), self._logits(model, ids), atol=0, rtol=0)
+            assert_identical(self._logits(loaded, ids), self._logits(model, ids))
             if not model._prunekit_width["uniform"]:
                 continue
             plain, info = type(model).from_pretrained(out, output_loading_info=True)
@@ -756,7 +812,8 @@ class AdapterConformance:
                 f"narrowing {sorted(groups)} claims a uniform config, but plain from_pretrained reports {info}"
             )
             plain = self.configure_loaded(plain.eval())
-            torch.testing.assert_close(self._logits(plain, ids), self._logits(model, ids), atol=0, rtol=0)
+            assert_same_weights(plain, model)
+            assert_kernel_close(self._logits(plain, ids), self._logits(model, ids), atol=self.atol)
             fresh = type(model)(model.config)
             assert _numel(dict(fresh.named_parameters())) == _numel(dict(model.named_parameters()))
 
@@ -782,11 +839,10 @@ class AdapterConformance:
             groups = self.expert_removals(ir, uniform=uniform)
             want = self._masked_logits(groups, ids)
             pruned = self.prune(self.make_model(), [], groups)
-            torch.testing.assert_close(
+            assert_kernel_close(
                 self._logits(pruned, ids),
                 want,
                 atol=self.atol,
-                rtol=0,
                 msg=lambda m, g=groups: (
                     f"removing experts {g} differs from forcing their logits to -inf: {m}"
                 ),
@@ -813,7 +869,7 @@ class AdapterConformance:
         full = self._logits(model, ids)
         prefill = max(1, ids.shape[1] // 2)
         for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            torch.testing.assert_close(got, full[:, prefill - 1 + step], atol=self.atol, rtol=0)
+            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
 
     def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._expert_model()
@@ -847,7 +903,7 @@ class AdapterConformance:
             fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, top_k_policy="clamp"
         )
         apply_plan(model, plan, adapter=self.adapter)
-        torch.testing.assert_close(self._logits(model, ids), want, atol=self.atol, rtol=0)
+        assert_kernel_close(self._logits(model, ids), want, atol=self.atol)
         for path in fam.top_k.counters:
             module, _, attr = path.rpartition(".")
             assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
