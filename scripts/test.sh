@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Set up the environment, lint, check formatting, then run the tests (arguments go to pytest).
+# Set up the environment, lint, check formatting, then run the tests (further arguments go to pytest).
+#   scripts/test.sh [PYTEST ARGS]            in .venv, pinned to constraints.txt (what CI runs)
+#   scripts/test.sh --latest [PYTEST ARGS]   in .venv-latest, the newest releases pyproject.toml admits
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q "$@"
+venv=.venv
+if [ "${1:-}" = "--latest" ]; then
+    shift
+    venv=.venv-latest
+    bash scripts/setup.sh --latest
+else
+    bash scripts/setup.sh
+fi
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+exec "$venv/bin/python" -m pytest -q "$@"
