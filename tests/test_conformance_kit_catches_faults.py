@@ -148,6 +148,7 @@ def _map_sublayers(ir: ModelIR, fn) -> ModelIR:  # noqa: ANN001
 
 class LlamaKit(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = {"depth", "sublayers", "width"}
 
     def make_model(self) -> LlamaForCausalLM:
         torch.manual_seed(0)
@@ -269,6 +270,7 @@ class NeverMatches(LlamaFamilyAdapter):
 
 class TestKit(AdapterConformance):
     adapter = {adapter}
+    capabilities = {{"depth", "sublayers", "width"}}
     expected_failures = {declared!r}
 
     def make_model(self):

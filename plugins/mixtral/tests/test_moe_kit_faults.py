@@ -88,6 +88,8 @@ CASES = [(adapter, test) for adapter, tests in FAULTS for test in tests]
 
 
 class Kit(AdapterConformance):
+    capabilities = {"depth", "sublayers", "width", "experts"}
+
     def make_model(self):  # noqa: ANN201
         return tiny_mixtral("grouped_mm")  # eager ignores a stale num_experts; grouped_mm does not
 
