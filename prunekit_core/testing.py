@@ -308,6 +308,43 @@ class AdapterConformance:
     def _logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return _logits(model, ids, self.model_inputs(model, ids))
 
+    def _pruned_logits(self, model: nn.Module, ids: torch.Tensor, what: str) -> torch.Tensor:
+        """Logits of a model after surgery; a forward that crashes (shapes the IR got wrong, a stale
+        counter) fails the check with ``what`` named."""
+        try:
+            return self._logits(model, ids)
+        except (RuntimeError, IndexError, KeyError) as exc:
+            raise AssertionError(
+                f"{what} left a model whose forward fails: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _plain_reload(self, model: nn.Module, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """``type(model).from_pretrained(out)`` of a checkpoint whose config claims to describe it; a
+        refusal (a config field the surgery left stale) fails the check."""
+        try:
+            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+        except (RuntimeError, ValueError) as exc:
+            raise AssertionError(
+                f"plain from_pretrained cannot load {out.name}, whose config claims to describe the pruned "
+                f"model (a config field the surgery did not update?): {type(exc).__name__}: {exc}"
+            ) from exc
+        return self.configure_loaded(plain.eval()), info
+
+    def _assert_cached_matches(self, model: nn.Module, ids: torch.Tensor, what: str) -> None:
+        """Token-by-token decoding after a prefill of half of ``ids`` equals one full forward."""
+        full = self._pruned_logits(model, ids, what)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
+            pos = prefill - 1 + step
+            assert_kernel_close(
+                got,
+                full[:, pos],
+                atol=self.atol,
+                msg=lambda m, p=pos: (
+                    f"after {what}: cached logits at position {p} differ from the full forward: {m}"
+                ),
+            )
+
     def _cached_logits(self, model: nn.Module, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
         return _cached_logits(model, ids, prefill, self.model_inputs(model, ids))
 
@@ -556,7 +593,10 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             assert_kernel_close(
-                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._pruned_logits(pruned, ids, f"removing {case}"),
+                want,
+                atol=self.atol,
+                msg=lambda m, c=case: f"removing {c}: {m}",
             )
             gone = 0
             named = dict(model.named_parameters())
@@ -579,7 +619,10 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             assert_kernel_close(
-                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._pruned_logits(pruned, ids, f"removing {case}"),
+                want,
+                atol=self.atol,
+                msg=lambda m, c=case: f"removing {c}: {m}",
             )
             named = dict(model.named_parameters())
             gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
@@ -638,18 +681,9 @@ class AdapterConformance:
     def test_cached_generation_matches_full_forward(self) -> None:
         model = self.make_model()
         ir = self.adapter.build_ir(model)
-        self.prune(model, self.mixed_removal(ir))
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            pos = prefill - 1 + step
-            assert_kernel_close(
-                got,
-                full[:, pos],
-                atol=self.atol,
-                msg=lambda m, p=pos: f"cached logits at position {p} differ from the full forward: {m}",
-            )
+        remove = self.mixed_removal(ir)
+        self.prune(model, remove)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove}")
 
     def test_left_padded_generate(self) -> None:
         model = self.make_model()
@@ -701,8 +735,7 @@ class AdapterConformance:
 
         model = self.prune(self.make_model(), self.block_plan(ir))
         out = save_pruned(model, tmp_path / "uniform")
-        plain, info = type(model).from_pretrained(out, output_loading_info=True)
-        plain = self.configure_loaded(plain.eval())
+        plain, info = self._plain_reload(model, out)
         assert not info["missing_keys"] and not info["unexpected_keys"], (
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
             f"unexpected {info['unexpected_keys']}"
@@ -808,7 +841,7 @@ class AdapterConformance:
                 after = self.adapter.build_ir(pruned).channel_groups()[fid][1]
                 assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
             assert_kernel_close(
-                self._logits(pruned, ids),
+                self._pruned_logits(pruned, ids, f"narrowing {groups}"),
                 self._logits(reference, ids),
                 atol=self.atol,
                 msg=lambda m: f"narrowed model differs from the model with those groups zeroed: {m}",
@@ -820,11 +853,7 @@ class AdapterConformance:
         remove = self._whole_block(ir)  # a whole block too: depth and width in one plan
         groups = {f: g for f, g in groups.items() if not any(f.startswith(b + ".") for b in remove)}
         self.prune(model, remove, groups)
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove} and narrowing {groups}")
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._width_model()
@@ -840,8 +869,7 @@ class AdapterConformance:
         ids = self.input_ids(uniform)
         assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
         out = save_pruned(uniform, tmp_path / "uniform")
-        plain, info = type(uniform).from_pretrained(out, output_loading_info=True)
-        plain = self.configure_loaded(plain.eval())
+        plain, info = self._plain_reload(uniform, out)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         assert_same_weights(plain, uniform)
         assert_kernel_close(self._logits(plain, ids), self._logits(uniform, ids), atol=self.atol)
@@ -918,7 +946,7 @@ class AdapterConformance:
             left = _numel(dict(pruned.named_parameters()))
             want_left = total - len(removed) * fam.params_per_group
             assert left == want_left, f"narrowing {fid} by {removed} left {left} params, expected {want_left}"
-            got = self._logits(pruned, ids)
+            got = self._pruned_logits(pruned, ids, f"narrowing {fid} by {removed}")
             if fid in self.normalised_stage_families:
                 assert torch.isfinite(got).all(), f"narrowing {fid} gave non-finite logits"
                 continue
@@ -939,12 +967,9 @@ class AdapterConformance:
         shift): token-by-token decoding after a prefill equals one full forward."""
         model, ir = self._stage_model()
         cached = [b.id for b in ir.blocks() if b.removable and any(s.uses_cache for s in b.sublayers)]
-        self.prune(model, cached[:1] or self._whole_block(ir), self.stage_width_removals(ir))
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        remove, groups = cached[:1] or self._whole_block(ir), self.stage_width_removals(ir)
+        self.prune(model, remove, groups)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove} and narrowing {groups}")
 
     def test_stage_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         """Each of :meth:`stage_width_plans`: ``load_pruned`` rebuilds the narrowed model exactly; when the
@@ -961,11 +986,10 @@ class AdapterConformance:
             assert_identical(self._logits(loaded, ids), self._logits(model, ids))
             if not model._prunekit_width["uniform"]:
                 continue
-            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+            plain, info = self._plain_reload(model, out)
             assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
                 f"narrowing {sorted(groups)} claims a uniform config, but plain from_pretrained reports {info}"
             )
-            plain = self.configure_loaded(plain.eval())
             assert_same_weights(plain, model)
             assert_kernel_close(self._logits(plain, ids), self._logits(model, ids), atol=self.atol)
             fresh = type(model)(model.config)
@@ -994,7 +1018,7 @@ class AdapterConformance:
             want = self._masked_logits(groups, ids)
             pruned = self.prune(self.make_model(), [], groups)
             assert_kernel_close(
-                self._logits(pruned, ids),
+                self._pruned_logits(pruned, ids, f"removing experts {groups}"),
                 want,
                 atol=self.atol,
                 msg=lambda m, g=groups: (
@@ -1021,11 +1045,7 @@ class AdapterConformance:
             if not any(f.startswith(b + ".") for b in blocks)
         }
         self.prune(model, blocks, groups)
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {blocks} and experts {groups}")
 
     def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._expert_model()
@@ -1053,7 +1073,9 @@ class AdapterConformance:
         ids = self.input_ids(model)
         exactly = {fid: list(range(fam.count - top_k))}
         assert_kernel_close(
-            self._logits(self.prune(self.make_model(), [], exactly), ids),
+            self._pruned_logits(
+                self.prune(self.make_model(), [], exactly), ids, f"removing experts {exactly}"
+            ),
             self._masked_logits(exactly, ids),
             atol=self.atol,
             msg=lambda m: (
@@ -1072,7 +1094,12 @@ class AdapterConformance:
             fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, top_k_policy="clamp"
         )
         apply_plan(model, plan, adapter=self.adapter)
-        assert_kernel_close(self._logits(model, ids), want, atol=self.atol)
+        assert_kernel_close(
+            self._pruned_logits(model, ids, f"removing experts {groups} with top_k clamped"),
+            want,
+            atol=self.atol,
+            msg=lambda m: f"removing experts {groups} with top_k clamped differs from masking them: {m}",
+        )
         for path in fam.top_k.counters:
             module, _, attr = path.rpartition(".")
             assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
@@ -1093,7 +1120,7 @@ class AdapterConformance:
             want = self._logits(model, ids)
         pruned = self.prune(self.make_model(), [b.id for b in remove])
         assert_kernel_close(
-            self._logits(pruned, ids),
+            self._pruned_logits(pruned, ids, f"removing {[b.id for b in remove]}"),
             want,
             atol=self.atol,
             msg=lambda m: f"removing {[b.id for b in remove]} differs from bypassing those blocks: {m}",
