@@ -430,7 +430,10 @@ def test_demo_refuses_a_foreign_folder(capsys: pytest.CaptureFixture[str], tmp_p
 # --- demo (its flow on the tiny model; the real run is scripts/demo.sh) ---------------------------------
 
 
-@pytest.mark.skipif(not HAS_TEXTS, reason="c4 and wiki texts absent: install exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)")
+@pytest.mark.skipif(
+    not HAS_TEXTS,
+    reason="c4 and wiki texts absent: install exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)",
+)
 def test_demo_flow_on_a_tiny_model(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "demo"
     kwargs = dict(
