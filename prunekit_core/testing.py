@@ -29,26 +29,48 @@ runs as a strict expected failure, so the declaration goes stale loudly when the
 Every registered importance metric must score every unit of its kind with a finite number
 (``test_metrics_finite_on_every_unit``).
 
-Plugins that declare channel groups (width pruning) also get the ``test_width_*`` checks: narrowing a
-family equals zeroing every member slice of the removed groups (a group whose weights are all zero
-contributes nothing), cached decoding of a narrowed model equals its full forward, the config of a
-uniformly narrowed model rebuilds it exactly and plain ``from_pretrained`` reloads it, per-layer widths
-reload through ``load_pruned``, and removing every group of a family is refused. Override
-:meth:`width_removals` to choose other groups. Models without channel groups skip these checks.
+Every subclass declares which kinds of surgery its adapter supports, as ``capabilities`` (a set drawn from
+:data:`CAPABILITIES`); it is required, and a subclass without it is refused when it is defined::
 
-Plugins that declare channel groups on stages (conv necks, conv projectors: ``Stage.channel_groups``) get
-the ``test_stage_*`` checks: narrowing each family drops the IR and parameter counts by exactly its groups
-and, unless the family is listed in ``normalised_stage_families`` (a norm over the channels follows, so
-the plugin tests it against a narrower forward instead), equals zeroing its groups' member slices; cached
-decoding equals the full forward; the narrowed model round-trips. Override :meth:`stage_width_removals` to choose other groups and :meth:`stage_width_plans` to
-round-trip a cut the config describes.
+    class TestMyFamily(AdapterConformance):
+        adapter = MyFamilyAdapter()
+        capabilities = {"depth", "sublayers", "width"}
 
-Plugins that declare routed families (MoE experts: a family with a ``router``) also get the
-``test_expert_*`` checks: removing experts equals the unpruned model with their router logits forced to
--inf (:func:`~prunekit_core.routing.router_rows_masked`), cached decoding equals the full forward, uniform
-expert counts reload with plain ``from_pretrained`` and per-layer counts with ``load_pruned``, removing
-every expert is refused, and leaving fewer than ``top_k`` is refused unless the plan clamps ``top_k``.
-Override :meth:`expert_removals` to choose other experts.
+The checks of a capability the subclass does not declare are not collected (nor callable: calling one
+raises an error that names the capability); the others run, and each fails, never skips, when it cannot:
+``test_capabilities_match_the_ir`` compares the declaration with what the adapter's IR of
+:meth:`make_model`'s model shows, both ways, so a plugin that stops declaring its channel groups fails
+instead of silently losing its width checks, and a declared capability the model does not exercise fails
+with what is missing.
+
+- ``depth``: whole blocks are removable. ``test_block_removal_equals_skipped_block``, and the mixed plans
+  of the other checks include a whole block.
+- ``sublayers``: single branches are removable (``depth`` implies it: a block is removable when all its
+  branches are). ``test_branch_removal_equals_zeroed_branch``; ``test_config_consistent``, the cached,
+  padded and round-trip checks and the rejection checks run on :meth:`mixed_removal`.
+- ``width``: channel groups on sublayers, a family of 2+ groups without a router: the ``test_width_*``
+  checks. Narrowing a family equals zeroing every member slice of the removed groups, cached decoding of a
+  narrowed model equals its full forward, a uniformly narrowed model reloads with plain ``from_pretrained``
+  and per-layer widths with ``load_pruned``, and removing every group of a family is refused. Override
+  :meth:`width_removals` to choose other groups.
+- ``experts``: routed families (MoE experts: a family with a ``router``) with an expert to spare over
+  ``top_k``: the ``test_expert_*`` checks. Removing experts equals the unpruned model with their router
+  logits forced to -inf (:func:`~prunekit_core.routing.router_rows_masked`), cached decoding equals the
+  full forward, uniform expert counts reload with plain ``from_pretrained`` and per-layer counts with
+  ``load_pruned``, removing every expert is refused, leaving exactly ``top_k`` needs no policy and leaving
+  fewer is refused unless the plan clamps ``top_k``. Override :meth:`expert_removals` to choose other
+  experts.
+- ``stages``: channel groups on stages (conv necks, conv projectors: ``Stage.channel_groups``): the
+  ``test_stage_*`` checks. Narrowing each family drops the IR and parameter counts by exactly its groups
+  and, unless the family is listed in ``normalised_stage_families`` (a norm over the channels follows, so
+  the plugin tests it against a narrower forward instead), equals zeroing its groups' member slices;
+  cached decoding equals the full forward; the narrowed model round-trips. Override
+  :meth:`stage_width_removals` to choose other groups and :meth:`stage_width_plans` to round-trip a cut
+  the config describes.
+- ``towers``: more than one tower (a vision tower next to the text tower): ``test_towers_*``. A plan
+  removing a block of every tower at once equals the model with those blocks bypassed, every tower's
+  config (:meth:`tower_configs`, which must name each tower) counts its kept blocks, and ``load_pruned``
+  reloads it exactly.
 """
 
 from __future__ import annotations
@@ -71,6 +93,7 @@ from .plan import PrunePlan, fingerprint
 from .surgery import apply_plan, branch_paths
 
 __all__ = [
+    "CAPABILITIES",
     "KERNEL_TOLERANCE_EPS",
     "AdapterConformance",
     "assert_identical",
@@ -79,6 +102,61 @@ __all__ = [
     "kernel_tolerance",
     "word_tokenizer",
 ]
+
+#: what a kit subclass may declare in ``capabilities``, and what the adapter's IR must then show
+CAPABILITIES: dict[str, str] = {
+    "depth": "whole blocks are removable (some block of the IR is removable)",
+    "sublayers": "single branches are removable (some sublayer of the IR is removable)",
+    "width": "channel groups on sublayers (a family of 2+ groups without a router)",
+    "experts": "routed families (MoE experts) with an expert to spare over top_k",
+    "stages": "channel groups on stages (conv necks, projectors: a stage family of 2+ groups)",
+    "towers": "more than one tower with removable blocks (a vision tower next to the text tower)",
+}
+
+#: the capabilities each check needs, all of them (a check missing here needs none)
+_CHECK_NEEDS: dict[str, frozenset[str]] = {
+    "test_branch_removal_equals_zeroed_branch": frozenset({"sublayers"}),
+    "test_block_removal_equals_skipped_block": frozenset({"depth"}),
+    **{
+        name: frozenset({"sublayers"})  # they run on mixed_removal, which needs removable branches
+        for name in (
+            "test_config_consistent",
+            "test_cached_generation_matches_full_forward",
+            "test_left_padded_generate",
+            "test_save_reload_roundtrip",
+            "test_plan_for_other_model_rejected",
+            "test_remove_every_block_rejected",
+        )
+    },
+}
+_PREFIX_NEEDS = {
+    "test_width_": frozenset({"width"}),
+    "test_expert_": frozenset({"experts"}),
+    "test_stage_": frozenset({"stages"}),
+    "test_towers_": frozenset({"towers", "depth"}),
+}
+
+
+def check_needs(check: str) -> frozenset[str]:
+    """The capabilities a subclass must declare for the kit to collect ``check``."""
+    for prefix, needs in _PREFIX_NEEDS.items():
+        if check.startswith(prefix):
+            return needs
+    return _CHECK_NEEDS.get(check, frozenset())
+
+
+def _not_declared(check: str, missing: list[str]):  # noqa: ANN202
+    def undeclared(self: AdapterConformance, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(
+            f"{type(self).__name__} does not declare {' and '.join(map(repr, missing))} in capabilities, "
+            f"so {check} is not one of its checks; declare it to run this check"
+        )
+
+    undeclared.__name__ = check
+    undeclared.__test__ = False  # type: ignore[attr-defined]  # pytest must not collect it
+    undeclared._prunekit_undeclared = True  # type: ignore[attr-defined]
+    return undeclared
+
 
 #: the kit's one tolerance, in machine epsilons of the compared dtype (see :func:`kernel_tolerance`)
 KERNEL_TOLERANCE_EPS = 64
@@ -134,6 +212,9 @@ class AdapterConformance:
 
     #: the adapter under test (an instance)
     adapter: ArchitectureAdapter
+    #: what the adapter supports, drawn from :data:`CAPABILITIES`; required on every subclass (a frozenset
+    #: once the class is defined). Checks of a capability left out are not collected.
+    capabilities: frozenset[str]
     #: token ids are drawn below this; ``None`` reads ``config.vocab_size``
     vocab_size: int | None = None
     #: length of the test sequences; make it longer than any sliding window of the model
@@ -150,14 +231,46 @@ class AdapterConformance:
     #: failure: the suite fails if the check unexpectedly passes, or if the name is not a check.
     expected_failures: dict[str, str] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = getattr(cls, "capabilities", None)
+        choices = "; ".join(f"{k}: {v}" for k, v in CAPABILITIES.items())
+        if declared is None or isinstance(declared, str) or not all(isinstance(c, str) for c in declared):
+            raise TypeError(
+                f"{cls.__name__} must declare what its adapter supports as a set of capability names, e.g. "
+                f'capabilities = {{"depth", "sublayers"}} (got {declared!r}). Choose from: {choices}'
+            )
+        unknown = sorted(set(declared) - set(CAPABILITIES))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.capabilities names unknown {unknown}. Choose from: {choices}")
+        cls.capabilities = frozenset(declared)
+        for name in _checks():
+            missing = sorted(check_needs(name) - cls.capabilities)
+            if missing and name in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} overrides {name}, a check of {missing}, without declaring "
+                    f"{' and '.join(map(repr, missing))} in capabilities"
+                )
+            if missing:
+                setattr(cls, name, _not_declared(name, missing))
+            elif getattr(getattr(cls, name), "_prunekit_undeclared", False):
+                setattr(cls, name, vars(AdapterConformance)[name])  # a base class left it out
+
     @pytest.fixture(autouse=True)
     def _expected_failures(self, request: pytest.FixtureRequest) -> None:
-        checks = {n for n in dir(AdapterConformance) if n.startswith("test_")}
+        checks = _checks()
         unknown = sorted(set(self.expected_failures) - checks)
         if unknown:
             pytest.fail(
                 f"{type(self).__name__}.expected_failures names {unknown}, which are not conformance checks; "
                 f"the checks are: {', '.join(sorted(checks))}"
+            )
+        off = {n: sorted(check_needs(n) - self.capabilities) for n in self.expected_failures}
+        off = {n: c for n, c in off.items() if c}
+        if off:
+            pytest.fail(
+                f"{type(self).__name__}.expected_failures names checks of capabilities it does not declare "
+                f"(so they never run): {off}"
             )
         reason = self.expected_failures.get(request.node.originalname or request.node.name)
         if reason is not None:
@@ -195,6 +308,43 @@ class AdapterConformance:
     def _logits(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return _logits(model, ids, self.model_inputs(model, ids))
 
+    def _pruned_logits(self, model: nn.Module, ids: torch.Tensor, what: str) -> torch.Tensor:
+        """Logits of a model after surgery; a forward that crashes (shapes the IR got wrong, a stale
+        counter) fails the check with ``what`` named."""
+        try:
+            return self._logits(model, ids)
+        except (RuntimeError, IndexError, KeyError) as exc:
+            raise AssertionError(
+                f"{what} left a model whose forward fails: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _plain_reload(self, model: nn.Module, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """``type(model).from_pretrained(out)`` of a checkpoint whose config claims to describe it; a
+        refusal (a config field the surgery left stale) fails the check."""
+        try:
+            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+        except (RuntimeError, ValueError) as exc:
+            raise AssertionError(
+                f"plain from_pretrained cannot load {out.name}, whose config claims to describe the pruned "
+                f"model (a config field the surgery did not update?): {type(exc).__name__}: {exc}"
+            ) from exc
+        return self.configure_loaded(plain.eval()), info
+
+    def _assert_cached_matches(self, model: nn.Module, ids: torch.Tensor, what: str) -> None:
+        """Token-by-token decoding after a prefill of half of ``ids`` equals one full forward."""
+        full = self._pruned_logits(model, ids, what)
+        prefill = max(1, ids.shape[1] // 2)
+        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
+            pos = prefill - 1 + step
+            assert_kernel_close(
+                got,
+                full[:, pos],
+                atol=self.atol,
+                msg=lambda m, p=pos: (
+                    f"after {what}: cached logits at position {p} differ from the full forward: {m}"
+                ),
+            )
+
     def _cached_logits(self, model: nn.Module, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
         return _cached_logits(model, ids, prefill, self.model_inputs(model, ids))
 
@@ -228,7 +378,14 @@ class AdapterConformance:
 
     def mixed_removal(self, ir: ModelIR) -> list[str]:
         """A plan mixing granularities: the cache-using branch of the first block, the whole second block
-        and a cache-free branch of the last block (so every later KV-cache index has to shift)."""
+        and a cache-free branch of the last block (so every later KV-cache index has to shift). Without
+        ``depth``: the first removable cache-using branch and the last removable cache-free one."""
+        if "depth" not in self.capabilities:
+            subs = [s for s in ir.sublayers() if s.removable]
+            assert len(subs) >= 2, "the conformance model needs at least 2 removable sublayers"
+            first = next((s for s in subs if s.uses_cache), subs[0])
+            last = next((s for s in reversed(subs) if not s.uses_cache and s is not first), subs[-1])
+            return [first.id, last.id]
         blocks = [b for b in ir.blocks() if b.removable and len(b.sublayers) >= 2]
         assert len(blocks) >= 3, "the conformance model needs at least 3 blocks with 2+ sublayers each"
         first, second, last = blocks[0], blocks[1], blocks[-1]
@@ -237,8 +394,13 @@ class AdapterConformance:
         return [first_sub.id, second.id, last_sub.id]
 
     def block_plan(self, ir: ModelIR) -> list[str]:
-        """A block-only (uniform) plan: the last of :meth:`block_removals`."""
+        """A block-only (uniform) plan: the last of :meth:`block_removals` (needs ``depth``)."""
         return self.block_removals(ir)[-1]
+
+    def _whole_block(self, ir: ModelIR) -> list[str]:
+        """The whole block of :meth:`mixed_removal`, for checks that add one to a width plan; none
+        without ``depth``."""
+        return [self.mixed_removal(ir)[1]] if "depth" in self.capabilities else []
 
     def prune(
         self, model: nn.Module, remove: list[str], groups: dict[str, list[int]] | None = None
@@ -282,21 +444,44 @@ class AdapterConformance:
                 out[fid] = [0, fam.count - 1] if spare >= 2 else [0]
         return out
 
-    def _width_model(self) -> tuple[nn.Module, ModelIR]:
+    def _capable_model(self, capability: str) -> tuple[nn.Module, ModelIR]:
+        """A fresh model and its IR, which must show ``capability`` (a declared capability whose checks
+        cannot run is a failure)."""
         model = self.make_model()
         ir = self.adapter.build_ir(model)
-        if not any(f.count >= 2 and not f.router for _s, f in ir.channel_groups().values()):
-            pytest.skip(f"{self.adapter.name} declares no channel group family with 2+ groups for this model")
+        if not _ir_capabilities(ir)[capability]:
+            raise AssertionError(_missing_message(self, capability))
         return model, ir
 
+    def _width_model(self) -> tuple[nn.Module, ModelIR]:
+        return self._capable_model("width")
+
     def _expert_model(self) -> tuple[nn.Module, ModelIR]:
-        model = self.make_model()
-        ir = self.adapter.build_ir(model)
-        if not self.expert_removals(ir, uniform=True):
-            pytest.skip(f"{self.adapter.name} declares no routed family (experts) with one to spare")
+        model, ir = self._capable_model("experts")
+        assert self.expert_removals(ir, uniform=True), (
+            f"{type(self).__name__}.expert_removals chose no experts, but the IR has experts to spare"
+        )
         return model, ir
 
     # tests -----------------------------------------------------------------------------------------
+
+    def test_capabilities_match_the_ir(self) -> None:
+        """``capabilities`` says what the adapter's IR of :meth:`make_model`'s model shows, both ways: a
+        declared capability the IR lacks cannot be checked, an undeclared one the IR has would go unchecked."""
+        shown = _ir_capabilities(self.adapter.build_ir(self.make_model()))
+        problems = [
+            _missing_message(self, c) for c in CAPABILITIES if c in self.capabilities and not shown[c]
+        ]
+        for cap in CAPABILITIES:
+            if cap in self.capabilities or not shown[cap]:
+                continue
+            lost = sorted(n for n in _checks() if cap in check_needs(n))
+            problems.append(
+                f"the IR {self.adapter.name} builds for make_model()'s model shows {cap!r} "
+                f"({CAPABILITIES[cap]}: {shown[cap][:3]}), but {type(self).__name__}.capabilities does not "
+                f"declare it, so {lost or 'its checks'} do not run: add {cap!r} to capabilities"
+            )
+        assert not problems, "\n".join(problems)
 
     def test_adapter_matches(self) -> None:
         from . import plugins
@@ -408,7 +593,10 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             assert_kernel_close(
-                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._pruned_logits(pruned, ids, f"removing {case}"),
+                want,
+                atol=self.atol,
+                msg=lambda m, c=case: f"removing {c}: {m}",
             )
             gone = 0
             named = dict(model.named_parameters())
@@ -431,7 +619,10 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             assert_kernel_close(
-                self._logits(pruned, ids), want, atol=self.atol, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._pruned_logits(pruned, ids, f"removing {case}"),
+                want,
+                atol=self.atol,
+                msg=lambda m, c=case: f"removing {c}: {m}",
             )
             named = dict(model.named_parameters())
             gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
@@ -441,7 +632,10 @@ class AdapterConformance:
     def test_config_consistent(self) -> None:
         probe = self.make_model()
         ir = self.adapter.build_ir(probe)
-        for remove, uniform in ((self.block_plan(ir), True), (self.mixed_removal(ir), False)):
+        plans = [(self.mixed_removal(ir), False)]
+        if "depth" in self.capabilities:
+            plans.insert(0, (self.block_plan(ir), True))
+        for remove, uniform in plans:
             model = self.make_model()
             configs = self.tower_configs(model)
             lists_before: dict[str, dict[str, list]] = {}
@@ -487,18 +681,9 @@ class AdapterConformance:
     def test_cached_generation_matches_full_forward(self) -> None:
         model = self.make_model()
         ir = self.adapter.build_ir(model)
-        self.prune(model, self.mixed_removal(ir))
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            pos = prefill - 1 + step
-            assert_kernel_close(
-                got,
-                full[:, pos],
-                atol=self.atol,
-                msg=lambda m, p=pos: f"cached logits at position {p} differ from the full forward: {m}",
-            )
+        remove = self.mixed_removal(ir)
+        self.prune(model, remove)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove}")
 
     def test_left_padded_generate(self) -> None:
         model = self.make_model()
@@ -545,11 +730,12 @@ class AdapterConformance:
             assert_identical(a, b)
         plan = getattr(loaded, "_prunekit_plan", None)
         assert plan is not None and plan.remove == model._prunekit_plan.remove
+        if "depth" not in self.capabilities:
+            return  # a uniform plan needs whole blocks: branch removals reload through load_pruned only
 
         model = self.prune(self.make_model(), self.block_plan(ir))
         out = save_pruned(model, tmp_path / "uniform")
-        plain, info = type(model).from_pretrained(out, output_loading_info=True)
-        plain = self.configure_loaded(plain.eval())
+        plain, info = self._plain_reload(model, out)
         assert not info["missing_keys"] and not info["unexpected_keys"], (
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
             f"unexpected {info['unexpected_keys']}"
@@ -565,7 +751,8 @@ class AdapterConformance:
         ir = self.adapter.build_ir(source)
         plan = PrunePlan(fingerprint=fingerprint(source, ir), remove=self.mixed_removal(ir))
 
-        other_structure = self.prune(self.make_model(), [self.block_removals(ir)[0][0]])
+        first = self.block_removals(ir)[0][0] if "depth" in self.capabilities else self.mixed_removal(ir)[0]
+        other_structure = self.prune(self.make_model(), [first])
         other_weights = self.make_model()
         with torch.no_grad():
             for p in other_weights.parameters():
@@ -581,7 +768,7 @@ class AdapterConformance:
         ir = self.adapter.build_ir(model)
         every_block = [b.id for b in ir.blocks()]
         every_branch = [s.id for s in ir.sublayers()]
-        for remove in (every_block, every_branch):
+        for remove in (every_block, every_branch) if "depth" in self.capabilities else (every_branch,):
             snapshot = _snapshot(model)
             with pytest.raises(PlanError):
                 self.prune(model, remove)
@@ -654,7 +841,7 @@ class AdapterConformance:
                 after = self.adapter.build_ir(pruned).channel_groups()[fid][1]
                 assert after.count == fam.count - len(removed), f"{fid}: IR count {after.count} after surgery"
             assert_kernel_close(
-                self._logits(pruned, ids),
+                self._pruned_logits(pruned, ids, f"narrowing {groups}"),
                 self._logits(reference, ids),
                 atol=self.atol,
                 msg=lambda m: f"narrowed model differs from the model with those groups zeroed: {m}",
@@ -663,14 +850,10 @@ class AdapterConformance:
     def test_width_cached_generation_matches_full_forward(self) -> None:
         model, ir = self._width_model()
         groups = self.width_removals(ir, uniform=False)
-        remove = [self.mixed_removal(ir)[1]]  # a whole block too: depth and width in one plan
-        groups = {f: g for f, g in groups.items() if not f.startswith(remove[0] + ".")}
+        remove = self._whole_block(ir)  # a whole block too: depth and width in one plan
+        groups = {f: g for f, g in groups.items() if not any(f.startswith(b + ".") for b in remove)}
         self.prune(model, remove, groups)
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove} and narrowing {groups}")
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._width_model()
@@ -686,8 +869,7 @@ class AdapterConformance:
         ids = self.input_ids(uniform)
         assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
         out = save_pruned(uniform, tmp_path / "uniform")
-        plain, info = type(uniform).from_pretrained(out, output_loading_info=True)
-        plain = self.configure_loaded(plain.eval())
+        plain, info = self._plain_reload(uniform, out)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         assert_same_weights(plain, uniform)
         assert_kernel_close(self._logits(plain, ids), self._logits(uniform, ids), atol=self.atol)
@@ -738,10 +920,10 @@ class AdapterConformance:
         return [{fid: g} for fid, g in groups.items()] + ([groups] if len(groups) > 1 else [])
 
     def _stage_model(self) -> tuple[nn.Module, ModelIR]:
-        model = self.make_model()
-        ir = self.adapter.build_ir(model)
-        if not self.stage_width_removals(ir):
-            pytest.skip(f"{self.adapter.name} declares no stage channel groups (conv necks, projectors)")
+        model, ir = self._capable_model("stages")
+        assert self.stage_width_removals(ir), (
+            f"{type(self).__name__}.stage_width_removals chose no groups, but the IR has stage families"
+        )
         unknown = sorted(set(self.normalised_stage_families) - set(ir.stage_channel_groups()))
         assert not unknown, f"normalised_stage_families names {unknown}, which are not stage families"
         return model, ir
@@ -764,7 +946,7 @@ class AdapterConformance:
             left = _numel(dict(pruned.named_parameters()))
             want_left = total - len(removed) * fam.params_per_group
             assert left == want_left, f"narrowing {fid} by {removed} left {left} params, expected {want_left}"
-            got = self._logits(pruned, ids)
+            got = self._pruned_logits(pruned, ids, f"narrowing {fid} by {removed}")
             if fid in self.normalised_stage_families:
                 assert torch.isfinite(got).all(), f"narrowing {fid} gave non-finite logits"
                 continue
@@ -785,12 +967,9 @@ class AdapterConformance:
         shift): token-by-token decoding after a prefill equals one full forward."""
         model, ir = self._stage_model()
         cached = [b.id for b in ir.blocks() if b.removable and any(s.uses_cache for s in b.sublayers)]
-        self.prune(model, cached[:1] or [self.mixed_removal(ir)[1]], self.stage_width_removals(ir))
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        remove, groups = cached[:1] or self._whole_block(ir), self.stage_width_removals(ir)
+        self.prune(model, remove, groups)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {remove} and narrowing {groups}")
 
     def test_stage_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         """Each of :meth:`stage_width_plans`: ``load_pruned`` rebuilds the narrowed model exactly; when the
@@ -807,11 +986,10 @@ class AdapterConformance:
             assert_identical(self._logits(loaded, ids), self._logits(model, ids))
             if not model._prunekit_width["uniform"]:
                 continue
-            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+            plain, info = self._plain_reload(model, out)
             assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
                 f"narrowing {sorted(groups)} claims a uniform config, but plain from_pretrained reports {info}"
             )
-            plain = self.configure_loaded(plain.eval())
             assert_same_weights(plain, model)
             assert_kernel_close(self._logits(plain, ids), self._logits(model, ids), atol=self.atol)
             fresh = type(model)(model.config)
@@ -840,7 +1018,7 @@ class AdapterConformance:
             want = self._masked_logits(groups, ids)
             pruned = self.prune(self.make_model(), [], groups)
             assert_kernel_close(
-                self._logits(pruned, ids),
+                self._pruned_logits(pruned, ids, f"removing experts {groups}"),
                 want,
                 atol=self.atol,
                 msg=lambda m, g=groups: (
@@ -860,16 +1038,14 @@ class AdapterConformance:
 
     def test_expert_cached_generation_matches_full_forward(self) -> None:
         model, ir = self._expert_model()
-        block = self.mixed_removal(ir)[1]
+        blocks = self._whole_block(ir)
         groups = {
-            f: g for f, g in self.expert_removals(ir, uniform=False).items() if not f.startswith(block + ".")
+            f: g
+            for f, g in self.expert_removals(ir, uniform=False).items()
+            if not any(f.startswith(b + ".") for b in blocks)
         }
-        self.prune(model, [block], groups)
-        ids = self.input_ids(model)
-        full = self._logits(model, ids)
-        prefill = max(1, ids.shape[1] // 2)
-        for step, got in enumerate(self._cached_logits(model, ids, prefill)):
-            assert_kernel_close(got, full[:, prefill - 1 + step], atol=self.atol)
+        self.prune(model, blocks, groups)
+        self._assert_cached_matches(model, self.input_ids(model), f"removing {blocks} and experts {groups}")
 
     def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._expert_model()
@@ -886,27 +1062,84 @@ class AdapterConformance:
         assert _snapshot(model) == snapshot, "a rejected plan modified the model"
 
     def test_expert_below_top_k_needs_a_policy(self) -> None:
-        """Leaving fewer experts than top_k is an error unless the plan clamps top_k; clamped, the model
-        equals the masked reference (a removed expert's weight is zero after the softmax)."""
+        """Leaving exactly top_k experts needs no policy and equals the masked reference; leaving fewer is
+        an error unless the plan clamps top_k; clamped, the model equals the masked reference (a removed
+        expert's weight is zero after the softmax). With top_k 1, fewer is none, which
+        ``test_expert_remove_every_expert_rejected`` covers."""
         model, ir = self._expert_model()
-        fid, fam = next(iter(_routed(ir).items()))
-        if fam.top_k is None or fam.top_k.value < 2:
-            pytest.skip("top_k is 1: any non-empty set of experts satisfies it")
+        fid, fam = next(iter(self.expert_removals(ir, uniform=True).items()))
+        fam = _routed(ir)[fid]
+        top_k = fam.top_k.value if fam.top_k else 1
+        ids = self.input_ids(model)
+        exactly = {fid: list(range(fam.count - top_k))}
+        assert_kernel_close(
+            self._pruned_logits(
+                self.prune(self.make_model(), [], exactly), ids, f"removing experts {exactly}"
+            ),
+            self._masked_logits(exactly, ids),
+            atol=self.atol,
+            msg=lambda m: (
+                f"leaving exactly top_k={top_k} experts of {fid} differs from masking the rest: {m}"
+            ),
+        )
+        if fam.top_k is None or top_k < 2:
+            return
         groups = {fid: list(range(fam.count - fam.top_k.value + 1))}
         snapshot = _snapshot(model)
         with pytest.raises(PlanError, match="top_k"):
             self.prune(model, [], groups)
         assert _snapshot(model) == snapshot, "a rejected plan modified the model"
-        ids = self.input_ids(model)
         want = self._masked_logits(groups, ids)
         plan = PrunePlan(
             fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, top_k_policy="clamp"
         )
         apply_plan(model, plan, adapter=self.adapter)
-        assert_kernel_close(self._logits(model, ids), want, atol=self.atol)
+        assert_kernel_close(
+            self._pruned_logits(model, ids, f"removing experts {groups} with top_k clamped"),
+            want,
+            atol=self.atol,
+            msg=lambda m: f"removing experts {groups} with top_k clamped differs from masking them: {m}",
+        )
         for path in fam.top_k.counters:
             module, _, attr = path.rpartition(".")
             assert getattr(get_module(model, module), attr) == fam.top_k.value - 1, f"{path} not clamped"
+
+    # towers: a vision tower next to the text tower -----------------------------------------------------
+
+    def test_towers_blocks_removed_in_every_tower(self, tmp_path: Path) -> None:
+        """One block of every tower removed in one plan: the logits equal the model with those blocks
+        bypassed, every tower's config counts its kept blocks, and ``load_pruned`` reloads it exactly."""
+        from .checkpoint import load_pruned, save_pruned
+
+        model, ir = self._capable_model("towers")
+        ids = self.input_ids(model)
+        remove = [
+            next(b for b in t.blocks if b.removable) for t in ir.towers if any(b.removable for b in t.blocks)
+        ]
+        with _skipped(model, [b.module for b in remove]):
+            want = self._logits(model, ids)
+        pruned = self.prune(self.make_model(), [b.id for b in remove])
+        assert_kernel_close(
+            self._pruned_logits(pruned, ids, f"removing {[b.id for b in remove]}"),
+            want,
+            atol=self.atol,
+            msg=lambda m: f"removing {[b.id for b in remove]} differs from bypassing those blocks: {m}",
+        )
+        configs = self.tower_configs(pruned)
+        for tower in ir.towers:
+            if not any(b.removable for b in tower.blocks):
+                continue
+            assert tower.name in configs, (
+                f"tower_configs names {sorted(configs)}, not tower {tower.name!r}: a multi-tower adapter must "
+                "give the config that counts each tower's blocks (ArchitectureAdapter.tower_configs)"
+            )
+            kept = len(tower.blocks) - 1
+            assert configs[tower.name].num_hidden_layers == kept, (
+                f"tower {tower.name!r}: config.num_hidden_layers={configs[tower.name].num_hidden_layers} "
+                f"after removing one of its {len(tower.blocks)} blocks"
+            )
+        loaded = self.configure_loaded(load_pruned(save_pruned(pruned, tmp_path / "towers")))
+        assert_identical(self._logits(loaded, ids), self._logits(pruned, ids))
 
 
 def word_tokenizer(words: int = 100) -> Any:
@@ -924,6 +1157,33 @@ def word_tokenizer(words: int = 100) -> Any:
 
 
 # reference computations: plain PyTorch hooks, independent of prunekit's surgery -------------------------
+
+
+def _checks() -> set[str]:
+    """Every check of the kit."""
+    return {n for n in vars(AdapterConformance) if n.startswith("test_")}
+
+
+def _ir_capabilities(ir: ModelIR) -> dict[str, list[str]]:
+    """Capability -> the units of ``ir`` that show it (empty when it does not)."""
+    towers = [t.name for t in ir.towers if any(b.removable for b in t.blocks)]
+    return {
+        "depth": [b.id for b in ir.blocks() if b.removable],
+        "sublayers": [s.id for s in ir.sublayers() if s.removable],
+        "width": [f for f, (_s, g) in ir.channel_groups().items() if g.count >= 2 and not g.router],
+        "experts": [f for f, g in _routed(ir).items() if g.count - (g.top_k.value if g.top_k else 1) >= 1],
+        "stages": [f for f, (_s, g) in ir.stage_channel_groups().items() if g.count >= 2],
+        "towers": towers if len(towers) >= 2 else [],
+    }
+
+
+def _missing_message(kit: AdapterConformance, capability: str) -> str:
+    return (
+        f"{type(kit).__name__} declares capability {capability!r} ({CAPABILITIES[capability]}), but the IR "
+        f"{kit.adapter.name} builds for make_model()'s model shows none, so its checks cannot run: declare "
+        f"it in the adapter's build_ir (or make make_model build a model that has it), or remove "
+        f"{capability!r} from capabilities"
+    )
 
 
 def _routed(ir: ModelIR) -> dict[str, Any]:

@@ -244,10 +244,39 @@ def test_plan_only_then_apply_plan(
 def test_force_replaces_a_previous_output(
     capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    args = ["prune", assets["model"], "--ratio", "0.3", "--calib", assets["text"], "--metric", "bi", *FAST]
-    run_json(capsys, *args, "--out", tmp_path / "o")
-    data = run_json(capsys, *args, "--out", tmp_path / "o", "--force")
+    """--force replaces the old checkpoint as a whole: none of its files stay, the folder holds exactly
+    what a fresh prune writes (the new model's weights and plan), and no temporary is left beside it."""
+    from safetensors.torch import load_file
+
+    from prunekit_core.atomic import is_temporary
+
+    def prune(model: Path, out: Path, *extra: str) -> dict:
+        args = ["prune", model, "--ratio", "0.3", "--calib", assets["text"], "--metric", "bi", *FAST]
+        return run_json(capsys, *args, "--out", out, *extra)
+
+    out = tmp_path / "o"
+    prune(assets["other"], out)  # the 3-layer model first
+    (out / "notes-from-the-old-run.txt").write_text("old")
+    old_plan = json.loads((out / "plan.json").read_text())
+    data = prune(assets["model"], out, "--force")  # then the 2-layer model, over it
     assert data["written"] == "checkpoint"
+    fresh = tmp_path / "fresh"
+    prune(assets["model"], fresh)
+
+    assert files_under(out) == files_under(fresh), "the replaced folder holds other files than a fresh prune"
+    assert not (out / "notes-from-the-old-run.txt").exists()
+    new_plan = json.loads((out / "plan.json").read_text())
+    assert new_plan == json.loads((fresh / "plan.json").read_text())
+    assert new_plan["fingerprint"] != old_plan["fingerprint"]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1  # 2 layers, 1 removed
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in fresh.glob("*.safetensors"))
+    for name in weights:
+        got, want = load_file(out / name), load_file(fresh / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    assert torch.equal(logits(load_pruned(out)), logits(load_pruned(fresh)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "o"]
+    assert not any(is_temporary(p) for p in tmp_path.rglob("*"))
 
 
 # --- eval ----------------------------------------------------------------------------------------------
@@ -430,7 +459,10 @@ def test_demo_refuses_a_foreign_folder(capsys: pytest.CaptureFixture[str], tmp_p
 # --- demo (its flow on the tiny model; the real run is scripts/demo.sh) ---------------------------------
 
 
-@pytest.mark.skipif(not HAS_TEXTS, reason="exllamav2 (c4 and wiki texts) not installed")
+@pytest.mark.skipif(
+    not HAS_TEXTS,
+    reason="c4 and wiki texts absent: install exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)",
+)
 def test_demo_flow_on_a_tiny_model(assets: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "demo"
     kwargs = dict(

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit_core.errors import CalibrationError, CheckpointError
 from prunekit_core.ir import ModelIR
-from prunekit_core.testing import AdapterConformance
+from prunekit_core.testing import AdapterConformance, check_needs
 
 
 class ForgetsCacheRenumbering(LlamaFamilyAdapter):
@@ -138,6 +138,23 @@ class ForgetsIntermediateSize(LlamaFamilyAdapter):
         return _map_sublayers(super().build_ir(model), fix)
 
 
+class DropsChannelGroups(LlamaFamilyAdapter):
+    """Stops declaring its channel groups (the issue's example: every width check would silently go)."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _map_sublayers(super().build_ir(model), lambda s: s.model_copy(update={"channel_groups": ()}))
+
+
+class AttentionOnly(LlamaFamilyAdapter):
+    """A correct adapter that lets only attention branches go: its MLPs, so its blocks, are not removable."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _map_sublayers(
+            super().build_ir(model),
+            lambda s: s if s.kind == "attention" else s.model_copy(update={"removable": False}),
+        )
+
+
 def _map_sublayers(ir: ModelIR, fn) -> ModelIR:  # noqa: ANN001
     tower = ir.towers[0]
     blocks = tuple(
@@ -148,6 +165,7 @@ def _map_sublayers(ir: ModelIR, fn) -> ModelIR:  # noqa: ANN001
 
 class LlamaKit(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = {"depth", "sublayers", "width"}
 
     def make_model(self) -> LlamaForCausalLM:
         torch.manual_seed(0)
@@ -186,53 +204,120 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-# (fault, the kit tests that must catch it)
+# (fault, the kit check that must catch it, what the check raises, the message it must raise): a fault
+# caught by anything else (a crash elsewhere, another check's assertion) fails its test
+REJECTED = "a rejected plan modified the model"
 FAULTS = [
-    (NeverMatches, ["test_adapter_matches"]),
-    (UndercountsBlocks, ["test_ir_covers_every_parameter"]),
-    (TouchesWeightsOnSurgery, ["test_prune_nothing_changes_nothing"]),
-    (SwapsPreNorms, ["test_branch_removal_equals_zeroed_branch"]),
-    (ReversesBlockIndices, ["test_block_removal_equals_skipped_block"]),
-    (ForgetsCacheRenumbering, ["test_cached_generation_matches_full_forward", "test_left_padded_generate"]),
-    (KeepsLayerCount, ["test_config_consistent", "test_save_reload_roundtrip"]),
+    (NeverMatches, "test_adapter_matches", AssertionError, "llama does not match its own model"),
     (
-        MutatesOnBuild,
-        [
-            "test_plan_for_other_model_rejected",
-            "test_remove_every_block_rejected",
-            "test_width_remove_every_group_rejected",
-        ],
+        UndercountsBlocks,
+        "test_ir_covers_every_parameter",
+        AssertionError,
+        r"block text\.blocks\.0 declares 36928 params, its module has 36992",
     ),
-    (ForgetsFinalNorm, ["test_metrics_finite_on_every_unit"]),
-    (SlicesOutputRows, ["test_width_removal_equals_zeroed_groups"]),
-    (ForgetsCacheRenumbering, ["test_width_cached_generation_matches_full_forward"]),
-    (ForgetsIntermediateSize, ["test_width_save_reload_roundtrip"]),
+    (
+        TouchesWeightsOnSurgery,
+        "test_prune_nothing_changes_nothing",
+        AssertionError,
+        "an empty plan changed the logits",
+    ),
+    (
+        SwapsPreNorms,
+        "test_branch_removal_equals_zeroed_branch",
+        AssertionError,
+        r"removing \['text\.blocks\.0\.attn'\]: Tensor-likes are not close",
+    ),
+    (
+        ReversesBlockIndices,
+        "test_block_removal_equals_skipped_block",
+        AssertionError,
+        r"removing \['text\.blocks\.0'\]: Tensor-likes are not close",
+    ),
+    (
+        ForgetsCacheRenumbering,
+        "test_cached_generation_matches_full_forward",
+        AssertionError,
+        "cached decoding failed after surgery: IndexError",
+    ),
+    (
+        ForgetsCacheRenumbering,
+        "test_left_padded_generate",
+        AssertionError,
+        r"generate\(\) failed after surgery: IndexError",
+    ),
+    (
+        KeepsLayerCount,
+        "test_config_consistent",
+        AssertionError,
+        r"text config\.num_hidden_layers=4, but 2 blocks remain",
+    ),
+    (
+        KeepsLayerCount,
+        "test_save_reload_roundtrip",
+        CheckpointError,  # load_pruned refuses a checkpoint whose config contradicts its own structure record
+        r"does not match its structure record: missing weights \['model\.layers\.3\.",
+    ),
+    (MutatesOnBuild, "test_plan_for_other_model_rejected", AssertionError, REJECTED),
+    (MutatesOnBuild, "test_remove_every_block_rejected", AssertionError, REJECTED),
+    (MutatesOnBuild, "test_width_remove_every_group_rejected", AssertionError, REJECTED),
+    (
+        ForgetsFinalNorm,
+        "test_metrics_finite_on_every_unit",
+        CalibrationError,  # calibration refuses an IR whose end of the stream it cannot observe
+        "tower text has no final norm/head",
+    ),
+    (
+        SlicesOutputRows,
+        "test_width_removal_equals_zeroed_groups",
+        AssertionError,
+        r"narrowing \{.*\} left a model whose forward fails: RuntimeError: mat1 and mat2 shapes",
+    ),
+    (
+        ForgetsCacheRenumbering,
+        "test_width_cached_generation_matches_full_forward",
+        AssertionError,
+        "cached decoding failed after surgery: IndexError",
+    ),
+    (
+        ForgetsIntermediateSize,
+        "test_width_save_reload_roundtrip",
+        AssertionError,
+        "plain from_pretrained cannot load uniform, whose config claims to describe the pruned model",
+    ),
+    (
+        DropsChannelGroups,
+        "test_capabilities_match_the_ir",
+        AssertionError,
+        "LlamaKit declares capability 'width' .* shows none",
+    ),
 ]
-CASES = [(adapter, test) for adapter, tests in FAULTS for test in tests]
+CASES = [(adapter, test) for adapter, test, _exc, _match in FAULTS]
 
 
 def test_every_check_has_a_fault() -> None:
     # expert checks need an MoE model: plugins/mixtral/tests/test_moe_kit_faults.py breaks each of them;
-    # stage checks need conv stages: plugins/llava/tests/test_got_ocr2_kit_faults.py breaks each of them
+    # stage and tower checks need conv stages and two towers: plugins/llava/tests/test_got_ocr2_kit_faults.py
     checks = {
         n
-        for n in dir(AdapterConformance)
-        if n.startswith("test_") and not n.startswith(("test_expert_", "test_stage_"))
+        for n in vars(AdapterConformance)
+        if n.startswith("test_") and not n.startswith(("test_expert_", "test_stage_", "test_towers_"))
     }
     assert checks == {t for _, t in CASES}, (
         f"checks without a broken adapter: {checks - {t for _, t in CASES}}"
     )
 
 
-@pytest.mark.parametrize(("adapter_cls", "test"), CASES, ids=[f"{a.__name__}-{t}" for a, t in CASES])
-def test_kit_catches_fault(adapter_cls: type[LlamaFamilyAdapter], test: str, tmp_path: Path) -> None:
-    # a failed comparison, load_pruned refusing a checkpoint that contradicts its own config, or
-    # calibration refusing an IR it cannot observe; a crash of the model itself also counts as loud
-    with pytest.raises((AssertionError, CheckpointError, CalibrationError, RuntimeError)):
+@pytest.mark.parametrize(
+    ("adapter_cls", "test", "raises", "match"), FAULTS, ids=[f"{a.__name__}-{t}" for a, t, _e, _m in FAULTS]
+)
+def test_kit_catches_fault(
+    adapter_cls: type[LlamaFamilyAdapter], test: str, raises: type[Exception], match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(raises, match=match):
         run(kit(adapter_cls()), test, tmp_path)
 
 
-@pytest.mark.parametrize("test", sorted({t for _, tests in FAULTS for t in tests}))
+@pytest.mark.parametrize("test", sorted({t for _, t in CASES}))
 def test_same_tests_pass_with_the_real_adapter(test: str, tmp_path: Path) -> None:
     """Control: the failures above come from the faults, not from the kit or the model."""
     run(kit(LlamaFamilyAdapter()), test, tmp_path)
@@ -248,6 +333,80 @@ def test_forgotten_renumbering_is_silently_wrong_without_a_cache() -> None:
 def test_make_model_is_required() -> None:
     with pytest.raises(NotImplementedError, match="make_model"):
         AdapterConformance().make_model()
+
+
+# --- capabilities --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, r"must declare what its adapter supports .* Choose from: depth: .*towers: "),
+        ({"capabilities": "width"}, "must declare what its adapter supports as a set of capability names"),
+        ({"capabilities": {"depth", "sublayer"}}, r"names unknown \['sublayer'\]\. Choose from: depth"),
+        (
+            {
+                "capabilities": {"depth", "sublayers"},
+                "test_width_cached_generation_matches_full_forward": print,
+            },
+            "overrides test_width_cached_generation_matches_full_forward, a check of \\['width'\\]",
+        ),
+    ],
+    ids=["missing", "a-string", "unknown-name", "override-undeclared"],
+)
+def test_capabilities_must_be_declared(body: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        type("TestUndeclared", (AdapterConformance,), body)
+
+
+def test_a_declared_capability_the_ir_lacks_fails_its_checks() -> None:
+    """A plugin that stops declaring its channel groups but still claims width fails every width check."""
+    with pytest.raises(AssertionError, match="LlamaKit declares capability 'width' .* its checks cannot run"):
+        kit(DropsChannelGroups()).test_width_removal_equals_zeroed_groups()
+
+
+class DepthOnlyKit(LlamaKit):
+    capabilities = {"depth", "sublayers"}
+
+
+def test_an_undeclared_capability_the_ir_shows_fails() -> None:
+    with pytest.raises(
+        AssertionError,
+        match=r"shows 'width' .* DepthOnlyKit\.capabilities does not declare it, so \['test_width_",
+    ):
+        DepthOnlyKit().test_capabilities_match_the_ir()
+
+
+def test_an_undeclared_check_is_not_callable() -> None:
+    with pytest.raises(AssertionError, match="DepthOnlyKit does not declare 'width' in capabilities"):
+        DepthOnlyKit().test_width_removal_equals_zeroed_groups()
+    # a subclass that declares it again gets the check back
+    assert (
+        type(
+            "WidthAgain", (DepthOnlyKit,), {"capabilities": {"depth", "sublayers", "width"}}
+        )().test_width_removal_equals_zeroed_groups
+        is not None
+    )
+
+
+class AttentionOnlyKit(AdapterConformance):
+    """Branches without whole blocks: the kit's mixed plans fall back to removable branches only."""
+
+    adapter = AttentionOnly()
+    capabilities = {"sublayers", "width"}
+    make_model = LlamaKit.make_model
+
+
+def test_a_branch_only_adapter_passes_its_checks(tmp_path: Path) -> None:
+    checks = sorted(
+        n
+        for n in vars(AdapterConformance)
+        if n.startswith("test_") and not hasattr(getattr(AttentionOnlyKit, n), "_prunekit_undeclared")
+    )
+    assert "test_block_removal_equals_skipped_block" not in checks and "test_config_consistent" in checks
+    for check in checks:
+        (tmp_path / check).mkdir()
+        run(AttentionOnlyKit(), check, tmp_path / check)
 
 
 # --- strict expected failures ----------------------------------------------------------------------------
@@ -269,6 +428,7 @@ class NeverMatches(LlamaFamilyAdapter):
 
 class TestKit(AdapterConformance):
     adapter = {adapter}
+    capabilities = {{"depth", "sublayers", "width"}}
     expected_failures = {declared!r}
 
     def make_model(self):
@@ -279,15 +439,40 @@ class TestKit(AdapterConformance):
 """
 
 
+def test_undeclared_checks_are_not_collected(pytester: pytest.Pytester) -> None:
+    module = KIT_MODULE.format(adapter="LlamaFamilyAdapter()", declared={}).replace(
+        '"depth", "sublayers", "width"', '"depth", "sublayers"'
+    )
+    pytester.makepyfile(test_kit=module)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "--co")
+    collected = [line.rsplit("::", 1)[1] for line in result.outlines if "::" in line]
+    runs = sorted(
+        n
+        for n in vars(AdapterConformance)
+        if n.startswith("test_") and check_needs(n) <= {"depth", "sublayers"}
+    )
+    assert sorted(collected) == runs and not any("width" in c for c in collected)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-k", "capabilities_match")
+    result.assert_outcomes(failed=1)  # the IR shows width: the declaration is incomplete
+    result.stdout.fnmatch_lines(["*shows 'width'*does not declare it*"])
+
+
 @pytest.mark.parametrize(
     ("adapter", "declared", "outcome"),
     [
         ("NeverMatches()", {"test_adapter_matches": "knowingly broken"}, {"xfailed": 1}),
         ("LlamaFamilyAdapter()", {"test_adapter_matches": "stale declaration"}, {"failed": 1}),
         ("LlamaFamilyAdapter()", {"test_no_such_check": "typo"}, {"errors": 1}),
+        ("LlamaFamilyAdapter()", {"test_expert_save_reload_roundtrip": "never runs"}, {"errors": 1}),
         ("LlamaFamilyAdapter()", {}, {"passed": 1}),
     ],
-    ids=["declared-failure-xfails", "stale-declaration-fails", "unknown-check-errors", "no-declaration"],
+    ids=[
+        "declared-failure-xfails",
+        "stale-declaration-fails",
+        "unknown-check-errors",
+        "undeclared-capability-errors",
+        "no-declaration",
+    ],
 )
 def test_expected_failures_are_strict(
     pytester: pytest.Pytester, adapter: str, declared: dict, outcome: dict

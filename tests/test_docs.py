@@ -84,6 +84,29 @@ def test_every_conformance_check_is_in_testing_plugins() -> None:
     assert not missing, f"docs/plugins/testing-plugins.md does not describe {missing}"
 
 
+def test_every_capability_is_in_testing_plugins() -> None:
+    from prunekit_core.testing import CAPABILITIES
+
+    text = (PLUGINS / "testing-plugins.md").read_text()
+    missing = [c for c in CAPABILITIES if f"| `{c}` |" not in text]
+    assert not missing, f"docs/plugins/testing-plugins.md does not describe capabilities {missing}"
+
+
+def test_tutorial_counts_the_example_checks() -> None:
+    """The tutorial's "all N checks" is what the example's declared capabilities collect."""
+    import re
+
+    from prunekit_core.testing import AdapterConformance, check_needs
+
+    example = DOCS.parent / "examples" / "prunekit-gptj" / "tests" / "test_gptj_conformance.py"
+    declared = set(
+        re.findall(r'"(\w+)"', re.search(r"capabilities = \{(.*)\}", example.read_text()).group(1))
+    )
+    runs = [n for n in vars(AdapterConformance) if n.startswith("test_") and check_needs(n) <= declared]
+    counted = re.findall(r"passes all (\d+) checks", (PLUGINS / "writing-a-plugin.md").read_text())
+    assert counted == [str(len(runs))], f"the tutorial says {counted} checks; the example runs {len(runs)}"
+
+
 @pytest.mark.parametrize("page", ["installing.md", "writing-a-plugin.md", "hooks.md", "testing-plugins.md"])
 def test_plugin_docs_are_linked_from_the_index(page: str) -> None:
     assert f"]({page})" in (PLUGINS / "README.md").read_text()

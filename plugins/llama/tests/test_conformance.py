@@ -15,6 +15,8 @@ from transformers import (
 
 from prunekit_core.testing import AdapterConformance
 
+LLAMA = {"depth", "sublayers", "width"}
+
 TINY = dict(
     vocab_size=128,
     hidden_size=64,
@@ -33,6 +35,7 @@ def _tiny(model_cls, config_cls, **overrides):
 
 class TestLlama(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         return _tiny(LlamaForCausalLM, LlamaConfig)
@@ -40,6 +43,7 @@ class TestLlama(AdapterConformance):
 
 class TestLlamaNoGQA(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         return _tiny(LlamaForCausalLM, LlamaConfig, num_key_value_heads=4)
@@ -49,6 +53,7 @@ class TestLlamaGQA3(AdapterConformance):
     """Three query heads per KV head (SmolLM2's ratio), head_dim not hidden // heads."""
 
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         return _tiny(
@@ -63,6 +68,7 @@ class TestLlamaGQA3(AdapterConformance):
 
 class TestLlamaGQA4(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         return _tiny(LlamaForCausalLM, LlamaConfig, num_attention_heads=8, num_key_value_heads=2)
@@ -70,6 +76,7 @@ class TestLlamaGQA4(AdapterConformance):
 
 class TestLlamaMlpBias(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         model = _tiny(LlamaForCausalLM, LlamaConfig, mlp_bias=True, attention_bias=True)
@@ -79,6 +86,7 @@ class TestLlamaMlpBias(AdapterConformance):
 
 class TestLlamaTiedEmbeddings(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         model = _tiny(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
@@ -88,6 +96,7 @@ class TestLlamaTiedEmbeddings(AdapterConformance):
 
 class TestMistralSlidingWindow(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
     seq_len = 20  # longer than the window, so cached decoding has to evict
 
     def make_model(self):
@@ -96,6 +105,7 @@ class TestMistralSlidingWindow(AdapterConformance):
 
 class TestQwen2(AdapterConformance):
     adapter = LlamaFamilyAdapter()
+    capabilities = LLAMA
 
     def make_model(self):
         model = _tiny(Qwen2ForCausalLM, Qwen2Config)

@@ -12,6 +12,7 @@ from prunekit_core.testing import AdapterConformance
 
 class TestGotOcr2Conformance(AdapterConformance):
     adapter = GotOcr2Adapter()
+    capabilities = {"depth", "sublayers", "width", "stages", "towers"}
     vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
     normalised_stage_families = {
         f"vision.neck.{conv}.channels": "a channel LayerNorm follows; test_got_ocr2.py checks a narrower forward"

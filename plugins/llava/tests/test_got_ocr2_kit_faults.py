@@ -1,9 +1,9 @@
-"""The conformance kit's stage checks catch broken conv-channel declarations.
+"""The conformance kit's stage and tower checks catch broken declarations.
 
-Each faulty adapter below gets one thing about GOT-OCR2's conv stages wrong; the named kit check must fail
-on it: a failed comparison, the model crashing on shapes the IR got wrong, the adapter's own dimension
-check refusing the narrowed model (``conv_channels``), or ``load_pruned`` refusing a checkpoint that
-contradicts its config. Each is loud; none lets the fault through.
+Each faulty adapter below gets one thing about GOT-OCR2's conv stages or its two towers wrong; the named kit
+check must fail on it with the one error that check raises for it: a failed comparison, the adapter's own
+dimension check refusing the narrowed model (``conv_channels``), or ``load_pruned`` refusing a checkpoint
+that contradicts its config. Anything else (a crash elsewhere) fails the test.
 """
 
 from __future__ import annotations
@@ -88,20 +88,54 @@ class ForgetsTextCacheIndices(GotOcr2Adapter):
         self.finalize_own_surgery(model, ir_before, {k: v for k, v in kept_blocks.items() if k != "text"})
 
 
-CASES = [
-    (ForgetsProjectorConsumer, "test_stage_width_removal_equals_zeroed_groups"),
-    (ForgetsNeckNorm, "test_stage_width_removal_equals_zeroed_groups"),
-    (ClaimsProjectorInputInConfig, "test_stage_width_save_reload_roundtrip"),
-    (ForgetsTextCacheIndices, "test_stage_width_cached_generation_matches_full_forward"),
+# (fault, the kit check that must catch it, what the check raises, the message it must raise): a fault
+# caught by anything else fails its test
+COUPLED = "the coupled dimensions the plugin declares do not match the model"
+FAULTS = [
+    (
+        ForgetsProjectorConsumer,
+        "test_stage_width_removal_equals_zeroed_groups",
+        PlanError,  # the adapter's own dimension check (conv_channels) refuses the narrowed model
+        r"conv_upsampler2 has 16 input channels, but .*conv_upsampler1 produces 14 channels; " + COUPLED,
+    ),
+    (
+        ForgetsNeckNorm,
+        "test_stage_width_removal_equals_zeroed_groups",
+        PlanError,
+        r"layer_norm1 has 8 features, but .*conv1 produces 6 channels; " + COUPLED,
+    ),
+    (
+        ClaimsProjectorInputInConfig,
+        "test_stage_width_save_reload_roundtrip",
+        CheckpointError,  # load_pruned refuses a checkpoint that contradicts its config
+        r"narrowed weights \['model\.multi_modal_projector\.conv_upsampler2\.weight'",
+    ),
+    (
+        ForgetsTextCacheIndices,
+        "test_stage_width_cached_generation_matches_full_forward",
+        AssertionError,
+        r"after removing \['text\.blocks\.0'\] and narrowing \{.*\}: cached logits at position \d+ differ",
+    ),
+    (
+        ForgetsTextCacheIndices,
+        "test_towers_blocks_removed_in_every_tower",
+        AssertionError,
+        r"tower 'text': config\.num_hidden_layers=\d+ after removing one of its \d+ blocks",
+    ),
 ]
+CASES = [(adapter, test) for adapter, test, _exc, _match in FAULTS]
 
 
-@pytest.mark.parametrize(("adapter_cls", "test"), CASES, ids=[f"{a.__name__}-{t}" for a, t in CASES])
-def test_kit_catches_stage_fault(adapter_cls: type[GotOcr2Adapter], test: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("adapter_cls", "test", "raises", "match"), FAULTS, ids=[f"{a.__name__}-{t}" for a, t, _e, _m in FAULTS]
+)
+def test_kit_catches_stage_fault(
+    adapter_cls: type[GotOcr2Adapter], test: str, raises: type[Exception], match: str, tmp_path: Path
+) -> None:
     kit = conformance.TestGotOcr2Conformance()
     kit.adapter = adapter_cls()
     method = getattr(kit, test)
-    with pytest.raises((AssertionError, RuntimeError, PlanError, CheckpointError)):
+    with pytest.raises(raises, match=match):
         method(tmp_path) if "tmp_path" in method.__code__.co_varnames else method()
 
 
@@ -110,12 +144,14 @@ def test_the_correct_adapter_passes_the_same_checks(tmp_path: Path) -> None:
     kit.test_stage_width_removal_equals_zeroed_groups()
     kit.test_stage_width_save_reload_roundtrip(tmp_path)
     kit.test_stage_width_cached_generation_matches_full_forward()
+    (tmp_path / "towers").mkdir()
+    kit.test_towers_blocks_removed_in_every_tower(tmp_path / "towers")
 
 
-def test_every_stage_check_has_a_fault() -> None:
+def test_every_stage_and_tower_check_has_a_fault() -> None:
     from prunekit_core.testing import AdapterConformance
 
-    checks = {n for n in dir(AdapterConformance) if n.startswith("test_stage_")}
+    checks = {n for n in vars(AdapterConformance) if n.startswith(("test_stage_", "test_towers_"))}
     assert checks == {t for _, t in CASES}, (
-        f"stage checks without a broken adapter: {checks - {t for _, t in CASES}}"
+        f"stage and tower checks without a broken adapter: {checks - {t for _, t in CASES}}"
     )

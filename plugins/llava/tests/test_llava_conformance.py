@@ -12,6 +12,7 @@ from prunekit_core.testing import AdapterConformance
 
 class _LlavaConformance(AdapterConformance):
     adapter = LlavaAdapter()
+    capabilities = {"depth", "sublayers", "width", "towers"}
     vocab_size = IMAGE_TOKEN  # text ids are drawn below the image token
     tower = "clip"
 
@@ -55,6 +56,7 @@ class TestLlavaMixtral(_LlavaConformance):
     """A Mixtral language model inside LLaVA: the Mixtral plugin's expert surgery through composition."""
 
     tower = "clip"
+    capabilities = {"depth", "sublayers", "width", "experts", "towers"}
 
     def make_model(self):
         return tiny_llava_moe()

@@ -10,6 +10,7 @@ from prunekit_core.testing import AdapterConformance
 
 class MoEConformance(AdapterConformance):
     adapter = MoEAdapter()
+    capabilities = {"depth", "sublayers", "width", "experts"}
     #: the experts kernel the model runs; models reloaded in round trips switch to it too
     implementation = "grouped_mm"
 
