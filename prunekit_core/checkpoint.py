@@ -332,7 +332,7 @@ def align_weights(model: nn.Module, alignment: int = ALLOCATOR_ALIGNMENT) -> int
 
     ``from_pretrained`` memory-maps safetensors, so a reloaded tensor starts wherever the file puts it
     (often 8 bytes past a 64-byte boundary). CPU kernels may pick another vectorised path for an unaligned
-    operand, summing in another order: on AMD EPYC without AVX-512, cached decoding of a reloaded MoE model
+    operand, summing in another order: on AMD EPYC (with and without AVX-512), cached decoding of a reloaded MoE model
     differed from the same model in memory by up to 1.3e-6 although every weight was bitwise equal. A model
     whose tensors all start aligned, like one built in memory, runs the same kernels as that model.
     """

@@ -169,7 +169,7 @@ def kernel_tolerance(reference: torch.Tensor) -> float:
     magnitude up to 1. Two kernels that sum the same products in another order (another vectorised path
     for an unaligned operand, another blocking for another shape, a cache step instead of a full forward)
     differ by a few epsilons of the largest value; a wrong weight, mask or index differs by far more.
-    Measured over the kit on every shipped plugin (float32, AMD EPYC without AVX-512): at most 9.8
+    Measured over the kit on every shipped plugin (float32, on an AMD EPYC): at most 9.8
     epsilons; the faults the kit's own tests plant: at least 6,950.
     """
     if not reference.is_floating_point():

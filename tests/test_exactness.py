@@ -1,7 +1,7 @@
 """Exactness that holds on any CPU: reloads run the kernels the saved model ran, and the kit's one tolerance.
 
-A reload memory-maps safetensors, so its tensors start wherever the file puts them. On AMD EPYC without
-AVX-512 an unaligned operand took another vectorised path, and cached decoding of a reloaded MoE model
+A reload memory-maps safetensors, so its tensors start wherever the file puts them. On AMD EPYC CPUs (with
+and without AVX-512) an unaligned operand took another vectorised path, and cached decoding of a reloaded MoE model
 differed from the model in memory by up to 1.3e-6 with bitwise-equal weights. These tests force that path
 on every machine (unaligned buffers, another thread count, non-contiguous weights) so that a regression
 shows here, not only on the CPU that has the other kernel.
