@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -16,10 +17,38 @@ from torch import nn
 from .errors import PlanError
 from .ir import ModelIR
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    from .width import WidthCut
+
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
     """The submodule at dotted ``path`` (``""`` is the root)."""
     return root.get_submodule(path) if path else root
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` as the Hugging Face model it is (``config``, ``get_input_embeddings``, ``save_pretrained``...).
+
+    A view for the type checker only, no check at run time: torch types every attribute of an ``nn.Module``
+    as ``Tensor | Module``, and prunekit passes models around as ``nn.Module``.
+    """
+    return cast("PreTrainedModel", model)
+
+
+def module_attr(module: nn.Module, name: str) -> Any:
+    """A plain attribute of ``module`` (an int, a config, a callable): not a parameter, buffer or submodule.
+
+    torch types every attribute of an ``nn.Module`` it does not declare as ``Tensor | Module`` (the types
+    its ``__getattr__`` returns); a plain attribute is neither, and its type is the model's own.
+    """
+    return getattr(module, name)
+
+
+def hf_config(model: nn.Module) -> PreTrainedConfig:
+    """``model.config``, typed as the Hugging Face config it is (see :func:`hf_model`)."""
+    return hf_model(model).config
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -91,7 +120,7 @@ class ArchitectureAdapter(ABC):
         return windows, {}
 
     def finalize_width(  # noqa: B027 - a hook with a deliberate no-op default
-        self, model: nn.Module, ir_before: ModelIR, cuts: dict
+        self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]
     ) -> None:
         """Family-specific fix-ups after the core narrowed channel groups (default: none needed).
 
@@ -121,8 +150,8 @@ class DecoderAdapter(ArchitectureAdapter):
     #: the tower whose blocks are counted by ``config.num_hidden_layers``
     text_tower: str = "text"
 
-    def text_config(self, model: nn.Module):  # noqa: ANN201 - transformers config type
-        return model.config.get_text_config(decoder=True)
+    def text_config(self, model: nn.Module) -> PreTrainedConfig:
+        return hf_config(model).get_text_config(decoder=True)
 
     def validate_removals(
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
@@ -146,7 +175,7 @@ class DecoderAdapter(ArchitectureAdapter):
                 "type. Remove whole blocks instead (--granularity block)."
             )
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         """Pin ``head_dim`` in the config: derived from ``hidden_size // num_attention_heads`` otherwise."""
         config = self.text_config(model)
         if getattr(config, "head_dim", None) is not None:
@@ -192,4 +221,5 @@ class DecoderAdapter(ArchitectureAdapter):
         for new_idx, module in enumerate(self.cache_modules(model)):
             if not hasattr(module, "layer_idx"):
                 raise PlanError(f"{type(module).__name__} has no layer_idx; the adapter must renumber it")
-            module.layer_idx = new_idx
+            # torch types Module.__setattr__'s value as Tensor | Module; layer_idx is a plain int attribute
+            module.layer_idx = new_idx  # type: ignore[assignment]  # see the line above

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import get_module, set_module
+from .adapter import get_module, hf_model, set_module
 from .atomic import atomic_folder, is_temporary, recover, write_text
 from .errors import CheckpointError
 from .integrity import (
@@ -160,7 +160,7 @@ def save_pruned(
             # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
             # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
             shard = max_shard_size if max_shard_size is not None else default_shard_size(model)
-            model.save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
+            hf_model(model).save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if plan is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 from .adapter import ArchitectureAdapter, count_params, get_module
 from .errors import PlanError, UnsupportedModelError
 from .ir import Connection, ModelIR, Tower
+
+if TYPE_CHECKING:
+    from .width import WidthCut
 
 __all__ = ["CausalLMView", "ComposedAdapter", "MappedSubmodel", "map_submodel"]
 
@@ -278,7 +281,7 @@ class ComposedAdapter(ArchitectureAdapter):
             sub.adapter.finalize_surgery(sub.view, sub.inner_ir_from(ir_before), inner_kept)
         self.finalize_own_surgery(model, ir_before, own)
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         from .width import WidthCut
 
         rest = dict(cuts)

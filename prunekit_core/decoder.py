@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params
+from .adapter import DecoderAdapter, count_params, hf_model
 from .groups import attention_kv_groups, gated_mlp_channels
 from .ir import Block, Dim, ModelIR, ResidualEdge, Stage, Sublayer, Tower
 from .surgery import RemovedBranch
@@ -121,8 +121,8 @@ class LlamaLayoutAdapter(DecoderAdapter):
             blocks.append(
                 Block(id=bid, index=i, module=path, sublayers=tuple(subs), params=count_params([layer]))
             )
-        embed = model.get_input_embeddings()
-        head = model.get_output_embeddings()
+        embed = hf_model(model).get_input_embeddings()
+        head = hf_model(model).get_output_embeddings()
         tied = head is not None and head.weight is embed.weight
         stages = (
             Stage(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .adapter import DecoderAdapter, count_params, get_module
+from .adapter import DecoderAdapter, count_params, get_module, hf_config, hf_model
 from .declared import BranchSpec, LayoutSpec, build_decoder_ir
 from .errors import UnsupportedPatternError
 from .ir import ModelIR, SublayerKind
@@ -253,7 +253,11 @@ class _Graph:
 
 
 def _is_empty(model: nn.Module) -> bool:
-    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    emb = (
+        hf_model(model).get_input_embeddings()
+        if callable(getattr(model, "get_input_embeddings", None))
+        else None
+    )
     return emb is not None and getattr(emb, "weight", None) is not None and emb.weight.is_meta
 
 
@@ -296,10 +300,10 @@ def _discover_shallow(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
 
 def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     cls = type(model).__name__
-    config = model.config.get_text_config(decoder=True)
-    hidden = int(getattr(config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
-    vocab = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
-    device = model.get_input_embeddings().weight.device
+    config = hf_config(model).get_text_config(decoder=True)
+    hidden = int(getattr(config, "hidden_size", 0) or hf_model(model).get_input_embeddings().embedding_dim)
+    vocab = int(getattr(config, "vocab_size", 0) or hf_model(model).get_input_embeddings().num_embeddings)
+    device = hf_model(model).get_input_embeddings().weight.device
     ids = (torch.arange(_SEQ, device=device) % max(vocab - 3, 1) + min(3, vocab - 1)).unsqueeze(0)
     kwargs: dict[str, Any] = {"input_ids": ids}
     if "use_cache" in inspect.signature(model.forward).parameters:
@@ -586,10 +590,14 @@ def _kind(module: nn.Module) -> SublayerKind:
 def _layout(
     g: _Graph, model: nn.Module, blocks_path: str, additions: list[_Addition], cls: str
 ) -> LayoutSpec:
-    embed_path = _path_of(model, model.get_input_embeddings())
+    embed_path = _path_of(model, hf_model(model).get_input_embeddings())
     if embed_path is None:
         raise UnsupportedPatternError(cls, "get_input_embeddings() is not a submodule of the model")
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    head = (
+        hf_model(model).get_output_embeddings()
+        if callable(getattr(model, "get_output_embeddings", None))
+        else None
+    )
     head_path = _path_of(model, head) if head is not None else None
     # the final norm: the first parameter-holding module outside the blocks that reads the last stream
     last = max((a.node for a in additions), key=g.index.__getitem__)

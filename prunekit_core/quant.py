@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .adapter import hf_model
 from .errors import PrunekitError
 
 __all__ = [
@@ -112,8 +113,8 @@ def _parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         "blocks": [],
         "other": [],
     }
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = hf_model(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = hf_model(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     special: dict[int, str] = {}
     if emb is not None:
         for p in emb.parameters():

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, get_module, hf_model
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ChannelMetric, ImportanceMetric, Scores
@@ -226,7 +226,7 @@ class StreamingModel:
         if getattr(self.model.config, "tie_word_embeddings", False) or any(
             getattr(c, "tie_word_embeddings", False) for c in _sub_configs(self.model.config)
         ):
-            self.model.tie_weights()
+            hf_model(self.model).tie_weights()
         outside = [
             n for n, p in self.model.named_parameters() if not n.startswith(tuple(prefixes)) and p.is_meta
         ]

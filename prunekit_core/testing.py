@@ -64,7 +64,7 @@ import pytest
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, get_module, hf_config, hf_model
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
@@ -909,7 +909,7 @@ def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
 
 
 def _text_config(model: nn.Module) -> Any:
-    return model.config.get_text_config(decoder=True)
+    return hf_config(model).get_text_config(decoder=True)
 
 
 def _params_under(params: dict[str, nn.Parameter], path: str) -> list[str]:
@@ -952,7 +952,7 @@ def _greedy(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int, extra: dict[str, Any] | None = None
 ) -> Any:
     try:
-        return model.generate(
+        return hf_model(model).generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=5,
@@ -970,4 +970,4 @@ def _greedy(
 def _snapshot(model: nn.Module) -> tuple:
     """Everything a plan could change: module tree, config, weights (by value)."""
     state = tuple((k, tuple(v.shape), v.double().sum().item()) for k, v in model.state_dict().items())
-    return (repr(model), model.config.to_json_string(), state)
+    return (repr(model), hf_config(model).to_json_string(), state)

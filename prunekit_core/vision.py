@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import count_params
+from .adapter import count_params, hf_model
 from .errors import PlanError
 from .ir import Block, ResidualEdge, Sublayer
 from .surgery import RemovedBranch
@@ -91,7 +91,7 @@ def remap_hidden_state_index(index: int, n_blocks: int, kept: list[int]) -> int:
 def image_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """What the language model receives for ``pixel_values``: the projector's outputs, ``[tokens, dim]``
     over all images (``model.get_image_features``, which vision-language models in transformers share)."""
-    out = model.get_image_features(pixel_values=pixel_values, **kwargs)
+    out = hf_model(model).get_image_features(pixel_values=pixel_values, **kwargs)
     feats = getattr(out, "pooler_output", out)
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])

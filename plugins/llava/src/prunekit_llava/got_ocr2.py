@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module
+from prunekit_core.adapter import count_params, get_module, hf_config
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
 from prunekit_core.groups import conv_channels
 from prunekit_core.ir import ChannelGroup, Connection, Dim, ModelIR, Stage, Tower
@@ -139,7 +139,7 @@ class GotOcr2Adapter(ComposedAdapter):
 
     def own_towers(self, model: nn.Module) -> list[Tower]:
         vision = get_module(model, VISION)
-        vconf = model.config.vision_config
+        vconf = hf_config(model).vision_config
         blocks = vit_blocks(
             vision.layers,
             f"{VISION}.layers",
@@ -235,7 +235,7 @@ class GotOcr2Adapter(ComposedAdapter):
         ]
 
     def tower_configs(self, model: nn.Module) -> dict[str, Any]:
-        return {"vision": model.config.vision_config, "text": self.text_config(model)}
+        return {"vision": hf_config(model).vision_config, "text": self.text_config(model)}
 
     def finalize_own_surgery(
         self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
@@ -263,7 +263,7 @@ class GotOcr2Adapter(ComposedAdapter):
 
 def _vision_configs(model: nn.Module) -> list[Any]:
     """The vision config and, when it is another object, the one the vision tower holds."""
-    out = [model.config.vision_config]
+    out = [hf_config(model).vision_config]
     own = getattr(get_module(model, VISION), "config", None)
     if own is not None and own is not out[0]:
         out.append(own)
