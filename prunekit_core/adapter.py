@@ -8,7 +8,7 @@ indices), so a family plugin only says where things are.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -46,9 +46,25 @@ def module_attr(module: nn.Module, name: str) -> Any:
     return getattr(module, name)
 
 
+def module_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, a parameter, buffer or tensor attribute (``weight``, ``bias``, fused experts...)."""
+    t = getattr(module, name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(t).__name__}, not a tensor")
+    return t
+
+
 def hf_config(model: nn.Module) -> PreTrainedConfig:
     """``model.config``, typed as the Hugging Face config it is (see :func:`hf_model`)."""
     return hf_model(model).config
+
+
+def iter_modules(container: nn.Module) -> Iterator[nn.Module]:
+    """The modules of a ``ModuleList`` or ``Sequential`` typed as ``nn.Module`` (a block stack), in order.
+
+    As iterating it does (a module that appears twice comes twice, unlike ``children()``); typed only.
+    """
+    return iter(cast("Iterable[nn.Module]", container))
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -204,8 +220,9 @@ class DecoderAdapter(ArchitectureAdapter):
         if isinstance(mwl, int):
             config.max_window_layers = sum(1 for i in kept if i < mwl)
         config.num_hidden_layers = len(kept)
-        if config is not model.config and hasattr(model.config, "num_hidden_layers"):
-            model.config.num_hidden_layers = len(kept)
+        top = hf_config(model)
+        if config is not top and hasattr(top, "num_hidden_layers"):
+            top.num_hidden_layers = len(kept)
         self.renumber_cache_indices(model)
 
     def cache_modules(self, model: nn.Module) -> list[nn.Module]:

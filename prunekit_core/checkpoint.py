@@ -312,6 +312,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     shapes: dict[str, list[int]] = record.get("param_shapes", {})
+    model: nn.Module
+    info: dict[str, Any]
     try:
         model, info = model_class(record.get("architecture"), AutoModelForCausalLM).from_pretrained(
             path,
@@ -363,8 +365,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
         module, _, attr = name.rpartition(".")
         setattr(get_module(model, module), attr, value)
     if record.get("counters") or narrowed:
-        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[attr-defined]
+        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[assignment]  # a plain attribute (torch: Tensor | Module)
     if (path / PLAN_FILE).is_file():
-        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[attr-defined]
+        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[assignment]  # as above
     model.eval()
     return model

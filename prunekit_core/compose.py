@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 from torch import nn
 
-from .adapter import ArchitectureAdapter, count_params, get_module
+from .adapter import ArchitectureAdapter, count_params, get_module, hf_config, hf_model
 from .errors import PlanError, UnsupportedModelError
 from .ir import Connection, ModelIR, Tower
 
@@ -56,7 +56,7 @@ class CausalLMView(nn.Module):
         self.config = config
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return hf_model(self.model).get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)
@@ -179,7 +179,7 @@ def map_submodel(
     """
     from .plugins import select_adapter
 
-    config = config if config is not None else model.config.get_text_config(decoder=True)
+    config = config if config is not None else hf_config(model).get_text_config(decoder=True)
     view = CausalLMView(get_module(model, backbone), get_module(model, head) if head else None, config)
     try:
         adapter = select_adapter(view)
@@ -210,7 +210,7 @@ class ComposedAdapter(ArchitectureAdapter):
     text_tower: str = "text"
 
     def text_config(self, model: nn.Module) -> Any:
-        return model.config.get_text_config(decoder=True)
+        return hf_config(model).get_text_config(decoder=True)
 
     @abstractmethod
     def submodels(self, model: nn.Module) -> list[MappedSubmodel]:

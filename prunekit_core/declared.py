@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params, get_module
+from .adapter import DecoderAdapter, count_params, get_module, iter_modules
 from .ir import Block, BranchOutput, Dim, ModelIR, ResidualEdge, Stage, Sublayer, SublayerKind, Tower
 from .surgery import RemovedBranch
 
@@ -71,7 +71,7 @@ def build_decoder_ir(
     container = get_module(model, layout.blocks)
     blocks: list[Block] = []
     point = 0
-    for i, (block, specs) in enumerate(zip(container, branches, strict=True)):
+    for i, (block, specs) in enumerate(zip(iter_modules(container), branches, strict=True)):
         bid, path = f"text.blocks.{i}", f"{layout.blocks}.{i}"
         subs: list[Sublayer] = []
         edge_point: dict[int, int] = {}
@@ -130,7 +130,7 @@ def _stages(model: nn.Module, layout: LayoutSpec) -> tuple[Stage, ...]:
         stages.append(
             Stage(
                 id="text." + path.replace(".", "_"),
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 module=path,
                 params=count_params([get_module(model, path)]),
             )
@@ -180,6 +180,6 @@ class DeclaredDecoderAdapter(DecoderAdapter):
             model,
             adapter=self.name,
             layout=self.layout,
-            branches=[self.block_branches(model, i, b) for i, b in enumerate(container)],
+            branches=[self.block_branches(model, i, b) for i, b in enumerate(iter_modules(container))],
             text_config=self.text_config(model),
         )

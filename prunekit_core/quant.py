@@ -18,6 +18,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -174,7 +175,7 @@ class SizeReport:
     def part_bits_per_param(self, part: str) -> float:
         return self.bits[part] / max(self.params[part], 1)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             total_bits=self.total_bits,
@@ -198,7 +199,7 @@ def size_report(
         q = fmt is not None and _selected(scope, part)
         rep.params[part] = sum(p.numel() for _, p in tensors)
         rep.bits[part] = sum(
-            fmt.bits(tuple(p.shape)) if q and p.dim() == 2 else p.numel() * base_bits  # type: ignore[union-attr]
+            fmt.bits(tuple(p.shape)) if fmt is not None and q and p.dim() == 2 else p.numel() * base_bits
             for _, p in tensors
         )
         if q and tensors:

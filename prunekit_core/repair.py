@@ -16,7 +16,7 @@ forward stops as soon as the run's end is observed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -194,7 +194,8 @@ def _accumulate(
 def _ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     reg = lam * G.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(G.shape[0], dtype=G.dtype)
-    return torch.linalg.solve(G + reg * eye, C).T  # [out, in]
+    solved: torch.Tensor = torch.linalg.solve(G + reg * eye, C)
+    return solved.T  # [out, in]
 
 
 def _solve(fit: _Normal, hold: _Normal) -> tuple[float, float, torch.Tensor]:
@@ -261,13 +262,17 @@ def block_repair_residuals(
         cur: dict[int, torch.Tensor] = {}
         feats: dict[int, torch.Tensor] = {}
 
-        def on_point(i: int, cur: dict[int, torch.Tensor] = cur):  # noqa: ANN202
+        def on_point(
+            i: int, cur: dict[int, torch.Tensor] = cur
+        ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
             def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 cur[i] = _first_tensor(args, kwargs)
 
             return fn
 
-        def on_writer(i: int, feats: dict[int, torch.Tensor] = feats):  # noqa: ANN202
+        def on_writer(
+            i: int, feats: dict[int, torch.Tensor] = feats
+        ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 feats[i] = args[0]
 
@@ -308,17 +313,19 @@ def block_repair_residuals(
                         d = (x_out - x_in).reshape(-1, x_in.shape[-1])
                         dd_all[i] += (d * d).sum()
                         xx_all[i] += (x_out * x_out).sum()
-                        if acc[i] is not None:
-                            acc[i][part].add(feats[i], d)
+                        normals = acc[i]
+                        if normals is not None:
+                            normals[part].add(feats[i], d)
         finally:
             for h in handles:
                 h.remove()
         for i, b in enumerate(blocks):
             resid = dd_all[i]
-            if acc[i] is not None:
-                _, gain, dw = _solve(acc[i]["fit"], acc[i]["hold"])
+            normals = acc[i]
+            if normals is not None:
+                _, gain, dw = _solve(normals["fit"], normals["hold"])
                 if gain > 0:
-                    resid = (acc[i]["fit"] + acc[i]["hold"]).residual(dw)
+                    resid = (normals["fit"] + normals["hold"]).residual(dw)
             out[b.id] = float(resid / xx_all[i].clamp_min(1e-30))
     return out
 

@@ -79,6 +79,11 @@ def _stream_points(tower: Tower) -> list[tuple[Sublayer | None, str]]:
     return pts
 
 
+def _remove_all(handles: Iterable[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()
+
+
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -91,7 +96,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
 def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Sum over tokens of cos(a, b) from the streams and their norms (as F.cosine_similarity, eps 1e-8),
     without recomputing norms: one dot product per token."""
-    dot = torch.linalg.vecdot(a[0], b[0])
+    dot: torch.Tensor = torch.linalg.vecdot(a[0], b[0])
     return (dot / (a[1] * b[1]).clamp_min(1e-8)).double().sum()
 
 
@@ -135,7 +140,7 @@ class _TowerRecorder:
         self.prev, self.block_in = self._saved[j]
         self.batch = j
 
-    def hook(self, p: int):  # noqa: ANN201 - a torch hook
+    def hook(self, p: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
             lasts = self.lasts[self.batch]
@@ -288,7 +293,7 @@ class TrialRunner:
         inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         kwargs_of: list[dict[str, Any] | None] = [None] * len(self.blocks)
 
-        def make_hook(i: int):
+        def make_hook(i: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 inputs[i] = _first_tensor(args, kwargs)
                 self.block_forwards += 1
@@ -327,7 +332,8 @@ class TrialRunner:
         args = kw.pop("__args__")
         self.block_forwards += 1
         out = self.blocks[i](x, *args, **kw)
-        return out[0] if isinstance(out, tuple) else out
+        y: torch.Tensor = out[0] if isinstance(out, tuple) else out
+        return y
 
     def _subs(self, ids: Iterable[str]) -> list[Sublayer]:
         units = self.ir.units()
@@ -372,7 +378,7 @@ class TrialRunner:
         blocks, subs = self._split(units)
         known = self.ir.units()
 
-        def bypass(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        def bypass(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             x = args[0] if args else kwargs["hidden_states"]
             return (x, *out[1:]) if isinstance(out, tuple) else x
 
@@ -581,7 +587,7 @@ class ScoringContext:
         blocks' weights stay on disk, and only a streaming pass sees them, one block at a time."""
         return getattr(self.model, TRIALS_ATTR, None) is not None
 
-    def trials(self) -> TrialRunner:
+    def trials(self) -> TrialRunner | NaiveTrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
         :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
         factory = getattr(self.model, TRIALS_ATTR, None)
@@ -589,7 +595,7 @@ class ScoringContext:
             self._trials = factory(self)
         if self._trials is None:
             cls = NaiveTrialRunner if self.naive_trials else TrialRunner
-            self._trials = cls(  # type: ignore[assignment]
+            self._trials = cls(
                 self.model,
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],
@@ -636,7 +642,8 @@ class ScoringContext:
                 f"metric {metric.name!r} reads weights or per-block statistics, which a streaming pass computes "
                 f"while each block is loaded: pass it to stream_calibrate(..., metrics=[{metric.name!r}])"
             )
-        return metric.score_groups(self)
+        scores: dict[str, torch.Tensor] = metric.score_groups(self)
+        return scores
 
     def width_stats(self) -> Any:
         """Input statistics of every channel-group member (one pass over the calibration windows)."""
@@ -762,7 +769,7 @@ class BlockScorer(BlockObserver):
             for key, collector in self.collectors.items():
                 stats, handles = collector(view.model, view.ir, view.windows)
                 ctx._cache[key] = stats
-                stack.callback(lambda hs=handles: [h.remove() for h in hs])
+                stack.callback(_remove_all, handles)
             yield
         self._score(ctx)
 

@@ -227,7 +227,8 @@ def apply_plan(
 
             lsq_repair(model, ir_now, resolved, repair_windows)  # type: ignore[arg-type]
         apply_removals(model, adapter, ir_now, resolved)
-    model._prunekit_plan = plan  # type: ignore[attr-defined]  # save_pruned records it
+    # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
+    model._prunekit_plan = plan  # type: ignore[assignment]  # a plain attribute, see the line above
     return model
 
 
