@@ -203,8 +203,10 @@ def _reload_and_compare(
         loader = "transformers.AutoModelForCausalLM.from_pretrained"
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
+        info: dict[str, Any]
         try:
-            reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+            # with output_loading_info=True, from_pretrained returns (model, info); its annotation omits that
+            reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)  # type: ignore[misc]  # see above
         finally:
             transformers.logging.set_verbosity(verbosity)
         missing = sorted(info.get("missing_keys", ()))
