@@ -11,6 +11,8 @@ shifts that index; :func:`remap_hidden_state_index` keeps it on the same point o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ __all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index", "vi
 
 
 def vit_blocks(
-    layers: nn.ModuleList,
+    layers: Iterable[nn.Module],
     layers_path: str,
     tower: str,
     *,
