@@ -67,6 +67,13 @@ def iter_modules(container: nn.Module) -> Iterator[nn.Module]:
     return iter(cast("Iterable[nn.Module]", container))
 
 
+def from_pretrained_with_info(cls: Any, source: Any, **kwargs: Any) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """``cls.from_pretrained(source, output_loading_info=True, **kwargs)``: the model and its loading info
+    (``missing_keys``, ``unexpected_keys``, ``mismatched_keys``...). transformers annotates the model alone."""
+    model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    return model, info
+
+
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``path`` with ``new``."""
     parent_path, _, leaf = path.rpartition(".")

@@ -200,13 +200,13 @@ def _reload_and_compare(
         import transformers
         from transformers import AutoModelForCausalLM
 
+        from .adapter import from_pretrained_with_info
+
         loader = "transformers.AutoModelForCausalLM.from_pretrained"
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
-        info: dict[str, Any]
         try:
-            # with output_loading_info=True, from_pretrained returns (model, info); its annotation omits that
-            reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)  # type: ignore[misc]  # see above
+            reloaded, info = from_pretrained_with_info(AutoModelForCausalLM, folder)
         finally:
             transformers.logging.set_verbosity(verbosity)
         missing = sorted(info.get("missing_keys", ()))

@@ -643,6 +643,7 @@ def _layout(
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str | None:
+    path: str
     for path, m in model.named_modules():
         if m is module:
             return path

@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prunekit_core.adapter import hf_model
+from prunekit_core.adapter import from_pretrained_with_info, hf_model
 from prunekit_core.atomic import atomic_folder, is_temporary
 from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckpointError
 from prunekit_core.integrity import PICKLE_SUFFIXES, check_weight_files
@@ -244,14 +244,9 @@ def _remote_code_error(where: str, exc: Exception) -> UnsafeCheckpointError:
 def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safety: Any) -> PreTrainedModel:
     from .checkpoint import model_class
 
-    model: PreTrainedModel
-    info: dict[str, Any]
     try:
         try:
-            # with output_loading_info=True, from_pretrained returns (model, info); its annotation omits that
-            model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]  # see the line above
-                source, dtype=dtype, output_loading_info=True, **safety
-            )
+            model, info = from_pretrained_with_info(AutoModelForCausalLM, source, dtype=dtype, **safety)
         except ValueError as exc:  # "Unrecognized configuration class": not a causal LM
             if "trust_remote_code" in str(exc):
                 raise
@@ -263,7 +258,7 @@ def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safet
             if cls is None:
                 raise
             logger.debug("%s is not a causal LM (%s); loading it as %s", where, exc, cls.__name__)
-            model, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **safety)
+            model, info = from_pretrained_with_info(cls, source, dtype=dtype, **safety)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise _remote_code_error(where, exc) from exc

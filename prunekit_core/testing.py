@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,14 @@ import pytest
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module, hf_config, hf_model
+from .adapter import (
+    ArchitectureAdapter,
+    from_pretrained_with_info,
+    get_module,
+    hf_config,
+    iter_modules,
+    module_attr,
+)
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
@@ -151,11 +158,14 @@ class AdapterConformance:
         """
         own = getattr(self.adapter, "tower_configs", None)
         if callable(own):
-            return own(model)
+            configs: dict[str, Any] = own(model)
+            return configs
         ir = self.adapter.build_ir(model)
         return {getattr(self.adapter, "text_tower", ir.towers[0].name): _text_config(model)}
 
-    def input_ids(self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
+    def input_ids(
+        self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0
+    ) -> torch.Tensor:
         """Deterministic random token ids, ``[batch, length]``."""
         vocab = self.vocab_size or _text_config(model).vocab_size
         gen = torch.Generator().manual_seed(seed)
@@ -278,7 +288,10 @@ class AdapterConformance:
             for b in tower.blocks:
                 own = _numel(params, _params_under(params, b.module))
                 assert b.params == own, f"block {b.id} declares {b.params} params, its module has {own}"
-                assert get_module(model, b.module) is get_module(model, tower.blocks_path)[b.index]
+                assert (
+                    get_module(model, b.module)
+                    is list(iter_modules(get_module(model, tower.blocks_path)))[b.index]
+                )
                 sub_total = 0
                 for s in b.sublayers:
                     assert s.module.startswith(b.module + "."), f"{s.id} lives outside its block"
@@ -351,7 +364,7 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             torch.testing.assert_close(
-                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=_prefixed(f"removing {case}: ")
             )
             gone = 0
             named = dict(model.named_parameters())
@@ -374,7 +387,7 @@ class AdapterConformance:
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
             torch.testing.assert_close(
-                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=lambda m, c=case: f"removing {c}: {m}"
+                self._logits(pruned, ids), want, atol=1e-6, rtol=0, msg=_prefixed(f"removing {case}: ")
             )
             named = dict(model.named_parameters())
             gone = sum(_numel(named, _params_under(named, blocks[u].module)) for u in case)
@@ -387,7 +400,7 @@ class AdapterConformance:
         for remove, uniform in ((self.block_plan(ir), True), (self.mixed_removal(ir), False)):
             model = self.make_model()
             configs = self.tower_configs(model)
-            lists_before: dict[str, dict[str, list]] = {}
+            lists_before: dict[str, dict[str, list[Any]]] = {}
             for name, config in configs.items():
                 n_before = config.num_hidden_layers
                 lists_before[name] = {
@@ -403,7 +416,7 @@ class AdapterConformance:
                     continue
                 kept = [b.index for b in tower.blocks if b.id not in removed]
                 config = configs[tower.name]
-                stack = get_module(model, tower.blocks_path)
+                stack = list(iter_modules(get_module(model, tower.blocks_path)))
                 assert len(stack) == len(kept), (
                     f"{tower.name}: {len(stack)} blocks left, expected {len(kept)}"
                 )
@@ -441,7 +454,7 @@ class AdapterConformance:
                 full[:, pos],
                 atol=self.atol,
                 rtol=0,
-                msg=lambda m, p=pos: f"cached logits at position {p} differ from the full forward: {m}",
+                msg=_prefixed(f"cached logits at position {pos} differ from the full forward: "),
             )
 
     def test_left_padded_generate(self) -> None:
@@ -468,7 +481,7 @@ class AdapterConformance:
                     b[0],
                     atol=1e-4,
                     rtol=0,
-                    msg=lambda m, r=row, s=step: f"row {r}, step {s}: padded scores differ: {m}",
+                    msg=_prefixed(f"row {row}, step {step}: padded scores differ: "),
                 )
 
     def test_save_reload_roundtrip(self, tmp_path: Path) -> None:
@@ -489,11 +502,11 @@ class AdapterConformance:
         for a, b in zip(self._cached_logits(loaded, ids, 4), self._cached_logits(model, ids, 4), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         plan = getattr(loaded, "_prunekit_plan", None)
-        assert plan is not None and plan.remove == model._prunekit_plan.remove
+        assert plan is not None and plan.remove == module_attr(model, "_prunekit_plan").remove
 
         model = self.prune(self.make_model(), self.block_plan(ir))
         out = save_pruned(model, tmp_path / "uniform")
-        plain, info = type(model).from_pretrained(out, output_loading_info=True)
+        plain, info = from_pretrained_with_info(type(model), out)
         plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"], (
             f"plain from_pretrained of a uniform plan: missing {info['missing_keys']}, "
@@ -628,9 +641,12 @@ class AdapterConformance:
         from .checkpoint import load_pruned, save_pruned
 
         ids = self.input_ids(uniform)
-        assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
+        assert (
+            module_attr(uniform, "_prunekit_plan").is_uniform
+            and module_attr(uniform, "_prunekit_width")["uniform"]
+        )
         out = save_pruned(uniform, tmp_path / "uniform")
-        plain, info = type(uniform).from_pretrained(out, output_loading_info=True)
+        plain, info = from_pretrained_with_info(type(uniform), out)
         plain = self.configure_loaded(plain.eval())
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         torch.testing.assert_close(self._logits(plain, ids), self._logits(uniform, ids), atol=0, rtol=0)
@@ -639,7 +655,7 @@ class AdapterConformance:
             "a model built from the pruned config has a different parameter count"
         )
 
-        assert not per_layer._prunekit_width["uniform"]
+        assert not module_attr(per_layer, "_prunekit_width")["uniform"]
         out = save_pruned(per_layer, tmp_path / "per_layer")
         loaded = self.configure_loaded(load_pruned(out))
         torch.testing.assert_close(self._logits(loaded, ids), self._logits(per_layer, ids), atol=0, rtol=0)
@@ -647,7 +663,10 @@ class AdapterConformance:
             self._cached_logits(loaded, ids, 4), self._cached_logits(per_layer, ids, 4), strict=True
         ):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
-        assert loaded._prunekit_plan.remove_groups == per_layer._prunekit_plan.remove_groups
+        assert (
+            module_attr(loaded, "_prunekit_plan").remove_groups
+            == module_attr(per_layer, "_prunekit_plan").remove_groups
+        )
 
     def test_width_remove_every_group_rejected(self) -> None:
         model, ir = self._width_model()
@@ -721,7 +740,7 @@ class AdapterConformance:
                 self._logits(reference, ids),
                 atol=self.atol,
                 rtol=0,
-                msg=lambda m, f=fid: f"narrowing {f} differs from zeroing its removed channels: {m}",
+                msg=_prefixed(f"narrowing {fid} differs from zeroing its removed channels: "),
             )
 
     def test_stage_width_cached_generation_matches_full_forward(self) -> None:
@@ -749,9 +768,9 @@ class AdapterConformance:
             out = save_pruned(model, tmp_path / f"stages{i}")
             loaded = self.configure_loaded(load_pruned(out))
             torch.testing.assert_close(self._logits(loaded, ids), self._logits(model, ids), atol=0, rtol=0)
-            if not model._prunekit_width["uniform"]:
+            if not module_attr(model, "_prunekit_width")["uniform"]:
                 continue
-            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+            plain, info = from_pretrained_with_info(type(model), out)
             assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
                 f"narrowing {sorted(groups)} claims a uniform config, but plain from_pretrained reports {info}"
             )
@@ -768,7 +787,7 @@ class AdapterConformance:
 
         model = self.make_model()
         routed = _routed(self.adapter.build_ir(model))
-        with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):  # type: ignore[misc]
+        with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):
             want = self._logits(model, ids)
         assert not torch.equal(want, self._logits(model, ids)), "masking the experts changed nothing"
         return want
@@ -787,9 +806,7 @@ class AdapterConformance:
                 want,
                 atol=self.atol,
                 rtol=0,
-                msg=lambda m, g=groups: (
-                    f"removing experts {g} differs from forcing their logits to -inf: {m}"
-                ),
+                msg=_prefixed(f"removing experts {groups} differs from forcing their logits to -inf: "),
             )
             after = _routed(self.adapter.build_ir(pruned))
             gone = 0
@@ -800,7 +817,7 @@ class AdapterConformance:
             assert left == total - gone, (
                 f"removing experts {groups} left {left} params, expected {total - gone}"
             )
-            assert pruned._prunekit_width["uniform"] == uniform
+            assert module_attr(pruned, "_prunekit_width")["uniform"] == uniform
 
     def test_expert_cached_generation_matches_full_forward(self) -> None:
         model, ir = self._expert_model()
@@ -896,7 +913,7 @@ def _zeroed(model: nn.Module, paths: list[str]) -> Iterator[None]:
 def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
     """Make each block at ``paths`` return its input hidden states unchanged."""
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         return (x, *output[1:]) if isinstance(output, tuple) else x
 
@@ -906,6 +923,11 @@ def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """An ``assert_close`` message: ``prefix`` before torch's own."""
+    return lambda m: prefix + m
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -923,7 +945,8 @@ def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor, extra: dict[str, Any] | None = None) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False, **(extra or {})).logits
+    logits: torch.Tensor = model(input_ids=ids, use_cache=False, **(extra or {})).logits
+    return logits
 
 
 @torch.no_grad()
@@ -952,7 +975,7 @@ def _greedy(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int, extra: dict[str, Any] | None = None
 ) -> Any:
     try:
-        return hf_model(model).generate(
+        return module_attr(model, "generate")(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=5,
@@ -967,7 +990,7 @@ def _greedy(
         raise AssertionError(f"generate() failed after surgery: {type(exc).__name__}: {exc}") from exc
 
 
-def _snapshot(model: nn.Module) -> tuple:
+def _snapshot(model: nn.Module) -> tuple[Any, ...]:
     """Everything a plan could change: module tree, config, weights (by value)."""
     state = tuple((k, tuple(v.shape), v.double().sum().item()) for k, v in model.state_dict().items())
     return (repr(model), hf_config(model).to_json_string(), state)
