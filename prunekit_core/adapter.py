@@ -67,7 +67,7 @@ def iter_modules(container: nn.Module) -> Iterator[nn.Module]:
     return iter(cast("Iterable[nn.Module]", container))
 
 
-def from_pretrained_with_info(cls: Any, source: Any, **kwargs: Any) -> tuple[PreTrainedModel, dict[str, Any]]:
+def from_pretrained_with_info(cls: Any, source: Any, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """``cls.from_pretrained(source, output_loading_info=True, **kwargs)``: the model and its loading info
     (``missing_keys``, ``unexpected_keys``, ``mismatched_keys``...). transformers annotates the model alone."""
     model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)

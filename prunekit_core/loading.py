@@ -264,7 +264,7 @@ def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safet
             raise _remote_code_error(where, exc) from exc
         raise
     _check_loading_info(info, where)
-    return model
+    return hf_model(model)
 
 
 def _load_hf_folder(
