@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import get_module
+from .adapter import get_module, module_attr
 from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer
 from .scoring import BlockObserver, BlockView, _first_tensor
@@ -118,10 +118,10 @@ def lsq_repair(
 
     ``resolved`` are the removals (blocks count as all their sublayers). Call before the surgery.
     """
-    units = ir.units()
+    blocks = ir.block_map()
     removed: set[str] = set(resolved.sublayers)
     for bid in resolved.blocks:
-        removed |= {s.id for s in units[bid].sublayers}  # type: ignore[union-attr]
+        removed |= {s.id for s in blocks[bid].sublayers}
     steps: list[RepairStep] = []
     done: list[Sublayer] = []
     for writer, run, end_path in _runs(ir, removed):
@@ -129,7 +129,7 @@ def lsq_repair(
             log.info("no surviving projection before %s; left unrepaired", run[0].id)
             done.extend(run)
             continue
-        proj = get_module(model, writer.out_proj)  # type: ignore[arg-type]
+        proj = get_module(model, writer.out_proj or "")
         if not isinstance(proj, nn.Linear):
             raise PlanError(f"{writer.out_proj} is a {type(proj).__name__}; repair needs an nn.Linear")
         start_path = run[0].norm or run[0].module
@@ -246,13 +246,16 @@ def block_repair_residuals(
                 f"tower {tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
                 "Use another metric (bi, angular)"
             )
-        writers: list[nn.Linear | None] = [None]
+        writers: list[nn.Module | None] = [None]
         for b in blocks[:-1]:
             w = next((s.out_proj for s in reversed(b.sublayers) if s.out_proj), None)
-            writers.append(get_module(model, w) if w else None)  # type: ignore[arg-type]
+            writers.append(get_module(model, w) if w else None)
         held_mask = torch.arange(windows.shape[0]) % 4 == 3
         acc = [
-            {part: _Normal.zeros(w.in_features, w.out_features) for part in ("fit", "hold")}
+            {
+                part: _Normal.zeros(module_attr(w, "in_features"), module_attr(w, "out_features"))
+                for part in ("fit", "hold")
+            }
             if w is not None
             else None
             for w in writers

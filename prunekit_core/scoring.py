@@ -31,7 +31,7 @@ from .surgery import branches_masked
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .metrics import ImportanceMetric
+    from .metrics import ChannelMetric, ImportanceMetric
 
 
 @dataclass
@@ -320,8 +320,9 @@ class TrialRunner:
                 h.remove()
         if any(x is None for x in inputs):
             raise CalibrationError("some blocks did not run during the trial capture pass")
-        self.inputs: list[torch.Tensor] = inputs  # type: ignore[assignment]
-        self.kwargs: list[dict[str, Any]] = kwargs_of  # type: ignore[assignment]
+        # every block ran (checked above): its hook filled both lists
+        self.inputs: list[torch.Tensor] = [x for x in inputs if x is not None]
+        self.kwargs: list[dict[str, Any]] = [k for k in kwargs_of if k is not None]
         labels = self.windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
         # the capture pass ran the whole model: its stream end gives the base loss, no second pass
@@ -336,8 +337,8 @@ class TrialRunner:
         return y
 
     def _subs(self, ids: Iterable[str]) -> list[Sublayer]:
-        units = self.ir.units()
-        return [units[i] for i in ids]  # type: ignore[misc]
+        subs = self.ir.sublayer_map()
+        return [subs[i] for i in ids]
 
     @torch.inference_mode()
     def _run_from(self, start: int, skipped: set[str], masked: set[str]) -> float:
@@ -476,8 +477,8 @@ class NaiveTrialRunner:
         self.loss_stride = max(1, loss_stride)
         labels = windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
-        self.norm = get_module(model, self.tower.final_norm)  # type: ignore[arg-type]
-        self.head = get_module(model, self.tower.head)  # type: ignore[arg-type]
+        self.norm = get_module(model, self.tower.final_norm or "")
+        self.head = get_module(model, self.tower.head or "")
         self.trials = 0
         self.block_forwards = 0
         self.skipped: set[str] = set()
@@ -488,7 +489,7 @@ class NaiveTrialRunner:
     @torch.inference_mode()
     def _evaluate(self, skipped: set[str], masked: set[str]) -> float:
         """Loss of the full model with blocks ``skipped`` (bypassed) and branches ``masked``."""
-        units = self.ir.units()
+        subs = self.ir.sublayer_map()
         ids = {b.id: i for i, b in enumerate(self.tower.blocks)}
         blocks = [get_module(self.model, b.module) for b in self.tower.blocks]
         out: list[torch.Tensor] = []
@@ -512,7 +513,7 @@ class NaiveTrialRunner:
         for u in skipped:
             blocks[ids[u]].forward = bypass
         try:
-            with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
+            with branches_masked(self.model, [subs[u] for u in masked]):
                 self.model(input_ids=self.windows, use_cache=False, **self.extra)
         except _StopForward:
             pass
@@ -744,11 +745,11 @@ class BlockScorer(BlockObserver):
     the block runs, then each metric scores the block's families on a context over the block's IR.
     Collectors are shared by key between metrics, as in an in-memory :class:`ScoringContext`."""
 
-    def __init__(self, metrics: Sequence[ImportanceMetric]) -> None:
+    def __init__(self, metrics: Sequence[ChannelMetric]) -> None:
         self.metrics = list(metrics)
         self.collectors: dict[str, Collector] = {}
         for m in self.metrics:
-            self.collectors.update(m.collectors())  # type: ignore[attr-defined]
+            self.collectors.update(m.collectors())
         self.scores: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in self.metrics}
 
     def _context(
@@ -760,7 +761,7 @@ class BlockScorer(BlockObserver):
 
     def _score(self, ctx: ScoringContext) -> None:
         for m in self.metrics:
-            self.scores[m.name].update(m.score_groups(ctx))  # type: ignore[attr-defined]
+            self.scores[m.name].update(m.score_groups(ctx))
 
     @contextmanager
     def observe(self, view: BlockView) -> Iterator[None]:

@@ -730,7 +730,7 @@ class StreamingTrialRunner:
         self.passes = 0
         self.skipped: set[str] = set()  # committed block removals
         self.masked: set[str] = set()  # committed sublayer removals
-        self._units = sm.ir.units()
+        self._units = sm.ir.sublayer_map()
         self._block_ids = {b.id for b in self.tower.blocks}
         self._losses: dict[str, float] = {}  # trial losses on top of the committed removals
         self._current: float | None = None
@@ -774,7 +774,7 @@ class StreamingTrialRunner:
 
         args, kw = self._calls[i]
         self.block_forwards += 1
-        with branches_masked(self.sm.model, [self._units[s] for s in masks]):  # type: ignore[misc]
+        with branches_masked(self.sm.model, [self._units[s] for s in masks]):
             out = block(x, *args, **kw)
         return _stream_of(out)
 

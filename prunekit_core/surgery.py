@@ -156,9 +156,9 @@ def apply_removals(
 ) -> dict[str, list[int]]:
     """Remove branches and blocks in place; returns the kept block indices per tower."""
     adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
-    units = ir.units()
+    subs = ir.sublayer_map()
     for sid in sorted(resolved.sublayers):
-        remove_branch(model, units[sid])  # type: ignore[arg-type]
+        remove_branch(model, subs[sid])
     kept: dict[str, list[int]] = {}
     for tower in ir.towers:
         keep = [b.index for b in tower.blocks if b.id not in resolved.blocks]

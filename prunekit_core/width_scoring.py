@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .scoring import BlockScorer
 from .width import WidthCut, _split, group_slices, member_index, width_families
+
+if TYPE_CHECKING:
+    from .metrics import ImportanceMetric
 
 log = logging.getLogger(__name__)
 
@@ -187,28 +190,28 @@ def taylor_grads(
     model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 4
 ) -> dict[str, torch.Tensor]:
     """Gradient of the mean calibration loss w.r.t. every channel-group member parameter."""
-    params: dict[str, nn.Parameter] = {}
+    params: dict[str, torch.Tensor] = {}
     for _, fam in ir.channel_groups().values():
         for member, t in group_slices(model, fam):
-            params[member.param] = t  # type: ignore[assignment]
+            params[member.param] = t
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
+        for t in params.values():
+            t.requires_grad_(True)
+            t.grad = None
         n = windows.shape[0]
         with torch.enable_grad():
             for start in range(0, n, batch_size):
                 batch = windows[start : start + batch_size]
                 out = model(input_ids=batch, labels=batch, use_cache=False)
                 (out.loss * batch.shape[0] / n).backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                grads[name] += p.grad.double()
-                p.grad = None
+        for name, t in params.items():
+            if t.grad is not None:
+                grads[name] += t.grad.double()
+                t.grad = None
     finally:
         for n_, p in model.named_parameters():
             p.requires_grad_(saved[n_])
@@ -402,7 +405,13 @@ class WidthCurveObserver(BlockScorer):
     and input Gram). What the planner keeps of a block is ``count + 1`` numbers per family, not its Grams
     or weights; :func:`plan_width` reads them instead of computing them from the model."""
 
-    def __init__(self, metric: Any, *, repair: bool) -> None:
+    def __init__(self, metric: ImportanceMetric, *, repair: bool) -> None:
+        from .metrics import ChannelMetric
+
+        if not isinstance(metric, ChannelMetric):
+            raise PlanError(
+                f"metric {metric.name!r} does not score channel groups; the width curves need one"
+            )
         super().__init__([metric])
         self.collectors = {**self.collectors, WIDTH_STATS: width_collector}
         self.key = curve_key(metric.name, repair)
