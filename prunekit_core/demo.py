@@ -117,9 +117,9 @@ def run_demo(
             cal,
             ratio=ratio,
             metric=metric,
-            granularity=granularity,  # type: ignore[arg-type]
-            planner=planner,  # type: ignore[arg-type]
-            repair=repair,  # type: ignore[arg-type]
+            granularity=granularity,
+            planner=planner,
+            repair=repair,
             on_step=lambda msg: log("    " + msg),
         )
     say(f"plan: remove {', '.join(plan.remove)}")

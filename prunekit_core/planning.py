@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, cast
+from typing import Literal, TypedDict, cast
 
 import torch
 from torch import nn
@@ -38,8 +38,18 @@ log = logging.getLogger(__name__)
 PlannerName = Literal["rank", "greedy"]
 RepairName = Literal["none", "lsq"]
 
+
+class BestMethod(TypedDict):
+    """The choices :data:`BEST` fills."""
+
+    planner: PlannerName
+    metric: str
+    granularity: Granularity
+    repair: RepairName
+
+
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
+BEST: BestMethod = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
 #: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
 BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
 #: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric

@@ -217,7 +217,8 @@ def apply_plan(
         if plan.repair == "lsq":
             from .width_scoring import refit_narrowed
 
-            refit_narrowed(model, ir, cuts, repair_windows)  # type: ignore[arg-type]
+            assert repair_windows is not None  # checked above
+            refit_narrowed(model, ir, cuts, repair_windows)
         uniform = apply_width(model, adapter, ir, cuts, skip=whole)
         plan = plan.model_copy(update={"width_uniform": uniform})
     if plan.remove or not cuts:
@@ -225,7 +226,8 @@ def apply_plan(
         if plan.repair == "lsq":
             from .repair import lsq_repair
 
-            lsq_repair(model, ir_now, resolved, repair_windows)  # type: ignore[arg-type]
+            assert repair_windows is not None  # checked above
+            lsq_repair(model, ir_now, resolved, repair_windows)
         apply_removals(model, adapter, ir_now, resolved)
     # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
     model._prunekit_plan = plan  # type: ignore[assignment]  # a plain attribute, see the line above

@@ -403,7 +403,7 @@ def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
                 ratio=cell.ratio,
                 metric=spec.metric,
                 planner=spec.planner,
-                granularity=spec.granularity,  # type: ignore[arg-type]
+                granularity=spec.granularity,  # type: ignore[arg-type]  # a config's str: plan_pruning checks it and names the choices
                 repair=spec.repair,
             )
         plan = st["plans"][pk]

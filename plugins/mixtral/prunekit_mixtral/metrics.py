@@ -193,8 +193,10 @@ class OutputReconstruction(_StatsMetric):
             y = block(x).double()
             energy = (y * y).sum().clamp_min(1e-30)
             scores = torch.empty(fam.count, dtype=torch.float64)
+            router = fam.router
+            assert router is not None  # routed_families: each of these families has its router
             for e in range(fam.count):
-                with router_rows_masked(ctx.model, {fam.router: [e]}):  # type: ignore[dict-item]
+                with router_rows_masked(ctx.model, {router: [e]}):
                     ye = block(x).double()
                 scores[e] = ((y - ye) ** 2).sum() / energy
             out[fid] = scores

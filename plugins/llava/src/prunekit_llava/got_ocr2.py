@@ -230,7 +230,8 @@ class GotOcr2Adapter(ComposedAdapter):
         scikit-image's sample photographs (CLIP normalisation, which GOT-OCR2's image processor uses too)."""
         from .adapter import LlavaAdapter
 
-        return LlavaAdapter.calibration_inputs(self, model, windows)  # type: ignore[arg-type]
+        # LLaVA's method, borrowed: it reads only the model and its config, nothing of LlavaAdapter's own
+        return LlavaAdapter.calibration_inputs(self, model, windows)  # type: ignore[arg-type]  # see above
 
     def connections(self, model: nn.Module) -> list[Connection]:
         neck = get_module(model, NECK)
