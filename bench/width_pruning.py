@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"Torch-Pruning, {importance}" + (
                     ", FFN only" if head_ratio == 0 else ", heads + FFN"
                 )
-                info = tp.prune_with_torch_pruning(  # type: ignore[union-attr]
+                info = tp.prune_with_torch_pruning(  # type: ignore[union-attr]  # tp is imported when a TP method runs
                     pruned, calib, ratio, importance, head_pruning_ratio=head_ratio
                 )
                 achieved, tool = info["achieved_ratio"], "Torch-Pruning"

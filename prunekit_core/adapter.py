@@ -8,7 +8,8 @@ indices), so a family plugin only says where things are.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -16,10 +17,61 @@ from torch import nn
 from .errors import PlanError
 from .ir import ModelIR
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    from .width import WidthCut
+
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
     """The submodule at dotted ``path`` (``""`` is the root)."""
     return root.get_submodule(path) if path else root
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` as the Hugging Face model it is (``config``, ``get_input_embeddings``, ``save_pretrained``...).
+
+    A view for the type checker only, no check at run time: torch types every attribute of an ``nn.Module``
+    as ``Tensor | Module``, and prunekit passes models around as ``nn.Module``.
+    """
+    return cast("PreTrainedModel", model)
+
+
+def module_attr(module: nn.Module, name: str) -> Any:
+    """A plain attribute of ``module`` (an int, a config, a callable): not a parameter, buffer or submodule.
+
+    torch types every attribute of an ``nn.Module`` it does not declare as ``Tensor | Module`` (the types
+    its ``__getattr__`` returns); a plain attribute is neither, and its type is the model's own.
+    """
+    return getattr(module, name)
+
+
+def module_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, a parameter, buffer or tensor attribute (``weight``, ``bias``, fused experts...)."""
+    t = getattr(module, name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(t).__name__}, not a tensor")
+    return t
+
+
+def hf_config(model: nn.Module) -> PreTrainedConfig:
+    """``model.config``, typed as the Hugging Face config it is (see :func:`hf_model`)."""
+    return hf_model(model).config
+
+
+def iter_modules(container: nn.Module) -> Iterator[nn.Module]:
+    """The modules of a ``ModuleList`` or ``Sequential`` typed as ``nn.Module`` (a block stack), in order.
+
+    As iterating it does (a module that appears twice comes twice, unlike ``children()``); typed only.
+    """
+    return iter(cast("Iterable[nn.Module]", container))
+
+
+def from_pretrained_with_info(cls: Any, source: Any, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``cls.from_pretrained(source, output_loading_info=True, **kwargs)``: the model and its loading info
+    (``missing_keys``, ``unexpected_keys``, ``mismatched_keys``...). transformers annotates the model alone."""
+    model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    return model, info
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -91,7 +143,7 @@ class ArchitectureAdapter(ABC):
         return windows, {}
 
     def finalize_width(  # noqa: B027 - a hook with a deliberate no-op default
-        self, model: nn.Module, ir_before: ModelIR, cuts: dict
+        self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]
     ) -> None:
         """Family-specific fix-ups after the core narrowed channel groups (default: none needed).
 
@@ -121,8 +173,8 @@ class DecoderAdapter(ArchitectureAdapter):
     #: the tower whose blocks are counted by ``config.num_hidden_layers``
     text_tower: str = "text"
 
-    def text_config(self, model: nn.Module):  # noqa: ANN201 - transformers config type
-        return model.config.get_text_config(decoder=True)
+    def text_config(self, model: nn.Module) -> PreTrainedConfig:
+        return hf_config(model).get_text_config(decoder=True)
 
     def validate_removals(
         self, model: nn.Module, ir: ModelIR, removed_blocks: set[str], removed_sublayers: set[str]
@@ -146,7 +198,7 @@ class DecoderAdapter(ArchitectureAdapter):
                 "type. Remove whole blocks instead (--granularity block)."
             )
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         """Pin ``head_dim`` in the config: derived from ``hidden_size // num_attention_heads`` otherwise."""
         config = self.text_config(model)
         if getattr(config, "head_dim", None) is not None:
@@ -175,8 +227,9 @@ class DecoderAdapter(ArchitectureAdapter):
         if isinstance(mwl, int):
             config.max_window_layers = sum(1 for i in kept if i < mwl)
         config.num_hidden_layers = len(kept)
-        if config is not model.config and hasattr(model.config, "num_hidden_layers"):
-            model.config.num_hidden_layers = len(kept)
+        top = hf_config(model)
+        if config is not top and hasattr(top, "num_hidden_layers"):
+            top.num_hidden_layers = len(kept)
         self.renumber_cache_indices(model)
 
     def cache_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -192,4 +245,5 @@ class DecoderAdapter(ArchitectureAdapter):
         for new_idx, module in enumerate(self.cache_modules(model)):
             if not hasattr(module, "layer_idx"):
                 raise PlanError(f"{type(module).__name__} has no layer_idx; the adapter must renumber it")
-            module.layer_idx = new_idx
+            # torch types Module.__setattr__'s value as Tensor | Module; layer_idx is a plain int attribute
+            module.layer_idx = new_idx  # type: ignore[assignment]  # see the line above

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import nn
 
@@ -52,6 +54,16 @@ def score(
     return get_metric(metric).score(ctx, span=span)
 
 
+@overload
+def score_groups(model: nn.Module, calibration: Calibration, metric: str) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def score_groups(
+    model: nn.Module, calibration: Calibration, metric: list[str]
+) -> dict[str, dict[str, torch.Tensor]]: ...
+
+
 def score_groups(
     model: nn.Module, calibration: Calibration, metric: str | list[str]
 ) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
@@ -64,11 +76,13 @@ def score_groups(
     from .metrics import ChannelMetric
 
     names = [metric] if isinstance(metric, str) else list(metric)
-    ms = [get_metric(n) for n in names]
-    for m in ms:
+    found = [get_metric(n) for n in names]
+    ms: list[ChannelMetric] = []
+    for m in found:
         if not isinstance(m, ChannelMetric):
             raise PlanError(f"metric {m.name!r} does not score channel groups; use score() for it")
+        ms.append(m)
     adapter = select_adapter(model)
     ctx = ScoringContext(model=model, adapter=adapter, ir=adapter.build_ir(model), calibration=calibration)
-    out = {m.name: m.score_groups(ctx) for m in ms}  # type: ignore[attr-defined]
+    out = {m.name: m.score_groups(ctx) for m in ms}
     return out[names[0]] if isinstance(metric, str) else out

@@ -27,7 +27,7 @@ import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -140,7 +140,9 @@ class _Writeback:
     def __init__(self, root: Path, interval: float = 0.01) -> None:
         self.root = root
         self.interval = interval
-        self._fn = _load_sync_file_range() if EARLY_WRITEBACK else None
+        self._fn: Callable[[int, int, int, int], int] | None = (
+            _load_sync_file_range() if EARLY_WRITEBACK else None
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: dict[str, int] = {}
@@ -164,6 +166,9 @@ class _Writeback:
                 pass
 
     def _pass(self) -> None:
+        fn = self._fn
+        if fn is None:  # (the thread that calls this runs only with a function)
+            return
         for dirpath, _dirs, files in os.walk(self.root):
             for f in files:
                 path = os.path.join(dirpath, f)
@@ -172,7 +177,7 @@ class _Writeback:
                     continue
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    self._fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                    fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
                 finally:
                     os.close(fd)
                 self._done[path] = size

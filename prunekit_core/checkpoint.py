@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import get_module, set_module
+from .adapter import get_module, hf_model, set_module
 from .atomic import atomic_folder, is_temporary, recover, write_text
 from .errors import CheckpointError
 from .integrity import (
@@ -177,7 +177,7 @@ def save_pruned(
             # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
             # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
             shard = max_shard_size if max_shard_size is not None else default_shard_size(model)
-            model.save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
+            hf_model(model).save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if plan is not None:
@@ -381,6 +381,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # missing keys of removed branches are expected
     shapes: dict[str, list[int]] = record.get("param_shapes", {})
+    model: nn.Module
+    info: dict[str, Any]
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if PLAIN_LOAD_GUARD_KEY in vars(config):  # the guard against plain loads (older folders lack it)
@@ -436,9 +438,9 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
         module, _, attr = name.rpartition(".")
         setattr(get_module(model, module), attr, value)
     if record.get("counters") or narrowed:
-        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[attr-defined]
+        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[assignment]  # a plain attribute (torch: Tensor | Module)
     if (path / PLAN_FILE).is_file():
-        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[attr-defined]
+        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[assignment]  # as above
     align_weights(model)  # run the kernels the model ran in memory: see align_weights
     model.eval()
     return model

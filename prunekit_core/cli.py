@@ -22,9 +22,14 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
+
+if TYPE_CHECKING:
+    from .plan import Granularity
+    from .planning import PlannerName, RepairName
+    from .text import TextWindows
 
 __all__ = ["build_parser", "cli_markdown", "main"]
 
@@ -111,18 +116,24 @@ def _ppl_dict(res: Any) -> dict[str, Any]:
 # --- logging and third-party noise -------------------------------------------------------------------
 
 
-class _StderrHandler(logging.StreamHandler):
+if TYPE_CHECKING:  # generic in typeshed; at run time only from Python 3.11
+    _StreamHandler = logging.StreamHandler[TextIO]
+else:
+    _StreamHandler = logging.StreamHandler
+
+
+class _StderrHandler(_StreamHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (pytest swaps it between tests)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001
+    def stream(self, value: TextIO) -> None:
         pass
 
 
@@ -151,7 +162,7 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
         transformers.logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            from huggingface_hub.utils import disable_progress_bars
+            from huggingface_hub.utils.tqdm import disable_progress_bars
 
             disable_progress_bars()
         except ImportError:  # pragma: no cover - hub is a transformers dependency
@@ -214,7 +225,9 @@ def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tu
             raise ModelNotFoundError(f"could not load model {spec!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _windows(tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None):
+def _windows(
+    tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None
+) -> TextWindows:
     from .text import load_windows
 
     return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)
@@ -760,9 +773,9 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
                 cal,
                 ratio=args.ratio,
                 metric=metric_name,
-                granularity=granularity,  # type: ignore[arg-type]
-                planner=planner,  # type: ignore[arg-type]
-                repair=repair,  # type: ignore[arg-type]
+                granularity=granularity,
+                planner=planner,
+                repair=repair,
                 on_step=lambda msg: ui.info("  " + msg),
                 round_to=args.round_to,
                 width_allocation=args.width_allocation,
@@ -910,7 +923,12 @@ def _check_streaming_prune(
 
 
 def _plan_streaming(
-    args: argparse.Namespace, ui: UI, metric: str, planner: str, granularity: str, repair: str
+    args: argparse.Namespace,
+    ui: UI,
+    metric: str,
+    planner: PlannerName,
+    granularity: Granularity,
+    repair: RepairName,
 ) -> Any:
     from .planning import budget_params, plan_pruning, uses_width
     from .plugins import get_metric
@@ -943,9 +961,9 @@ def _plan_streaming(
             cal,
             ratio=args.ratio,
             metric=metric,
-            granularity=granularity,  # type: ignore[arg-type]
-            planner=planner,  # type: ignore[arg-type]
-            repair=repair,  # type: ignore[arg-type]
+            granularity=granularity,
+            planner=planner,
+            repair=repair,
             adapter=sm.adapter,
             round_to=args.round_to,
             width_allocation=args.width_allocation,
@@ -1012,7 +1030,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
         if getattr(model, "_prunekit_plan", None) is None:
             ui.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
     else:
-        assert plan is not None
+        assert plan is not None and args.base is not None
         model, tok, _src = _load_model(ui, args.base, args)
         cal = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
         with ui.step("apply plan with the least-squares repair"):

@@ -19,14 +19,17 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from torch import nn
 
-from .adapter import ArchitectureAdapter, count_params, get_module
+from .adapter import ArchitectureAdapter, count_params, get_module, hf_config, hf_model
 from .errors import PlanError, UnsupportedModelError
 from .ir import Connection, ModelIR, Tower
+
+if TYPE_CHECKING:
+    from .width import WidthCut
 
 __all__ = ["CausalLMView", "ComposedAdapter", "MappedSubmodel", "map_submodel"]
 
@@ -53,7 +56,7 @@ class CausalLMView(nn.Module):
         self.config = config
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return hf_model(self.model).get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)
@@ -176,7 +179,7 @@ def map_submodel(
     """
     from .plugins import select_adapter
 
-    config = config if config is not None else model.config.get_text_config(decoder=True)
+    config = config if config is not None else hf_config(model).get_text_config(decoder=True)
     view = CausalLMView(get_module(model, backbone), get_module(model, head) if head else None, config)
     try:
         adapter = select_adapter(view)
@@ -207,7 +210,7 @@ class ComposedAdapter(ArchitectureAdapter):
     text_tower: str = "text"
 
     def text_config(self, model: nn.Module) -> Any:
-        return model.config.get_text_config(decoder=True)
+        return hf_config(model).get_text_config(decoder=True)
 
     @abstractmethod
     def submodels(self, model: nn.Module) -> list[MappedSubmodel]:
@@ -278,7 +281,7 @@ class ComposedAdapter(ArchitectureAdapter):
             sub.adapter.finalize_surgery(sub.view, sub.inner_ir_from(ir_before), inner_kept)
         self.finalize_own_surgery(model, ir_before, own)
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         from .width import WidthCut
 
         rest = dict(cuts)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params, get_module
+from .adapter import DecoderAdapter, count_params, get_module, iter_modules
 from .ir import Block, BranchOutput, Dim, ModelIR, ResidualEdge, Stage, Sublayer, SublayerKind, Tower
 from .surgery import RemovedBranch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 __all__ = ["BranchSpec", "DeclaredDecoderAdapter", "LayoutSpec", "build_decoder_ir"]
 
@@ -61,7 +65,7 @@ def build_decoder_ir(
     adapter: str,
     layout: LayoutSpec,
     branches: Sequence[Sequence[BranchSpec]],
-    text_config: object,
+    text_config: PreTrainedConfig,
 ) -> ModelIR:
     """The IR of ``model`` from its layout and each block's branches (``branches[i]`` for block ``i``).
 
@@ -71,7 +75,7 @@ def build_decoder_ir(
     container = get_module(model, layout.blocks)
     blocks: list[Block] = []
     point = 0
-    for i, (block, specs) in enumerate(zip(container, branches, strict=True)):
+    for i, (block, specs) in enumerate(zip(iter_modules(container), branches, strict=True)):
         bid, path = f"text.blocks.{i}", f"{layout.blocks}.{i}"
         subs: list[Sublayer] = []
         edge_point: dict[int, int] = {}
@@ -111,7 +115,7 @@ def build_decoder_ir(
         towers=(
             Tower(
                 name="text",
-                width=Dim(name="hidden", size=int(text_config.hidden_size)),  # type: ignore[attr-defined]
+                width=Dim(name="hidden", size=int(text_config.hidden_size)),
                 blocks_path=layout.blocks,
                 blocks=tuple(blocks),
                 stages=_stages(model, layout),
@@ -130,7 +134,7 @@ def _stages(model: nn.Module, layout: LayoutSpec) -> tuple[Stage, ...]:
         stages.append(
             Stage(
                 id="text." + path.replace(".", "_"),
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 module=path,
                 params=count_params([get_module(model, path)]),
             )
@@ -180,6 +184,6 @@ class DeclaredDecoderAdapter(DecoderAdapter):
             model,
             adapter=self.name,
             layout=self.layout,
-            branches=[self.block_branches(model, i, b) for i, b in enumerate(container)],
+            branches=[self.block_branches(model, i, b) for i, b in enumerate(iter_modules(container))],
             text_config=self.text_config(model),
         )

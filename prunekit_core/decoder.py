@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params
+from .adapter import DecoderAdapter, count_params, get_module, hf_model, module_tensor
 from .groups import attention_kv_groups, gated_mlp_channels
 from .ir import Block, Dim, ModelIR, ResidualEdge, Stage, Sublayer, Tower
 from .surgery import RemovedBranch
@@ -88,7 +88,7 @@ class LlamaLayoutAdapter(DecoderAdapter):
         config = self.text_config(model)
         blocks: list[Block] = []
         point = 0
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(hf_model(model).model.layers):
             bid = f"text.blocks.{i}"
             path = f"model.layers.{i}"
             subs: list[Sublayer] = []
@@ -121,14 +121,22 @@ class LlamaLayoutAdapter(DecoderAdapter):
             blocks.append(
                 Block(id=bid, index=i, module=path, sublayers=tuple(subs), params=count_params([layer]))
             )
-        embed = model.get_input_embeddings()
-        head = model.get_output_embeddings()
+        embed = hf_model(model).get_input_embeddings()
+        head = hf_model(model).get_output_embeddings()
         tied = head is not None and head.weight is embed.weight
         stages = (
             Stage(
-                id="text.embed", kind="embedding", module="model.embed_tokens", params=embed.weight.numel()
+                id="text.embed",
+                kind="embedding",
+                module="model.embed_tokens",
+                params=module_tensor(embed, "weight").numel(),
             ),
-            Stage(id="text.norm", kind="norm", module="model.norm", params=count_params([model.model.norm])),
+            Stage(
+                id="text.norm",
+                kind="norm",
+                module="model.norm",
+                params=count_params([get_module(model, "model.norm")]),
+            ),
             Stage(
                 id="text.head",
                 kind="head",

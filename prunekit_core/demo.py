@@ -117,9 +117,9 @@ def run_demo(
             cal,
             ratio=ratio,
             metric=metric,
-            granularity=granularity,  # type: ignore[arg-type]
-            planner=planner,  # type: ignore[arg-type]
-            repair=repair,  # type: ignore[arg-type]
+            granularity=granularity,
+            planner=planner,
+            repair=repair,
             on_step=lambda msg: log("    " + msg),
         )
     say(f"plan: remove {', '.join(plan.remove)}")
@@ -200,11 +200,13 @@ def _reload_and_compare(
         import transformers
         from transformers import AutoModelForCausalLM
 
+        from .adapter import from_pretrained_with_info
+
         loader = "transformers.AutoModelForCausalLM.from_pretrained"
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
-            reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+            reloaded, info = from_pretrained_with_info(AutoModelForCausalLM, folder)
         finally:
             transformers.logging.set_verbosity(verbosity)
         missing = sorted(info.get("missing_keys", ()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def _get_module(model: nn.Module, getter_name: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-def _unique(params) -> dict[int, nn.Parameter]:
+def _unique(params: Iterable[nn.Parameter]) -> dict[int, nn.Parameter]:
     return {id(p): p for p in params}
 
 

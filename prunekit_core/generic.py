@@ -30,13 +30,23 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import fx, nn
 
-from .adapter import DecoderAdapter, count_params, get_module
+from .adapter import (
+    DecoderAdapter,
+    count_params,
+    get_module,
+    hf_config,
+    hf_model,
+    iter_modules,
+    module_attr,
+    module_tensor,
+)
 from .declared import BranchSpec, LayoutSpec, build_decoder_ir
 from .errors import UnsupportedPatternError
 from .ir import ModelIR, SublayerKind
@@ -72,7 +82,7 @@ _BLOCK_ATTR = "_prunekit_generic_branches"
 _LAYOUT_ATTR = "_prunekit_generic_layout"
 #: what one block holds: each branch, with the class name of its module when it was discovered
 _Found = tuple[tuple[BranchSpec, str], ...]
-_CACHE: OrderedDict[tuple, tuple[LayoutSpec, list[_Found]]] = OrderedDict()
+_CACHE: OrderedDict[tuple[Any, ...], tuple[LayoutSpec, list[_Found]]] = OrderedDict()
 _CACHE_SIZE = 16
 
 
@@ -127,7 +137,7 @@ def _analysis(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
             _CACHE.popitem(last=False)
     # stored in __dict__: plain attributes travel with deepcopy and never reach the state dict
     object.__setattr__(model, _LAYOUT_ATTR, layout)
-    for block, found in zip(get_module(model, layout.blocks), branches, strict=True):
+    for block, found in zip(iter_modules(get_module(model, layout.blocks)), branches, strict=True):
         object.__setattr__(block, _BLOCK_ATTR, found)
     return layout, branches
 
@@ -150,8 +160,8 @@ def _get_or_none(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _signature(model: nn.Module) -> tuple:
-    config = getattr(model, "config", None)
+def _signature(model: nn.Module) -> tuple[Any, ...]:
+    config: Any = getattr(model, "config", None)
     return (
         type(model).__module__,
         type(model).__qualname__,
@@ -210,7 +220,7 @@ class _Graph:
         self.hidden = hidden
         self.tokens = tokens
 
-    def is_stream(self, node: Any) -> bool:
+    def is_stream(self, node: Any) -> TypeGuard[fx.Node]:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
         return (
             isinstance(val, torch.Tensor)
@@ -253,8 +263,14 @@ class _Graph:
 
 
 def _is_empty(model: nn.Module) -> bool:
-    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
-    return emb is not None and getattr(emb, "weight", None) is not None and emb.weight.is_meta
+    emb = (
+        hf_model(model).get_input_embeddings()
+        if callable(getattr(model, "get_input_embeddings", None))
+        else None
+    )
+    return (
+        emb is not None and getattr(emb, "weight", None) is not None and module_tensor(emb, "weight").is_meta
+    )
 
 
 #: blocks of the real copy an empty (meta-device) model is discovered on
@@ -270,7 +286,7 @@ def _discover_shallow(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     import copy
 
     cls = type(model).__name__
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(hf_config(model))
     text = config.get_text_config(decoder=True)
     n = text.num_hidden_layers
     text.num_hidden_layers = min(n, _SHALLOW)
@@ -282,7 +298,7 @@ def _discover_shallow(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     layout, small_branches = _discover(small)
     del small
     branches = [small_branches[0]] * n
-    for i, block in enumerate(get_module(model, layout.blocks)):
+    for i, block in enumerate(iter_modules(get_module(model, layout.blocks))):
         for spec, module_type in branches[i]:
             module = _get_or_none(block, spec.module)
             if module is None or type(module).__name__ != module_type:
@@ -296,10 +312,11 @@ def _discover_shallow(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
 
 def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
     cls = type(model).__name__
-    config = model.config.get_text_config(decoder=True)
-    hidden = int(getattr(config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
-    vocab = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
-    device = model.get_input_embeddings().weight.device
+    config = hf_config(model).get_text_config(decoder=True)
+    emb = hf_model(model).get_input_embeddings()
+    hidden = int(getattr(config, "hidden_size", 0) or module_attr(emb, "embedding_dim"))
+    vocab = int(getattr(config, "vocab_size", 0) or module_attr(emb, "num_embeddings"))
+    device = module_tensor(emb, "weight").device
     ids = (torch.arange(_SEQ, device=device) % max(vocab - 3, 1) + min(3, vocab - 1)).unsqueeze(0)
     kwargs: dict[str, Any] = {"input_ids": ids}
     if "use_cache" in inspect.signature(model.forward).parameters:
@@ -325,7 +342,7 @@ def _discover(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
             "(a model without skip connections has no branch to remove)",
         )
     blocks_path, by_block = _group_blocks(model, additions, cls)
-    container = get_module(model, blocks_path)
+    container = list(iter_modules(get_module(model, blocks_path)))
     if len(container) != config.num_hidden_layers:
         raise UnsupportedPatternError(
             cls,
@@ -345,8 +362,8 @@ def _module_outputs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, tuple
     """Per module path: (returns a tuple, output shape equals first-input shape), from one eager run."""
     seen: dict[str, tuple[bool, bool]] = {}
 
-    def hook(name: str):  # noqa: ANN202
-        def record(_m: nn.Module, args: tuple, kw: dict, out: Any) -> None:
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        def record(_m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any], out: Any) -> None:
             x = args[0] if args else kw.get("hidden_states")
             y = out[0] if isinstance(out, tuple) and out else out
             same = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
@@ -432,7 +449,8 @@ def _terms(
         return _terms(g, model, r.args[0], owner, residual, in_place=inplace) + _terms(
             g, model, r.args[1], owner, residual, in_place=False
         )
-    return [_Term(node=r, child=_child_of(owner, r), in_place=in_place)]  # type: ignore[arg-type]
+    # child is None where owner computes the value itself: _residual_additions refuses such a term at once
+    return [_Term(node=r, child=_child_of(owner, r), in_place=in_place)]  # type: ignore[arg-type]  # see above
 
 
 def _group_blocks(
@@ -553,7 +571,7 @@ def _block_branches(
             edge=edge,
             parts=tuple(p[rel:] for p in parts),
             full_zero=term.in_place,
-            out_proj=_out_proj(model, term)[rel:] if _out_proj(model, term) else None,
+            out_proj=op[rel:] if (op := _out_proj(model, term)) else None,
         )
         branches.append((spec, type(module).__name__))
     return tuple(branches)
@@ -586,10 +604,14 @@ def _kind(module: nn.Module) -> SublayerKind:
 def _layout(
     g: _Graph, model: nn.Module, blocks_path: str, additions: list[_Addition], cls: str
 ) -> LayoutSpec:
-    embed_path = _path_of(model, model.get_input_embeddings())
+    embed_path = _path_of(model, hf_model(model).get_input_embeddings())
     if embed_path is None:
         raise UnsupportedPatternError(cls, "get_input_embeddings() is not a submodule of the model")
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    head = (
+        hf_model(model).get_output_embeddings()
+        if callable(getattr(model, "get_output_embeddings", None))
+        else None
+    )
     head_path = _path_of(model, head) if head is not None else None
     # the final norm: the first parameter-holding module outside the blocks that reads the last stream
     last = max((a.node for a in additions), key=g.index.__getitem__)
@@ -608,7 +630,7 @@ def _layout(
         if owner and owner == head_path:
             break
     taken = [blocks_path, embed_path] + [p for p in (head_path, final_norm) if p]
-    others = []
+    others: list[tuple[str, str]] = []
     for path, module in model.named_modules():
         if not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -621,6 +643,7 @@ def _layout(
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str | None:
+    path: str
     for path, m in model.named_modules():
         if m is module:
             return path

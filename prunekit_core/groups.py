@@ -9,19 +9,24 @@ depthwise convs after it to the next layers' in-channels (conv necks, conv proje
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .adapter import get_module, module_attr, module_tensor
 from .ir import ChannelGroup, GroupMember
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
-def attention_kv_groups(fid: str, path: str, attn: nn.Module, config: object) -> ChannelGroup:
+
+def attention_kv_groups(fid: str, path: str, attn: nn.Module, config: PreTrainedConfig) -> ChannelGroup:
     """One group per KV head of the attention at ``path``: its k/v rows, its query heads' q rows and the
     matching o columns (plus q/k/v biases where present)."""
-    q, k = attn.q_proj, attn.k_proj
-    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
-    n_kv = k.out_features // head_dim
-    q_per_kv = q.out_features // head_dim // n_kv
+    q, k = get_module(attn, "q_proj"), get_module(attn, "k_proj")
+    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_kv = module_attr(k, "out_features") // head_dim
+    q_per_kv = module_attr(q, "out_features") // head_dim // n_kv
     members = [
         GroupMember(param=f"{path}.q_proj.weight", axis=0, width=head_dim * q_per_kv),
         GroupMember(param=f"{path}.k_proj.weight", axis=0, width=head_dim),
@@ -49,7 +54,8 @@ def attention_kv_groups(fid: str, path: str, attn: nn.Module, config: object) ->
 def gated_mlp_channels(fid: str, path: str, mlp: nn.Module, config_field: str) -> ChannelGroup:
     """One group per hidden channel of the gated MLP at ``path``: a gate row, an up row, a down column
     (plus gate/up biases where present); ``config_field`` counts the channels."""
-    hidden = mlp.gate_proj.in_features
+    gate = get_module(mlp, "gate_proj")
+    hidden: int = module_attr(gate, "in_features")
     members = [
         GroupMember(param=f"{path}.gate_proj.weight", axis=0, width=1),
         GroupMember(param=f"{path}.up_proj.weight", axis=0, width=1),
@@ -60,7 +66,7 @@ def gated_mlp_channels(fid: str, path: str, mlp: nn.Module, config_field: str) -
     return ChannelGroup(
         id=fid,
         kind="ffn_channel",
-        count=mlp.gate_proj.out_features,
+        count=module_attr(gate, "out_features"),
         members=tuple(members),
         params_per_group=3 * hidden + len(biases),
         config_fields={config_field: 1},
@@ -91,11 +97,10 @@ def conv_channels(
     out-channels, or :class:`~prunekit_core.errors.PlanError` names the one that does not: that is the
     dimension propagation a plugin would otherwise get wrong silently.
     """
-    from .adapter import get_module
     from .errors import PlanError
 
     prod = get_module(model, producer)
-    count = prod.weight.shape[0]
+    count = module_tensor(prod, "weight").shape[0]
 
     def check(path: str, size: int, what: str) -> None:
         if size != count:
@@ -109,7 +114,7 @@ def conv_channels(
         members.append(GroupMember(param=f"{producer}.bias", axis=0, width=1))
     for path in (*norms, *depthwise):
         module = get_module(model, path)
-        check(path, module.weight.shape[0], "features")
+        check(path, module_tensor(module, "weight").shape[0], "features")
         if path in depthwise and not (isinstance(module, nn.modules.conv._ConvNd) and module.groups == count):
             raise PlanError(f"{fid}: {path} is not a depthwise conv over {count} channels")
         for leaf in ("weight", "bias", "running_mean", "running_var"):
@@ -119,7 +124,7 @@ def conv_channels(
         module = get_module(model, path)
         if getattr(module, "groups", 1) != 1:
             raise PlanError(f"{fid}: consumer {path} is a grouped conv; declare it under depthwise=")
-        check(path, module.weight.shape[1], "input channels")
+        check(path, module_tensor(module, "weight").shape[1], "input channels")
         members.append(GroupMember(param=f"{path}.weight", axis=1, width=1))
     per_group = 0
     for m in members:

@@ -310,6 +310,14 @@ class ModelIR(_Frozen):
         """Sublayer and stage families together: everything width surgery can narrow."""
         return {**self.channel_groups(), **self.stage_channel_groups()}
 
+    def block_map(self) -> dict[str, Block]:
+        """Every block by id."""
+        return {b.id: b for b in self.blocks()}
+
+    def sublayer_map(self) -> dict[str, Sublayer]:
+        """Every sublayer by id."""
+        return {s.id: s for s in self.sublayers()}
+
     def units(self) -> dict[str, Block | Sublayer]:
         """Every removable-or-not unit by id (blocks and sublayers)."""
         out: dict[str, Block | Sublayer] = {}

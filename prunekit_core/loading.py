@@ -31,7 +31,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from prunekit_core.adapter import from_pretrained_with_info, hf_model
 from prunekit_core.atomic import atomic_folder, is_temporary
 from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckpointError
 from prunekit_core.integrity import PICKLE_SUFFIXES, check_weight_files
@@ -207,7 +208,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def _check_loading_info(info: dict, where: str) -> None:
+def _check_loading_info(info: dict[str, Any], where: str) -> None:
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in (info.get(key) or []))
@@ -222,7 +223,7 @@ def _check_loading_info(info: dict, where: str) -> None:
         )
 
 
-def _safety_kwargs(allow_pickle: bool, trust_remote_code: bool) -> dict:
+def _safety_kwargs(allow_pickle: bool, trust_remote_code: bool) -> dict[str, Any]:
     """``from_pretrained`` arguments of the load policy: safetensors only unless pickle is allowed, and
     then only ``weights_only=True``; model code from the checkpoint only when asked."""
     return {
@@ -240,14 +241,12 @@ def _remote_code_error(where: str, exc: Exception) -> UnsafeCheckpointError:
     )
 
 
-def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safety) -> PreTrainedModel:
+def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safety: Any) -> PreTrainedModel:
     from .checkpoint import model_class
 
     try:
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, output_loading_info=True, **safety
-            )
+            model, info = from_pretrained_with_info(AutoModelForCausalLM, source, dtype=dtype, **safety)
         except ValueError as exc:  # "Unrecognized configuration class": not a causal LM
             if "trust_remote_code" in str(exc):
                 raise
@@ -259,13 +258,13 @@ def _from_pretrained(source: str | Path, where: str, dtype: torch.dtype, **safet
             if cls is None:
                 raise
             logger.debug("%s is not a causal LM (%s); loading it as %s", where, exc, cls.__name__)
-            model, info = cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **safety)
+            model, info = from_pretrained_with_info(cls, source, dtype=dtype, **safety)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise _remote_code_error(where, exc) from exc
         raise
     _check_loading_info(info, where)
-    return model
+    return hf_model(model)
 
 
 def _load_hf_folder(
@@ -303,7 +302,7 @@ def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
             tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
             # save_pretrained refuses a GGUF-loaded model until the quantizer state is cleared; the
             # weights are already dequantized to plain float tensors.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]  # a plain attribute transformers does not declare
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp_dir)
@@ -344,6 +343,7 @@ def load_model(
       ``trust_remote_code=True``.
     """
     source = resolve_model_source(spec)
+    tokenizer: PreTrainedTokenizerBase
     if source.is_gguf:
         assert source.path is not None and source.gguf_file is not None
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -359,15 +359,17 @@ def load_model(
         if (source.path / "prunekit.json").is_file():
             from prunekit_core.checkpoint import load_pruned  # lazy: optional sibling module
 
-            model = load_pruned(source.path, trust_remote_code=trust_remote_code)
+            model = hf_model(load_pruned(source.path, trust_remote_code=trust_remote_code))
             if model.dtype != dtype:
-                model = model.to(dtype)
+                # transformers' wrapper around PreTrainedModel.to types its first argument as the model
+                model = model.to(dtype)  # type: ignore[arg-type]  # see the line above
         else:
             model = _load_hf_folder(
                 source.path, dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
             )
         tokenizer = _load_tokenizer(source.path, str(source.path), trust_remote_code)
     else:  # hub
+        assert source.hub_id is not None
         try:
             model = _from_pretrained(
                 source.hub_id, f"'{spec}'", dtype, **_safety_kwargs(allow_pickle, trust_remote_code)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, TypedDict, cast
 
 import torch
 from torch import nn
 
 from .adapter import ArchitectureAdapter
 from .errors import PlanError
-from .ir import ModelIR
+from .ir import Block, ModelIR, Sublayer
 from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
 from .plan import Granularity, PrunePlan, fingerprint
 from .plugins import get_metric, metrics, select_adapter
@@ -36,9 +36,20 @@ from .surgery import removed_params, resolve_removals
 log = logging.getLogger(__name__)
 
 PlannerName = Literal["rank", "greedy"]
+RepairName = Literal["none", "lsq"]
+
+
+class BestMethod(TypedDict):
+    """The choices :data:`BEST` fills."""
+
+    planner: PlannerName
+    metric: str
+    granularity: Granularity
+    repair: RepairName
+
 
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
+BEST: BestMethod = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
 #: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
 BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
 #: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
@@ -55,7 +66,9 @@ def budget_params(ir: ModelIR, ratio: float) -> int:
     return math.ceil(ratio * ir.block_params())
 
 
-def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def candidates_for(
+    ir: ModelIR, granularity: Granularity, removed: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """Units a plan at ``granularity`` may remove next, given what is already removed."""
     if granularity not in GRANULARITIES or granularity in ("width", "expert"):
         raise PlanError(f"unknown granularity {granularity!r}; choose one of block, sublayer, mixed")
@@ -162,8 +175,9 @@ def resolve_method(
         )
     if granularity not in GRANULARITIES:
         raise PlanError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-    _check_metric_fits(m, granularity)  # type: ignore[arg-type]
-    return metric, planner, granularity, repair  # type: ignore[return-value]
+    _check_metric_fits(m, granularity)
+    # each choice was checked against its literals above
+    return metric, cast(PlannerName, planner), granularity, cast(RepairName, repair)
 
 
 def plan_pruning(
@@ -299,7 +313,9 @@ def _plan_in_scope(
 ) -> PrunePlan:
     if granularity == "expert":
         ctx = ScoringContext(model=model, adapter=adapter, ir=ir, calibration=calibration)
-        return plan_experts(ctx, get_metric(metric), ratio, expert_allocation, top_k_policy)  # type: ignore[arg-type]
+        # _resolve checked that an expert granularity comes with an expert (channel) metric
+        expert_metric = cast(ChannelMetric, get_metric(metric))
+        return plan_experts(ctx, expert_metric, ratio, expert_allocation, top_k_policy)
     target = budget_params(ir, ratio)
     m = get_metric(metric)
     ctx = ScoringContext(
@@ -315,14 +331,14 @@ def _plan_in_scope(
     if uses_width(metric, granularity):
         return _plan_width(
             ctx,
-            m,
+            cast(ChannelMetric, m),  # a width plan's metric is a channel metric (_check_metric_fits)
             granularity,
             target,
             ratio,
             repair,
             round_to,
             width_allocation,
-            t0,  # type: ignore[arg-type]
+            t0,
         )
     if planner == "rank":
         remove, scores = _plan_rank(ctx, m, granularity, target)
@@ -499,9 +515,9 @@ def _plan_greedy(
             delta = loss - base
             gain = _gain(ir, remove, u)
             cost[u] = delta if gain >= need else delta * need / max(gain, 1)
-        best = min(cost, key=cost.get)  # type: ignore[arg-type]
+        best = min(cost, key=cost.__getitem__)
         # units not measured this round keep their place after the measured ones
-        ranking = sorted(cost, key=cost.get) + [u for u in live if u not in cost]  # type: ignore[arg-type]
+        ranking = sorted(cost, key=cost.__getitem__) + [u for u in live if u not in cost]
         remove.append(best)
         runner.commit([best])
         last = (best, base, _removed_params(ir, remove), runner.block_forwards)
@@ -514,7 +530,9 @@ def _gain(ir: ModelIR, remove: list[str], unit: str) -> int:
     return _removed_params(ir, remove + [unit]) - _removed_params(ir, remove)
 
 
-def _as_losses(scores: Scores, runner, units, base: float) -> dict[str, float]:  # noqa: ANN001
+def _as_losses(
+    scores: Scores, runner: object, units: Mapping[str, Block | Sublayer], base: float
+) -> dict[str, float]:
     """Turn a trial metric's scores back into the loss after removing each unit."""
     if scores.metric == "sleb":
         return dict(scores.values)

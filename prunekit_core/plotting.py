@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_path
 from .metrics import Scores
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 REMOVED_COLOR = "#d62728"
 BLOCK_COLOR = "#7f7f7f"
@@ -25,7 +29,7 @@ def _index(block_id: str) -> int | str:
     return int(last) if last.isdigit() else block_id
 
 
-def _set_scale(ax, values: list[float]) -> None:  # noqa: ANN001 - matplotlib Axes
+def _set_scale(ax: Axes, values: list[float]) -> None:
     # block scores span orders of magnitude (the first block dwarfs the rest): a log axis keeps all visible
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")

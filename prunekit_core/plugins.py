@@ -181,7 +181,7 @@ class _Registry:
 
             return register
 
-        calls = [
+        calls: list[tuple[str, str, type, dict[str, Any]]] = [
             ("prunekit_register_adapters", "adapters", ArchitectureAdapter, self.adapters),
             ("prunekit_register_metrics", "metrics", ImportanceMetric, self.metrics),
             ("prunekit_register_quant_formats", "formats", QuantFormat, self.formats),

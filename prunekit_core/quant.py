@@ -18,10 +18,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .adapter import hf_model
 from .errors import PrunekitError
 
 __all__ = [
@@ -112,8 +114,8 @@ def _parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         "blocks": [],
         "other": [],
     }
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = hf_model(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = hf_model(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     special: dict[int, str] = {}
     if emb is not None:
         for p in emb.parameters():
@@ -173,7 +175,7 @@ class SizeReport:
     def part_bits_per_param(self, part: str) -> float:
         return self.bits[part] / max(self.params[part], 1)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(
             total_bits=self.total_bits,
@@ -197,7 +199,7 @@ def size_report(
         q = fmt is not None and _selected(scope, part)
         rep.params[part] = sum(p.numel() for _, p in tensors)
         rep.bits[part] = sum(
-            fmt.bits(tuple(p.shape)) if q and p.dim() == 2 else p.numel() * base_bits  # type: ignore[union-attr]
+            fmt.bits(tuple(p.shape)) if fmt is not None and q and p.dim() == 2 else p.numel() * base_bits
             for _, p in tensors
         )
         if q and tensors:

@@ -119,7 +119,14 @@ def heal_lora(
             p.requires_grad_(grads.get(n, True))
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    # peft annotates lora_alpha as int, but scales by lora_alpha / r and takes a float (prunekit's default is 2r)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # see the comment above
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+    )
     peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -196,7 +203,7 @@ def heal_lora(
     log.info("LoRA healing: %s", report)
     plan = getattr(merged, "_prunekit_plan", None)
     if plan is not None:  # a saved model says how it was made
-        merged._prunekit_plan = plan.model_copy(update={"recovery": report.as_dict()})  # type: ignore[attr-defined]
+        merged._prunekit_plan = plan.model_copy(update={"recovery": report.as_dict()})
     return merged, report
 
 

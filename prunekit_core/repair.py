@@ -16,7 +16,7 @@ forward stops as soon as the run's end is observed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import get_module
+from .adapter import get_module, module_attr
 from .errors import CalibrationError, PlanError
 from .ir import ModelIR, Sublayer
 from .scoring import BlockObserver, BlockView, _first_tensor
@@ -118,10 +118,10 @@ def lsq_repair(
 
     ``resolved`` are the removals (blocks count as all their sublayers). Call before the surgery.
     """
-    units = ir.units()
+    blocks = ir.block_map()
     removed: set[str] = set(resolved.sublayers)
     for bid in resolved.blocks:
-        removed |= {s.id for s in units[bid].sublayers}  # type: ignore[union-attr]
+        removed |= {s.id for s in blocks[bid].sublayers}
     steps: list[RepairStep] = []
     done: list[Sublayer] = []
     for writer, run, end_path in _runs(ir, removed):
@@ -129,7 +129,7 @@ def lsq_repair(
             log.info("no surviving projection before %s; left unrepaired", run[0].id)
             done.extend(run)
             continue
-        proj = get_module(model, writer.out_proj)  # type: ignore[arg-type]
+        proj = get_module(model, writer.out_proj or "")
         if not isinstance(proj, nn.Linear):
             raise PlanError(f"{writer.out_proj} is a {type(proj).__name__}; repair needs an nn.Linear")
         start_path = run[0].norm or run[0].module
@@ -194,7 +194,8 @@ def _accumulate(
 def _ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     reg = lam * G.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(G.shape[0], dtype=G.dtype)
-    return torch.linalg.solve(G + reg * eye, C).T  # [out, in]
+    solved: torch.Tensor = torch.linalg.solve(G + reg * eye, C)
+    return solved.T  # [out, in]
 
 
 def _solve(fit: _Normal, hold: _Normal) -> tuple[float, float, torch.Tensor]:
@@ -245,13 +246,16 @@ def block_repair_residuals(
                 f"tower {tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
                 "Use another metric (bi, angular)"
             )
-        writers: list[nn.Linear | None] = [None]
+        writers: list[nn.Module | None] = [None]
         for b in blocks[:-1]:
             w = next((s.out_proj for s in reversed(b.sublayers) if s.out_proj), None)
-            writers.append(get_module(model, w) if w else None)  # type: ignore[arg-type]
+            writers.append(get_module(model, w) if w else None)
         held_mask = torch.arange(windows.shape[0]) % 4 == 3
         acc = [
-            {part: _Normal.zeros(w.in_features, w.out_features) for part in ("fit", "hold")}
+            {
+                part: _Normal.zeros(module_attr(w, "in_features"), module_attr(w, "out_features"))
+                for part in ("fit", "hold")
+            }
             if w is not None
             else None
             for w in writers
@@ -261,13 +265,17 @@ def block_repair_residuals(
         cur: dict[int, torch.Tensor] = {}
         feats: dict[int, torch.Tensor] = {}
 
-        def on_point(i: int, cur: dict[int, torch.Tensor] = cur):  # noqa: ANN202
+        def on_point(
+            i: int, cur: dict[int, torch.Tensor] = cur
+        ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
             def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 cur[i] = _first_tensor(args, kwargs)
 
             return fn
 
-        def on_writer(i: int, feats: dict[int, torch.Tensor] = feats):  # noqa: ANN202
+        def on_writer(
+            i: int, feats: dict[int, torch.Tensor] = feats
+        ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 feats[i] = args[0]
 
@@ -308,17 +316,19 @@ def block_repair_residuals(
                         d = (x_out - x_in).reshape(-1, x_in.shape[-1])
                         dd_all[i] += (d * d).sum()
                         xx_all[i] += (x_out * x_out).sum()
-                        if acc[i] is not None:
-                            acc[i][part].add(feats[i], d)
+                        normals = acc[i]
+                        if normals is not None:
+                            normals[part].add(feats[i], d)
         finally:
             for h in handles:
                 h.remove()
         for i, b in enumerate(blocks):
             resid = dd_all[i]
-            if acc[i] is not None:
-                _, gain, dw = _solve(acc[i]["fit"], acc[i]["hold"])
+            normals = acc[i]
+            if normals is not None:
+                _, gain, dw = _solve(normals["fit"], normals["hold"])
                 if gain > 0:
-                    resid = (acc[i]["fit"] + acc[i]["hold"]).residual(dw)
+                    resid = (normals["fit"] + normals["hold"]).residual(dw)
             out[b.id] = float(resid / xx_all[i].clamp_min(1e-30))
     return out
 

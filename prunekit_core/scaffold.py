@@ -62,7 +62,7 @@ class Skeleton:
         }
 
 
-def tiny_config_kwargs(config_cls: type, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def tiny_config_kwargs(config_cls: type[Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """:data:`TINY` in ``config_cls``'s own argument names (``n_embd`` for GPT-2), plus ``overrides``."""
     params = inspect.signature(config_cls.__init__).parameters
     aliases = getattr(config_cls, "attribute_map", {}) or {}
@@ -111,7 +111,8 @@ def new_plugin(
     target = Path(out) if out is not None else Path(f"prunekit-{name.replace('_', '-')}")
     if target.exists() and any(target.iterdir()) and not force:
         raise ScaffoldError(f"{target} exists and is not empty; choose another --out or pass --force")
-    config_cls = model_cls.config_class
+    # any transformers class passes the check above; a model class names its config class
+    config_cls: type[Any] = model_cls.config_class  # type: ignore[attr-defined]  # see the line above
     kwargs = tiny_config_kwargs(config_cls, config)
     try:
         torch.manual_seed(0)

@@ -31,7 +31,7 @@ from .surgery import branches_masked
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from .metrics import ImportanceMetric
+    from .metrics import ChannelMetric, ImportanceMetric
 
 
 @dataclass
@@ -79,6 +79,11 @@ def _stream_points(tower: Tower) -> list[tuple[Sublayer | None, str]]:
     return pts
 
 
+def _remove_all(handles: Iterable[RemovableHandle]) -> None:
+    for h in handles:
+        h.remove()
+
+
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -91,7 +96,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
 def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Sum over tokens of cos(a, b) from the streams and their norms (as F.cosine_similarity, eps 1e-8),
     without recomputing norms: one dot product per token."""
-    dot = torch.linalg.vecdot(a[0], b[0])
+    dot: torch.Tensor = torch.linalg.vecdot(a[0], b[0])
     return (dot / (a[1] * b[1]).clamp_min(1e-8)).double().sum()
 
 
@@ -135,7 +140,7 @@ class _TowerRecorder:
         self.prev, self.block_in = self._saved[j]
         self.batch = j
 
-    def hook(self, p: int):  # noqa: ANN201 - a torch hook
+    def hook(self, p: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first_tensor(args, kwargs).float()
             lasts = self.lasts[self.batch]
@@ -288,7 +293,7 @@ class TrialRunner:
         inputs: list[torch.Tensor | None] = [None] * len(self.blocks)
         kwargs_of: list[dict[str, Any] | None] = [None] * len(self.blocks)
 
-        def make_hook(i: int):
+        def make_hook(i: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 inputs[i] = _first_tensor(args, kwargs)
                 self.block_forwards += 1
@@ -315,8 +320,9 @@ class TrialRunner:
                 h.remove()
         if any(x is None for x in inputs):
             raise CalibrationError("some blocks did not run during the trial capture pass")
-        self.inputs: list[torch.Tensor] = inputs  # type: ignore[assignment]
-        self.kwargs: list[dict[str, Any]] = kwargs_of  # type: ignore[assignment]
+        # every block ran (checked above): its hook filled both lists
+        self.inputs: list[torch.Tensor] = [x for x in inputs if x is not None]
+        self.kwargs: list[dict[str, Any]] = [k for k in kwargs_of if k is not None]
         labels = self.windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
         # the capture pass ran the whole model: its stream end gives the base loss, no second pass
@@ -327,11 +333,12 @@ class TrialRunner:
         args = kw.pop("__args__")
         self.block_forwards += 1
         out = self.blocks[i](x, *args, **kw)
-        return out[0] if isinstance(out, tuple) else out
+        y: torch.Tensor = out[0] if isinstance(out, tuple) else out
+        return y
 
     def _subs(self, ids: Iterable[str]) -> list[Sublayer]:
-        units = self.ir.units()
-        return [units[i] for i in ids]  # type: ignore[misc]
+        subs = self.ir.sublayer_map()
+        return [subs[i] for i in ids]
 
     @torch.inference_mode()
     def _run_from(self, start: int, skipped: set[str], masked: set[str]) -> float:
@@ -372,7 +379,7 @@ class TrialRunner:
         blocks, subs = self._split(units)
         known = self.ir.units()
 
-        def bypass(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        def bypass(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             x = args[0] if args else kwargs["hidden_states"]
             return (x, *out[1:]) if isinstance(out, tuple) else x
 
@@ -470,8 +477,8 @@ class NaiveTrialRunner:
         self.loss_stride = max(1, loss_stride)
         labels = windows[:, 1:]
         self.labels = labels[:, :: self.loss_stride] if self.loss_stride > 1 else labels
-        self.norm = get_module(model, self.tower.final_norm)  # type: ignore[arg-type]
-        self.head = get_module(model, self.tower.head)  # type: ignore[arg-type]
+        self.norm = get_module(model, self.tower.final_norm or "")
+        self.head = get_module(model, self.tower.head or "")
         self.trials = 0
         self.block_forwards = 0
         self.skipped: set[str] = set()
@@ -482,7 +489,7 @@ class NaiveTrialRunner:
     @torch.inference_mode()
     def _evaluate(self, skipped: set[str], masked: set[str]) -> float:
         """Loss of the full model with blocks ``skipped`` (bypassed) and branches ``masked``."""
-        units = self.ir.units()
+        subs = self.ir.sublayer_map()
         ids = {b.id: i for i, b in enumerate(self.tower.blocks)}
         blocks = [get_module(self.model, b.module) for b in self.tower.blocks]
         out: list[torch.Tensor] = []
@@ -506,7 +513,7 @@ class NaiveTrialRunner:
         for u in skipped:
             blocks[ids[u]].forward = bypass
         try:
-            with branches_masked(self.model, [units[u] for u in masked]):  # type: ignore[misc]
+            with branches_masked(self.model, [subs[u] for u in masked]):
                 self.model(input_ids=self.windows, use_cache=False, **self.extra)
         except _StopForward:
             pass
@@ -581,7 +588,7 @@ class ScoringContext:
         blocks' weights stay on disk, and only a streaming pass sees them, one block at a time."""
         return getattr(self.model, TRIALS_ATTR, None) is not None
 
-    def trials(self) -> TrialRunner:
+    def trials(self) -> TrialRunner | NaiveTrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
         :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
         factory = getattr(self.model, TRIALS_ATTR, None)
@@ -589,7 +596,7 @@ class ScoringContext:
             self._trials = factory(self)
         if self._trials is None:
             cls = NaiveTrialRunner if self.naive_trials else TrialRunner
-            self._trials = cls(  # type: ignore[assignment]
+            self._trials = cls(
                 self.model,
                 self.adapter,
                 self.calibration.windows[: self.trial_windows],
@@ -636,7 +643,8 @@ class ScoringContext:
                 f"metric {metric.name!r} reads weights or per-block statistics, which a streaming pass computes "
                 f"while each block is loaded: pass it to stream_calibrate(..., metrics=[{metric.name!r}])"
             )
-        return metric.score_groups(self)
+        scores: dict[str, torch.Tensor] = metric.score_groups(self)
+        return scores
 
     def width_stats(self) -> Any:
         """Input statistics of every channel-group member (one pass over the calibration windows)."""
@@ -737,11 +745,11 @@ class BlockScorer(BlockObserver):
     the block runs, then each metric scores the block's families on a context over the block's IR.
     Collectors are shared by key between metrics, as in an in-memory :class:`ScoringContext`."""
 
-    def __init__(self, metrics: Sequence[ImportanceMetric]) -> None:
+    def __init__(self, metrics: Sequence[ChannelMetric]) -> None:
         self.metrics = list(metrics)
         self.collectors: dict[str, Collector] = {}
         for m in self.metrics:
-            self.collectors.update(m.collectors())  # type: ignore[attr-defined]
+            self.collectors.update(m.collectors())
         self.scores: dict[str, dict[str, torch.Tensor]] = {m.name: {} for m in self.metrics}
 
     def _context(
@@ -753,7 +761,7 @@ class BlockScorer(BlockObserver):
 
     def _score(self, ctx: ScoringContext) -> None:
         for m in self.metrics:
-            self.scores[m.name].update(m.score_groups(ctx))  # type: ignore[attr-defined]
+            self.scores[m.name].update(m.score_groups(ctx))
 
     @contextmanager
     def observe(self, view: BlockView) -> Iterator[None]:
@@ -762,7 +770,7 @@ class BlockScorer(BlockObserver):
             for key, collector in self.collectors.items():
                 stats, handles = collector(view.model, view.ir, view.windows)
                 ctx._cache[key] = stats
-                stack.callback(lambda hs=handles: [h.remove() for h in hs])
+                stack.callback(_remove_all, handles)
             yield
         self._score(ctx)
 

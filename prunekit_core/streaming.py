@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, get_module, hf_model
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ChannelMetric, ImportanceMetric, Scores
@@ -168,7 +168,7 @@ class StreamingModel:
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         meta = self.model.state_dict()
-        prefix = self.model.base_model_prefix
+        prefix = hf_model(self.model).base_model_prefix
         for key in self.files:
             target, _ = rename_source_key(key, renamings, converters, prefix, meta)
             if target not in meta and key in meta:
@@ -198,7 +198,9 @@ class StreamingModel:
             hf_logging.disable_progress_bar()
             try:
                 info, _ = convert_and_load_state_dict_in_model(
-                    self.model, sd, LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype)
+                    hf_model(self.model),
+                    sd,
+                    LoadStateDictConfig(weight_mapping=self._mapping, dtype=self.dtype),
                 )
             finally:
                 if bar:
@@ -226,7 +228,7 @@ class StreamingModel:
         if getattr(self.model.config, "tie_word_embeddings", False) or any(
             getattr(c, "tie_word_embeddings", False) for c in _sub_configs(self.model.config)
         ):
-            self.model.tie_weights()
+            hf_model(self.model).tie_weights()
         outside = [
             n for n, p in self.model.named_parameters() if not n.startswith(tuple(prefixes)) and p.is_meta
         ]
@@ -367,7 +369,8 @@ def _wrap(template: Any, x: torch.Tensor) -> Any:
 
 
 def _stream_of(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+    stream: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    return stream
 
 
 @contextlib.contextmanager
@@ -403,7 +406,7 @@ def _probing(sm: StreamingModel, *, stop: bool) -> Iterator[None]:
             paths = [b.module for b in tower.blocks]
             blocks = [get_module(sm.model, p) for p in paths]
 
-            def make(i: int, name: str = tower.name, path: str = paths[0]):  # noqa: ANN202
+            def make(i: int, name: str = tower.name, path: str = paths[0]) -> Callable[..., Any]:
                 def forward(*args: Any, **kwargs: Any) -> Any:
                     if name not in sm._templates:
                         raise CalibrationError(
@@ -480,7 +483,9 @@ class _TowerStreams:
                 tower = next(t for t in self.order if t.name == name)
                 blocks = [get_module(self.sm.model, b.module) for b in tower.blocks]
 
-                def make(i: int, outs: list[list[torch.Tensor]] = outs, name: str = name):  # noqa: ANN202
+                def make(
+                    i: int, outs: list[list[torch.Tensor]] = outs, name: str = name
+                ) -> Callable[..., Any]:
                     def forward(*args: Any, **kwargs: Any) -> Any:
                         x, out = _first_tensor(args, kwargs), outs[i][current[0]]
                         if x.shape != out.shape:
@@ -503,7 +508,7 @@ class _TowerStreams:
         calls: list[list[Any]] = [[] for _ in blocks]
         inputs: list[torch.Tensor] = []
 
-        def make(i: int):  # noqa: ANN202
+        def make(i: int) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 x = _first_tensor(args, kwargs)
                 kw = dict(kwargs)
@@ -725,7 +730,7 @@ class StreamingTrialRunner:
         self.passes = 0
         self.skipped: set[str] = set()  # committed block removals
         self.masked: set[str] = set()  # committed sublayer removals
-        self._units = sm.ir.units()
+        self._units = sm.ir.sublayer_map()
         self._block_ids = {b.id for b in self.tower.blocks}
         self._losses: dict[str, float] = {}  # trial losses on top of the committed removals
         self._current: float | None = None
@@ -769,9 +774,9 @@ class StreamingTrialRunner:
 
         args, kw = self._calls[i]
         self.block_forwards += 1
-        with branches_masked(self.sm.model, [self._units[s] for s in masks]):  # type: ignore[misc]
+        with branches_masked(self.sm.model, [self._units[s] for s in masks]):
             out = block(x, *args, **kw)
-        return out[0] if isinstance(out, tuple) else out
+        return _stream_of(out)
 
     @torch.inference_mode()
     def _pass(self, units: list[str]) -> dict[str, float]:

@@ -156,9 +156,9 @@ def apply_removals(
 ) -> dict[str, list[int]]:
     """Remove branches and blocks in place; returns the kept block indices per tower."""
     adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
-    units = ir.units()
+    subs = ir.sublayer_map()
     for sid in sorted(resolved.sublayers):
-        remove_branch(model, units[sid])  # type: ignore[arg-type]
+        remove_branch(model, subs[sid])
     kept: dict[str, list[int]] = {}
     for tower in ir.towers:
         keep = [b.index for b in tower.blocks if b.id not in resolved.blocks]
@@ -217,7 +217,8 @@ def apply_plan(
         if plan.repair == "lsq":
             from .width_scoring import refit_narrowed
 
-            refit_narrowed(model, ir, cuts, repair_windows)  # type: ignore[arg-type]
+            assert repair_windows is not None  # checked above
+            refit_narrowed(model, ir, cuts, repair_windows)
         uniform = apply_width(model, adapter, ir, cuts, skip=whole)
         plan = plan.model_copy(update={"width_uniform": uniform})
     if plan.remove or not cuts:
@@ -225,9 +226,11 @@ def apply_plan(
         if plan.repair == "lsq":
             from .repair import lsq_repair
 
-            lsq_repair(model, ir_now, resolved, repair_windows)  # type: ignore[arg-type]
+            assert repair_windows is not None  # checked above
+            lsq_repair(model, ir_now, resolved, repair_windows)
         apply_removals(model, adapter, ir_now, resolved)
-    model._prunekit_plan = plan  # type: ignore[attr-defined]  # save_pruned records it
+    # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
+    model._prunekit_plan = plan  # type: ignore[assignment]  # a plain attribute, see the line above
     return model
 
 

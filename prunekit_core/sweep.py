@@ -403,7 +403,7 @@ def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
                 ratio=cell.ratio,
                 metric=spec.metric,
                 planner=spec.planner,
-                granularity=spec.granularity,  # type: ignore[arg-type]
+                granularity=spec.granularity,  # type: ignore[arg-type]  # a config's str: plan_pruning checks it and names the choices
                 repair=spec.repair,
             )
         plan = st["plans"][pk]
@@ -459,12 +459,14 @@ def _init_worker(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def _serial(config_data: dict, cells: list[Cell], **_: Any) -> Iterator[dict[str, Any]]:
+def _serial(config_data: dict[str, Any], cells: list[Cell], **_: Any) -> Iterator[dict[str, Any]]:
     for cell in cells:
         yield run_cell(config_data, cell)
 
 
-def _local(config_data: dict, cells: list[Cell], *, workers: int | None = None, **_: Any) -> Iterator[dict]:
+def _local(
+    config_data: dict[str, Any], cells: list[Cell], *, workers: int | None = None, **_: Any
+) -> Iterator[dict[str, Any]]:
     import multiprocessing as mp
 
     cores = os.cpu_count() or 1
@@ -496,13 +498,13 @@ def _local(config_data: dict, cells: list[Cell], *, workers: int | None = None, 
 
 
 def _ray(
-    config_data: dict,
+    config_data: dict[str, Any],
     cells: list[Cell],
     *,
     workers: int | None = None,
     ray_address: str | None = None,
     **_: Any,
-) -> Iterator[dict]:
+) -> Iterator[dict[str, Any]]:
     try:
         import ray
     except ImportError:

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,14 @@ import pytest
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import (
+    ArchitectureAdapter,
+    from_pretrained_with_info,
+    get_module,
+    hf_config,
+    iter_modules,
+    module_attr,
+)
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
@@ -145,7 +152,7 @@ def check_needs(check: str) -> frozenset[str]:
     return _CHECK_NEEDS.get(check, frozenset())
 
 
-def _not_declared(check: str, missing: list[str]):  # noqa: ANN202
+def _not_declared(check: str, missing: list[str]) -> Callable[..., None]:
     def undeclared(self: AdapterConformance, *args: Any, **kwargs: Any) -> None:
         raise AssertionError(
             f"{type(self).__name__} does not declare {' and '.join(map(repr, missing))} in capabilities, "
@@ -154,7 +161,7 @@ def _not_declared(check: str, missing: list[str]):  # noqa: ANN202
 
     undeclared.__name__ = check
     undeclared.__test__ = False  # type: ignore[attr-defined]  # pytest must not collect it
-    undeclared._prunekit_undeclared = True  # type: ignore[attr-defined]
+    undeclared._prunekit_undeclared = True  # type: ignore[attr-defined]  # a marker attribute on a function object
     return undeclared
 
 
@@ -322,7 +329,7 @@ class AdapterConformance:
         """``type(model).from_pretrained(out)`` of a checkpoint whose config claims to describe it; a
         refusal (a config field the surgery left stale) fails the check."""
         try:
-            plain, info = type(model).from_pretrained(out, output_loading_info=True)
+            plain, info = from_pretrained_with_info(type(model), out)
         except (RuntimeError, ValueError) as exc:
             raise AssertionError(
                 f"plain from_pretrained cannot load {out.name}, whose config claims to describe the pruned "
@@ -358,11 +365,14 @@ class AdapterConformance:
         """
         own = getattr(self.adapter, "tower_configs", None)
         if callable(own):
-            return own(model)
+            configs: dict[str, Any] = own(model)
+            return configs
         ir = self.adapter.build_ir(model)
         return {getattr(self.adapter, "text_tower", ir.towers[0].name): _text_config(model)}
 
-    def input_ids(self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0):
+    def input_ids(
+        self, model: nn.Module, *, batch: int = 2, length: int | None = None, seed: int = 0
+    ) -> torch.Tensor:
         """Deterministic random token ids, ``[batch, length]``."""
         vocab = self.vocab_size or _text_config(model).vocab_size
         gen = torch.Generator().manual_seed(seed)
@@ -383,9 +393,11 @@ class AdapterConformance:
         if "depth" not in self.capabilities:
             subs = [s for s in ir.sublayers() if s.removable]
             assert len(subs) >= 2, "the conformance model needs at least 2 removable sublayers"
-            first = next((s for s in subs if s.uses_cache), subs[0])
-            last = next((s for s in reversed(subs) if not s.uses_cache and s is not first), subs[-1])
-            return [first.id, last.id]
+            first_branch = next((s for s in subs if s.uses_cache), subs[0])
+            last_branch = next(
+                (s for s in reversed(subs) if not s.uses_cache and s is not first_branch), subs[-1]
+            )
+            return [first_branch.id, last_branch.id]
         blocks = [b for b in ir.blocks() if b.removable and len(b.sublayers) >= 2]
         assert len(blocks) >= 3, "the conformance model needs at least 3 blocks with 2+ sublayers each"
         first, second, last = blocks[0], blocks[1], blocks[-1]
@@ -520,7 +532,10 @@ class AdapterConformance:
             for b in tower.blocks:
                 own = _numel(params, _params_under(params, b.module))
                 assert b.params == own, f"block {b.id} declares {b.params} params, its module has {own}"
-                assert get_module(model, b.module) is get_module(model, tower.blocks_path)[b.index]
+                assert (
+                    get_module(model, b.module)
+                    is list(iter_modules(get_module(model, tower.blocks_path)))[b.index]
+                )
                 sub_total = 0
                 for s in b.sublayers:
                     assert s.module.startswith(b.module + "."), f"{s.id} lives outside its block"
@@ -638,7 +653,7 @@ class AdapterConformance:
         for remove, uniform in plans:
             model = self.make_model()
             configs = self.tower_configs(model)
-            lists_before: dict[str, dict[str, list]] = {}
+            lists_before: dict[str, dict[str, list[Any]]] = {}
             for name, config in configs.items():
                 n_before = config.num_hidden_layers
                 lists_before[name] = {
@@ -654,7 +669,7 @@ class AdapterConformance:
                     continue
                 kept = [b.index for b in tower.blocks if b.id not in removed]
                 config = configs[tower.name]
-                stack = get_module(model, tower.blocks_path)
+                stack = list(iter_modules(get_module(model, tower.blocks_path)))
                 assert len(stack) == len(kept), (
                     f"{tower.name}: {len(stack)} blocks left, expected {len(kept)}"
                 )
@@ -729,7 +744,7 @@ class AdapterConformance:
         for a, b in zip(self._cached_logits(loaded, ids, 4), self._cached_logits(model, ids, 4), strict=True):
             assert_identical(a, b)
         plan = getattr(loaded, "_prunekit_plan", None)
-        assert plan is not None and plan.remove == model._prunekit_plan.remove
+        assert plan is not None and plan.remove == module_attr(model, "_prunekit_plan").remove
         if "depth" not in self.capabilities:
             return  # a uniform plan needs whole blocks: branch removals reload through load_pruned only
 
@@ -867,7 +882,10 @@ class AdapterConformance:
         from .checkpoint import load_pruned, save_pruned
 
         ids = self.input_ids(uniform)
-        assert uniform._prunekit_plan.is_uniform and uniform._prunekit_width["uniform"]
+        assert (
+            module_attr(uniform, "_prunekit_plan").is_uniform
+            and module_attr(uniform, "_prunekit_width")["uniform"]
+        )
         out = save_pruned(uniform, tmp_path / "uniform")
         plain, info = self._plain_reload(uniform, out)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -878,7 +896,7 @@ class AdapterConformance:
             "a model built from the pruned config has a different parameter count"
         )
 
-        assert not per_layer._prunekit_width["uniform"]
+        assert not module_attr(per_layer, "_prunekit_width")["uniform"]
         out = save_pruned(per_layer, tmp_path / "per_layer")
         loaded = self.configure_loaded(load_pruned(out))
         assert_identical(self._logits(loaded, ids), self._logits(per_layer, ids))
@@ -886,7 +904,10 @@ class AdapterConformance:
             self._cached_logits(loaded, ids, 4), self._cached_logits(per_layer, ids, 4), strict=True
         ):
             assert_identical(a, b)
-        assert loaded._prunekit_plan.remove_groups == per_layer._prunekit_plan.remove_groups
+        assert (
+            module_attr(loaded, "_prunekit_plan").remove_groups
+            == module_attr(per_layer, "_prunekit_plan").remove_groups
+        )
 
     def test_width_remove_every_group_rejected(self) -> None:
         model, ir = self._width_model()
@@ -984,7 +1005,7 @@ class AdapterConformance:
             out = save_pruned(model, tmp_path / f"stages{i}")
             loaded = self.configure_loaded(load_pruned(out))
             assert_identical(self._logits(loaded, ids), self._logits(model, ids))
-            if not model._prunekit_width["uniform"]:
+            if not module_attr(model, "_prunekit_width")["uniform"]:
                 continue
             plain, info = self._plain_reload(model, out)
             assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
@@ -1003,7 +1024,7 @@ class AdapterConformance:
 
         model = self.make_model()
         routed = _routed(self.adapter.build_ir(model))
-        with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):  # type: ignore[misc]
+        with router_rows_masked(model, {routed[f].router: g for f, g in groups.items()}):
             want = self._logits(model, ids)
         assert not torch.equal(want, self._logits(model, ids)), "masking the experts changed nothing"
         return want
@@ -1034,7 +1055,7 @@ class AdapterConformance:
             assert left == total - gone, (
                 f"removing experts {groups} left {left} params, expected {total - gone}"
             )
-            assert pruned._prunekit_width["uniform"] == uniform
+            assert module_attr(pruned, "_prunekit_width")["uniform"] == uniform
 
     def test_expert_cached_generation_matches_full_forward(self) -> None:
         model, ir = self._expert_model()
@@ -1212,7 +1233,7 @@ def _zeroed(model: nn.Module, paths: list[str]) -> Iterator[None]:
 def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
     """Make each block at ``paths`` return its input hidden states unchanged."""
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         return (x, *output[1:]) if isinstance(output, tuple) else x
 
@@ -1224,8 +1245,13 @@ def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
             h.remove()
 
 
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """An ``assert_close`` message: ``prefix`` before torch's own."""
+    return lambda m: prefix + m
+
+
 def _text_config(model: nn.Module) -> Any:
-    return model.config.get_text_config(decoder=True)
+    return hf_config(model).get_text_config(decoder=True)
 
 
 def _params_under(params: dict[str, nn.Parameter], path: str) -> list[str]:
@@ -1239,7 +1265,8 @@ def _numel(params: dict[str, nn.Parameter], names: Any = None) -> int:
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor, extra: dict[str, Any] | None = None) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False, **(extra or {})).logits
+    logits: torch.Tensor = model(input_ids=ids, use_cache=False, **(extra or {})).logits
+    return logits
 
 
 @torch.no_grad()
@@ -1268,7 +1295,7 @@ def _greedy(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int, extra: dict[str, Any] | None = None
 ) -> Any:
     try:
-        return model.generate(
+        return module_attr(model, "generate")(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=5,
@@ -1283,7 +1310,7 @@ def _greedy(
         raise AssertionError(f"generate() failed after surgery: {type(exc).__name__}: {exc}") from exc
 
 
-def _snapshot(model: nn.Module) -> tuple:
+def _snapshot(model: nn.Module) -> tuple[Any, ...]:
     """Everything a plan could change: module tree, config, weights (by value)."""
     state = tuple((k, tuple(v.shape), v.double().sum().item()) for k, v in model.state_dict().items())
-    return (repr(model), model.config.to_json_string(), state)
+    return (repr(model), hf_config(model).to_json_string(), state)

@@ -11,10 +11,12 @@ shifts that index; :func:`remap_hidden_state_index` keeps it on the same point o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from .adapter import count_params
+from .adapter import count_params, module_attr
 from .errors import PlanError
 from .ir import Block, ResidualEdge, Sublayer
 from .surgery import RemovedBranch
@@ -23,7 +25,7 @@ __all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index", "vi
 
 
 def vit_blocks(
-    layers: nn.ModuleList,
+    layers: Iterable[nn.Module],
     layers_path: str,
     tower: str,
     *,
@@ -55,10 +57,10 @@ def vit_blocks(
             subs.append(
                 Sublayer(
                     id=f"{bid}.{'attn' if kind == 'attention' else 'mlp'}",
-                    kind=kind,  # type: ignore[arg-type]
+                    kind=kind,
                     module=f"{path}.{name}",
                     norm=f"{path}.{norm}",
-                    output=output,  # type: ignore[arg-type]
+                    output=output,
                     residual=ResidualEdge(stream=tower, source=point, target=point + 1),
                     params=count_params([branch, getattr(layer, norm)]),
                     out_proj=f"{path}.{name}.{out}",
@@ -91,8 +93,8 @@ def remap_hidden_state_index(index: int, n_blocks: int, kept: list[int]) -> int:
 def image_features(model: nn.Module, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """What the language model receives for ``pixel_values``: the projector's outputs, ``[tokens, dim]``
     over all images (``model.get_image_features``, which vision-language models in transformers share)."""
-    out = model.get_image_features(pixel_values=pixel_values, **kwargs)
-    feats = getattr(out, "pooler_output", out)
+    out = module_attr(model, "get_image_features")(pixel_values=pixel_values, **kwargs)
+    feats: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] = getattr(out, "pooler_output", out)
     if isinstance(feats, (list, tuple)):
         feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
     return feats.reshape(-1, feats.shape[-1])

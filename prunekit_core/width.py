@@ -322,12 +322,12 @@ def apply_width(
         for member, tensor in group_slices(model, fam):
             positions = removed_positions(member, fam.count, kept, tensor.shape[member.axis])
             gone.setdefault((member.param, member.axis), set()).update(positions)
-        for (param, axis), positions in gone.items():
+        for (param, axis), cut_positions in gone.items():
             module_path, leaf = _split(param)
             module = get_module(model, module_path)
             tensor = getattr(module, leaf)
             index = torch.tensor(
-                [i for i in range(tensor.shape[axis]) if i not in positions], dtype=torch.long
+                [i for i in range(tensor.shape[axis]) if i not in cut_positions], dtype=torch.long
             )
             new = tensor.detach().index_select(axis, index.to(tensor.device)).clone()
             set_tensor(module, leaf, new)
@@ -336,8 +336,8 @@ def apply_width(
             setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
         if fam.top_k is not None:
             for path in fam.top_k.counters:
-                module, attr = _split(path)
-                setattr(get_module(model, module), attr, min(fam.top_k.value, len(kept)))
+                counter_module, attr = _split(path)
+                setattr(get_module(model, counter_module), attr, min(fam.top_k.value, len(kept)))
     for module in touched.values():
         sync_module_shape(module)
     uniform = True
@@ -361,5 +361,6 @@ def apply_width(
             setattr(configs[name], field, value)
         uniform = False
     uniform = uniform and record["uniform"]
-    model._prunekit_width = {"uniform": uniform}  # type: ignore[attr-defined]
+    # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
+    model._prunekit_width = {"uniform": uniform}  # type: ignore[assignment]  # a plain attribute, see above
     return uniform

@@ -32,16 +32,19 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from .adapter import get_module
+from .adapter import get_module, module_tensor
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .scoring import BlockScorer
 from .width import WidthCut, _split, group_slices, member_index, width_families
+
+if TYPE_CHECKING:
+    from .metrics import ImportanceMetric
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def _width_hooks(
     fams = ir.channel_groups()
     chosen = list(fams) if families is None else families
     modules = _member_modules([fams[f][1] for f in chosen])
-    outs = {fams[f][0].out_proj for f in chosen if fams[f][0].out_proj} if grams else set()
+    outs: set[str] = {p for f in chosen if (p := fams[f][0].out_proj)} if grams else set()
     stats = WidthStats()
 
     def make_hook(path: str) -> Callable[..., None]:
@@ -187,28 +190,28 @@ def taylor_grads(
     model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 4
 ) -> dict[str, torch.Tensor]:
     """Gradient of the mean calibration loss w.r.t. every channel-group member parameter."""
-    params: dict[str, nn.Parameter] = {}
+    params: dict[str, torch.Tensor] = {}
     for _, fam in ir.channel_groups().values():
         for member, t in group_slices(model, fam):
-            params[member.param] = t  # type: ignore[assignment]
+            params[member.param] = t
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-            p.grad = None
+        for t in params.values():
+            t.requires_grad_(True)
+            t.grad = None
         n = windows.shape[0]
         with torch.enable_grad():
             for start in range(0, n, batch_size):
                 batch = windows[start : start + batch_size]
                 out = model(input_ids=batch, labels=batch, use_cache=False)
                 (out.loss * batch.shape[0] / n).backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                grads[name] += p.grad.double()
-                p.grad = None
+        for name, t in params.items():
+            if t.grad is not None:
+                grads[name] += t.grad.double()
+                t.grad = None
     finally:
         for n_, p in model.named_parameters():
             p.requires_grad_(saved[n_])
@@ -232,8 +235,9 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
     member = _out_member(sub, fam)
     if member is None or sub.out_proj not in stats.gram:
         raise PlanError(f"{fam.id}: the obs metric needs the sublayer's out_proj among the family's members")
-    W = get_module(model, sub.out_proj).weight.detach().double()
-    G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+    out_proj = _out_proj_path(sub)
+    W = module_tensor(get_module(model, out_proj), "weight").detach().double()
+    G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
     G = G + 1e-6 * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype)
     Ginv = torch.linalg.inv(G)
     w, off = member.width, member.offset
@@ -259,11 +263,25 @@ def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
     return None
 
 
+def _out_proj_path(sub: Sublayer | Stage) -> str:
+    """The output projection of a unit whose family has an out-projection member (:func:`_out_member`)."""
+    path: str | None = getattr(sub, "out_proj", None)
+    if not path:
+        raise PlanError(f"{sub.id} has no output projection")
+    return path
+
+
+def _nearest(ks: list[int], target: float) -> int:
+    """The first of ``ks`` closest to ``target``."""
+    return min(ks, key=lambda k: abs(k - target))
+
+
 def _refit(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
     Gk = G[keep][:, keep]
     reg = lam * Gk.diagonal().mean().clamp_min(1e-12)
     rhs = G[keep] @ W.T  # [k, out]
-    return torch.linalg.solve(Gk + reg * torch.eye(len(keep), dtype=G.dtype), rhs).T  # [out, k]
+    solved: torch.Tensor = torch.linalg.solve(Gk + reg * torch.eye(len(keep), dtype=G.dtype), rhs)
+    return solved.T  # [out, k]
 
 
 def _output_error(W: torch.Tensor, Wk: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
@@ -292,10 +310,11 @@ def refit_narrowed(
         cut = cuts[fid]
         member = _out_member(cut.sublayer, cut.family)
         assert member is not None
-        proj = get_module(model, cut.sublayer.out_proj)  # type: ignore[arg-type]
-        W = proj.weight.detach().double()
+        out_proj = _out_proj_path(cut.sublayer)
+        proj = get_module(model, out_proj)
+        W = module_tensor(proj, "weight").detach().double()
         keep = member_index(member, cut.family.count, cut.kept, W.shape[1])
-        G, H = stats.gram[cut.sublayer.out_proj], stats.gram_hold.get(cut.sublayer.out_proj)  # type: ignore[index]
+        G, H = stats.gram[out_proj], stats.gram_hold.get(out_proj)
         plain = W[:, keep]
         if H is not None:
             base = _output_error(W, plain, H, keep)
@@ -308,7 +327,8 @@ def refit_narrowed(
         else:
             new = _refit(W, G, keep, RIDGE_GRID[1])
             gains[fid] = float("nan")
-        proj.weight[:, keep] = new.to(proj.weight.dtype)
+        weight = module_tensor(proj, "weight")
+        weight[:, keep] = new.to(weight.dtype)
     return gains
 
 
@@ -385,7 +405,13 @@ class WidthCurveObserver(BlockScorer):
     and input Gram). What the planner keeps of a block is ``count + 1`` numbers per family, not its Grams
     or weights; :func:`plan_width` reads them instead of computing them from the model."""
 
-    def __init__(self, metric: Any, *, repair: bool) -> None:
+    def __init__(self, metric: ImportanceMetric, *, repair: bool) -> None:
+        from .metrics import ChannelMetric
+
+        if not isinstance(metric, ChannelMetric):
+            raise PlanError(
+                f"metric {metric.name!r} does not score channel groups; the width curves need one"
+            )
         super().__init__([metric])
         self.collectors = {**self.collectors, WIDTH_STATS: width_collector}
         self.key = curve_key(metric.name, repair)
@@ -402,9 +428,10 @@ class WidthCurveObserver(BlockScorer):
                 continue
             sub, fam = fams[fid]
             order = [int(i) for i in torch.argsort(scores[fid], stable=True)]
-            W = get_module(ctx.model, sub.out_proj).weight.detach().double()  # type: ignore[arg-type]
+            out_proj = _out_proj_path(sub)
+            W = module_tensor(get_module(ctx.model, out_proj), "weight").detach().double()
             stats = ctx.width_stats()
-            G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+            G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
             self.curves[fid] = _output_energy_curve(W, G, member, fam.count, order, self.repair)
 
     def results(self) -> dict[str, Any]:
@@ -438,13 +465,12 @@ def _probe(
         if member is None or not sub.removable:
             continue
         ks = [k for k in allowed_cuts(fam, round_to, allow_all=False) if k > 0]
-        picks = sorted(
-            {min(ks, key=lambda k, f=f: abs(k - f * fam.count)) for f in fractions} if ks else set()
-        )
-        proj = get_module(ctx.model, sub.out_proj)  # type: ignore[arg-type]
-        saved = proj.weight.detach().clone()
+        picks = sorted({_nearest(ks, f * fam.count) for f in fractions} if ks else set())
+        out_proj = _out_proj_path(sub)
+        weight = module_tensor(get_module(ctx.model, out_proj), "weight")
+        saved = weight.detach().clone()
         W = saved.double()
-        G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)  # type: ignore[index]
+        G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
         out[fid] = {}
         for k in picks:
             kept = sorted(order[k:])
@@ -452,10 +478,10 @@ def _probe(
             new = torch.zeros_like(W)
             new[:, keep] = _refit(W, G, keep, RIDGE_GRID[1]) if repair else W[:, keep]
             try:
-                proj.weight.copy_(new.to(saved.dtype))
+                weight.copy_(new.to(saved.dtype))
                 out[fid][k] = runner.replay(sub.id) - base
             finally:
-                proj.weight.copy_(saved)
+                weight.copy_(saved)
     return out
 
 
@@ -506,7 +532,7 @@ def trial_costs(
     the family (loss increase measured, interpolated in between, extended by the last slope)."""
     ks = allowed_cuts(fam, round_to, allow_all=False)
     live = [k for k in ks if k > 0]
-    picks = sorted({min(live, key=lambda k, f=f: abs(k - f * fam.count)) for f in fractions}) if live else []
+    picks = sorted({_nearest(live, f * fam.count) for f in fractions}) if live else []
     base = runner.current_loss
     anchors = [(0, 0.0)]
     for k in picks:
@@ -548,8 +574,9 @@ def family_costs(
                 raise PlanError(
                     f"{fid}: the cost model needs the sublayer's out_proj among the family's members (axis 1)"
                 )
-            W = get_module(model, sub.out_proj).weight.detach().double()
-            G = stats.gram[sub.out_proj] + stats.gram_hold.get(sub.out_proj, 0)
+            out_proj = _out_proj_path(sub)
+            W = module_tensor(get_module(model, out_proj), "weight").detach().double()
+            G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
             curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
         measured = max(sublayer_loss.get(sub.id, 0.0), 0.0)  # removal that helps is free
         anchors = {0: 0.0, **(probes or {}).get(fid, {}), fam.count: measured}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up the environment, lint, check formatting, then run the tests (further arguments go to pytest).
+# Set up the environment, lint, check formatting, type-check, then run the tests (further arguments go to
+# pytest).
 #   scripts/test.sh [PYTEST ARGS]            in .venv, pinned to constraints.txt (what CI runs)
 #   scripts/test.sh --latest [PYTEST ARGS]   in .venv-latest, the newest releases pyproject.toml admits
 set -euo pipefail
@@ -14,4 +15,5 @@ else
 fi
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
+"$venv/bin/mypy"
 exec "$venv/bin/python" -m pytest -q "$@"

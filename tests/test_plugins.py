@@ -240,7 +240,7 @@ def test_duplicate_within_one_plugin_is_rejected() -> None:
 
 def test_registering_a_non_adapter_is_rejected() -> None:
     with pytest.raises(PluginError, match="must be a ArchitectureAdapter"):
-        register_module(plugin_module("wrong", object()), name="wrong")  # type: ignore[arg-type]
+        register_module(plugin_module("wrong", object()), name="wrong")  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_failed_strict_registration_unregisters_the_hooks() -> None:

@@ -214,7 +214,7 @@ def test_streaming_greedy_plan_equals_in_memory(
         if entry[0] == "commit":
             rounds.append(set())
         elif entry[1]:
-            rounds[-1].add(entry[1])  # type: ignore[arg-type]
+            rounds[-1].add(entry[1])  # type: ignore[arg-type]  # a trial's entry: its units as a tuple
     assert not rounds[-1] and len(rounds) == len(plan.remove) + 1
     assert runner.passes == sum(-(-len(r) // 8) for r in rounds[:-1]) + 1
     assert runner.current_loss == memory_runners[0].current_loss  # the pruned model's loss, bitwise

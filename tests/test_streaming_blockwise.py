@@ -52,7 +52,7 @@ def _folders(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
 
 
 def _meta_blocks(sm: object) -> bool:
-    return all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())  # type: ignore[attr-defined]
+    return all(p.is_meta for b in sm.ir.blocks() for p in sm.model.get_submodule(b.module).parameters())  # type: ignore[attr-defined]  # sm: a StreamingModel
 
 
 @pytest.mark.parametrize("name", list(ALL))

@@ -69,7 +69,8 @@ class MXFormat(QuantFormat):
         from torchao.prototype.mx_formats.mx_tensor import MXTensor, ScaleCalculationMode
 
         mx = MXTensor.to_mx(x.contiguous(), self.elem, self.block, scaling_mode=ScaleCalculationMode.FLOOR)
-        return mx.dequantize(torch.float32)
+        out: torch.Tensor = mx.dequantize(torch.float32)
+        return out
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         n = weight.shape[-1]
@@ -79,7 +80,8 @@ class MXFormat(QuantFormat):
         bad = (~torch.isfinite(blocks)).any(dim=-1, keepdim=True)
         y = self._qdq(torch.where(bad, torch.zeros_like(blocks), blocks).reshape(x.shape))
         y = torch.where(bad, torch.full_like(blocks, float("nan")), y.reshape(blocks.shape))
-        return y.reshape(x.shape)[..., :n].to(weight.dtype)
+        out: torch.Tensor = y.reshape(x.shape)[..., :n].to(weight.dtype)
+        return out
 
 
 class MXInt8Format(MXFormat):
@@ -161,7 +163,8 @@ class IntFormat(QuantFormat):
         y = dequantize_affine(
             q, block, scale, zp, torch.int8, self.qmin, self.qmax, output_dtype=torch.float32
         )
-        return y.reshape(x.shape)[..., :n].to(weight.dtype)
+        out: torch.Tensor = y.reshape(x.shape)[..., :n].to(weight.dtype)
+        return out
 
 
 class FP6LLMFormat(QuantFormat):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from prunekit_core.adapter import module_attr
 from prunekit_core.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 from prunekit_core.ir import ChannelGroup, GroupMember, ModelIR, Sublayer
 
@@ -56,13 +57,13 @@ class GptjAdapter(DeclaredDecoderAdapter):
         channels = ChannelGroup(
             id=f"{sub.id}.channels",
             kind="ffn_channel",
-            count=fc_in.out_features,
+            count=module_attr(fc_in, "out_features"),
             members=(
                 GroupMember(param=f"{sub.module}.fc_in.weight", axis=0, width=1),
                 GroupMember(param=f"{sub.module}.fc_in.bias", axis=0, width=1),
                 GroupMember(param=f"{sub.module}.fc_out.weight", axis=1, width=1),
             ),
-            params_per_group=2 * fc_in.in_features + 1,
+            params_per_group=2 * module_attr(fc_in, "in_features") + 1,
             config_fields={"n_inner": 1},
         )
         return sub.model_copy(update={"channel_groups": (channels,)})

@@ -10,6 +10,7 @@ its statistics change, equals the neck and projector written out by hand at the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -94,7 +95,9 @@ def logits(model: nn.Module, ids: torch.Tensor, pixels: torch.Tensor | None, **k
     return model(input_ids=ids, pixel_values=pixels, use_cache=False, **kw).logits
 
 
-def prune(model: nn.Module, remove: list[str] = (), groups: dict[str, list[int]] | None = None) -> nn.Module:  # type: ignore[assignment]
+def prune(
+    model: nn.Module, remove: Sequence[str] = (), groups: dict[str, list[int]] | None = None
+) -> nn.Module:
     ir = ADAPTER.build_ir(model)
     plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove), remove_groups=groups or {})
     return pk.apply_plan(model, plan, adapter=ADAPTER)

@@ -25,9 +25,11 @@ The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module
+from prunekit_core.adapter import count_params, get_module, module_attr
 from prunekit_core.decoder import LlamaLayoutAdapter, is_gated_mlp
 from prunekit_core.groups import gated_mlp_channels
 from prunekit_core.ir import (
@@ -41,6 +43,9 @@ from prunekit_core.ir import (
     TopK,
 )
 
+if TYPE_CHECKING:
+    from prunekit_core.width import WidthCut
+
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 
 
@@ -48,11 +53,12 @@ def is_moe_block(module: nn.Module) -> bool:
     """A sparse MoE block with a linear router and fused 3-D experts."""
     experts = getattr(module, "experts", None)
     gate = getattr(module, "gate", None)
+    gate_up = getattr(experts, "gate_up_proj", None)
     return (
         isinstance(getattr(gate, "weight", None), nn.Parameter)
-        and isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter)
+        and isinstance(gate_up, nn.Parameter)
         and isinstance(getattr(experts, "down_proj", None), nn.Parameter)
-        and experts.gate_up_proj.dim() == 3
+        and gate_up.dim() == 3
     )
 
 
@@ -65,7 +71,9 @@ class MoEAdapter(LlamaLayoutAdapter):
         return is_moe_block(module) or is_gated_mlp(module)
 
     def is_model(self, layers: nn.ModuleList) -> bool:
-        return any(is_moe_block(layer.mlp) for layer in layers)  # else it is a dense (Llama) model
+        return any(
+            is_moe_block(get_module(layer, "mlp")) for layer in layers
+        )  # else it is a dense (Llama) model
 
     # IR ---------------------------------------------------------------------------------------------
 
@@ -87,8 +95,9 @@ class MoEAdapter(LlamaLayoutAdapter):
     def _moe_sublayer(
         self, sid: str, path: str, moe: nn.Module, norm: str, edge: ResidualEdge, params: int
     ) -> Sublayer:
-        config = moe.experts.config
-        gate_up = moe.experts.gate_up_proj
+        fused = get_module(moe, "experts")
+        config = module_attr(fused, "config")
+        gate_up = fused.get_parameter("gate_up_proj")
         n_exp, two_i, hidden = gate_up.shape
         inter = two_i // 2
         per_expert = 2 * inter * hidden + hidden * inter + hidden  # gate/up rows, down, router row
@@ -112,7 +121,9 @@ class MoEAdapter(LlamaLayoutAdapter):
             ),
             router=f"{path}.gate.weight",
             top_k=TopK(
-                value=int(moe.gate.top_k), counters=tuple(top_k_counters), config_field="num_experts_per_tok"
+                value=int(module_attr(get_module(moe, "gate"), "top_k")),
+                counters=tuple(top_k_counters),
+                config_field="num_experts_per_tok",
             ),
         )
         channels = ChannelGroup(
@@ -183,7 +194,7 @@ class MoEAdapter(LlamaLayoutAdapter):
             config.decoder_sparse_step = 1
         super().finalize_surgery(model, ir_before, kept_blocks)
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         """Keep the model-level copies of the expert counts (used by the auxiliary loss) in step."""
         super().finalize_width(model, ir_before, cuts)
         config = self.text_config(model)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import get_module
+from prunekit_core.adapter import get_module, module_attr
 from prunekit_core.ir import ChannelGroup, ModelIR, Sublayer
 from prunekit_core.metrics import ExpertMetric
 from prunekit_core.routing import router_rows_masked
@@ -57,8 +57,8 @@ def expert_collector(
     handles = []
     for fid, (sub, _fam) in _moe_families(ir).items():
         block = get_module(model, sub.module)
-        experts = block.experts
-        n_exp, two_i, hidden = experts.gate_up_proj.shape
+        experts = get_module(block, "experts")
+        n_exp, two_i, hidden = experts.get_parameter("gate_up_proj").shape
         stats.frequency[fid] = torch.zeros(n_exp, dtype=torch.float64)
         stats.mass[fid] = torch.zeros(n_exp, dtype=torch.float64)
         stats.in_sq[fid] = torch.zeros(n_exp, hidden, dtype=torch.float64)
@@ -87,9 +87,10 @@ def _routing_hook(fid: str, experts: nn.Module, stats: ExpertStats) -> Callable[
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
         hidden, index, weights = args[0], args[1], args[2]
         x = hidden.double()
-        inter = experts.gate_up_proj.shape[1] // 2
+        w_gate_up = experts.get_parameter("gate_up_proj")
+        inter = w_gate_up.shape[1] // 2
         for e in torch.unique(index).tolist():
-            if e >= experts.num_experts:
+            if e >= module_attr(experts, "num_experts"):
                 continue  # an expert-parallel sentinel
             tok, pos = torch.where(index == e)
             g = weights[tok, pos].double()
@@ -97,8 +98,8 @@ def _routing_hook(fid: str, experts: nn.Module, stats: ExpertStats) -> Callable[
             stats.mass[fid][e] += g.sum()
             xe = x[tok]
             stats.in_sq[fid][e] += ((xe * g[:, None]) ** 2).sum(0)
-            gate_up = xe @ experts.gate_up_proj[e].double().T
-            mid = experts.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
+            gate_up = xe @ w_gate_up[e].double().T
+            mid = module_attr(experts, "act_fn")(gate_up[:, :inter]) * gate_up[:, inter:]
             stats.mid_sq[fid][e] += ((mid * g[:, None]) ** 2).sum(0)
 
     return hook
@@ -119,7 +120,8 @@ def _sample_hook(fid: str, stats: ExpertStats, limit: int) -> Callable[..., None
 def expert_stats(ctx: ScoringContext) -> ExpertStats:
     """The shared statistics of ``ctx`` (collected on first use, one pass for every expert metric; in a
     streaming pass, while each block runs)."""
-    return ctx.observed(STATS_KEY, expert_collector)
+    stats: ExpertStats = ctx.observed(STATS_KEY, expert_collector)
+    return stats
 
 
 class _StatsMetric(ExpertMetric):
@@ -164,9 +166,9 @@ class MoEPruner(_StatsMetric):
         stats = expert_stats(ctx)
         out = {}
         for fid, (sub, _fam) in _moe_families(ctx.ir).items():
-            experts = get_module(ctx.model, sub.module).experts
-            gate_up = experts.gate_up_proj.detach().double().abs()  # [E, 2I, H]
-            down = experts.down_proj.detach().double().abs()  # [E, H, I]
+            experts = get_module(ctx.model, f"{sub.module}.experts")
+            gate_up = experts.get_parameter("gate_up_proj").detach().double().abs()  # [E, 2I, H]
+            down = experts.get_parameter("down_proj").detach().double().abs()  # [E, H, I]
             in_norm = stats.in_sq[fid].sqrt()  # [E, H]
             mid_norm = stats.mid_sq[fid].sqrt()  # [E, I]
             out[fid] = (gate_up * in_norm[:, None, :]).sum((1, 2)) + (down * mid_norm[:, None, :]).sum((1, 2))
@@ -191,8 +193,10 @@ class OutputReconstruction(_StatsMetric):
             y = block(x).double()
             energy = (y * y).sum().clamp_min(1e-30)
             scores = torch.empty(fam.count, dtype=torch.float64)
+            router = fam.router
+            assert router is not None  # routed_families: each of these families has its router
             for e in range(fam.count):
-                with router_rows_masked(ctx.model, {fam.router: [e]}):  # type: ignore[dict-item]
+                with router_rows_masked(ctx.model, {router: [e]}):
                     ye = block(x).double()
                 scores[e] = ((y - ye) ** 2).sum() / energy
             out[fid] = scores

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module
+from prunekit_core.adapter import count_params, get_module, hf_config, hf_model, module_attr
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
 from prunekit_core.errors import CalibrationError
 from prunekit_core.ir import Connection, Dim, ModelIR, Stage, Tower
@@ -58,7 +58,7 @@ class LlavaAdapter(ComposedAdapter):
     def match(self, model: nn.Module) -> float | None:
         if type(model).__name__ in self.supported:
             return 100.0
-        inner = getattr(model, "model", None)
+        inner: Any = getattr(model, "model", None)
         if (
             all(hasattr(inner, n) for n in ("vision_tower", "multi_modal_projector", "language_model"))
             and _vision_layers(inner.vision_tower) is not None
@@ -75,14 +75,14 @@ class LlavaAdapter(ComposedAdapter):
         layers = _vision_layers(vision)
         if layers is None:
             raise ValueError(f"{type(vision).__name__} has no encoder.layers; not a CLIP/SigLIP vision tower")
-        vconf = model.config.vision_config
+        vconf = hf_config(model).vision_config
         stages = tuple(
-            Stage(id=f"vision.{sid}", kind=kind, module=f"{VISION}.{attr}", params=count_params([mod]))  # type: ignore[arg-type]
+            Stage(id=f"vision.{sid}", kind=kind, module=f"{VISION}.{attr}", params=count_params([mod]))
             for attr, (sid, kind) in _VISION_STAGES.items()
             if isinstance(mod := getattr(vision, attr, None), nn.Module)
         )
         projector = get_module(model, PROJECTOR)
-        text_hidden = model.config.get_text_config(decoder=True).hidden_size
+        text_hidden = hf_config(model).get_text_config(decoder=True).hidden_size
         return [
             Tower(
                 name="vision",
@@ -108,7 +108,7 @@ class LlavaAdapter(ComposedAdapter):
         ]
 
     def connections(self, model: nn.Module) -> list[Connection]:
-        config = model.config
+        config = hf_config(model)
         layers = config.vision_feature_layer
         n = len(layers) if isinstance(layers, (list, tuple)) else 1
         text_hidden = config.get_text_config(decoder=True).hidden_size
@@ -123,7 +123,7 @@ class LlavaAdapter(ComposedAdapter):
         """Each window starts with one image's placeholder tokens; the images are scikit-image's samples."""
         from .images import vision_pixel_values
 
-        pixel_values = vision_pixel_values(model.config.vision_config, windows.shape[0])
+        pixel_values = vision_pixel_values(hf_config(model).vision_config, windows.shape[0])
         with torch.no_grad():
             n_image = image_features(model, pixel_values[:1]).shape[0]
         if windows.shape[1] < n_image + 2:
@@ -132,11 +132,11 @@ class LlavaAdapter(ComposedAdapter):
                 f"text: use --seq-len {n_image + 64} or more"
             )
         ids = windows.clone()
-        ids[:, :n_image] = model.config.image_token_id
-        return ids, {"pixel_values": pixel_values.to(model.dtype)}
+        ids[:, :n_image] = hf_config(model).image_token_id
+        return ids, {"pixel_values": pixel_values.to(hf_model(model).dtype)}
 
     def tower_configs(self, model: nn.Module) -> dict[str, Any]:
-        return {"vision": model.config.vision_config, "text": self.text_config(model)}
+        return {"vision": hf_config(model).vision_config, "text": self.text_config(model)}
 
     def finalize_own_surgery(
         self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
@@ -145,7 +145,8 @@ class LlavaAdapter(ComposedAdapter):
         if kept is None:
             return
         n_before = len(ir_before.tower("vision").blocks)
-        configs = {id(c): c for c in (model.config, getattr(model.model, "config", model.config))}
+        top = hf_config(model)
+        configs = {id(c): c for c in (top, getattr(hf_model(model).model, "config", top))}
         for config in configs.values():
             layer = config.vision_feature_layer
             if isinstance(layer, (list, tuple)):
@@ -154,6 +155,9 @@ class LlavaAdapter(ComposedAdapter):
                 )
             else:
                 config.vision_feature_layer = remap_hidden_state_index(layer, n_before, kept)
-        vision_configs = {id(c): c for c in (model.config.vision_config, get_module(model, VISION).config)}
+        vision_configs = {
+            id(c): c
+            for c in (hf_config(model).vision_config, module_attr(get_module(model, VISION), "config"))
+        }
         for vconf in vision_configs.values():
             vconf.num_hidden_layers = len(kept)

@@ -35,16 +35,19 @@ window (each layer's relative position table is sized for its window) and sets `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module
+from prunekit_core.adapter import count_params, get_module, hf_config, iter_modules, module_attr
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
 from prunekit_core.groups import conv_channels
 from prunekit_core.ir import ChannelGroup, Connection, Dim, ModelIR, Stage, Tower
 from prunekit_core.vision import vit_blocks
+
+if TYPE_CHECKING:
+    from prunekit_core.width import WidthCut
 
 __all__ = ["GotOcr2Adapter"]
 
@@ -139,9 +142,9 @@ class GotOcr2Adapter(ComposedAdapter):
 
     def own_towers(self, model: nn.Module) -> list[Tower]:
         vision = get_module(model, VISION)
-        vconf = model.config.vision_config
+        vconf = hf_config(model).vision_config
         blocks = vit_blocks(
-            vision.layers,
+            iter_modules(get_module(vision, "layers")),
             f"{VISION}.layers",
             "vision",
             attn="attn",
@@ -170,7 +173,7 @@ class GotOcr2Adapter(ComposedAdapter):
                 id="vision.patch_embed",
                 kind="stem",
                 module=f"{VISION}.patch_embed",
-                params=count_params([vision.patch_embed]),
+                params=count_params([get_module(vision, "patch_embed")]),
             )
         ]
         if isinstance(vision.pos_embed, nn.Parameter):
@@ -187,7 +190,7 @@ class GotOcr2Adapter(ComposedAdapter):
                 id="vision.neck",
                 kind="neck",
                 module=NECK,
-                params=count_params([vision.neck]),
+                params=count_params([get_module(vision, "neck")]),
                 channel_groups=neck_channels(model),
             )
         )
@@ -202,7 +205,10 @@ class GotOcr2Adapter(ComposedAdapter):
             ),
             Tower(
                 name="projector",
-                width=Dim(name="channels", size=projector.conv_upsampler1.out_channels),
+                width=Dim(
+                    name="channels",
+                    size=module_attr(get_module(projector, "conv_upsampler1"), "out_channels"),
+                ),
                 blocks_path=PROJECTOR,
                 blocks=(),
                 stages=(
@@ -224,18 +230,27 @@ class GotOcr2Adapter(ComposedAdapter):
         scikit-image's sample photographs (CLIP normalisation, which GOT-OCR2's image processor uses too)."""
         from .adapter import LlavaAdapter
 
-        return LlavaAdapter.calibration_inputs(self, model, windows)  # type: ignore[arg-type]
+        # LLaVA's method, borrowed: it reads only the model and its config, nothing of LlavaAdapter's own
+        return LlavaAdapter.calibration_inputs(self, model, windows)  # type: ignore[arg-type]  # see above
 
     def connections(self, model: nn.Module) -> list[Connection]:
         neck = get_module(model, NECK)
         projector = get_module(model, PROJECTOR)
         return [
-            Connection(source="vision", target="projector", dim=neck.conv2.out_channels),
-            Connection(source="projector", target="text", dim=projector.multimodal_projector.out_features),
+            Connection(
+                source="vision",
+                target="projector",
+                dim=module_attr(get_module(neck, "conv2"), "out_channels"),
+            ),
+            Connection(
+                source="projector",
+                target="text",
+                dim=module_attr(get_module(projector, "multimodal_projector"), "out_features"),
+            ),
         ]
 
     def tower_configs(self, model: nn.Module) -> dict[str, Any]:
-        return {"vision": model.config.vision_config, "text": self.text_config(model)}
+        return {"vision": hf_config(model).vision_config, "text": self.text_config(model)}
 
     def finalize_own_surgery(
         self, model: nn.Module, ir_before: ModelIR, kept_blocks: dict[str, list[int]]
@@ -251,7 +266,7 @@ class GotOcr2Adapter(ComposedAdapter):
             vconf.global_attn_indexes = type(globals_)(remap[i] for i in globals_ if i in remap)
             vconf.num_hidden_layers = len(kept)
 
-    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict) -> None:
+    def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
         """The core set ``vision_config.output_channels`` from the conv families; hand the text tower's
         cuts to its adapter and keep the vision tower's own config in step."""
         own = ir_before.stage_channel_groups()
@@ -263,7 +278,7 @@ class GotOcr2Adapter(ComposedAdapter):
 
 def _vision_configs(model: nn.Module) -> list[Any]:
     """The vision config and, when it is another object, the one the vision tower holds."""
-    out = [model.config.vision_config]
+    out = [hf_config(model).vision_config]
     own = getattr(get_module(model, VISION), "config", None)
     if own is not None and own is not out[0]:
         out.append(own)

@@ -70,7 +70,8 @@ def to_pixel_values(images: list[np.ndarray], size: int, *, siglip: bool = False
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         square = image[top : top + side, left : left + side]
-        scaled = resize(square, (size, size), anti_aliasing=True, preserve_range=False)  # floats in [0, 1]
+        # floats in [0, 1]
+        scaled: np.ndarray = resize(square, (size, size), anti_aliasing=True, preserve_range=False)
         batch.append((scaled - np.array(mean)) / np.array(std))
     return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().contiguous()
 
