@@ -301,10 +301,14 @@ def _seq_len(value: str) -> int:
 def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from .plugins import load_failures, plugins
+    from .plugins import catalog, load_failures, plugins
 
-    infos = [p.to_dict() for p in plugins()]
-    failures = [f.to_dict() for f in load_failures()]
+    if args.load:  # build every adapter, metric and format, checking each catalog (imports torch)
+        found, failed = plugins(), load_failures()
+    else:  # from the plugins' catalogs: imports no torch
+        found, failed = catalog()
+    infos = [p.to_dict() for p in found]
+    failures = [f.to_dict() for f in failed]
     if ui.json_mode:
         ui.emit_json({"plugins": infos, "failures": failures})
         return EXIT_OK
@@ -1310,9 +1314,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "List every prunekit plugin (built-in and installed through the 'prunekit' entry-point group): "
             "name, version, the adapters, metrics and quantization formats it registers, and the plugins that "
-            "failed to load (with the error)."
+            "failed to load (with the error). The list comes from each plugin's catalog (its prunekit_catalog "
+            "hook), which needs no torch; --load builds everything the plugins register instead, as a command "
+            "that uses a model does, and checks each catalog against it."
         ),
-        epilog=_epilog("prunekit plugins", "prunekit plugins --json"),
+        epilog=_epilog("prunekit plugins", "prunekit plugins --json", "prunekit plugins --load"),
+    )
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="import every plugin fully and build what it registers (slower: imports torch); a plugin whose "
+        "registrations differ from its catalog is listed as failed",
     )
     p.set_defaults(func=cmd_plugins)
 
