@@ -203,11 +203,12 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
 
 
 def check_ratio(ratio: float) -> None:
-    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (the semantics of ``planning.budget_params``)."""
-    from .ir import ModelIR
-    from .planning import budget_params
-
-    budget_params(ModelIR(architecture="", model_type="", adapter="", towers=(), total_params=0), ratio)
+    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (as ``planning.budget_params`` does; checked here
+    without importing the planner, which imports torch)."""
+    if not 0.0 < ratio < 1.0:
+        raise PlanError(
+            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
+        )
 
 
 def _check_text(spec: str) -> Path:
@@ -219,13 +220,22 @@ def _check_text(spec: str) -> Path:
     return path
 
 
-def _check_model(spec: str) -> Any:
-    from .loading import resolve_model_source
+def _check_model(spec: str, *, tokenizer: bool = True) -> Any:
+    """Resolve a model spec before anything is loaded: a path that does not exist fails at once (never a
+    hub lookup), a folder without a tokenizer fails when the command reads text, and a hub id is looked up
+    once, without retries."""
+    from .sources import check_hub_model, check_tokenizer, resolve_model_source
 
-    return resolve_model_source(spec)
+    source = resolve_model_source(spec)
+    if tokenizer:
+        check_tokenizer(source)
+    check_hub_model(source)
+    return source
 
 
-def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tuple[Any, Any, Any]:
+def _load_model(
+    ui: UI, spec: str, args: argparse.Namespace | None = None, *, tokenizer: bool = True
+) -> tuple[Any, Any, Any]:
     from .loading import load_model
 
     allow_pickle = bool(getattr(args, "allow_pickle", False))
@@ -236,7 +246,9 @@ def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tu
         ui.info("--trust-remote-code: model code shipped with the checkpoint will run")
     with ui.step(f"load {spec}"):
         try:
-            return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            return load_model(
+                spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, tokenizer=tokenizer
+            )
         except PrunekitError:
             raise
         except (OSError, ValueError, KeyError) as exc:
@@ -345,8 +357,8 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     from .plan import fingerprint
     from .plugins import rank_adapters
 
-    _check_model(args.model)
-    model, _tok, _src = _load_model(ui, args.model, args)
+    _check_model(args.model, tokenizer=False)  # inspecting needs no tokenizer
+    model, _tok, _src = _load_model(ui, args.model, args, tokenizer=False)
     ir = inspect(model)  # selects the best adapter (errors on no match or a tie)
     ranked = rank_adapters(model)
     fp = fingerprint(model, ir)
@@ -669,7 +681,14 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .checkpoint import save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
-    from .planning import budget_by_tower, budget_params, plan_pruning, resolve_method, uses_width
+    from .planning import (
+        budget_by_tower,
+        budget_params,
+        check_budget,
+        plan_pruning,
+        resolve_method,
+        uses_width,
+    )
     from .scoring import Calibration
     from .surgery import apply_plan
     from .vision import feature_fidelity, image_features
@@ -740,6 +759,10 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         given_plan = streamed_plan
     model, tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)
+    if given_plan is None and not uses_width(metric_name, granularity):
+        check_budget(
+            ir.restricted(args.scope), args.ratio, granularity
+        )  # parameter counts: before calibration
     cal_windows = None
     if args.calib is not None and (given_plan is None or given_plan.repair != "none"):
         cal_windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
@@ -945,11 +968,13 @@ def _check_streaming_prune(
 def _plan_streaming(
     args: argparse.Namespace, ui: UI, metric: str, planner: str, granularity: str, repair: str
 ) -> Any:
-    from .planning import budget_params, plan_pruning, uses_width
+    from .planning import budget_params, check_budget, plan_pruning, uses_width
     from .plugins import get_metric
     from .width_scoring import WidthCurveObserver
 
     sm, tok = _open_streaming(ui, args.model)
+    if not uses_width(metric, granularity):
+        check_budget(sm.ir.restricted(args.scope), args.ratio, granularity)  # before the streaming pass
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     if granularity != "expert":
         scoped = sm.ir.restricted(args.scope)

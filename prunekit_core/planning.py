@@ -47,6 +47,52 @@ def budget_params(ir: ModelIR, ratio: float) -> int:
     return math.ceil(ratio * ir.block_params())
 
 
+def budget_ceiling(ir: ModelIR, granularity: str) -> int | None:
+    """At most how many block parameters a plan at ``granularity`` can remove from ``ir``'s towers in scope,
+    from parameter counts alone (no calibration): the removable units, less what every tower must keep (a
+    tower keeps at least one block, and a block at least one sublayer when only sublayers go). An upper
+    bound: a budget above it is impossible. ``None`` for width and expert granularity (their ceilings
+    depend on channel rounding and router top-k; their planners check them)."""
+    if granularity not in ("block", "sublayer", "mixed"):
+        return None
+    total = 0
+    for tower in ir.towers:
+        if not ir.in_scope(tower.name) or not tower.blocks:
+            continue
+        whole = [b for b in tower.blocks if b.removable]
+        if granularity == "block":
+            total += sum(b.params for b in whole)
+            if whole and len(whole) == len(tower.blocks):
+                total -= min(b.params for b in whole)
+            continue
+        # sublayer / mixed: a block whose sublayers all go is removed whole (all its parameters)
+        subs = [s for b in tower.blocks if not b.removable for s in b.sublayers if s.removable]
+        total += sum(b.params for b in whole) + sum(s.params for s in subs)
+        if whole and len(whole) == len(tower.blocks):
+            total -= (
+                min(s.params for b in whole for s in b.sublayers) if any(b.sublayers for b in whole) else 0
+            )
+    return total
+
+
+def check_budget(ir: ModelIR, ratio: float, granularity: str) -> None:
+    """Raise :class:`PlanError` if ``ratio`` of ``ir``'s block parameters cannot be removed at
+    ``granularity`` (:func:`budget_ceiling`): decided from parameter counts, before any calibration."""
+    ceiling = budget_ceiling(ir, granularity)
+    if ceiling is None:
+        return
+    target = budget_params(ir, ratio)
+    if target > ceiling:
+        base = ir.block_params()
+        most = math.floor(ceiling / base * 1000) / 1000 if base else 0.0
+        raise PlanError(
+            f"--ratio {ratio:g} asks for {target:,} of the {base:,} block parameters, but at most {ceiling:,} "
+            f"can be removed at granularity {granularity} (every tower keeps at least one block"
+            + ("" if granularity == "block" else ", and a block that stays keeps a sublayer")
+            + f"): lower --ratio to {most:g} or less"
+        )
+
+
 def candidates_for(ir: ModelIR, granularity: Granularity, removed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Units a plan at ``granularity`` may remove next, given what is already removed."""
     if granularity not in GRANULARITIES or granularity in ("width", "expert"):
@@ -214,6 +260,8 @@ def plan_pruning(
     adapter = adapter or select_adapter(model)
     full_ir = adapter.build_ir(model)
     ir = full_ir.restricted(list(scope) if scope else None)
+    if not uses_width(metric, granularity):  # before any scoring: parameter counts decide it
+        check_budget(ir, ratio, granularity)
     plan = _plan_in_scope(
         model, calibration, ir, adapter, ratio, metric, granularity, planner, shortlist, trial_windows,
         loss_stride, on_step, repair, round_to, width_allocation, expert_allocation, top_k_policy, naive_trials,

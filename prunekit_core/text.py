@@ -22,9 +22,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch is imported where windows are made: checking a text spec (the CLI) needs none
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 from prunekit_core.defaults import TEXT_ALIASES
 from prunekit_core.errors import CalibrationError, TextNotFoundError
@@ -196,6 +198,8 @@ def token_windows(
             wanted,
             available,
         )
+    import torch
+
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
