@@ -619,7 +619,8 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
 
 
 def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
-    from .checkpoint import _check_target
+    """--out can be written: missing parent folders are fine (they are created when the result is)."""
+    from .checkpoint import _check_target, check_parents
     from .errors import CheckpointError
 
     if not plan_only:
@@ -629,8 +630,19 @@ def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force")
     if out.is_dir():
         raise CheckpointError(f"{out} is a folder; with --plan-only, --out is the plan file to write")
-    if not out.absolute().parent.is_dir():
-        raise CheckpointError(f"parent folder {out.absolute().parent} does not exist")
+    check_parents(out)
+
+
+def _save_plan(plan: Any, out: Path) -> None:
+    """Write the --plan-only file, creating its missing parent folders (removed again if the write fails)."""
+    from .checkpoint import make_parents, remove_made
+
+    made = make_parents(out)
+    try:
+        plan.save(out)
+    except BaseException:
+        remove_made(made)
+        raise
 
 
 def _heal_texts(args: argparse.Namespace) -> tuple[str, ...]:
@@ -742,7 +754,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if args.streaming:  # plan from a streaming pass; the model is loaded afterwards only for surgery
         streamed_plan = _plan_streaming(args, ui, metric_name, planner, granularity, repair)
         if args.plan_only:
-            streamed_plan.save(out)
+            _save_plan(streamed_plan, out)
             ui.say(f"plan written to {out} (streaming: the model was never loaded whole)")
             if ui.json_mode:
                 ui.emit_json(
@@ -881,7 +893,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     result["uniform"] = plan.is_uniform
 
     if args.plan_only:
-        plan.save(out)
+        _save_plan(plan, out)
         ui.say(f"plan written to {out}")
         result["written"] = "plan"
         if ui.json_mode:

@@ -87,7 +87,8 @@ def check_budget(ir: ModelIR, ratio: float, granularity: str) -> None:
         most = math.floor(ceiling / base * 1000) / 1000 if base else 0.0
         raise PlanError(
             f"--ratio {ratio:g} asks for {target:,} of the {base:,} block parameters, but at most {ceiling:,} "
-            f"can be removed at granularity {granularity} (every tower keeps at least one block"
+            f"can be removed at granularity {granularity} without removing every block of a tower (each keeps "
+            "at least one block"
             + ("" if granularity == "block" else ", and a block that stays keeps a sublayer")
             + f"): lower --ratio to {most:g} or less"
         )
