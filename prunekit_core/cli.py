@@ -1329,7 +1329,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show INFO logs and third-party warnings/progress bars"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show INFO logs and third-party warnings, logs and progress bars (torch, torchao, transformers)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -1692,11 +1695,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="prune SmolLM2-135M by 10%% end to end (a few minutes on a laptop CPU)",
         description=(
-            "On the real SmolLM2-135M (alias smollm2-135m): calibrate on c4, measure perplexity on wiki, prune "
+            "On the real SmolLM2-135M-Instruct (alias smollm2-135m, dequantized from its Q4_1 GGUF): calibrate on c4, measure perplexity on wiki, prune "
             "--ratio of the block parameters with prunekit's best planner, measure again, save to --out, reload "
             "the result (plain transformers for a whole-block plan, prunekit_core.load_pruned otherwise) and "
             "check its logits, and write scores.png (per-block BI and per-sublayer drop scores, removed units "
-            "highlighted). Timings are printed per step. --out is replaced only when it holds a previous "
+            "highlighted; the title names the method that chose them). Timings are printed per step. --out is replaced only when it holds a previous "
             "prunekit output."
         ),
         epilog=_epilog("prunekit demo", "prunekit demo --out /tmp/demo --ratio 0.2 --eval-windows 4 --json"),

@@ -377,3 +377,39 @@ def test_the_budget_ceiling_is_exact_for_blocks() -> None:
     check_budget(ir, 0.75, "block")
     with pytest.raises(PlanError, match="every block"):
         check_budget(ir, 0.76, "block")
+
+
+# --- the demo's plot says which metric chose the removed blocks ----------------------------------------------
+
+
+def test_demo_plot_title_names_the_metric_that_chose_the_removed_blocks(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """scores.png plots BI and sublayer_drop, but the plan comes from prunekit's best method (angular): the
+    title says so, read from the figure as it is saved."""
+    from matplotlib.figure import Figure
+
+    import prunekit_core.text
+    from prunekit_core.defaults import BEST
+    from prunekit_core.demo import run_demo
+
+    text = assets["text"].read_text()
+    real_read = prunekit_core.text.read_text
+    monkeypatch.setattr(
+        prunekit_core.text, "read_text", lambda spec: text if spec in ("c4", "wiki") else real_read(spec)
+    )
+    titles: list[str] = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        titles.extend(ax.get_title() for ax in self.axes)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    kwargs = dict(
+        model_spec=str(assets["model"]), eval_windows=2, eval_seq_len=32, calib_windows=2, calib_seq_len=16
+    )
+    result = run_demo(out=tmp_path / "demo", ratio=0.3, log=lambda _: None, say=lambda _: None, **kwargs)
+    assert result["plan"]["remove"]
+    top = titles[0]
+    assert f"chosen by {BEST['planner']}:{BEST['metric']}" in top and "per-block bi scores" in top, top
