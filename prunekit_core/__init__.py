@@ -17,6 +17,7 @@ Ten lines do what ``prunekit prune`` does::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
@@ -214,10 +215,13 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Import a public name from its submodule on first use (PEP 562), then keep it in the package."""
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    if name not in _LAZY:
+        # a submodule (prunekit_core.planning, ...): reachable as an attribute, as when this package imported
+        # every submodule eagerly
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
     value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
     globals()[name] = value
     return value

@@ -413,3 +413,21 @@ def test_demo_plot_title_names_the_metric_that_chose_the_removed_blocks(
     assert result["plan"]["remove"]
     top = titles[0]
     assert f"chosen by {BEST['planner']}:{BEST['metric']}" in top and "per-block bi scores" in top, top
+
+
+def test_import_prunekit_core_is_lazy_and_keeps_its_api() -> None:
+    """`import prunekit_core` imports no torch; every name of __all__ still resolves (on first use), and a
+    submodule is still reachable as an attribute."""
+    proc = fresh_python(
+        """
+        import sys
+        import prunekit_core as pk
+        print("HEAVY", [m for m in ("torch", "transformers", "torchao") if m in sys.modules])
+        missing = [n for n in pk.__all__ if getattr(pk, n, None) is None]
+        from prunekit_core.plugins import plugins
+        from prunekit_core.loading import load_model
+        print("MISSING", missing, pk.list_plugins is plugins, pk.load_model is load_model, pk.planning.BEST["metric"])
+        """
+    )
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "MISSING [] True True angular" in proc.stdout, proc.stdout + proc.stderr
