@@ -1823,6 +1823,7 @@ def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
     from .sweep import load_sweep_config, plan_cells, run_sweep
 
     config = load_sweep_config(args.config)
+    _check_model(config.model)  # a missing folder fails here, not in every worker
     cells = plan_cells(config)
     ui.info(
         f"sweep: {len(cells)} cells ({len(config.ratios)} ratios, {len(config.methods)} methods, "

@@ -431,3 +431,19 @@ def test_import_prunekit_core_is_lazy_and_keeps_its_api() -> None:
     )
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert "MISSING [] True True angular" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_sweep_checks_its_model_before_starting_workers(
+    capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"model: ./no-such-model\ncalibration: {{text: {assets['text']}, seq_len: 16, windows: 2}}\n"
+        f"evaluation: {{text: {assets['text']}, seq_len: 16, windows: 2}}\nmethods: [best]\nratios: [0]\n"
+        "formats: [none]\n"
+    )
+    t0 = time.perf_counter()
+    code, _, err = run(capsys, "sweep", config, "--results", tmp_path / "out" / "s.sqlite")
+    assert code == 2 and time.perf_counter() - t0 < 2.0, err
+    assert "no-such-model" in err and "not looked up on the hub" in err
+    assert not (tmp_path / "out").exists()
