@@ -127,8 +127,42 @@ def _check_target(out: Path, overwrite: bool) -> None:
             raise CheckpointError(
                 f"{out} is a non-empty folder that is not a prunekit checkpoint; refusing to replace it"
             )
-    if not out.parent.exists():
-        raise CheckpointError(f"parent folder {out.parent} does not exist")
+    check_parents(out)
+
+
+def check_parents(out: Path) -> None:
+    """Raise :class:`CheckpointError` unless the missing folders above ``out`` can be created: the nearest
+    existing one must be a folder. Creates nothing (see :func:`make_parents`)."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{parent} is a file, not a folder: {out} cannot be written under it")
+            return
+
+
+def make_parents(out: Path) -> list[Path]:
+    """Create the missing folders above ``out`` (as every Hugging Face tool does); returns them, outermost
+    first, so that a failed write can take them away again with :func:`remove_made`."""
+    missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    made = []
+    try:
+        for folder in missing:
+            folder.mkdir()
+            made.append(folder)
+    except BaseException:
+        remove_made(made)
+        raise
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` created, innermost first, where they are still empty: a
+    failed write leaves nothing behind."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there) or gone: leave it
+            pass
 
 
 _MIN_SHARD = 100 * 1000**2
@@ -171,6 +205,7 @@ def save_pruned(
     out = Path(out_dir).absolute()
     _check_target(out, overwrite)
     plan = plan if plan is not None else getattr(model, "_prunekit_plan", None)
+    made = make_parents(out)
     try:
         with atomic_folder(out, replace=overwrite) as tmp:
             width = getattr(model, "_prunekit_width", None) or {"uniform": True}
@@ -191,7 +226,11 @@ def save_pruned(
                 record["plan_sha256"] = hashlib.sha256((tmp / PLAN_FILE).read_bytes()).hexdigest()
             write_text(tmp / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     except FileExistsError as exc:
+        remove_made(made)
         raise CheckpointError(f"{out} was created by someone else while saving; nothing was written") from exc
+    except BaseException:
+        remove_made(made)  # the parents this save created go too: nothing is left half-written
+        raise
     return out
 
 

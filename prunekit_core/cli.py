@@ -138,13 +138,22 @@ class _StderrHandler(_StreamHandler):
 
 
 _LOGGERS = ("prunekit_core", "prunekit_llama")
+#: third-party loggers that print at import or load time (torchao: "Failed to load .../_C_*.so"; torch's
+#: _pytree: "... is an Enum subclass" when torchao registers its enums); shown only with -v
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "transformers", "peft", "accelerate", "huggingface_hub")
+#: read by transformers and huggingface_hub when they are first imported (the CLI imports them lazily)
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 @contextmanager
 def _quiet_libraries(verbose: bool) -> Iterator[None]:
-    """Silence transformers/hub progress bars and warnings unless ``-v``; route our logs to stderr."""
-    import transformers
-    from transformers.utils import logging as hf_logging
+    """Silence third-party warnings, logs and progress bars unless ``-v``; route our logs to stderr.
+
+    Imports nothing: a library imported while a command runs (torch, transformers, torchao are imported
+    only by the commands that need them) finds its loggers and environment already quiet; one imported
+    before (a test calling :func:`main` again) is quietened through its own API.
+    """
+    import os
 
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -154,42 +163,63 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
         saved_levels.append((lg, lg.level))
         lg.setLevel(logging.INFO if verbose else logging.WARNING)
         lg.addHandler(handler)
-    old_verbosity = transformers.logging.get_verbosity()
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    if verbose:
-        transformers.logging.set_verbosity_warning()
-    else:
-        transformers.logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            from huggingface_hub.utils.tqdm import disable_progress_bars
+    saved_env: dict[str, str | None] = {}
+    if not verbose:
+        for name in _NOISY_LOGGERS:
+            lg = logging.getLogger(name)
+            saved_levels.append((lg, lg.level))
+            lg.setLevel(logging.ERROR)
+        for key, value in _QUIET_ENV.items():
+            saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+    hf = sys.modules.get("transformers") is not None
+    if hf:
+        import transformers
+        from transformers.utils import logging as hf_logging
 
-            disable_progress_bars()
-        except ImportError:  # pragma: no cover - hub is a transformers dependency
-            pass
+        old_verbosity = transformers.logging.get_verbosity()
+        bars_were_enabled = hf_logging.is_progress_bar_enabled()
+        if verbose:
+            transformers.logging.set_verbosity_warning()
+        else:
+            transformers.logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            try:
+                from huggingface_hub.utils.tqdm import disable_progress_bars
+
+                disable_progress_bars()
+            except ImportError:  # pragma: no cover - hub is a transformers dependency
+                pass
     try:
         with warnings.catch_warnings():
             if not verbose:
                 warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in saved_levels:
+        for lg, level in reversed(saved_levels):
             lg.removeHandler(handler)
             lg.setLevel(level)
-        transformers.logging.set_verbosity(old_verbosity)
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
+        for key, old in saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        if hf:
+            transformers.logging.set_verbosity(old_verbosity)
+            if bars_were_enabled:
+                hf_logging.enable_progress_bar()
 
 
 # --- shared validation ---------------------------------------------------------------------------------
 
 
 def check_ratio(ratio: float) -> None:
-    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (the semantics of ``planning.budget_params``)."""
-    from .ir import ModelIR
-    from .planning import budget_params
-
-    budget_params(ModelIR(architecture="", model_type="", adapter="", towers=(), total_params=0), ratio)
+    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (as ``planning.budget_params`` does; checked here
+    without importing the planner, which imports torch)."""
+    if not 0.0 < ratio < 1.0:
+        raise PlanError(
+            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
+        )
 
 
 def _check_text(spec: str) -> Path:
@@ -201,13 +231,22 @@ def _check_text(spec: str) -> Path:
     return path
 
 
-def _check_model(spec: str) -> Any:
-    from .loading import resolve_model_source
+def _check_model(spec: str, *, tokenizer: bool = True) -> Any:
+    """Resolve a model spec before anything is loaded: a path that does not exist fails at once (never a
+    hub lookup), a folder without a tokenizer fails when the command reads text, and a hub id is looked up
+    once, without retries."""
+    from .sources import check_hub_model, check_tokenizer, resolve_model_source
 
-    return resolve_model_source(spec)
+    source = resolve_model_source(spec)
+    if tokenizer:
+        check_tokenizer(source)
+    check_hub_model(source)
+    return source
 
 
-def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tuple[Any, Any, Any]:
+def _load_model(
+    ui: UI, spec: str, args: argparse.Namespace | None = None, *, tokenizer: bool = True
+) -> tuple[Any, Any, Any]:
     from .loading import load_model
 
     allow_pickle = bool(getattr(args, "allow_pickle", False))
@@ -218,7 +257,9 @@ def _load_model(ui: UI, spec: str, args: argparse.Namespace | None = None) -> tu
         ui.info("--trust-remote-code: model code shipped with the checkpoint will run")
     with ui.step(f"load {spec}"):
         try:
-            return load_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            return load_model(
+                spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, tokenizer=tokenizer
+            )
         except PrunekitError:
             raise
         except (OSError, ValueError, KeyError) as exc:
@@ -285,10 +326,14 @@ def _seq_len(value: str) -> int:
 def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from .plugins import load_failures, plugins
+    from .plugins import catalog, load_failures, plugins
 
-    infos = [p.to_dict() for p in plugins()]
-    failures = [f.to_dict() for f in load_failures()]
+    if args.load:  # build every adapter, metric and format, checking each catalog (imports torch)
+        found, failed = plugins(), load_failures()
+    else:  # from the plugins' catalogs: imports no torch
+        found, failed = catalog()
+    infos = [p.to_dict() for p in found]
+    failures = [f.to_dict() for f in failed]
     if ui.json_mode:
         ui.emit_json({"plugins": infos, "failures": failures})
         return EXIT_OK
@@ -325,8 +370,8 @@ def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
     from .plan import fingerprint
     from .plugins import rank_adapters
 
-    _check_model(args.model)
-    model, _tok, _src = _load_model(ui, args.model, args)
+    _check_model(args.model, tokenizer=False)  # inspecting needs no tokenizer
+    model, _tok, _src = _load_model(ui, args.model, args, tokenizer=False)
     ir = inspect(model)  # selects the best adapter (errors on no match or a tie)
     ranked = rank_adapters(model)
     fp = fingerprint(model, ir)
@@ -587,7 +632,8 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
 
 
 def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
-    from .checkpoint import _check_target
+    """--out can be written: missing parent folders are fine (they are created when the result is)."""
+    from .checkpoint import _check_target, check_parents
     from .errors import CheckpointError
 
     if not plan_only:
@@ -597,8 +643,19 @@ def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force")
     if out.is_dir():
         raise CheckpointError(f"{out} is a folder; with --plan-only, --out is the plan file to write")
-    if not out.absolute().parent.is_dir():
-        raise CheckpointError(f"parent folder {out.absolute().parent} does not exist")
+    check_parents(out)
+
+
+def _save_plan(plan: Any, out: Path) -> None:
+    """Write the --plan-only file, creating its missing parent folders (removed again if the write fails)."""
+    from .checkpoint import make_parents, remove_made
+
+    made = make_parents(out)
+    try:
+        plan.save(out)
+    except BaseException:
+        remove_made(made)
+        raise
 
 
 def _heal_texts(args: argparse.Namespace) -> tuple[str, ...]:
@@ -649,7 +706,14 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from .checkpoint import save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
-    from .planning import budget_by_tower, budget_params, plan_pruning, resolve_method, uses_width
+    from .planning import (
+        budget_by_tower,
+        budget_params,
+        check_budget,
+        plan_pruning,
+        resolve_method,
+        uses_width,
+    )
     from .scoring import Calibration
     from .surgery import apply_plan
     from .vision import feature_fidelity, image_features
@@ -703,7 +767,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if args.streaming:  # plan from a streaming pass; the model is loaded afterwards only for surgery
         streamed_plan = _plan_streaming(args, ui, metric_name, planner, granularity, repair)
         if args.plan_only:
-            streamed_plan.save(out)
+            _save_plan(streamed_plan, out)
             ui.say(f"plan written to {out} (streaming: the model was never loaded whole)")
             if ui.json_mode:
                 ui.emit_json(
@@ -720,6 +784,10 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         given_plan = streamed_plan
     model, tok, _src = _load_model(ui, args.model, args)
     ir = inspect(model)
+    if given_plan is None and not uses_width(metric_name, granularity):
+        check_budget(
+            ir.restricted(args.scope), args.ratio, granularity
+        )  # parameter counts: before calibration
     cal_windows = None
     if args.calib is not None and (given_plan is None or given_plan.repair != "none"):
         cal_windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
@@ -838,7 +906,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     result["uniform"] = plan.is_uniform
 
     if args.plan_only:
-        plan.save(out)
+        _save_plan(plan, out)
         ui.say(f"plan written to {out}")
         result["written"] = "plan"
         if ui.json_mode:
@@ -930,11 +998,13 @@ def _plan_streaming(
     granularity: Granularity,
     repair: RepairName,
 ) -> Any:
-    from .planning import budget_params, plan_pruning, uses_width
+    from .planning import budget_params, check_budget, plan_pruning, uses_width
     from .plugins import get_metric
     from .width_scoring import WidthCurveObserver
 
     sm, tok = _open_streaming(ui, args.model)
+    if not uses_width(metric, granularity):
+        check_budget(sm.ir.restricted(args.scope), args.ratio, granularity)  # before the streaming pass
     windows = _windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
     if granularity != "expert":
         scoped = sm.ir.restricted(args.scope)
@@ -1245,10 +1315,17 @@ STREAMING_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loading import MODEL_ALIASES
-    from .planning import BEST, BEST_EXPERT, BEST_WIDTH, DEFAULT_ROUND_TO, GRANULARITIES
-    from .recovery import DEFAULT_HEAL_TEXTS
-    from .text import TEXT_ALIASES
+    from .defaults import (
+        BEST,
+        BEST_EXPERT,
+        BEST_SUBLAYER,
+        BEST_WIDTH,
+        DEFAULT_HEAL_TEXTS,
+        DEFAULT_ROUND_TO,
+        GRANULARITIES,
+        MODEL_ALIASES,
+        TEXT_ALIASES,
+    )
 
     text_help = _TEXT_HELP.format(aliases=", ".join(TEXT_ALIASES))
     model_help = _MODEL_HELP.format(aliases=", ".join(MODEL_ALIASES))
@@ -1270,7 +1347,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show INFO logs and third-party warnings/progress bars"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show INFO logs and third-party warnings, logs and progress bars (torch, torchao, transformers)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -1292,9 +1372,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "List every prunekit plugin (built-in and installed through the 'prunekit' entry-point group): "
             "name, version, the adapters, metrics and quantization formats it registers, and the plugins that "
-            "failed to load (with the error)."
+            "failed to load (with the error). The list comes from each plugin's catalog (its prunekit_catalog "
+            "hook), which needs no torch; --load builds everything the plugins register instead, as a command "
+            "that uses a model does, and checks each catalog against it."
         ),
-        epilog=_epilog("prunekit plugins", "prunekit plugins --json"),
+        epilog=_epilog("prunekit plugins", "prunekit plugins --json", "prunekit plugins --load"),
+    )
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="import every plugin fully and build what it registers (slower: imports torch); a plugin whose "
+        "registrations differ from its catalog is listed as failed",
     )
     p.set_defaults(func=cmd_plugins)
 
@@ -1445,7 +1533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        help="what may be removed: whole blocks, single sublayers (attention/MLP/MoE), channel groups inside "
+        help="what may be removed: whole blocks, single sublayers (attention/MLP/MoE; the default metric: "
+        f"{BEST_SUBLAYER['metric']}, repair {BEST_SUBLAYER['repair']}), channel groups inside "
         "sublayers (width: KV groups with their query heads, FFN channels), mixed: blocks and sublayers, "
         "plus channel groups when the metric scores them (the default metric for width and mixed: "
         f"{BEST_WIDTH['metric']}, repair {BEST_WIDTH['repair']}), or expert: whole experts of MoE layers, "
@@ -1624,11 +1713,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="prune SmolLM2-135M by 10%% end to end (a few minutes on a laptop CPU)",
         description=(
-            "On the real SmolLM2-135M (alias smollm2-135m): calibrate on c4, measure perplexity on wiki, prune "
+            "On the real SmolLM2-135M-Instruct (alias smollm2-135m, dequantized from its Q4_1 GGUF): calibrate on c4, measure perplexity on wiki, prune "
             "--ratio of the block parameters with prunekit's best planner, measure again, save to --out, reload "
             "the result (plain transformers for a whole-block plan, prunekit_core.load_pruned otherwise) and "
             "check its logits, and write scores.png (per-block BI and per-sublayer drop scores, removed units "
-            "highlighted). Timings are printed per step. --out is replaced only when it holds a previous "
+            "highlighted; the title names the method that chose them). Timings are printed per step. --out is replaced only when it holds a previous "
             "prunekit output."
         ),
         epilog=_epilog("prunekit demo", "prunekit demo --out /tmp/demo --ratio 0.2 --eval-windows 4 --json"),
@@ -1684,7 +1773,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_parsers(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
-    from .sweep import EXECUTORS
+    from .defaults import EXECUTORS
 
     p = sub.add_parser(
         "sweep",
@@ -1752,6 +1841,7 @@ def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
     from .sweep import load_sweep_config, plan_cells, run_sweep
 
     config = load_sweep_config(args.config)
+    _check_model(config.model)  # a missing folder fails here, not in every worker
     cells = plan_cells(config)
     ui.info(
         f"sweep: {len(cells)} cells ({len(config.ratios)} ratios, {len(config.methods)} methods, "

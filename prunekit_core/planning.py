@@ -19,12 +19,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, TypedDict, cast
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
 from .adapter import ArchitectureAdapter
+from .defaults import (
+    BEST,
+    BEST_EXPERT,
+    BEST_SUBLAYER,
+    BEST_WIDTH,
+    DEFAULT_ROUND_TO,
+    GRANULARITIES,
+)
 from .errors import PlanError
 from .ir import Block, ModelIR, Sublayer
 from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
@@ -39,31 +47,59 @@ PlannerName = Literal["rank", "greedy"]
 RepairName = Literal["none", "lsq"]
 
 
-class BestMethod(TypedDict):
-    """The choices :data:`BEST` fills."""
-
-    planner: PlannerName
-    metric: str
-    granularity: Granularity
-    repair: RepairName
-
-
-#: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
-BEST: BestMethod = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
-#: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
-BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
-#: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
-BEST_EXPERT: dict[str, str] = {"metric": "moe_pruner", "expert_allocation": "uniform"}
-GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer", "width", "mixed", "expert")
-DEFAULT_ROUND_TO = 32
-
-
 def budget_params(ir: ModelIR, ratio: float) -> int:
     if not 0.0 < ratio < 1.0:
         raise PlanError(
             f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
         )
     return math.ceil(ratio * ir.block_params())
+
+
+def budget_ceiling(ir: ModelIR, granularity: str) -> int | None:
+    """At most how many block parameters a plan at ``granularity`` can remove from ``ir``'s towers in scope,
+    from parameter counts alone (no calibration): the removable units, less what every tower must keep (a
+    tower keeps at least one block, and a block at least one sublayer when only sublayers go). An upper
+    bound: a budget above it is impossible. ``None`` for width and expert granularity (their ceilings
+    depend on channel rounding and router top-k; their planners check them)."""
+    if granularity not in ("block", "sublayer", "mixed"):
+        return None
+    total = 0
+    for tower in ir.towers:
+        if not ir.in_scope(tower.name) or not tower.blocks:
+            continue
+        whole = [b for b in tower.blocks if b.removable]
+        if granularity == "block":
+            total += sum(b.params for b in whole)
+            if whole and len(whole) == len(tower.blocks):
+                total -= min(b.params for b in whole)
+            continue
+        # sublayer / mixed: a block whose sublayers all go is removed whole (all its parameters)
+        subs = [s for b in tower.blocks if not b.removable for s in b.sublayers if s.removable]
+        total += sum(b.params for b in whole) + sum(s.params for s in subs)
+        if whole and len(whole) == len(tower.blocks):
+            total -= (
+                min(s.params for b in whole for s in b.sublayers) if any(b.sublayers for b in whole) else 0
+            )
+    return total
+
+
+def check_budget(ir: ModelIR, ratio: float, granularity: str) -> None:
+    """Raise :class:`PlanError` if ``ratio`` of ``ir``'s block parameters cannot be removed at
+    ``granularity`` (:func:`budget_ceiling`): decided from parameter counts, before any calibration."""
+    ceiling = budget_ceiling(ir, granularity)
+    if ceiling is None:
+        return
+    target = budget_params(ir, ratio)
+    if target > ceiling:
+        base = ir.block_params()
+        most = math.floor(ceiling / base * 1000) / 1000 if base else 0.0
+        raise PlanError(
+            f"--ratio {ratio:g} asks for {target:,} of the {base:,} block parameters, but at most {ceiling:,} "
+            f"can be removed at granularity {granularity} without removing every block of a tower (each keeps "
+            "at least one block"
+            + ("" if granularity == "block" else ", and a block that stays keeps a sublayer")
+            + f"): lower --ratio to {most:g} or less"
+        )
 
 
 def candidates_for(
@@ -143,7 +179,9 @@ def resolve_method(
 ) -> tuple[str, PlannerName, Granularity, Literal["none", "lsq"]]:
     """Fill unset planning choices and validate the combination (the CLI and the API share this).
 
-    With no metric named, every unset choice comes from :data:`BEST`. With a metric named, it runs as
+    With no metric named, every unset choice comes from :data:`BEST`, except the metric of a granularity
+    BEST's metric does not score (sublayer: :data:`BEST_SUBLAYER`; width and mixed: :data:`BEST_WIDTH`;
+    expert: :data:`BEST_EXPERT`). With a metric named, it runs as
     published: ``greedy`` for trial metrics and ``rank`` otherwise, the granularity the metric scores
     (:data:`BEST`'s for trial metrics), and no repair.
     """
@@ -152,6 +190,12 @@ def resolve_method(
     if metric is None and granularity in ("width", "mixed"):
         metric = BEST_WIDTH["metric"]
         repair = repair or BEST_WIDTH["repair"]
+    if (
+        metric is None and granularity == "sublayer"
+    ):  # BEST's metric scores blocks: take one that scores sublayers
+        metric = BEST_SUBLAYER["metric"]
+        planner = planner or BEST["planner"]
+        repair = repair or BEST_SUBLAYER["repair"]
     if metric is None:
         metric = BEST["metric"]
         planner = planner or BEST["planner"]
@@ -228,6 +272,8 @@ def plan_pruning(
     adapter = adapter or select_adapter(model)
     full_ir = adapter.build_ir(model)
     ir = full_ir.restricted(list(scope) if scope else None)
+    if not uses_width(metric, granularity):  # before any scoring: parameter counts decide it
+        check_budget(ir, ratio, granularity)
     plan = _plan_in_scope(
         model, calibration, ir, adapter, ratio, metric, granularity, planner, shortlist, trial_windows,
         loss_stride, on_step, repair, round_to, width_allocation, expert_allocation, top_k_policy, naive_trials,

@@ -35,12 +35,21 @@ def _set_scale(ax: Axes, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def plot_scores(block_scores: Scores, sublayer_scores: Scores, removed: list[str], path: str | Path) -> Path:
+def plot_scores(
+    block_scores: Scores,
+    sublayer_scores: Scores,
+    removed: list[str],
+    path: str | Path,
+    *,
+    chosen_by: str | None = None,
+) -> Path:
     """Write a PNG with two panels and return its path.
 
     Top: one bar per block (``block_scores``, e.g. BI). Bottom: one bar per sublayer (``sublayer_scores``,
     e.g. sublayer_drop), attention and MLP in two colors. Units in ``removed`` are drawn in red with a
-    hatch; sublayers of a removed block count as removed.
+    hatch; sublayers of a removed block count as removed. ``chosen_by`` names the method that chose the
+    removed units (``plan.method``, e.g. ``rank:angular``) when it is not the metric plotted: the title
+    says so.
     """
     import matplotlib
 
@@ -65,7 +74,8 @@ def plot_scores(block_scores: Scores, sublayer_scores: Scores, removed: list[str
             if b in removed_set:
                 bar.set_hatch("//")
         top.set_ylabel(f"{block_scores.metric} (higher = keep)")
-        top.set_title(f"per-block {block_scores.metric} scores; removed units in red")
+        chooser = f", chosen by {chosen_by}" if chosen_by else ""
+        top.set_title(f"per-block {block_scores.metric} scores; removed units in red{chooser}")
         _set_scale(top, ys)
 
         kinds: list[str] = []

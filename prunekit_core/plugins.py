@@ -4,6 +4,11 @@ Entry points of the ``prunekit`` group are loaded lazily (on first use of a regi
 each inside ``try/except``: a plugin that fails to import or to register is recorded in
 :func:`load_failures` and reported by ``prunekit plugins``; it never takes the tool down. Set
 ``PRUNEKIT_STRICT_PLUGINS=1`` to re-raise instead (useful while writing a plugin).
+
+:func:`catalog` answers ``prunekit plugins`` without building anything: a plugin that implements the
+``prunekit_catalog`` hook is listed from the names it declares there, so the listing imports no torch when
+the plugin's entry-point module imports its adapters and metrics inside its register hooks (every plugin
+shipped with prunekit does). A full load checks each catalog against what the plugin registers.
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
-from torch import nn
 
 from . import hookspecs
-from .adapter import ArchitectureAdapter
 from .errors import AmbiguousAdapterError, PluginError, UnknownMetricError, UnsupportedModelError
-from .metrics import ImportanceMetric
-from .quant import QuantFormat
+
+if TYPE_CHECKING:  # imported where used: listing the plugins (catalog) needs no torch
+    from torch import nn
+
+    from .adapter import ArchitectureAdapter
+    from .metrics import ImportanceMetric
+    from .quant import QuantFormat
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,47 @@ BUILTIN_MODULES = (
     "prunekit_core.builtin.metrics",
     "prunekit_core.builtin.quant_formats",
 )
+#: What the built-in plugins register, by name: the catalog the ``prunekit_catalog`` hook gives for a
+#: third-party plugin (the built-in modules import torch at their top, so they are not imported to list
+#: them). A full load checks each table against what its module registers.
+BUILTIN_CATALOGS: dict[str, dict[str, list[str]]] = {
+    "prunekit_core.builtin.adapters": {"adapters": ["generic"]},
+    "prunekit_core.builtin.metrics": {
+        "metrics": [
+            "bi",
+            "bi_lsq",
+            "angular",
+            "sublayer_drop",
+            "nri",
+            "sleb",
+            "magnitude",
+            "wanda",
+            "taylor",
+            "obs",
+        ]
+    },
+    "prunekit_core.builtin.quant_formats": {
+        "quant_formats": [
+            "mxfp8_e4m3",
+            "mxfp8_e5m2",
+            "mxfp6_e3m2",
+            "mxfp6_e2m3",
+            "mxfp4",
+            "mxint8",
+            "int8",
+            "int8_g128",
+            "int4_g32",
+            "int4_g64",
+            "int4_g128",
+            "int4a_g128",
+            "fp6_llm",
+            "splitquant3_int4_g128",
+            "splitquant3_int4_g128_idx",
+        ]
+    },
+}
+#: the keys of a catalog, and of PluginInfo's lists
+CATALOG_KEYS = ("adapters", "metrics", "quant_formats")
 
 
 @dataclass
@@ -120,21 +169,14 @@ class _Registry:
             self.pm.register(module, name=f"{name}:{module_name}")
             try:
                 self._collect(module, staged)
+                declared = BUILTIN_CATALOGS.get(module_name) if builtin else read_catalog(module)
+                if declared is not None:
+                    _check_catalog(declared, staged)
             except BaseException:
                 self.pm.unregister(module)
                 raise
         except (Exception, SystemExit) as exc:  # a broken plugin is reported, not fatal
-            if os.environ.get("PRUNEKIT_STRICT_PLUGINS") == "1":
-                raise
-            log.warning("prunekit plugin %s (%s) failed to load: %s", name, module_name, exc)
-            self.failures.append(
-                LoadFailure(
-                    name=name,
-                    module=module_name,
-                    error=f"{type(exc).__name__}: {exc}",
-                    traceback=traceback.format_exc(),
-                )
-            )
+            self.failures.append(_failure(name, module_name, exc))
             return
         for key, obj in staged["adapters"]:
             self.adapters[key] = (obj, name)
@@ -165,6 +207,9 @@ class _Registry:
 
     def _collect(self, module: ModuleType, staged: dict[str, list[tuple[str, Any]]]) -> None:
         """Call the module's hooks (only that module's) and validate what it registers."""
+        from .adapter import ArchitectureAdapter
+        from .metrics import ImportanceMetric
+        from .quant import QuantFormat
 
         def registrar(kind: str, base: type, table: dict[str, Any]) -> Callable[[Any], None]:
             def register(obj: Any) -> None:
@@ -191,6 +236,51 @@ class _Registry:
             if impl is None:
                 continue
             impl(register=registrar(kind, base, table))
+
+
+def _failure(name: str, module_name: str, exc: BaseException) -> LoadFailure:
+    """Record a plugin that failed to load (re-raised under ``PRUNEKIT_STRICT_PLUGINS=1``)."""
+    if os.environ.get("PRUNEKIT_STRICT_PLUGINS") == "1":
+        raise exc
+    log.warning("prunekit plugin %s (%s) failed to load: %s", name, module_name, exc)
+    return LoadFailure(
+        name=name, module=module_name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+    )
+
+
+def read_catalog(module: ModuleType) -> dict[str, list[str]] | None:
+    """The names ``module``'s ``prunekit_catalog`` hook declares, by kind (``None`` without the hook).
+
+    Raises :class:`PluginError` for a catalog that is not a mapping of ``adapters``, ``metrics`` and
+    ``quant_formats`` to lists of names.
+    """
+    impl = getattr(module, "prunekit_catalog", None)
+    if impl is None:
+        return None
+    raw = impl()
+    if not isinstance(raw, dict) or not set(raw) <= set(CATALOG_KEYS):
+        raise PluginError(
+            f"prunekit_catalog must return a dict with keys among {', '.join(CATALOG_KEYS)}, got {raw!r}"
+        )
+    table: dict[str, list[str]] = {}
+    for key in CATALOG_KEYS:
+        names = raw.get(key, [])
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise PluginError(f"prunekit_catalog[{key!r}] must be a list of names, got {names!r}")
+        table[key] = list(names)
+    return table
+
+
+def _check_catalog(declared: dict[str, list[str]], staged: dict[str, list[tuple[str, Any]]]) -> None:
+    """Raise :class:`PluginError` unless the plugin registered exactly the names its catalog declares."""
+    for key, kind in zip(CATALOG_KEYS, ("adapters", "metrics", "formats"), strict=True):
+        registered = [k for k, _ in staged[kind]]
+        listed = declared.get(key, [])
+        if sorted(registered) != sorted(listed):
+            raise PluginError(
+                f"the plugin registers {key} {registered} but its catalog (prunekit_catalog) lists {listed}: "
+                "make the catalog name exactly what the register hooks register"
+            )
 
 
 _REGISTRY = _Registry()
@@ -241,6 +331,48 @@ class _env_strict:
 def plugins() -> list[PluginInfo]:
     """Every plugin that loaded, built-ins first."""
     return list(_registry().plugins)
+
+
+def catalog() -> tuple[list[PluginInfo], list[LoadFailure]]:
+    """Every plugin and what it registers, by name, and the plugins that failed: what ``prunekit plugins``
+    lists, made without building any adapter, metric or format.
+
+    Each built-in is listed from :data:`BUILTIN_CATALOGS` and each entry point from its module's
+    ``prunekit_catalog`` hook (importing the entry-point module only). A plugin without that hook needs
+    the full load, which then answers for all (as :func:`plugins` and :func:`load_failures` do); so does a
+    registry that is already loaded. The full load checks every catalog against the registrations;
+    ``prunekit plugins --load`` runs it.
+    """
+    if _REGISTRY.loaded:
+        return plugins(), load_failures()
+    infos: list[PluginInfo] = []
+    failures: list[LoadFailure] = []
+    for mod in BUILTIN_MODULES:
+        table = BUILTIN_CATALOGS.get(mod)
+        if table is None:
+            return plugins(), load_failures()
+        name = mod.rsplit(".", 1)[-1]
+        infos.append(PluginInfo(name=name, module=mod, version=None, builtin=True, **_lists(table)))
+    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        version = ep.dist.version if ep.dist is not None else None
+        try:
+            module = ep.load()
+            if not isinstance(module, ModuleType):
+                raise PluginError(f"entry point {ep.name!r} must name a module, got {type(module).__name__}")
+            table = read_catalog(module)
+        except (Exception, SystemExit) as exc:  # reported as the full load reports it
+            failures.append(_failure(ep.name, ep.value, exc))
+            continue
+        if table is None:
+            return plugins(), load_failures()
+        infos.append(
+            PluginInfo(name=ep.name, module=ep.value, version=version, builtin=False, **_lists(table))
+        )
+    return infos, failures
+
+
+def _lists(table: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {key: list(table.get(key, [])) for key in CATALOG_KEYS}
 
 
 def load_failures() -> list[LoadFailure]:

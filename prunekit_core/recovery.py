@@ -26,13 +26,11 @@ import torch
 from torch import nn
 
 from .adapter import get_module
+from .defaults import DEFAULT_HEAL_TEXTS
 from .errors import CalibrationError, PlanError
 from .ir import ModelIR
 
 log = logging.getLogger(__name__)
-
-#: Packaged texts used for healing by default: English prose the evaluation text (wiki) is not part of.
-DEFAULT_HEAL_TEXTS = ("c4", "technical", "tiny")
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def new_plugin(
         "pyproject.toml": _pyproject(name, package, model_class),
         "README.md": _readme(name, package, model_class),
         f"{package}/__init__.py": _init(name, package, adapter_class, model_class),
-        f"{package}/plugin.py": _plugin(adapter_class),
+        f"{package}/plugin.py": _plugin(name, adapter_class),
         f"{package}/adapter.py": _adapter(name, adapter_class, model_class, layout, branches),
         "tests/conftest.py": _CONFTEST,
         f"tests/test_{name}_conformance.py": _test(
@@ -224,15 +224,33 @@ prunekit's docs/plugins/writing-a-plugin.md).
 def _init(name: str, package: str, adapter_class: str, model_class: str) -> str:
     return f'''"""prunekit plugin for {model_class} (package {package})."""
 
-from .adapter import {adapter_class}
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .adapter import {adapter_class}
 
 __all__ = ["{adapter_class}"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import the adapter on first use: `prunekit plugins` imports this package without torch."""
+    if name == "{adapter_class}":
+        from .adapter import {adapter_class}
+
+        return {adapter_class}
+    raise AttributeError(f"module {{__name__!r}} has no attribute {{name!r}}")
 '''
 
 
-def _plugin(adapter_class: str) -> str:
-    return f'''"""Entry point module: registers the adapter with prunekit."""
+def _plugin(name: str, adapter_class: str) -> str:
+    return f'''"""Entry point module: registers the adapter with prunekit.
+
+Its top imports nothing heavy (the adapter is imported inside the hook), so `prunekit plugins` lists the
+plugin from its catalog without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -241,11 +259,16 @@ from typing import Any
 
 from prunekit_core import hookimpl
 
-from .adapter import {adapter_class}
+
+@hookimpl
+def prunekit_catalog() -> dict[str, list[str]]:
+    return {{"adapters": ["{name}"]}}
 
 
 @hookimpl
 def prunekit_register_adapters(register: Callable[[Any], Any]) -> None:
+    from .adapter import {adapter_class}
+
     register({adapter_class}())
 '''
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .defaults import EXECUTORS
 from .errors import PrunekitError
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 Executor = Literal["local", "serial", "ray"]
-EXECUTORS = ("local", "serial", "ray")
 
 # Only for tests of kill-and-resume: seconds each cell sleeps after its work, so a kill lands mid-sweep.
 DELAY_ENV = "PRUNEKIT_SWEEP_CELL_DELAY"

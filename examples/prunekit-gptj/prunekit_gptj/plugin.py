@@ -1,4 +1,8 @@
-"""Entry point module: registers the adapter with prunekit."""
+"""Entry point module: registers the adapter with prunekit.
+
+Its top imports nothing heavy (the adapter is imported inside the hook), so `prunekit plugins` lists the
+plugin from its catalog without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from typing import Any
 
 from prunekit_core import hookimpl
 
-from .adapter import GptjAdapter
+
+@hookimpl
+def prunekit_catalog() -> dict[str, list[str]]:
+    return {"adapters": ["gptj"]}
 
 
 @hookimpl
 def prunekit_register_adapters(register: Callable[[Any], Any]) -> None:
+    from .adapter import GptjAdapter
+
     register(GptjAdapter())

@@ -1,4 +1,8 @@
-"""Entry point module: registers the Llama-family adapter with prunekit."""
+"""Entry point module: registers the Llama-family adapter with prunekit.
+
+The top imports nothing heavy (adapters and metrics are imported inside the hooks), so `prunekit plugins`
+lists the plugin from its catalog without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from typing import Any
 
 from prunekit_core import hookimpl
 
-from .adapter import LlamaFamilyAdapter
+
+@hookimpl
+def prunekit_catalog() -> dict[str, list[str]]:
+    return {"adapters": ["llama"]}
 
 
 @hookimpl
 def prunekit_register_adapters(register: Callable[[Any], Any]) -> None:
+    from .adapter import LlamaFamilyAdapter
+
     register(LlamaFamilyAdapter())
