@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama
 from prunekit_llama import LlamaFamilyAdapter
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from prunekit_core.checkpoint import ALLOCATOR_ALIGNMENT, align_weights, load_pruned, save_pruned
 from prunekit_core.plan import PrunePlan, fingerprint
@@ -28,19 +29,6 @@ from prunekit_core.testing import (
     assert_same_weights,
     kernel_tolerance,
 )
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_mixtral() -> MixtralForCausalLM:
@@ -91,7 +79,7 @@ def misaligned(model: torch.nn.Module) -> list[str]:
 
 def test_load_pruned_returns_aligned_tensors(tmp_path: Path) -> None:
     """A reload's tensors start where the CPU allocator's do, whatever offsets the file has."""
-    model = tiny_llama()
+    model = tiny_llama(layers=3, tied=False)
     adapter = LlamaFamilyAdapter()
     plan = PrunePlan(fingerprint=fingerprint(model, adapter.build_ir(model)), remove=["text.blocks.1.attn"])
     apply_plan(model, plan, adapter=adapter)
@@ -124,9 +112,7 @@ def test_align_weights_restores_the_in_memory_kernels() -> None:
 
 
 def test_align_weights_keeps_ties_and_strides() -> None:
-    model = tiny_llama()
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
+    model = tiny_llama(layers=3, tied=True)
     with torch.no_grad():
         w = model.model.layers[0].mlp.down_proj.weight
         w.data = w.data.t().contiguous().t()  # a transposed (non-contiguous) layout
@@ -178,7 +164,7 @@ def test_kernel_tolerance_is_derived_from_the_dtype() -> None:
 
 def test_non_contiguous_weights_compute_within_tolerance() -> None:
     """A transposed weight layout (another GEMM path) computes the same function within tolerance."""
-    model, x = tiny_llama(), ids(64)
+    model, x = tiny_llama(layers=3, tied=False), ids(128)
     want = _logits(model, x)
     with torch.no_grad():
         for layer in model.model.layers:
