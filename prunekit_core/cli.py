@@ -620,11 +620,12 @@ def _heal_lora(
             steps=args.lora_steps,
             batch_size=args.lora_batch,
             seed=args.seed,
-            progress=_bars(),
+            progress=True,  # a bar on a terminal, else a line every 10 s: training is never silent
         )
     ui.say(
         f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
-        f"{report.loss_last:.3f}, {report.wall_s:.1f} s; merged into the weights"
+        f"{report.loss_last:.3f}, {report.wall_s:.1f} s ({report.steps_per_s:.2f} steps/s, {report.precision}, "
+        f"{report.threads} threads); merged into the weights"
     )
     return model, report.as_dict()
 
