@@ -150,7 +150,7 @@ class _HealProgress:
 
             self.bar = Progress(
                 TextColumn("LoRA healing"),
-                BarColumn(),
+                BarColumn(bar_width=20),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),
@@ -164,16 +164,18 @@ class _HealProgress:
     def _line(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def status(self, step: int, loss: float) -> str:
-        """``loss 3.412, 0.21 steps/s (4.8 s/step), 2 threads, load 1.9 on 2 cores, 7.0 min left``."""
+    def status(self, step: int, loss: float, *, short: bool = False) -> str:
+        """``loss 3.412, 0.21 steps/s (4.8 s/step), 2 threads, load 1.9 on 2 cores, 7.0 min left``.
+
+        ``short``: loss and speed only (the bar has the step and the time).
+        """
         wall = time.perf_counter() - self.t0
         rate = step / wall if wall > 0 else 0.0
+        parts = [f"loss {loss:.3f}", f"{rate:.2f} steps/s ({1 / rate if rate else math.inf:.1f} s/step)"]
+        if short:
+            return ", ".join(parts)
+        parts.append(f"{self.threads} thread{'s' if self.threads > 1 else ''}")
         load = load_average()
-        parts = [
-            f"loss {loss:.3f}",
-            f"{rate:.2f} steps/s ({1 / rate if rate else math.inf:.1f} s/step)",
-            f"{self.threads} thread{'s' if self.threads > 1 else ''}",
-        ]
         if load is not None:
             parts.append(f"load {load:.1f} on {self.cores} cores")
         if step < self.steps and rate > 0:
@@ -184,7 +186,7 @@ class _HealProgress:
         """After ``step`` (1-based) steps, the last with ``loss``."""
         now = time.perf_counter()
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, status=self.status(step, loss))
+            self.bar.update(self.task, completed=step, status=self.status(step, loss, short=True))
         elif step in (1, self.steps) or now - self.last >= self.every:
             self._line(f"LoRA healing step {step}/{self.steps}: {self.status(step, loss)}")
             self.last = now
