@@ -1194,7 +1194,7 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
         type=_positive("--lora-steps"),
         default=110,
         metavar="N",
-        help="LoRA steps (default 110: under 6 minutes for SmolLM2-135M on 2 CPU cores)",
+        help="LoRA steps (default 110; bench/lora_speed.py times a step on this machine)",
     )
     p.add_argument(
         "--lora-lr", type=float, default=1e-3, metavar="LR", help="LoRA learning rate (default 1e-3)"
