@@ -625,7 +625,7 @@ def _heal_lora(
     ui.say(
         f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
         f"{report.loss_last:.3f}, {report.wall_s:.1f} s ({report.steps_per_s:.2f} steps/s, {report.precision}, "
-        f"{report.threads} threads); merged into the weights"
+        f"{report.threads} thread{'s' if report.threads != 1 else ''}); merged into the weights"
     )
     return model, report.as_dict()
 
