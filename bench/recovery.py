@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             calib.numel() + rep.tokens,
             best.remove,
             f"{rep.wall_s / rep.steps:.2f} s/step ({rep.steps_per_s:.3f} steps/s), {rep.precision}, "
-            f"{rep.threads} threads",
+            f"{rep.threads} thread{'s' if rep.threads != 1 else ''}",
         )
         del m
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; total {(time.perf_counter() - t0) / 60:.1f} min.",
         f"CPU {host['cpu']} ({', '.join(cast(list[str], host['extensions']))}; "
         f"torch {host['torch_cpu_capability']}), "
-        f"{host['cores']} cores, load {host['load']} at the start.",
+        f"{host['cores']} cores, load {host['load']:.1f} at the start.",
         "",
         "| budget | method | removed | perplexity | vs ShortGPT BI | recovery s | tokens used | LoRA speed |",
         "|---|---|---|---|---|---|---|---|",
