@@ -17,7 +17,7 @@ elsewhere it trains in fp32. ``progress=True`` reports step, loss, steps per sec
 machine's load on stderr: a bar on a terminal, a line every ``progress_every`` seconds otherwise. Training
 with several threads on a machine whose cores other processes also use can be several times slower than
 with one thread (each parallel region waits for its slowest thread): the first progress line says so when
-the load average exceeds the cores. The training text must be neither the calibration nor the
+the load average exceeds this process's threads by ``BUSY_MARGIN``. The training text must be neither the calibration nor the
 evaluation text; :func:`training_windows` cuts it from the packaged corpora.
 
 The closed-form ``repair`` recovery is the least-squares fold of :mod:`prunekit_core.repair` (``--repair
@@ -88,6 +88,10 @@ def lora_targets(model: nn.Module, ir: ModelIR) -> list[str]:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
+#: Load beyond this process's own threads from which healing calls the machine busy (other processes keep
+#: most of a core running).
+BUSY_MARGIN = 0.75
+
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (``avx512_bf16`` or AMX), per oneDNN."""
@@ -138,11 +142,12 @@ class _HealProgress:
         self.last = -math.inf
         self.bar: Any = None
         load = load_average()
-        if load is not None and self.threads > 1 and load > self.cores + 1:
+        # this process's threads account for about `threads` of the load: more means other work competes
+        if load is not None and self.threads > 1 and load > min(self.threads, self.cores) + BUSY_MARGIN:
             self._line(
-                f"LoRA healing: the machine is busy (load {load:.1f} on {self.cores} cores); {self.threads} "
-                "threads each wait for the slowest at every step, so one thread (OMP_NUM_THREADS=1) can be "
-                "several times faster here"
+                f"LoRA healing: the machine is busy (load {load:.1f} on {self.cores} cores, {self.threads} "
+                "torch threads here); each step waits for the slowest thread, so one thread "
+                "(OMP_NUM_THREADS=1) can be several times faster on a shared machine"
             )
         if sys.stderr.isatty():
             from rich.console import Console

@@ -135,9 +135,21 @@ def test_busy_machine_is_named_in_the_progress(
     torch.set_num_threads(2)  # the autouse fixture restores the caller's count
     heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
     err = capsys.readouterr().err
-    assert "the machine is busy (load 9.5 on 2 cores)" in err and "OMP_NUM_THREADS=1" in err, err
+    assert (
+        "the machine is busy (load 9.5 on 2 cores, 2 torch threads here)" in err
+        and "OMP_NUM_THREADS=1" in err
+    ), err
     assert "load 9.5 on 2 cores" in err.splitlines()[-1]
-    torch.set_num_threads(1)  # one thread on the same busy machine: nothing to advise
+    monkeypatch.setattr(recovery, "load_average", lambda: 3.0)  # another process keeps a core busy
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    assert "the machine is busy (load 3.0 on 2 cores, 2 torch threads here)" in capsys.readouterr().err
+    monkeypatch.setattr(recovery, "load_average", lambda: 2.2)  # about this run's own 2 threads: quiet
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    assert "busy" not in capsys.readouterr().err
+    torch.set_num_threads(1)  # one thread on a busy machine: nothing to advise
+    monkeypatch.setattr(recovery, "load_average", lambda: 9.5)
     model, ids = _pruned()
     heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
     assert "busy" not in capsys.readouterr().err
