@@ -5,7 +5,9 @@ from the start, as bench/depth_pruning.py), fp32. Budgets are fractions of the d
 Rows per budget: ShortGPT Block Influence unhealed (the reference), prunekit's best plan (angular span)
 without recovery, with the least-squares repair (``--recover repair``; adds no parameters), and with repair
 then LoRA healing (``--recover lora``) on the packaged c4 (after the calibration tokens), technical and
-tiny texts — never the evaluation text. Wall time and training tokens are printed for each recovery.
+tiny texts — never the evaluation text. Wall time and training tokens are printed for each recovery, and
+LoRA's seconds per step, precision and threads, under a header naming the CPU, cores and load
+(``bench/lora_speed.py`` times the steps alone, in a minute or two).
 
     python bench/recovery.py                          # full protocol (about 14 minutes on 2 cores)
     python bench/recovery.py --lora-steps 40 --eval-windows 4 --ratios 0.1   # quicker, noisier
@@ -19,13 +21,17 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.recovery import DEFAULT_HEAL_TEXTS, heal_lora, training_windows  # noqa: E402
+from prunekit_core.recovery import DEFAULT_HEAL_TEXTS, PRECISIONS, heal_lora, training_windows  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_speed import machine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-batch", type=int, default=4)
     ap.add_argument("--lora-seq-len", type=int, default=256)
+    ap.add_argument("--lora-precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "recovery.md"))
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
+    host = machine()
+    print(json.dumps({"machine": host}), file=sys.stderr, flush=True)
     model, tok, _ = pk.load_model(args.model)
     calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=args.calib_windows).ids
     evalw = pk.load_windows(tok, "wiki", seq_len=1024, num_windows=args.eval_windows).ids
@@ -59,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def row(
-        ratio: float, label: str, m: torch.nn.Module, recover_s: float, tokens: int, removed: list[str]
+        ratio: float,
+        label: str,
+        m: torch.nn.Module,
+        recover_s: float,
+        tokens: int,
+        removed: list[str],
+        lora: str = "",
     ) -> None:
         ppl = pk.perplexity(m, evalw).perplexity
         rows.append(
@@ -70,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recover_s": recover_s,
                 "tokens": tokens,
                 "removed": removed,
+                "lora": lora,
             }
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.lora_steps,
             batch_size=args.lora_batch,
             seed=0,
+            precision=args.lora_precision,
+            progress=True,
         )
         row(
             ratio,
@@ -107,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             rep_s + rep.wall_s,
             calib.numel() + rep.tokens,
             best.remove,
+            f"{rep.wall_s / rep.steps:.2f} s/step ({rep.steps_per_s:.3f} steps/s), {rep.precision}, "
+            f"{rep.threads} thread{'s' if rep.threads != 1 else ''}",
         )
         del m
 
@@ -114,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         f"Baseline {base:.2f} on {evalw.shape[0]} x {evalw.shape[1]} wiki tokens; calibration {calib.shape[0]} x 256 "
         f"c4 tokens; healing texts {', '.join(DEFAULT_HEAL_TEXTS)} (c4 after the calibration tokens); "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; total {(time.perf_counter() - t0) / 60:.1f} min.",
+        f"CPU {host['cpu']} ({', '.join(cast(list[str], host['extensions']))}; "
+        f"torch {host['torch_cpu_capability']}), "
+        f"{host['cores']} cores, load {host['load']:.1f} at the start.",
         "",
-        "| budget | method | removed | perplexity | vs ShortGPT BI | recovery s | tokens used |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | method | removed | perplexity | vs ShortGPT BI | recovery s | tokens used | LoRA speed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = next(x["ppl"] for x in rows if x["ratio"] == r["ratio"] and x["label"].startswith("ShortGPT"))
         lines.append(
             f"| {r['ratio']:.0%} | {r['label']} | {', '.join(u.rsplit('.', 1)[-1] for u in r['removed'])} | "
-            f"{r['ppl']:.2f} | {r['ppl'] / ref:.3f}x | {r['recover_s']:.1f} | {r['tokens']:,} |"
+            f"{r['ppl']:.2f} | {r['ppl'] / ref:.3f}x | {r['recover_s']:.1f} | {r['tokens']:,} | {r['lora']} |"
         )
     table = "\n".join(lines) + "\n"
     print(table)

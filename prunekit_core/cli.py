@@ -690,11 +690,12 @@ def _heal_lora(
             steps=args.lora_steps,
             batch_size=args.lora_batch,
             seed=args.seed,
-            progress=_bars(),
+            progress=True,  # a bar on a terminal, else a line every 10 s: training is never silent
         )
     ui.say(
         f"LoRA healing: {report.steps} steps, {report.tokens:,} tokens, loss {report.loss_first:.3f} -> "
-        f"{report.loss_last:.3f}, {report.wall_s:.1f} s; merged into the weights"
+        f"{report.loss_last:.3f}, {report.wall_s:.1f} s ({report.steps_per_s:.2f} steps/s, {report.precision}, "
+        f"{report.threads} thread{'s' if report.threads != 1 else ''}); merged into the weights"
     )
     return model, report.as_dict()
 
@@ -1281,7 +1282,7 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
         type=_positive("--lora-steps"),
         default=110,
         metavar="N",
-        help="LoRA steps (default 110: under 6 minutes for SmolLM2-135M on 2 CPU cores)",
+        help="LoRA steps (default 110; bench/lora_speed.py times a step on this machine)",
     )
     p.add_argument(
         "--lora-lr", type=float, default=1e-3, metavar="LR", help="LoRA learning rate (default 1e-3)"

@@ -89,6 +89,108 @@ def test_healed_model_saves_records_and_reloads(tmp_path: Path) -> None:
         torch.testing.assert_close(again(input_ids=ids).logits, healed(input_ids=ids).logits, atol=0, rtol=0)
 
 
+def test_progress_lines_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped logs get plain lines with step, loss and speed: the first and last step, then every N s."""
+    model, ids = _pruned()
+    _, report = heal_lora(model, ids, rank=4, steps=5, lr=1e-2, progress=True, progress_every=3600.0)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("LoRA healing step")]
+    assert [ln.split(":")[0] for ln in lines] == ["LoRA healing step 1/5", "LoRA healing step 5/5"]
+    last = lines[-1]
+    assert "steps/s (" in last and "s/step)" in last and "1 thread" in last, last
+    assert report.steps_per_s > 0 and report.threads == 1
+
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=4, lr=1e-2, progress=True, progress_every=0.0)
+    steps = [ln.split(":")[0] for ln in capsys.readouterr().err.splitlines() if ln.startswith("LoRA")]
+    assert steps == [f"LoRA healing step {i}/4" for i in range(1, 5)]
+
+
+def test_progress_line_reports_loss_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    model, ids = _pruned()
+    seen: list[tuple[int, float]] = []
+    heal_lora(
+        model,
+        ids,
+        rank=4,
+        steps=2,
+        lr=1e-2,
+        progress=True,
+        progress_every=0.0,
+        on_step=lambda s, loss: seen.append((s, loss)),
+    )
+    err = capsys.readouterr().err
+    assert [s for s, _ in seen] == [1, 2]
+    for step, loss in seen:
+        assert f"LoRA healing step {step}/2: loss {loss:.3f}, " in err, err
+
+
+def test_busy_machine_is_named_in_the_progress(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prunekit_core import recovery
+
+    model, ids = _pruned()
+    monkeypatch.setattr(recovery, "load_average", lambda: 9.5)
+    monkeypatch.setattr(recovery, "cpu_cores", lambda: 2)
+    torch.set_num_threads(2)  # the autouse fixture restores the caller's count
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    err = capsys.readouterr().err
+    assert (
+        "the machine is busy (load 9.5 on 2 cores, 2 torch threads here)" in err
+        and "OMP_NUM_THREADS=1" in err
+    ), err
+    assert "load 9.5 on 2 cores" in err.splitlines()[-1]
+    monkeypatch.setattr(recovery, "load_average", lambda: 3.0)  # another process keeps a core busy
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    assert "the machine is busy (load 3.0 on 2 cores, 2 torch threads here)" in capsys.readouterr().err
+    monkeypatch.setattr(recovery, "load_average", lambda: 2.2)  # about this run's own 2 threads: quiet
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    assert "busy" not in capsys.readouterr().err
+    torch.set_num_threads(1)  # one thread on a busy machine: nothing to advise
+    monkeypatch.setattr(recovery, "load_average", lambda: 9.5)
+    model, ids = _pruned()
+    heal_lora(model, ids, rank=4, steps=1, lr=1e-2, progress=True)
+    assert "busy" not in capsys.readouterr().err
+
+
+def test_precision_fp32_and_bf16() -> None:
+    """bf16 runs the steps under bfloat16 autocast (a different, still healing, trajectory); fp32 does not."""
+    runs = {}
+    for precision in ("fp32", "bf16", "fp32"):
+        model, ids = _pruned()
+        with torch.no_grad():
+            before = float(model(input_ids=ids, labels=ids).loss)
+        healed, report = heal_lora(model, ids, rank=4, steps=30, lr=1e-2, precision=precision)
+        assert report.precision == precision
+        with torch.no_grad():
+            after = float(healed(input_ids=ids, labels=ids).loss)
+        assert after < before - 0.1, (precision, before, after)
+        assert report.merge_max_abs_diff < 1e-4
+        assert all(p.dtype == torch.float32 for p in healed.parameters())
+        state = healed.state_dict()
+        if precision in runs:  # the same precision again: bitwise the same
+            assert all(torch.equal(state[k], runs[precision][k]) for k in state)
+        runs[precision] = state
+    assert any(not torch.equal(runs["fp32"][k], runs["bf16"][k]) for k in runs["fp32"])
+    with pytest.raises(PlanError, match="precision must be one of auto, fp32, bf16"):
+        heal_lora(_pruned()[0], ids, precision="fp16")
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit_core import recovery
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(recovery, "native_bf16", lambda native=native: native)
+        assert recovery.resolve_precision("auto", cpu) == expected
+        assert recovery.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(recovery, "native_bf16", lambda: True)
+    model, ids = _pruned()
+    assert heal_lora(model, ids, rank=4, steps=1, lr=1e-2)[1].precision == "bf16"
+
+
 def test_bad_options_and_texts_are_clear_errors() -> None:
     model, ids = _pruned()
     with pytest.raises(PlanError, match="positive"):
@@ -157,9 +259,13 @@ def test_cli_prune_recover_lora_records_and_reloads(
     lora = ["--recover", "lora", "--lora-text", heal, "--lora-steps", "3", "--lora-seq-len", "16"]
     args = _prune_argv(model, calib, out, "--metric", "bi", *lora)
     code = main([*args, "--json"])
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     assert code == 0
     assert data["recovery"]["method"] == "lora" and data["recovery"]["tokens"] == 3 * 4 * 16
+    # piped stderr still shows the training: the first and last step with loss and speed
+    assert "LoRA healing step 1/3: loss " in captured.err and "LoRA healing step 3/3: loss " in captured.err
+    assert data["recovery"]["steps_per_s"] > 0 and "steps/s" in captured.err
     saved = json.loads((out / "plan.json").read_text())
     assert saved["recovery"] == data["recovery"]
     again = pk.load_pruned(out)
