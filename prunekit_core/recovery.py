@@ -94,7 +94,8 @@ BUSY_MARGIN = 0.75
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (``avx512_bf16`` or AMX), per oneDNN."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN's query
         return False
 
