@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def check_parents(out: Path) -> None:
     """Raise :class:`CheckpointError` unless the missing folders above ``out`` can be created: the nearest
     existing one must be a folder. Creates nothing (see :func:`make_parents`)."""
-    for parent in out.absolute().parents:
+    for parent in Path(os.path.normpath(out.absolute())).parents:
         if parent.exists():
             if not parent.is_dir():
                 raise CheckpointError(f"{parent} is a file, not a folder: {out} cannot be written under it")
@@ -141,13 +142,16 @@ def check_parents(out: Path) -> None:
 
 
 def make_parents(out: Path) -> list[Path]:
-    """Create the missing folders above ``out`` (as every Hugging Face tool does); returns them, outermost
-    first, so that a failed write can take them away again with :func:`remove_made`."""
-    missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
-    made = []
+    """Create the missing folders above ``out`` (as every Hugging Face tool does); returns the ones this
+    call created, outermost first, so that a failed write can take them away again with
+    :func:`remove_made`. A folder that appears meanwhile (another save, ``..`` in the path) is not ours."""
+    made: list[Path] = []
     try:
-        for folder in missing:
-            folder.mkdir()
+        for folder in reversed(Path(os.path.normpath(out.absolute())).parents):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
             made.append(folder)
     except BaseException:
         remove_made(made)
@@ -409,8 +413,9 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     The guard that makes plain ``from_pretrained`` refuse a non-uniform folder (:data:`PLAIN_LOAD_GUARD`)
     is dropped from the config; folders saved before it existed load the same way.
     The returned model is in eval mode; ``model._prunekit_plan`` holds the plan when the folder has one.
-    Its tensors are in aligned memory of their own (:func:`align_weights`), so it computes bitwise what the
-    model that was saved computed in memory, on any CPU.
+    Its tensors are in aligned memory of their own (:func:`align_weights`; one copy of the weights, in
+    memory as it would be without the memory map), so on the same thread count it runs the kernels the
+    saved model ran in memory, and computes bitwise what it computed, whatever CPU picks by alignment.
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM

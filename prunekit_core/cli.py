@@ -357,8 +357,13 @@ def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
         for f in failures:
             fail.add_row(f["name"], f["module"], f["error"])
         ui.table(fail)
-    else:
+    elif args.load:
         ui.say("no plugin failed to load")
+    else:
+        ui.say(
+            "no entry-point module failed to import; `prunekit plugins --load` also imports the adapters and "
+            "metrics each plugin registers (and imports torch)"
+        )
     return EXIT_OK
 
 

@@ -174,8 +174,13 @@ def _path_like(spec: str) -> str:
     return ""
 
 
+#: hub ids :func:`check_hub_model` found in this process: the CLI checks before loading and the loader
+#: checks again, and a sweep loads the same model in every cell; each is looked up once
+_HUB_IDS_FOUND: set[str] = set()
+
+
 def check_hub_model(source: ModelSource, *, timeout: float = 10.0) -> None:
-    """Look a hub id up once, without retries, before anything is downloaded.
+    """Look a hub id up once (per process), without retries, before anything is downloaded.
 
     Raises :class:`ModelNotFoundError` at once when the hub says there is no such model, or when the hub
     cannot be reached and nothing of the model is in the local hub cache (transformers would otherwise
@@ -190,9 +195,13 @@ def check_hub_model(source: ModelSource, *, timeout: float = 10.0) -> None:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     spec = source.hub_id
+    if spec in _HUB_IDS_FOUND:
+        return
     try:
         HfApi().model_info(spec, timeout=timeout)
+        _HUB_IDS_FOUND.add(spec)
     except GatedRepoError:
+        _HUB_IDS_FOUND.add(spec)
         return  # it exists; from_pretrained reports the access problem
     except RepositoryNotFoundError as exc:
         raise _not_found(
@@ -217,7 +226,10 @@ _TOKENIZER_FILES = (
     "tokenizer_config.json",
     "tokenizer.model",
     "vocab.json",
+    "vocab.txt",
+    "merges.txt",
     "spiece.model",
+    "tokenizer.tiktoken",
 )
 
 

@@ -270,3 +270,17 @@ def test_load_restores_plan_and_cache_indices(saved: Path) -> None:
     assert type(model.model.layers[1].self_attn).__name__ == "RemovedBranch"
     assert type(model.model.layers[1].input_layernorm).__name__ == "Identity"
     assert not model.training
+
+
+def test_parents_of_a_path_with_dotdot_are_made_once(tmp_path: Path) -> None:
+    """``new/../out/x``: ``new`` is never made, ``out`` is, and a second save under it makes nothing."""
+    from prunekit_core.checkpoint import check_parents, make_parents, remove_made
+
+    out = tmp_path / "new" / ".." / "out" / "x"
+    check_parents(out)
+    made = make_parents(out)
+    assert made == [tmp_path / "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert make_parents(tmp_path / "out" / "y") == []  # already there: not this call's to remove
+    remove_made(made)
+    assert list(tmp_path.iterdir()) == []

@@ -249,3 +249,18 @@ def test_failed_strict_registration_unregisters_the_hooks() -> None:
     # the failed module left no hook behind: a fresh registration works
     register_module(plugin_module("ok", ToyAdapter("toy")), name="ok")
     assert select_adapter(ToyModel()).name == "toy"
+
+
+def test_builtin_catalogs_name_exactly_what_the_builtins_register() -> None:
+    """``prunekit plugins`` lists the built-ins from BUILTIN_CATALOGS without importing them: the tables
+    must match what a full load registers (checked here, not at load time, so a stale table fails this
+    test instead of disabling the built-in metrics)."""
+    from prunekit_core.plugins import BUILTIN_CATALOGS, BUILTIN_MODULES, CATALOG_KEYS, plugins
+
+    loaded = {p.module: p for p in plugins() if p.builtin}
+    assert sorted(loaded) == sorted(BUILTIN_MODULES)
+    for module, table in BUILTIN_CATALOGS.items():
+        for key in CATALOG_KEYS:
+            assert sorted(getattr(loaded[module], key)) == sorted(table.get(key, [])), (
+                f"BUILTIN_CATALOGS[{module!r}][{key!r}] differs from what {module} registers"
+            )
