@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .defaults import LORA_PRECISIONS, check_ratio
 from .errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
 
 if TYPE_CHECKING:
@@ -211,15 +212,6 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
 
 
 # --- shared validation ---------------------------------------------------------------------------------
-
-
-def check_ratio(ratio: float) -> None:
-    """Raise :class:`PlanError` unless ``0 < ratio < 1`` (as ``planning.budget_params`` does; checked here
-    without importing the planner, which imports torch)."""
-    if not 0.0 < ratio < 1.0:
-        raise PlanError(
-            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
-        )
 
 
 def _check_text(spec: str) -> Path:
@@ -695,6 +687,7 @@ def _heal_lora(
             steps=args.lora_steps,
             batch_size=args.lora_batch,
             seed=args.seed,
+            precision=args.lora_precision,
             progress=True,  # a bar on a terminal, else a line every 10 s: training is never silent
         )
     ui.say(
@@ -1304,6 +1297,14 @@ def _add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -
     )
     p.add_argument(
         "--lora-seq-len", type=_seq_len, default=256, metavar="N", help="tokens per LoRA window (default 256)"
+    )
+    p.add_argument(
+        "--lora-precision",
+        choices=LORA_PRECISIONS,
+        default="auto",
+        help="LoRA training precision: auto (default) = bfloat16 autocast on a CPU with native bfloat16 "
+        "matmul (avx512_bf16 or AMX; weights, adapters and optimiser stay fp32), fp32 elsewhere; fp32 trains "
+        "as a CPU without bfloat16 does. The plan records which ran",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the LoRA initialisation and data order (default 0)"

@@ -59,5 +59,20 @@ DEFAULT_ROUND_TO = 32
 #: where `prunekit sweep` runs its cells (prunekit_core.sweep)
 EXECUTORS = ("local", "serial", "ray")
 
+#: LoRA training precisions (prunekit_core.recovery.heal_lora): auto = bf16 autocast on a CPU with native
+#: bfloat16 matmul, fp32 elsewhere
+LORA_PRECISIONS = ("auto", "fp32", "bf16")
+
 #: Packaged texts used for healing by default: English prose the evaluation text (wiki) is not part of.
 DEFAULT_HEAL_TEXTS = ("c4", "technical", "tiny")
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise :class:`~prunekit_core.errors.PlanError` unless ``0 < ratio < 1`` (a fraction of block
+    parameters). Here, free of torch, so the CLI checks ``--ratio`` before importing the planner."""
+    if not 0.0 < ratio < 1.0:
+        from .errors import PlanError
+
+        raise PlanError(
+            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
+        )

@@ -32,6 +32,7 @@ from .defaults import (
     BEST_WIDTH,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
+    check_ratio,
 )
 from .errors import PlanError
 from .ir import Block, ModelIR, Sublayer
@@ -48,10 +49,7 @@ RepairName = Literal["none", "lsq"]
 
 
 def budget_params(ir: ModelIR, ratio: float) -> int:
-    if not 0.0 < ratio < 1.0:
-        raise PlanError(
-            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
-        )
+    check_ratio(ratio)
     return math.ceil(ratio * ir.block_params())
 
 
@@ -73,9 +71,9 @@ def budget_ceiling(ir: ModelIR, granularity: str) -> int | None:
             if whole and len(whole) == len(tower.blocks):
                 total -= min(b.params for b in whole)
             continue
-        # sublayer / mixed: a block whose sublayers all go is removed whole (all its parameters)
-        subs = [s for b in tower.blocks if not b.removable for s in b.sublayers if s.removable]
-        total += sum(b.params for b in whole) + sum(s.params for s in subs)
+        # sublayer / mixed: a block whose sublayers all go is removed whole (all its parameters); the
+        # sublayers of a block that is not removable are not candidates either (candidates_for)
+        total += sum(b.params for b in whole)
         if whole and len(whole) == len(tower.blocks):
             total -= (
                 min(s.params for b in whole for s in b.sublayers) if any(b.sublayers for b in whole) else 0
@@ -92,7 +90,12 @@ def check_budget(ir: ModelIR, ratio: float, granularity: str) -> None:
     target = budget_params(ir, ratio)
     if target > ceiling:
         base = ir.block_params()
-        most = math.floor(ceiling / base * 1000) / 1000 if base else 0.0
+        if ceiling == 0:
+            raise PlanError(
+                f"nothing can be removed at granularity {granularity}: no block in scope is removable without "
+                "removing every block of its tower; choose another --granularity or --scope"
+            )
+        most = math.floor(ceiling / base * 1000) / 1000 or float(f"{ceiling / base:.2g}")
         raise PlanError(
             f"--ratio {ratio:g} asks for {target:,} of the {base:,} block parameters, but at most {ceiling:,} "
             f"can be removed at granularity {granularity} without removing every block of a tower (each keeps "

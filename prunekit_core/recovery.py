@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .adapter import get_module
-from .defaults import DEFAULT_HEAL_TEXTS
+from .defaults import DEFAULT_HEAL_TEXTS, LORA_PRECISIONS
 from .errors import CalibrationError, PlanError
 from .ir import ModelIR
 
@@ -65,9 +65,9 @@ class LoraReport:
     loss_last: float
     wall_s: float
     merge_max_abs_diff: float
-    steps_per_s: float = 0.0
-    threads: int = 0
-    precision: str = "fp32"
+    steps_per_s: float
+    threads: int
+    precision: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +84,7 @@ def lora_targets(model: nn.Module, ir: ModelIR) -> list[str]:
     return names
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = LORA_PRECISIONS
 
 #: Load beyond this process's own threads from which healing calls the machine busy (other processes keep
 #: most of a core running).

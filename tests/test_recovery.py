@@ -266,6 +266,9 @@ def test_cli_prune_recover_lora_records_and_reloads(
     # piped stderr still shows the training: the first and last step with loss and speed
     assert "LoRA healing step 1/3: loss " in captured.err and "LoRA healing step 3/3: loss " in captured.err
     assert data["recovery"]["steps_per_s"] > 0 and "steps/s" in captured.err
+    from prunekit_core.recovery import resolve_precision
+
+    assert data["recovery"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     saved = json.loads((out / "plan.json").read_text())
     assert saved["recovery"] == data["recovery"]
     again = pk.load_pruned(out)
@@ -317,10 +320,11 @@ def test_cli_recover_lora_and_repair(tmp_path: Path, capsys: pytest.CaptureFixtu
     heal = tmp_path / "heal.txt"
     heal.write_text(words(600, seed=2))
     lora = ["recover", pruned, "--out", tmp_path / "healed", "--lora-text", heal, "--lora-steps", "2"]
-    assert main([str(a) for a in [*lora, "--lora-seq-len", "16", "--json"]]) == 0
+    assert main([str(a) for a in [*lora, "--lora-seq-len", "16", "--lora-precision", "fp32", "--json"]]) == 0
     data = json.loads(capsys.readouterr().out)
     healed = pk.load_pruned(tmp_path / "healed")
     assert healed._prunekit_plan.recovery == data["recovery"] and data["recovery"]["steps"] == 2
+    assert data["recovery"]["precision"] == "fp32"  # --lora-precision reaches heal_lora, whatever the CPU
 
     # repair re-applies the plan to the base with the least-squares fold: equals prune --recover repair
     rep = [
