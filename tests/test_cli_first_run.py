@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -258,7 +257,11 @@ def test_a_missing_path_fails_at_once_without_the_hub(
     def no_hub(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a local path was looked up on the hub")
 
+    def never_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before its path was checked")
+
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_hub)
+    monkeypatch.setattr("prunekit_core.loading.load_model", never_load)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()  # `out/x`: its first folder exists, so it is a path (the case)
     text = str(assets["text"])
@@ -269,10 +272,8 @@ def test_a_missing_path_fails_at_once_without_the_hub(
         "eval": ["eval", spec, "--text", text],
         "recover": ["recover", spec, "--out", "healed", "--lora-text", text],
     }[command]
-    t0 = time.perf_counter()
     code, _, err = run(capsys, *argv)
-    elapsed = time.perf_counter() - t0
-    assert code == 2 and elapsed < 2.0, (elapsed, err)
+    assert code == 2, err
     assert "not looked up on the hub" in err
     assert str(Path(spec).expanduser().absolute()) in err, err  # names the path it looked for
     assert not (tmp_path / "pruned").exists() and not (tmp_path / "healed").exists()
@@ -299,9 +300,8 @@ def test_a_hub_id_is_looked_up_once_without_retries(
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
-    t0 = time.perf_counter()
     code, _, err = run(capsys, "eval", "nobody-prunekit/no-such-model", "--text", assets["text"])
-    assert code == 2 and time.perf_counter() - t0 < 2.0
+    assert code == 2, err
     assert calls == ["nobody-prunekit/no-such-model"]
     assert "could not be reached" in err and "no-such-model" in err
 
@@ -434,16 +434,19 @@ def test_import_prunekit_core_is_lazy_and_keeps_its_api() -> None:
 
 
 def test_sweep_checks_its_model_before_starting_workers(
-    capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
+    def never_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the model was loaded before its path was checked")
+
+    monkeypatch.setattr("prunekit_core.loading.load_model", never_load)
     config = tmp_path / "sweep.yaml"
     config.write_text(
         f"model: ./no-such-model\ncalibration: {{text: {assets['text']}, seq_len: 16, windows: 2}}\n"
         f"evaluation: {{text: {assets['text']}, seq_len: 16, windows: 2}}\nmethods: [best]\nratios: [0]\n"
         "formats: [none]\n"
     )
-    t0 = time.perf_counter()
     code, _, err = run(capsys, "sweep", config, "--results", tmp_path / "out" / "s.sqlite")
-    assert code == 2 and time.perf_counter() - t0 < 2.0, err
+    assert code == 2, err
     assert "no-such-model" in err and "not looked up on the hub" in err
     assert not (tmp_path / "out").exists()

@@ -65,7 +65,7 @@ def unaligned(model: torch.nn.Module, offset: int = 8) -> int:
             nbytes = p.numel() * p.element_size()
             raw = torch.empty(nbytes + ALLOCATOR_ALIGNMENT, dtype=torch.uint8)
             assert raw.data_ptr() % ALLOCATOR_ALIGNMENT == 0
-            view = raw[offset : offset + nbytes].view(p.dtype).view(p.shape)
+            view = torch.as_strided(raw[offset : offset + nbytes].view(p.dtype), p.shape, p.stride())
             view.copy_(p.data)
             p.data = view
             moved += 1
@@ -117,6 +117,7 @@ def test_align_weights_keeps_ties_and_strides() -> None:
         w = model.model.layers[0].mlp.down_proj.weight
         w.data = w.data.t().contiguous().t()  # a transposed (non-contiguous) layout
     unaligned(model)
+    assert not w.is_contiguous() and misaligned(model)
     strides = {n: p.stride() for n, p in model.named_parameters()}
     align_weights(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -160,6 +161,13 @@ def test_kernel_tolerance_is_derived_from_the_dtype() -> None:
         assert_kernel_close(ref + 100 * KERNEL_TOLERANCE_EPS * eps * 3.0, ref)
     with pytest.raises(AssertionError):
         assert_identical(ref + eps * 4, ref)
+    # generate() masks tokens to -inf: the scale comes from the finite entries, and an inf must match
+    masked = torch.tensor([float("-inf"), 0.5, -3.0])
+    assert kernel_tolerance(masked) == kernel_tolerance(ref)
+    with pytest.raises(AssertionError):
+        assert_kernel_close(torch.tensor([float("-inf"), 5.0, -3.0]), masked)
+    with pytest.raises(AssertionError):
+        assert_kernel_close(torch.tensor([0.0, 0.5, -3.0]), masked)
 
 
 def test_non_contiguous_weights_compute_within_tolerance() -> None:

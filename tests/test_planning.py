@@ -235,7 +235,7 @@ def test_greedy_equals_brute_force_for_equal_blocks_and_additive_loss(target: in
     chosen = greedy(ir, loss, target)
     (best, optimum), *rest = brute_force(ir, loss, target)
     assert not rest or rest[0][0] > best, "the test's optimum must be unique"
-    assert frozenset(chosen) == optimum and loss(frozenset(chosen)) == best
+    assert frozenset(chosen) == optimum
     assert chosen == sorted(optimum, key=deltas.get)  # in order of increase
 
 

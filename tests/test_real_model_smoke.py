@@ -3,7 +3,7 @@
 Through the CLI as a user runs it: ``prunekit prune smollm2-135m --ratio 0.1`` with the default method
 (metric, planner, repair) on a quarter of the default calibration (8 x 256 tokens of c4), then
 ``prunekit eval`` on 4 x 256 tokens of wiki. The perplexity must lie within 15% of the figure recorded in
-docs/benchmarks.md ("CI smoke test"), and beat removing as many blocks at the end of the model. Skips,
+docs/benchmarks.md ("CI smoke test"), and beat the same plan without its repair. Skips,
 naming the package, where the real model or the texts are not installed.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from prunekit_core.recovery import cpu_cores
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BAND = 0.15
@@ -34,7 +36,7 @@ def recorded_perplexity() -> float:
 def machine_threads():
     """The thread count a user's process gets (tests/conftest.py pins one thread for the tiny models)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cpu_cores()))
     yield
     torch.set_num_threads(before)
 
@@ -65,11 +67,15 @@ def test_prune_smollm2_by_10_percent_and_evaluate(tmp_path, capsys, machine_thre
         f"[{low:.2f}, {high:.2f}] (docs/benchmarks.md records {recorded} for this command)"
     )
 
-    # naive reference: as many blocks removed at the end of the model, no repair, same windows
+    # the same blocks removed without the default's repair, same windows: the repair must pay for itself
+    # (the band alone would not tell: docs/benchmarks.md records 23.92 for this plan unrepaired)
     model, tok, _ = pk.load_model("smollm2-135m")
-    blocks = pk.inspect(model).tower("text").blocks
-    removed = [b.id for b in blocks[len(blocks) - len(pruned["plan"]["remove"]) :]]
-    pk.apply_plan(model, pk.PrunePlan(fingerprint=pk.fingerprint(model, pk.inspect(model)), remove=removed))
+    removed = pruned["plan"]["remove"]
+    plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, pk.inspect(model)), remove=removed)
+    assert plan.repair == "none"
+    pk.apply_plan(model, plan)
     windows = pk.load_windows(tok, "wiki", seq_len=256, num_windows=4).ids
-    naive = pk.perplexity(model, windows).perplexity
-    assert result["perplexity"] < naive, f"{result['perplexity']:.2f} is no better than removing {removed}"
+    unrepaired = pk.perplexity(model, windows).perplexity
+    assert result["perplexity"] < unrepaired, (
+        f"{result['perplexity']:.2f} is no better than removing {removed} without repair ({unrepaired:.2f})"
+    )

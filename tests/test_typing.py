@@ -29,7 +29,9 @@ def python_files() -> list[Path]:
     files = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
-        if not any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
+        if not any(
+            part in SKIP_DIRS or part.startswith(".venv") or part.endswith(".egg-info") for part in rel.parts
+        ):
             files.append(path)
     return sorted(files)
 
