@@ -28,8 +28,7 @@ from .defaults import LORA_PRECISIONS, check_ratio
 from .errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
 
 if TYPE_CHECKING:
-    from .plan import Granularity
-    from .planning import PlannerName, RepairName
+    from .defaults import Granularity, PlannerName, RepairName
     from .text import TextWindows
 
 __all__ = ["build_parser", "cli_markdown", "main"]

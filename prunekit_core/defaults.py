@@ -29,13 +29,21 @@ TEXT_ALIASES: dict[str, str] = {
 }
 
 
+#: what a plan removes: whole blocks, branches, both, channel groups, experts
+Granularity = Literal["block", "sublayer", "width", "mixed", "expert"]
+#: how a plan is chosen: rank units by one scoring pass, or remove one at a time re-measuring
+PlannerName = Literal["rank", "greedy"]
+#: what is done about a removal's error: nothing, or the least-squares fold
+RepairName = Literal["none", "lsq"]
+
+
 class BestMethod(TypedDict):
     """The choices :data:`BEST` fills."""
 
-    planner: Literal["rank", "greedy"]
+    planner: PlannerName
     metric: str
-    granularity: Literal["block", "sublayer", "width", "mixed", "expert"]
-    repair: Literal["none", "lsq"]
+    granularity: Granularity
+    repair: RepairName
 
 
 #: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
@@ -47,7 +55,7 @@ BEST_SUBLAYER: dict[str, str] = {"metric": "sublayer_drop", "repair": "lsq"}
 BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
 #: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
 BEST_EXPERT: dict[str, str] = {"metric": "moe_pruner", "expert_allocation": "uniform"}
-GRANULARITIES: tuple[Literal["block", "sublayer", "width", "mixed", "expert"], ...] = (
+GRANULARITIES: tuple[Granularity, ...] = (
     "block",
     "sublayer",
     "width",

@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from .atomic import is_temporary, write_text
+from .defaults import Granularity, RepairName
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 
 PLAN_VERSION = 2
-Granularity = Literal["block", "sublayer", "width", "mixed", "expert"]
 
 
 class Fingerprint(BaseModel):
@@ -60,7 +60,7 @@ class PrunePlan(BaseModel):
     method: str = ""
     granularity: Granularity = "block"
     target_ratio: float | None = None
-    repair: Literal["none", "lsq"] = Field(
+    repair: RepairName = Field(
         "none",
         description="lsq: fold removed branches into surviving projections and refit narrowed output "
         "projections on their kept channels, when applied (needs windows)",

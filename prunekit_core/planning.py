@@ -32,20 +32,20 @@ from .defaults import (
     BEST_WIDTH,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
+    Granularity,
+    PlannerName,
+    RepairName,
     check_ratio,
 )
 from .errors import PlanError
 from .ir import Block, ModelIR, Sublayer
 from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
-from .plan import Granularity, PrunePlan, fingerprint
+from .plan import PrunePlan, fingerprint
 from .plugins import get_metric, metrics, select_adapter
 from .scoring import Calibration, ScoringContext
 from .surgery import removed_params, resolve_removals
 
 log = logging.getLogger(__name__)
-
-PlannerName = Literal["rank", "greedy"]
-RepairName = Literal["none", "lsq"]
 
 
 def budget_params(ir: ModelIR, ratio: float) -> int:
@@ -179,7 +179,7 @@ def resolve_method(
     planner: str | None = None,
     granularity: str | None = None,
     repair: str | None = None,
-) -> tuple[str, PlannerName, Granularity, Literal["none", "lsq"]]:
+) -> tuple[str, PlannerName, Granularity, RepairName]:
     """Fill unset planning choices and validate the combination (the CLI and the API share this).
 
     With no metric named, every unset choice comes from :data:`BEST`, except the metric of a granularity
@@ -240,7 +240,7 @@ def plan_pruning(
     trial_windows: int = 8,
     loss_stride: int = 4,
     on_step: Callable[[str], None] | None = None,
-    repair: Literal["none", "lsq"] | None = None,
+    repair: RepairName | None = None,
     round_to: int = DEFAULT_ROUND_TO,
     width_allocation: Literal["global", "uniform"] = "uniform",
     expert_allocation: Literal["global", "uniform"] = "uniform",
@@ -353,7 +353,7 @@ def _plan_in_scope(
     trial_windows: int,
     loss_stride: int,
     on_step: Callable[[str], None] | None,
-    repair: Literal["none", "lsq"],
+    repair: RepairName,
     round_to: int,
     width_allocation: Literal["global", "uniform"],
     expert_allocation: Literal["global", "uniform"],
@@ -423,7 +423,7 @@ def _plan_width(
     granularity: Granularity,
     target: int,
     ratio: float,
-    repair: Literal["none", "lsq"],
+    repair: RepairName,
     round_to: int,
     allocation: Literal["global", "uniform"],
     t0: float,

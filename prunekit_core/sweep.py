@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .defaults import EXECUTORS
+from .defaults import EXECUTORS, PlannerName, RepairName
 from .errors import PrunekitError
 
 __all__ = [
@@ -75,9 +75,9 @@ class MethodSpec(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
     metric: str | None = None
-    planner: Literal["rank", "greedy"] | None = None
+    planner: PlannerName | None = None
     granularity: str | None = None
-    repair: Literal["none", "lsq"] | None = None
+    repair: RepairName | None = None
 
 
 class QuantScopeSpec(_Strict):
