@@ -85,16 +85,17 @@ def test_help_and_plugins_import_no_torch(argv: list[str]) -> None:
 def test_the_catalog_listing_equals_the_full_load(capsys: pytest.CaptureFixture[str]) -> None:
     """`prunekit plugins` (catalogs, no torch) and `prunekit plugins --load` (every plugin built) agree: a
     catalog that names something its plugin does not register would show up here."""
-    from prunekit_core.plugins import reset_plugins
+    import prunekit_core.plugins as registry
 
-    reset_plugins()
+    registry.reset_plugins()
     try:
         code, listed, _ = run(capsys, "plugins", "--json")
         assert code == 0
+        assert not registry._REGISTRY.loaded, "the listing loaded the plugins instead of reading catalogs"
         code, loaded, _ = run(capsys, "plugins", "--load", "--json")
         assert code == 0
     finally:
-        reset_plugins()
+        registry.reset_plugins()
     assert json.loads(listed) == json.loads(loaded)
     assert json.loads(loaded)["failures"] == []
 
