@@ -124,6 +124,29 @@ class SlicesOutputRows(LlamaFamilyAdapter):
         return _map_sublayers(super().build_ir(model), fix)
 
 
+class PairsDownProjWrong(LlamaFamilyAdapter):
+    """Declares the FFN channels' ``down_proj`` slices one group to the right of ``gate/up``'s (and one group
+    fewer, so every slice stays inside its tensor): shapes stay consistent, but channel ``i`` of gate/up is
+    removed together with column ``i + 1`` of down_proj. Only the numerical reference can see it."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        def fix(s):  # noqa: ANN001, ANN202
+            families = []
+            for fam in s.channel_groups:
+                if any(m.param.endswith("down_proj.weight") for m in fam.members):
+                    members = tuple(
+                        m.model_copy(update={"offset": m.offset + m.width})
+                        if m.param.endswith("down_proj.weight")
+                        else m
+                        for m in fam.members
+                    )
+                    fam = fam.model_copy(update={"members": members, "count": fam.count - 1})
+                families.append(fam)
+            return s.model_copy(update={"channel_groups": tuple(families)})
+
+        return _map_sublayers(super().build_ir(model), fix)
+
+
 class ForgetsIntermediateSize(LlamaFamilyAdapter):
     """Narrows FFNs without telling the config (``intermediate_size`` stays as it was)."""
 
@@ -271,6 +294,12 @@ FAULTS = [
         "test_width_removal_equals_zeroed_groups",
         AssertionError,
         r"narrowing \{.*\} left a model whose forward fails: RuntimeError: mat1 and mat2 shapes",
+    ),
+    (
+        PairsDownProjWrong,
+        "test_width_removal_equals_zeroed_groups",
+        AssertionError,
+        "narrowed model differs from the model with those groups zeroed",
     ),
     (
         ForgetsCacheRenumbering,
