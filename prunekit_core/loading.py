@@ -34,7 +34,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from transformers import (
@@ -196,6 +196,30 @@ def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
     logger.info("GGUF conversion done in %.1f s", time.perf_counter() - t0)
 
 
+@overload
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = ...,
+    cache_dir: Path | None = ...,
+    allow_pickle: bool = ...,
+    trust_remote_code: bool = ...,
+    tokenizer: Literal[True] = ...,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]: ...
+
+
+@overload
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = ...,
+    cache_dir: Path | None = ...,
+    allow_pickle: bool = ...,
+    trust_remote_code: bool = ...,
+    tokenizer: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, ModelSource]: ...
+
+
 def load_model(
     spec: str,
     *,
@@ -204,7 +228,7 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     tokenizer: bool = True,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, ModelSource]:
     """Load the causal LM named by ``spec`` (see :func:`resolve_model_source`).
 
     Returns ``(model, tokenizer, source)``; with ``tokenizer=False`` no tokenizer is loaded (the folder need
@@ -271,4 +295,4 @@ def load_model(
                 f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
             ) from exc
     model.eval()
-    return model, _ensure_pad_token(tok) if tok is not None else None, source  # type: ignore[return-value]  # None only with tokenizer=False
+    return model, _ensure_pad_token(tok) if tok is not None else None, source

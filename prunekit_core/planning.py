@@ -197,7 +197,6 @@ def resolve_method(
         metric is None and granularity == "sublayer"
     ):  # BEST's metric scores blocks: take one that scores sublayers
         metric = BEST_SUBLAYER["metric"]
-        planner = planner or BEST["planner"]
         repair = repair or BEST_SUBLAYER["repair"]
     if metric is None:
         metric = BEST["metric"]
@@ -257,8 +256,9 @@ def plan_pruning(
     caller resolved the default itself) is dropped, with a note, for a plan that removes units of a tower
     read from its hidden states (a vision tower); asked for explicitly, it is an error there.
 
-    Unset choices are filled by :func:`resolve_method`: :data:`BEST` when no metric is named, the
-    metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
+    Unset choices are filled by :func:`resolve_method`: with no metric named, :data:`BEST` (and the
+    granularity's own default metric for sublayer, width, mixed and expert plans), the metric's own
+    setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
     calibration windows again when it is applied (``apply_plan(model, plan, repair_windows=...)``).
 
     ``granularity="expert"`` reads ``ratio`` differently: at least ``ratio`` of the experts of every MoE
@@ -362,7 +362,7 @@ def _plan_in_scope(
 ) -> PrunePlan:
     if granularity == "expert":
         ctx = ScoringContext(model=model, adapter=adapter, ir=ir, calibration=calibration)
-        # _resolve checked that an expert granularity comes with an expert (channel) metric
+        # resolve_method checked that an expert granularity comes with an expert (channel) metric
         expert_metric = cast(ChannelMetric, get_metric(metric))
         return plan_experts(ctx, expert_metric, ratio, expert_allocation, top_k_policy)
     target = budget_params(ir, ratio)

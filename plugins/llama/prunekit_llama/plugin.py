@@ -1,6 +1,6 @@
 """Entry point module: registers the Llama-family adapter with prunekit.
 
-The top imports nothing heavy (adapters and metrics are imported inside the hooks), so `prunekit plugins`
+The top imports nothing heavy (the adapters are imported inside the hook), so `prunekit plugins`
 lists the plugin from its catalog without importing torch.
 """
 
