@@ -7,7 +7,6 @@ methods directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -216,15 +215,6 @@ def run(instance: AdapterConformance, test: str, tmp_path: Path) -> None:
         method(tmp_path)
     else:
         method()
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # the kit's own fixture does not apply when its methods are called directly
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # (fault, the kit check that must catch it, what the check raises, the message it must raise): a fault

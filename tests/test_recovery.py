@@ -14,14 +14,6 @@ from prunekit_core.errors import CalibrationError, PlanError
 from prunekit_core.recovery import heal_lora, lora_targets, training_windows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pruned() -> tuple[nn.Module, torch.Tensor]:
     model = tiny_llama(layers=3)
     ir = pk.inspect(model)

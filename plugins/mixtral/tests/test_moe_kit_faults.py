@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from moe_tiny import tiny_mixtral
 from prunekit_mixtral import MoEAdapter
 
@@ -117,14 +116,6 @@ def kit(adapter: MoEAdapter) -> Kit:
     instance = Kit()
     instance.adapter = adapter
     return instance
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(instance: Kit, test: str, tmp_path: Path) -> None:

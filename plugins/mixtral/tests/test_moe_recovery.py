@@ -13,7 +13,6 @@ from prunekit_core.recovery import heal_lora, lora_targets
 
 @pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
 def test_lora_heals_moe_and_merges(build) -> None:  # noqa: ANN001
-    torch.set_num_threads(1)
     model = build("eager")
     ir = pk.inspect(model)
     plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, ir), remove=[ir.blocks()[-1].id])
