@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import logits_of, tiny_llama, tiny_pruned, tiny_tokenizer, words
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 import prunekit_core as pk
 from prunekit_core.checkpoint import PLAIN_LOAD_GUARD_KEY, RECORD_FILE, load_pruned, save_pruned
@@ -34,17 +33,7 @@ PLAIN_LOADERS = {
 
 def per_layer_width() -> LlamaForCausalLM:
     """A 3-block Llama with 2 MLP channel groups removed in block 0 and 5 in block 2 (per-layer widths)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(layers=3, tied=False)
     groups = {"text.blocks.0.mlp.channels": [1, 7], "text.blocks.2.mlp.channels": [0, 3, 4, 9, 20]}
     plan = PrunePlan(fingerprint=fingerprint(model, pk.inspect(model)), remove=[], remove_groups=groups)
     return pk.apply_plan(model, plan)
