@@ -24,12 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .defaults import LORA_PRECISIONS, check_ratio
-from .errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
+from ..defaults import LORA_PRECISIONS, check_ratio
+from ..errors import CalibrationError, ModelNotFoundError, PlanError, PrunekitError
 
 if TYPE_CHECKING:
-    from .defaults import Granularity, PlannerName, RepairName
-    from .text import TextWindows
+    from ..defaults import Granularity, PlannerName, RepairName
+    from ..text import TextWindows
 
 __all__ = ["build_parser", "cli_markdown", "main"]
 
@@ -215,7 +215,7 @@ def _quiet_libraries(verbose: bool) -> Iterator[None]:
 
 def _check_text(spec: str) -> Path:
     """Resolve a text alias or file and make sure it is readable and not empty (cheap: no tokenizer)."""
-    from .text import read_text, resolve_text
+    from ..text import read_text, resolve_text
 
     path = resolve_text(spec)
     read_text(spec)
@@ -226,7 +226,7 @@ def _check_model(spec: str, *, tokenizer: bool = True) -> Any:
     """Resolve a model spec before anything is loaded: a path that does not exist fails at once (never a
     hub lookup), a folder without a tokenizer fails when the command reads text, and a hub id is looked up
     once, without retries."""
-    from .sources import check_hub_model, check_tokenizer, resolve_model_source
+    from ..sources import check_hub_model, check_tokenizer, resolve_model_source
 
     source = resolve_model_source(spec)
     if tokenizer:
@@ -238,7 +238,7 @@ def _check_model(spec: str, *, tokenizer: bool = True) -> Any:
 def _load_model(
     ui: UI, spec: str, args: argparse.Namespace | None = None, *, tokenizer: bool = True
 ) -> tuple[Any, Any, Any]:
-    from .loading import load_model
+    from ..loading import load_model
 
     allow_pickle = bool(getattr(args, "allow_pickle", False))
     trust_remote_code = bool(getattr(args, "trust_remote_code", False))
@@ -260,14 +260,14 @@ def _load_model(
 def _windows(
     tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None
 ) -> TextWindows:
-    from .text import load_windows
+    from ..text import load_windows
 
     return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)
 
 
 def _multimodal(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
     """Calibration windows and the further inputs (images) that reach every tower of ``model``."""
-    from .plugins import select_adapter
+    from ..plugins import select_adapter
 
     return select_adapter(model).calibration_inputs(model, ids)
 
@@ -317,7 +317,7 @@ def _seq_len(value: str) -> int:
 def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from .plugins import catalog, load_failures, plugins
+    from ..plugins import catalog, load_failures, plugins
 
     if args.load:  # build every adapter, metric and format, checking each catalog (imports torch)
         found, failed = plugins(), load_failures()
@@ -362,9 +362,9 @@ def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
-    from .api import inspect
-    from .plan import fingerprint
-    from .plugins import rank_adapters
+    from ..api import inspect
+    from ..plan import fingerprint
+    from ..plugins import rank_adapters
 
     _check_model(args.model, tokenizer=False)  # inspecting needs no tokenizer
     model, _tok, _src = _load_model(ui, args.model, args, tokenizer=False)
@@ -457,7 +457,7 @@ def _config_item(value: str) -> tuple[str, Any]:
 
 
 def cmd_new_plugin(args: argparse.Namespace, ui: UI) -> int:
-    from .scaffold import new_plugin
+    from ..scaffold import new_plugin
 
     skeleton = new_plugin(
         args.name, model_class=args.model_class, out=args.out, config=dict(args.config), force=args.force
@@ -484,9 +484,9 @@ def cmd_new_plugin(args: argparse.Namespace, ui: UI) -> int:
 def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from .api import calibrate, inspect, score
-    from .metrics import ChannelMetric
-    from .plugins import get_metric
+    from ..api import calibrate, inspect, score
+    from ..metrics import ChannelMetric
+    from ..plugins import get_metric
 
     names = list(dict.fromkeys(args.metric or DEFAULT_SCORE_METRICS))
     metrics = [get_metric(n) for n in names]
@@ -498,7 +498,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
         )
     span = args.span if args.span is not None else 1
     if args.streaming:
-        from .streaming import check_streaming_metric
+        from ..streaming import check_streaming_metric
 
         for m in metrics:
             check_streaming_metric(m)
@@ -525,7 +525,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     for m in metrics:
         with ui.step(f"score {m.name}"):
             if args.streaming:
-                from .streaming import stream_score
+                from ..streaming import stream_score
 
                 s = stream_score(sm, cal, m.name, span=span if m.unit == "span" else None)
             else:
@@ -556,7 +556,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
 
 
 def _open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
-    from .streaming import open_streaming, streaming_folder, streaming_tokenizer
+    from ..streaming import open_streaming, streaming_folder, streaming_tokenizer
 
     with ui.step(f"open {spec} (streaming: blocks stay on disk)"):
         folder = streaming_folder(spec)
@@ -575,7 +575,7 @@ def _stream_calibrate(
     """``images``: put one image in every window of a vision-language model, as the in-memory calibration
     does (channel statistics, like :func:`~prunekit_core.width_scoring.collect_width_stats`, read the text
     windows alone)."""
-    from .streaming import stream_calibrate
+    from ..streaming import stream_calibrate
 
     with ui.step("calibrate (streaming, one block in memory at a time)"):
         extra: dict[str, Any] = {}
@@ -595,9 +595,9 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
     """``model``: a loaded model, or a :class:`~prunekit_core.streaming.StreamingModel` (block by block)."""
     from rich.table import Table
 
-    from .api import score_groups
-    from .scoring import Calibration
-    from .streaming import StreamingModel, stream_score_groups
+    from ..api import score_groups
+    from ..scoring import Calibration
+    from ..streaming import StreamingModel, stream_score_groups
 
     if isinstance(model, StreamingModel):
         cal = _stream_calibrate(ui, model, windows.ids, metrics, images=False)  # as score_groups below
@@ -629,8 +629,8 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
 
 def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     """--out can be written: missing parent folders are fine (they are created when the result is)."""
-    from .checkpoint import _check_target, check_parents
-    from .errors import CheckpointError
+    from ..checkpoint import _check_target, check_parents
+    from ..errors import CheckpointError
 
     if not plan_only:
         _check_target(out.absolute(), force)
@@ -644,7 +644,7 @@ def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
 
 def _save_plan(plan: Any, out: Path) -> None:
     """Write the --plan-only file, creating its missing parent folders (removed again if the write fails)."""
-    from .checkpoint import make_parents, remove_made
+    from ..checkpoint import make_parents, remove_made
 
     made = make_parents(out)
     try:
@@ -672,7 +672,7 @@ def _heal_lora(
     args: argparse.Namespace, ui: UI, model: Any, tok: Any, texts: tuple[str, ...], skip: dict[str, int]
 ) -> tuple[Any, dict[str, Any]]:
     """LoRA healing with the --lora-* options; returns the merged model and the recovery record."""
-    from .recovery import heal_lora, training_windows
+    from ..recovery import heal_lora, training_windows
 
     heal = training_windows(
         tok, seq_len=args.lora_seq_len, texts=texts, exclude=(args.eval or "",), skip_tokens=skip
@@ -700,11 +700,11 @@ def _heal_lora(
 def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from .api import calibrate, inspect
-    from .checkpoint import save_pruned
-    from .evaluate import count_parameters, perplexity
-    from .plan import PrunePlan
-    from .planning import (
+    from ..api import calibrate, inspect
+    from ..checkpoint import save_pruned
+    from ..evaluate import count_parameters, perplexity
+    from ..plan import PrunePlan
+    from ..planning import (
         budget_by_tower,
         budget_params,
         check_budget,
@@ -712,9 +712,9 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         resolve_method,
         uses_width,
     )
-    from .scoring import Calibration
-    from .surgery import apply_plan
-    from .vision import feature_fidelity, image_features
+    from ..scoring import Calibration
+    from ..surgery import apply_plan
+    from ..vision import feature_fidelity, image_features
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
     given_plan: PrunePlan | None = None
@@ -957,9 +957,9 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
 def _check_streaming_prune(
     args: argparse.Namespace, metric: str, planner: str, granularity: str, repair: str
 ) -> None:
-    from .metrics import ChannelMetric
-    from .plugins import get_metric
-    from .streaming import check_streaming_metric, streaming_metrics
+    from ..metrics import ChannelMetric
+    from ..plugins import get_metric
+    from ..streaming import check_streaming_metric, streaming_metrics
 
     if args.plan is not None:
         raise PlanError("--streaming makes a plan; --plan applies an existing one: drop --streaming")
@@ -996,9 +996,9 @@ def _plan_streaming(
     granularity: Granularity,
     repair: RepairName,
 ) -> Any:
-    from .planning import budget_params, check_budget, plan_pruning, uses_width
-    from .plugins import get_metric
-    from .width_scoring import WidthCurveObserver
+    from ..planning import budget_params, check_budget, plan_pruning, uses_width
+    from ..plugins import get_metric
+    from ..width_scoring import WidthCurveObserver
 
     sm, tok = _open_streaming(ui, args.model)
     if not uses_width(metric, granularity):
@@ -1049,10 +1049,10 @@ def _plan_streaming(
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from .checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
-    from .evaluate import perplexity
-    from .plan import PrunePlan
-    from .surgery import apply_plan
+    from ..checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
+    from ..evaluate import perplexity
+    from ..plan import PrunePlan
+    from ..surgery import apply_plan
 
     # cheap checks first: nothing is loaded or written before all of them pass
     out = Path(args.out).expanduser()
@@ -1073,7 +1073,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
             raise PlanError(
                 f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
             )
-        from .checkpoint import verify_checkpoint
+        from ..checkpoint import verify_checkpoint
 
         if (plan_file.parent / RECORD_FILE).is_file():
             verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
@@ -1125,7 +1125,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
-    from .evaluate import count_parameters, perplexity, size_on_disk
+    from ..evaluate import count_parameters, perplexity, size_on_disk
 
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise CalibrationError(
@@ -1176,7 +1176,7 @@ def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, ui: UI) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     check_ratio(args.ratio)
     result = run_demo(
@@ -1321,7 +1321,7 @@ STREAMING_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .defaults import (
+    from ..defaults import (
         BEST,
         BEST_EXPERT,
         BEST_SUBLAYER,
@@ -1779,7 +1779,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_parsers(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> None:
-    from .defaults import EXECUTORS
+    from ..defaults import EXECUTORS
 
     p = sub.add_parser(
         "sweep",
@@ -1844,7 +1844,7 @@ def _add_sweep_parsers(sub: Any, common: argparse.ArgumentParser, fmt: Any) -> N
 
 
 def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
-    from .sweep import load_sweep_config, plan_cells, run_sweep
+    from ..sweep import load_sweep_config, plan_cells, run_sweep
 
     config = load_sweep_config(args.config)
     _check_model(config.model)  # a missing folder fails here, not in every worker
@@ -1885,7 +1885,7 @@ def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
 
 
 def cmd_report(args: argparse.Namespace, ui: UI) -> int:
-    from .report import write_report
+    from ..report import write_report
 
     paths = write_report(args.results, args.out, title=args.title)
     if ui.json_mode:
