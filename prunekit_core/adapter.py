@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import PlanError
 from .ir import ModelIR
+from .plugins import registry_base
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -105,6 +106,7 @@ def cache_owner(module: nn.Module) -> nn.Module:
     return module
 
 
+@registry_base("adapters")
 class ArchitectureAdapter(ABC):
     """Maps one family of models into the IR and performs its family-specific surgery steps.
 
