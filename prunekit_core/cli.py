@@ -629,11 +629,11 @@ def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: 
 
 def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     """--out can be written: missing parent folders are fine (they are created when the result is)."""
-    from .checkpoint import _check_target, check_parents
+    from .checkpoint import check_parents, check_target
     from .errors import CheckpointError
 
     if not plan_only:
-        _check_target(out.absolute(), force)
+        check_target(out.absolute(), force)
         return
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force")
@@ -644,11 +644,11 @@ def _check_out(out: Path, *, plan_only: bool, force: bool) -> None:
 
 def _save_plan(plan: Any, out: Path) -> None:
     """Write the --plan-only file, creating its missing parent folders (removed again if the write fails)."""
-    from .checkpoint import make_parents, remove_made
+    from .checkpoint import make_parents, remove_made, save_plan
 
     made = make_parents(out)
     try:
-        plan.save(out)
+        save_plan(plan, out)
     except BaseException:
         remove_made(made)
         raise
@@ -701,7 +701,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
     from .api import calibrate, inspect
-    from .checkpoint import save_pruned
+    from .checkpoint import load_plan, save_pruned
     from .evaluate import count_parameters, perplexity
     from .plan import PrunePlan
     from .planning import (
@@ -721,7 +721,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if args.plan is not None:
         if args.plan_only:
             raise PlanError("--plan-only makes a plan; --plan applies an existing one: choose one")
-        given_plan = PrunePlan.load(args.plan)
+        given_plan = load_plan(args.plan)
     else:
         if args.ratio is None:
             raise PlanError(
@@ -1049,9 +1049,8 @@ def _plan_streaming(
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from .checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
+    from .checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
     from .evaluate import perplexity
-    from .plan import PrunePlan
     from .surgery import apply_plan
 
     # cheap checks first: nothing is loaded or written before all of them pass
@@ -1077,7 +1076,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
         if (plan_file.parent / RECORD_FILE).is_file():
             verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
-        plan = PrunePlan.load(plan_file)
+        plan = load_plan(plan_file)
         if plan.recovery:
             raise PlanError(
                 f"{args.model} was already healed ({plan.recovery.get('method')}); the repair comes before "

@@ -52,7 +52,7 @@ from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckp
 from prunekit_core.integrity import check_weight_files
 from prunekit_core.sources import (
     ModelSource,
-    _aliases_text,
+    aliases_text,
     check_hub_model,
     check_tokenizer,
     resolve_model_source,
@@ -84,7 +84,8 @@ def _gguf_cache_key(gguf_path: Path) -> str:
     return f"{stem}-{digest}"
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with its end-of-sequence token as padding token when it has none (batched windows)."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -292,7 +293,7 @@ def load_model(
         except OSError as exc:
             raise ModelNotFoundError(
                 f"could not load '{spec}' from the Hugging Face hub (no internet? use a local folder "
-                f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
+                f"or a GGUF file; aliases: {aliases_text()}). Details: {exc}"
             ) from exc
     model.eval()
-    return model, _ensure_pad_token(tok) if tok is not None else None, source
+    return model, ensure_pad_token(tok) if tok is not None else None, source

@@ -946,6 +946,6 @@ def streaming_tokenizer(folder: Path) -> Any:
     """The tokenizer of a streamed folder, with a pad token (as :func:`~prunekit_core.loading.load_model`)."""
     from transformers import AutoTokenizer
 
-    from .loading import _ensure_pad_token
+    from .loading import ensure_pad_token
 
-    return _ensure_pad_token(AutoTokenizer.from_pretrained(folder))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder))
