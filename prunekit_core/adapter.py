@@ -200,7 +200,7 @@ class ArchitectureAdapter(ABC):
         """Family-specific fix-ups after the core narrowed channel groups (default: none needed).
 
         The core has already sliced parameters, synced layer shapes, set declared counters and config
-        fields; ``cuts`` maps family ids to :class:`~prunekit_core.width.WidthCut`.
+        fields; ``cuts`` maps family ids to :class:`WidthCut`.
         """
 
     @abstractmethod

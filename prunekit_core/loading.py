@@ -64,6 +64,8 @@ __all__ = [
     "check_hub_model",
     "check_tokenizer",
     "default_cache_dir",
+    "ensure_pad_token",
+    "gguf_folder",
     "load_model",
     "resolve_model_source",
 ]
@@ -166,6 +168,19 @@ def _load_tokenizer(source: str | Path, where: str, trust_remote_code: bool) -> 
         raise
 
 
+def gguf_folder(source: ModelSource, cache_dir: str | Path | None = None) -> Path:
+    """The safetensors folder of the GGUF model ``source``: its dequantized copy in the cache
+    (``cache_dir`` or :func:`default_cache_dir`), converted on first use."""
+    assert source.path is not None and source.gguf_file is not None
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final_dir = root / _gguf_cache_key(source.path / source.gguf_file)
+    if not (final_dir / "config.json").is_file():
+        _convert_gguf(source, final_dir)
+    else:
+        logger.info("Loading cached conversion of %s from %s", source.gguf_file, final_dir)
+    return final_dir
+
+
 def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
     """Dequantize ``source`` into ``final_dir`` (fp32 safetensors + tokenizer), atomically."""
     assert source.path is not None and source.gguf_file is not None
@@ -258,12 +273,7 @@ def load_model(
     tok: PreTrainedTokenizerBase | None = None
     if source.is_gguf:
         assert source.path is not None and source.gguf_file is not None
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        final_dir = root / _gguf_cache_key(source.path / source.gguf_file)
-        if not (final_dir / "config.json").is_file():
-            _convert_gguf(source, final_dir)
-        else:
-            logger.info("Loading cached conversion of %s from %s", source.gguf_file, final_dir)
+        final_dir = gguf_folder(source, cache_dir)
         model = _load_hf_folder(final_dir, dtype)
         if tokenizer:
             tok = AutoTokenizer.from_pretrained(final_dir)

