@@ -1,4 +1,5 @@
-"""The import graph of prunekit_core: no cycle between its modules, and no plugin imported by the core.
+"""The import graph of prunekit_core: no cycle between its modules, no plugin imported by the core, and no
+module that uses another module's private (``_name``) names.
 
 The graph is the one import-linter checks the contracts of ``.importlinter`` on (grimp): every import, at
 module level or inside a function; imports under ``if TYPE_CHECKING:`` are left out, as ``.importlinter``
@@ -7,6 +8,9 @@ checked by ``lint-imports`` in scripts/test.sh.
 """
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import grimp
 import pytest
@@ -135,4 +139,89 @@ def test_the_core_imports_no_plugin(graph: grimp.ImportGraph) -> None:
     assert not offending, (
         "the core must not import a plugin (plugins depend on the core, and are found through entry "
         "points): " + "; ".join(offending)
+    )
+
+
+def _private_uses(root: Path) -> list[str]:
+    """Every use, in one module of the core, of another core module's ``_private`` name: imported by name
+    (``from .scoring import _progress``) or read off an imported module (``loading._convert_gguf``)."""
+    files = {p: _module_name(root, p) for p in sorted((root / CORE).rglob("*.py"))}
+    modules = set(files.values())
+    found = []
+    for path, name in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), filename=str(path))
+        bound: dict[str, str] = {}  # local name -> core module it names
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(package, node)
+                if base is None:
+                    continue
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    if full in modules:
+                        bound[alias.asname or alias.name] = full
+                    elif _private(alias.name) and base != name:
+                        found.append(f"{name} imports {base}.{alias.name} (line {node.lineno})")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules and alias.asname:
+                        bound[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in bound
+                and _private(node.attr)
+                and bound[node.value.id] != name
+            ):
+                found.append(f"{name} reads {bound[node.value.id]}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(package: str, node: ast.ImportFrom) -> str | None:
+    """The absolute module an ``ImportFrom`` reads from, when it is in the core (else ``None``)."""
+    if node.level:
+        parts = package.split(".")
+        base = ".".join(parts[: len(parts) - node.level + 1])
+        full = f"{base}.{node.module}" if node.module else base
+    else:
+        full = node.module or ""
+    return full if full == CORE or full.startswith(CORE + ".") else None
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_the_private_name_finder_finds_both_forms(tmp_path: Path) -> None:
+    pkg = tmp_path / CORE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def _helper(): ...\n_x = 1\n")
+    (pkg / "sub" / "b.py").write_text(
+        "from ..a import _helper\nfrom .. import a\n\ndef f():\n    return a._x, _helper\n"
+    )
+    (pkg / "c.py").write_text("from .a import _helper as _h  # noqa\n")
+    (pkg / "d.py").write_text("def _own(): ...\n\ndef g():\n    return _own, __name__\n")
+    assert _private_uses(tmp_path) == [
+        f"{CORE}.c imports {CORE}.a._helper (line 1)",
+        f"{CORE}.sub.b imports {CORE}.a._helper (line 1)",
+        f"{CORE}.sub.b reads {CORE}.a._x (line 5)",
+    ]
+
+
+def test_no_core_module_uses_another_modules_private_names() -> None:
+    """A ``_name`` is private to its module: another module that needs it gets a public name instead."""
+    root = Path(__file__).resolve().parents[1]
+    uses = _private_uses(root)
+    assert not uses, (
+        f"{len(uses)} use(s) of another module's private name in {CORE} (make the name public, with a "
+        "docstring, or move the code):\n  " + "\n  ".join(uses)
     )
