@@ -21,9 +21,9 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
-    from .adapter import ArchitectureAdapter, DecoderAdapter
+    from .adapter import ArchitectureAdapter, DecoderAdapter, RemovedBranch
     from .api import calibrate, inspect, score
-    from .checkpoint import load_pruned, save_pruned, verify_checkpoint
+    from .checkpoint import load_plan, load_pruned, save_plan, save_pruned, verify_checkpoint
     from .compose import ComposedAdapter, map_submodel
     from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
     from .errors import (
@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     # (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
     from .quant import QuantFormat
     from .scoring import Calibration, ScoringContext
-    from .surgery import RemovedBranch, apply_plan
+    from .surgery import apply_plan
     from .text import TEXT_ALIASES, load_windows
     from .vision import feature_fidelity, image_features
 
@@ -80,7 +80,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "calibrate": ("api", "calibrate"),
     "inspect": ("api", "inspect"),
     "score": ("api", "score"),
+    "load_plan": ("checkpoint", "load_plan"),
     "load_pruned": ("checkpoint", "load_pruned"),
+    "save_plan": ("checkpoint", "save_plan"),
     "save_pruned": ("checkpoint", "save_pruned"),
     "verify_checkpoint": ("checkpoint", "verify_checkpoint"),
     "ComposedAdapter": ("compose", "ComposedAdapter"),
@@ -134,7 +136,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "QuantFormat": ("quant", "QuantFormat"),
     "Calibration": ("scoring", "Calibration"),
     "ScoringContext": ("scoring", "ScoringContext"),
-    "RemovedBranch": ("surgery", "RemovedBranch"),
+    "RemovedBranch": ("adapter", "RemovedBranch"),
     "apply_plan": ("surgery", "apply_plan"),
     "TEXT_ALIASES": ("defaults", "TEXT_ALIASES"),
     "load_windows": ("text", "load_windows"),
@@ -197,6 +199,7 @@ __all__ = [
     "inspect",
     "load_failures",
     "load_model",
+    "load_plan",
     "load_pruned",
     "load_windows",
     "map_submodel",
@@ -205,6 +208,7 @@ __all__ = [
     "plan_pruning",
     "list_plugins",
     "list_quant_formats",
+    "save_plan",
     "save_pruned",
     "score",
     "select_adapter",

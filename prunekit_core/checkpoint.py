@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import get_module, hf_model, set_module
+from .adapter import RemovedBranch, get_module, hf_model, set_module
 from .atomic import atomic_folder, is_temporary, recover, write_text
-from .errors import CheckpointError
+from .errors import CheckpointError, PlanError
 from .integrity import (
     check_manifest,
     check_weight_files,
@@ -41,8 +41,7 @@ from .integrity import (
     safetensors_files,
     weights_digest,
 )
-from .plan import PrunePlan
-from .surgery import RemovedBranch
+from .plan import REMAKE, PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,9 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
+    """Raise :class:`CheckpointError` unless ``out`` may become a saved model's folder: not a temporary's
+    name, and an existing folder only with ``overwrite`` and only a prunekit checkpoint or an empty one."""
     if is_temporary(out):
         raise CheckpointError(
             f"{out.name} is the name prunekit gives to unfinished saves; choose another --out folder name"
@@ -207,7 +208,7 @@ def save_pruned(
     for little more than the last shard.
     """
     out = Path(out_dir).absolute()
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     plan = plan if plan is not None else getattr(model, "_prunekit_plan", None)
     made = make_parents(out)
     try:
@@ -220,7 +221,7 @@ def save_pruned(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if plan is not None:
-                plan.save(tmp / PLAN_FILE)
+                save_plan(plan, tmp / PLAN_FILE)
             record = structure_record(model)
             if not record["uniform"]:
                 _guard_plain_load(tmp / "config.json")
@@ -484,7 +485,29 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     if record.get("counters") or narrowed:
         model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[assignment]  # a plain attribute (torch: Tensor | Module)
     if (path / PLAN_FILE).is_file():
-        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[assignment]  # as above
+        model._prunekit_plan = load_plan(path / PLAN_FILE)  # type: ignore[assignment]  # as above
     align_weights(model)  # run the kernels the model ran in memory: see align_weights
     model.eval()
     return model
+
+
+def save_plan(plan: PrunePlan, path: str | Path) -> None:
+    """Write ``plan`` to the file ``path`` as JSON, atomically (a killed write leaves the old file or none)."""
+    write_text(path, plan.to_json())
+
+
+def load_plan(path: str | Path) -> PrunePlan:
+    """Read the plan file ``path`` (written by :func:`save_plan` or ``prunekit prune --plan-only``).
+
+    Raises :class:`PlanError` for a missing file, an unfinished write (a hidden temporary), or a file that is
+    empty, not JSON or not a plan (:meth:`PrunePlan.from_json`).
+    """
+    path = Path(path)
+    if is_temporary(path):
+        raise PlanError(
+            f"{path} is an unfinished write (a hidden temporary file left by an interrupted save), not a "
+            f"plan; pass the plan file without the hidden prefix and suffix, or {REMAKE}"
+        )
+    if not path.is_file():
+        raise PlanError(f"plan file {path} does not exist")
+    return PrunePlan.from_json(path.read_bytes(), source=str(path))

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params, get_module, iter_modules
+from .adapter import DecoderAdapter, RemovedBranch, count_params, get_module, iter_modules
 from .ir import Block, BranchOutput, Dim, ModelIR, ResidualEdge, Stage, Sublayer, SublayerKind, Tower
-from .surgery import RemovedBranch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import DecoderAdapter, count_params, get_module, hf_model, module_tensor
+from .adapter import DecoderAdapter, RemovedBranch, count_params, get_module, hf_model, module_tensor
 from .groups import attention_kv_groups, gated_mlp_channels
 from .ir import Block, Dim, ModelIR, ResidualEdge, Stage, Sublayer, Tower
-from .surgery import RemovedBranch
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj")

@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from .adapter import (
     DecoderAdapter,
+    RemovedBranch,
     count_params,
     get_module,
     hf_config,
@@ -50,7 +51,6 @@ from .adapter import (
 from .declared import BranchSpec, LayoutSpec, build_decoder_ir
 from .errors import UnsupportedPatternError
 from .ir import ModelIR, SublayerKind
-from .surgery import RemovedBranch
 
 __all__ = ["MATCH_SCORE", "GenericAdapter"]
 

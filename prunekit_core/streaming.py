@@ -929,11 +929,7 @@ def streaming_folder(spec: str) -> Path:
 
     source = loading.resolve_model_source(spec)
     if source.is_gguf:
-        assert source.path is not None and source.gguf_file is not None
-        final_dir = loading.default_cache_dir() / loading._gguf_cache_key(source.path / source.gguf_file)
-        if not (final_dir / "config.json").is_file():
-            loading._convert_gguf(source, final_dir)
-        return final_dir
+        return loading.gguf_folder(source)
     if source.kind != "hf_dir" or source.path is None:
         raise CheckpointError(
             f"--streaming reads a local folder of safetensors shards; {spec!r} is a hub id: download it "
@@ -946,6 +942,6 @@ def streaming_tokenizer(folder: Path) -> Any:
     """The tokenizer of a streamed folder, with a pad token (as :func:`~prunekit_core.loading.load_model`)."""
     from transformers import AutoTokenizer
 
-    from .loading import _ensure_pad_token
+    from .loading import ensure_pad_token
 
-    return _ensure_pad_token(AutoTokenizer.from_pretrained(folder))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder))

@@ -16,39 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module, set_module
+from .adapter import ArchitectureAdapter, RemovedBranch, get_module, set_module
 from .errors import PlanError
-from .ir import BranchOutput, ModelIR, Sublayer
+from .ir import ModelIR, Sublayer
 from .plan import PrunePlan, check_fingerprint, fingerprint
-
-
-class RemovedBranch(nn.Module):
-    """Stands in for a removed residual branch: returns a zero that broadcasts against the stream.
-
-    ``output="tuple"`` returns ``(zero, None)`` for branches whose callers unpack two values (Hugging Face
-    attention modules); a bare tensor there would silently unpack along the batch dimension. ``full=True``
-    returns zeros shaped like the input instead of a scalar, for callers that add into the branch output
-    in place (``mlp_out += attn_out``), which a 0-d tensor cannot hold.
-    """
-
-    def __init__(
-        self, kind: str, output: BranchOutput, norm_path: str | None = None, *, full: bool = False
-    ) -> None:
-        super().__init__()
-        self.kind = kind
-        self.output = output
-        self.norm_path = norm_path
-        self.full = full
-
-    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, None]:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError("RemovedBranch expects the hidden states as first argument or hidden_states=")
-        zero = torch.zeros_like(x) if self.full else x.new_zeros(())
-        return (zero, None) if self.output == "tuple" else zero
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, output={self.output!r}" + (", full=True" if self.full else "")
 
 
 @dataclass(frozen=True)

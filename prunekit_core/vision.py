@@ -16,10 +16,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .adapter import count_params, module_attr
+from .adapter import RemovedBranch, count_params, module_attr
 from .errors import PlanError
 from .ir import Block, ResidualEdge, Sublayer
-from .surgery import RemovedBranch
 
 __all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index", "vit_blocks"]
 

@@ -25,37 +25,17 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, WidthCut, get_module
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 
 TopKPolicy = Literal["error", "clamp"]
 _GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
-
-
-@dataclass(frozen=True)
-class WidthCut:
-    """Groups to remove from one family; ``sublayer`` is the unit that owns it (a stage for conv necks and
-    projectors)."""
-
-    family: ChannelGroup
-    sublayer: Sublayer | Stage
-    removed: tuple[int, ...]
-
-    @property
-    def kept(self) -> list[int]:
-        gone = set(self.removed)
-        return [i for i in range(self.family.count) if i not in gone]
-
-    @property
-    def removed_params(self) -> int:
-        return len(self.removed) * self.family.params_per_group
 
 
 def width_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:

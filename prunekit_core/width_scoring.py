@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from .adapter import get_module, module_tensor
+from .adapter import WidthCut, get_module, module_tensor
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .scoring import BlockScorer
-from .width import WidthCut, _split, group_slices, member_index, width_families
+from .width import _split, group_slices, member_index, width_families
 
 if TYPE_CHECKING:
     from .metrics import ImportanceMetric
@@ -232,7 +232,7 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
     squares raises the output error by ``tr(W_S ((G^-1)_SS)^-1 W_S^T)`` (``G`` the Gram of the projection's
     inputs): the group's contribution that the other channels cannot take over.
     """
-    member = _out_member(sub, fam)
+    member = out_member(sub, fam)
     if member is None or sub.out_proj not in stats.gram:
         raise PlanError(f"{fam.id}: the obs metric needs the sublayer's out_proj among the family's members")
     out_proj = _out_proj_path(sub)
@@ -253,7 +253,8 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
 # Repair of narrowed output projections
 
 
-def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
+def out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
+    """The member of ``fam`` in ``sub``'s output projection (what a refit rewrites), or ``None``."""
     out_proj = getattr(sub, "out_proj", None)  # a stage (conv neck, projector) has none: never refit
     if not out_proj:
         return None
@@ -264,7 +265,7 @@ def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
 
 
 def _out_proj_path(sub: Sublayer | Stage) -> str:
-    """The output projection of a unit whose family has an out-projection member (:func:`_out_member`)."""
+    """The output projection of a unit whose family has an out-projection member (:func:`out_member`)."""
     path: str | None = getattr(sub, "out_proj", None)
     if not path:
         raise PlanError(f"{sub.id} has no output projection")
@@ -301,14 +302,14 @@ def refit_narrowed(
     chosen on every fourth window; the plain slice is kept where the refit does not help held-out tokens.
     Returns the held-out fraction of the cut's output error the refit removed, per family.
     """
-    fams = [f for f, c in cuts.items() if _out_member(c.sublayer, c.family) is not None]
+    fams = [f for f, c in cuts.items() if out_member(c.sublayer, c.family) is not None]
     if not fams:
         return {}
     stats = collect_width_stats(model, ir, windows, families=fams, batch_size=batch_size, hold_every=4)
     gains: dict[str, float] = {}
     for fid in fams:
         cut = cuts[fid]
-        member = _out_member(cut.sublayer, cut.family)
+        member = out_member(cut.sublayer, cut.family)
         assert member is not None
         out_proj = _out_proj_path(cut.sublayer)
         proj = get_module(model, out_proj)
@@ -424,7 +425,7 @@ class WidthCurveObserver(BlockScorer):
         scores = self.scores[self.metrics[0].name]
         fams = width_families(ctx.ir)
         for fid in set(scores) - before:
-            if fid not in fams or (member := _out_member(*fams[fid])) is None:
+            if fid not in fams or (member := out_member(*fams[fid])) is None:
                 continue
             sub, fam = fams[fid]
             order = [int(i) for i in torch.argsort(scores[fid], stable=True)]
@@ -461,7 +462,7 @@ def _probe(
     out: dict[str, dict[int, float]] = {}
     for fid, order in orders.items():
         sub, fam = fams[fid]
-        member = _out_member(sub, fam)
+        member = out_member(sub, fam)
         if member is None or not sub.removable:
             continue
         ks = [k for k in allowed_cuts(fam, round_to, allow_all=False) if k > 0]
@@ -566,7 +567,7 @@ def family_costs(
     for fid, (sub, fam) in ir.channel_groups().items():
         if fid not in orders:
             continue
-        member = _out_member(sub, fam)
+        member = out_member(sub, fam)
         if curves is not None and member is not None:
             curve = curves[fid]
         else:
@@ -935,7 +936,7 @@ def plan_width(
     orders = {
         fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
     }
-    gram_orders = {fid: o for fid, o in orders.items() if _out_member(*fams[fid]) is not None}
+    gram_orders = {fid: o for fid, o in orders.items() if out_member(*fams[fid]) is not None}
     trial_only = sorted(set(orders) - set(gram_orders))
     if trial_only and ctx.streaming:
         raise PlanError(

@@ -18,7 +18,7 @@ from ..hookspecs import hookimpl
 from ..metrics import ChannelMetric, ImportanceMetric, Scores
 from ..scoring import BlockObserver, Collector, ScoringContext
 from ..width import width_families
-from ..width_scoring import WIDTH_STATS, _out_member, linear_members, width_collector
+from ..width_scoring import WIDTH_STATS, linear_members, out_member, width_collector
 
 
 class BlockInfluence(ImportanceMetric):
@@ -227,7 +227,7 @@ class OBS(ChannelMetric):
         return {
             fid: obs_scores(ctx.model, sub, fam, stats)
             for fid, (sub, fam) in width_families(ctx.ir).items()
-            if _out_member(sub, fam) is not None
+            if out_member(sub, fam) is not None
         }
 
 

@@ -199,7 +199,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
     from ..api import calibrate, inspect
-    from ..checkpoint import save_pruned
+    from ..checkpoint import load_plan, save_pruned
     from ..evaluate import count_parameters, perplexity
     from ..plan import PrunePlan
     from ..planning import (
@@ -219,7 +219,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     if args.plan is not None:
         if args.plan_only:
             raise PlanError("--plan-only makes a plan; --plan applies an existing one: choose one")
-        given_plan = PrunePlan.load(args.plan)
+        given_plan = load_plan(args.plan)
     else:
         if args.ratio is None:
             raise PlanError(

@@ -66,9 +66,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from ..checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
+    from ..checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
     from ..evaluate import perplexity
-    from ..plan import PrunePlan
     from ..surgery import apply_plan
 
     # cheap checks first: nothing is loaded or written before all of them pass
@@ -94,7 +93,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
         if (plan_file.parent / RECORD_FILE).is_file():
             verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
-        plan = PrunePlan.load(plan_file)
+        plan = load_plan(plan_file)
         if plan.recovery:
             raise PlanError(
                 f"{args.model} was already healed ({plan.recovery.get('method')}); the repair comes before "

@@ -41,11 +41,11 @@ def check_model(spec: str, *, tokenizer: bool = True) -> Any:
 
 def check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     """--out can be written: missing parent folders are fine (they are created when the result is)."""
-    from ..checkpoint import _check_target, check_parents
+    from ..checkpoint import check_parents, check_target
     from ..errors import CheckpointError
 
     if not plan_only:
-        _check_target(out.absolute(), force)
+        check_target(out.absolute(), force)
         return
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force")

@@ -47,11 +47,11 @@ def stream_calibrate(
 
 def save_plan(plan: Any, out: Path) -> None:
     """Write the --plan-only file, creating its missing parent folders (removed again if the write fails)."""
-    from ..checkpoint import make_parents, remove_made
+    from ..checkpoint import make_parents, remove_made, save_plan
 
     made = make_parents(out)
     try:
-        plan.save(out)
+        save_plan(plan, out)
     except BaseException:
         remove_made(made)
         raise

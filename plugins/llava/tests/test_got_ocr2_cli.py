@@ -10,7 +10,7 @@ from prunekit_llava.got_ocr2 import GotOcr2Adapter
 from test_got_ocr2 import inputs, logits, make_got
 from transformers import GotOcr2ForConditionalGeneration
 
-from prunekit_core import apply_plan, load_pruned
+from prunekit_core import apply_plan, load_pruned, save_plan
 from prunekit_core.cli import main
 from prunekit_core.plan import PrunePlan, fingerprint
 from prunekit_core.testing import word_tokenizer
@@ -68,7 +68,7 @@ def test_prune_with_a_plan_that_narrows_the_convs(tmp_path, capsys) -> None:  # 
         remove=["vision.blocks.1"],
         remove_groups=groups,
     )
-    plan.save(tmp_path / "plan.json")
+    save_plan(plan, tmp_path / "plan.json")
     code, out = _run(
         capsys, "prune", folder, "--plan", tmp_path / "plan.json", "--json", "--out", tmp_path / "out"
     )

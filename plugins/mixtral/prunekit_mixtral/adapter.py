@@ -44,7 +44,7 @@ from prunekit_core.ir import (
 )
 
 if TYPE_CHECKING:
-    from prunekit_core.width import WidthCut
+    from prunekit_core.adapter import WidthCut
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 

@@ -47,7 +47,7 @@ from prunekit_core.ir import ChannelGroup, Connection, Dim, ModelIR, Stage, Towe
 from prunekit_core.vision import vit_blocks
 
 if TYPE_CHECKING:
-    from prunekit_core.width import WidthCut
+    from prunekit_core.adapter import WidthCut
 
 __all__ = ["GotOcr2Adapter"]
 
