@@ -216,8 +216,8 @@ A prunekit architecture plugin for `{model_class}`, written by `prunekit new-plu
     pytest tests                # the prunekit conformance suite on a tiny random {model_class}
 
 `{package}/adapter.py` declares where the blocks and branches are; it was filled in from the structure
-prunekit's generic adapter discovered. To add width pruning, declare channel groups in `build_ir` (see
-prunekit's docs/plugins/writing-a-plugin.md).
+prunekit's generic adapter discovered. To add width pruning, give a branch channel-group factories
+(`groups=`, see prunekit's docs/plugins/writing-a-plugin.md).
 """
 
 
@@ -321,7 +321,7 @@ class Test{camel}(AdapterConformance):
     adapter = {adapter_class}()
     #: what the adapter supports (prunekit_core.testing.CAPABILITIES): the kit runs these checks and fails
     #: if the adapter's IR shows a capability not named here, or lacks one that is; add "width" once
-    #: build_ir declares channel groups
+    #: a branch declares channel groups (groups=)
     capabilities = {{"depth", "sublayers"}}
     #: checks this adapter knowingly does not pass, as {{"test_name": "why"}} (run as strict xfails)
     expected_failures: dict[str, str] = {{}}
