@@ -197,7 +197,8 @@ class MoEAdapter(DeclaredDecoderAdapter):
     layout = LAYOUT
 
     def block_branches(self, model: nn.Module, index: int, block: nn.Module) -> Sequence[BranchSpec]:
-        return (ATTENTION, MOE if is_moe_block(get_module(block, "mlp")) else DENSE_MLP)
+        mlp = getattr(block, "mlp", None)  # has_layout asks before it knows the block has one
+        return (ATTENTION, MOE if isinstance(mlp, nn.Module) and is_moe_block(mlp) else DENSE_MLP)
 
     def has_layout(self, model: nn.Module) -> bool:
         """The declared layout with at least one MoE block (else it is a dense, Llama, model)."""
