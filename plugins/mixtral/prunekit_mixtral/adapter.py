@@ -7,7 +7,11 @@ in two fused parameters, ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) a
 Qwen2-MoE adds an always-on ``shared_expert`` (a gated MLP) scaled by ``sigmoid(shared_expert_gate(x))``, and
 may keep dense MLPs in some layers (``mlp_only_layers``, ``decoder_sparse_step``).
 
-The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
+The layout is declared by tables (:class:`~prunekit_core.declared.DeclaredDecoderAdapter`, as the Llama
+plugin and docs/plugins/writing-a-plugin.md): the attention and a dense layer's MLP use the core's
+``kv_groups`` and ``ffn_channels`` factories, the MoE branch declares its fused experts with factories of
+its own (:class:`~prunekit_core.declared.GroupFactory`), and ``block_branches`` picks the MoE or the dense
+branch per layer. The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
 
 - the experts as :class:`~prunekit_core.ir.Expert` units (``text.blocks.i.moe.experts.e``, router row ``e``)
   and the shared expert (``text.blocks.i.moe.shared_expert``, no router row);
