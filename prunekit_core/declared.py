@@ -148,7 +148,7 @@ def build_blocks(
                     edge_point[spec.edge] = source
             else:
                 source = edge_point[spec.edge]
-            paths = [spec.module, *spec.parts, *([spec.norm] if spec.norm else [])]
+            others = [block.get_submodule(p) for p in (*spec.parts, spec.norm) if p]
             branch = Branch(f"{bid}.{spec.name}", f"{bpath}.{spec.module}", module, config)
             subs.append(
                 Sublayer(
@@ -158,7 +158,7 @@ def build_blocks(
                     norm=f"{bpath}.{spec.norm}" if spec.norm else None,
                     output=spec.output,
                     residual=ResidualEdge(stream=tower, source=source, target=source + 1),
-                    params=count_params([block.get_submodule(p) for p in paths]),
+                    params=count_params([module, *others]),
                     out_proj=f"{bpath}.{spec.out_proj}" if spec.out_proj else None,
                     parts=tuple(f"{bpath}.{p}" for p in spec.parts),
                     full_zero=spec.full_zero,

@@ -25,25 +25,31 @@ from .ir import ChannelGroup, GroupMember
 __all__ = ["conv_channels", "ffn_channels", "kv_groups", "params_per_group"]
 
 
-def params_per_group(root: nn.Module, members: Sequence[GroupMember], prefix: str = "") -> int:
-    """Parameters one group of ``members`` holds (paths relative to ``root`` after ``prefix``; buffers,
-    such as running statistics, are sliced but not counted)."""
+def params_per_group(root: nn.Module, members: Sequence[GroupMember]) -> int:
+    """Parameters one group of ``members`` holds (paths from ``root``; buffers, such as running statistics,
+    are sliced but not counted)."""
     total = 0
     for m in members:
-        path, leaf = m.param[len(prefix) :].rsplit(".", 1)
+        path, leaf = m.param.rsplit(".", 1)
         tensor = getattr(get_module(root, path), leaf)
         if isinstance(tensor, nn.Parameter):
             total += tensor.numel() // tensor.shape[m.axis] * m.width
     return total
 
 
-def _members(branch: Branch, spans: Sequence[tuple[str, int, int]]) -> list[GroupMember]:
-    """``(module, axis, width)`` spans: every weight, then the biases (axis 0 spans only) that exist."""
-    members = [GroupMember(param=f"{branch.path}.{m}.weight", axis=a, width=w) for m, a, w in spans]
-    for m, axis, width in spans:
-        if axis == 0 and getattr(get_module(branch.module, m), "bias", None) is not None:
-            members.append(GroupMember(param=f"{branch.path}.{m}.bias", axis=0, width=width))
-    return members
+def _members(branch: Branch, spans: Sequence[tuple[str, int, int]]) -> tuple[tuple[GroupMember, ...], int]:
+    """The members of ``(module, axis, width)`` spans (every weight, then the biases of the axis-0 spans
+    that have one) and the parameters one group holds."""
+    weights, biases, per_group = [], [], 0
+    for path, axis, width in spans:
+        module = get_module(branch.module, path)
+        weight = module_tensor(module, "weight")
+        weights.append(GroupMember(param=f"{branch.path}.{path}.weight", axis=axis, width=width))
+        per_group += weight.numel() // weight.shape[axis] * width
+        if axis == 0 and getattr(module, "bias", None) is not None:
+            biases.append(GroupMember(param=f"{branch.path}.{path}.bias", axis=0, width=width))
+            per_group += width
+    return (*weights, *biases), per_group
 
 
 def kv_groups(
@@ -70,13 +76,13 @@ def kv_groups(
         n_kv = module_attr(get_module(attn, k), "out_features") // head_dim
         q_per_kv = module_attr(get_module(attn, q), "out_features") // head_dim // n_kv
         spans = [(q, 0, head_dim * q_per_kv), (k, 0, head_dim), (v, 0, head_dim), (o, 1, head_dim * q_per_kv)]
-        members = _members(branch, spans)
+        members, per_group = _members(branch, spans)
         return ChannelGroup(
             id=fid,
             kind="kv_group",
             count=n_kv,
-            members=tuple(members),
-            params_per_group=params_per_group(attn, members, branch.path + "."),
+            members=members,
+            params_per_group=per_group,
             config_fields={kv_heads_field: 1, heads_field: q_per_kv},
         )
 
@@ -100,13 +106,13 @@ def ffn_channels(
     ins = [m for m in (gate, up) if m is not None]
 
     def build(branch: Branch, fid: str) -> ChannelGroup:
-        members = _members(branch, [*((m, 0, 1) for m in ins), (down, 1, 1)])
+        members, per_group = _members(branch, [*((m, 0, 1) for m in ins), (down, 1, 1)])
         return ChannelGroup(
             id=fid,
             kind="ffn_channel",
             count=module_attr(get_module(branch.module, ins[0]), "out_features"),
-            members=tuple(members),
-            params_per_group=params_per_group(branch.module, members, branch.path + "."),
+            members=members,
+            params_per_group=per_group,
             config_fields={config_field: 1},
         )
 
