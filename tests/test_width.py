@@ -344,16 +344,22 @@ def test_cli_score_channel_metrics(tmp_path, capsys) -> None:  # noqa: ANN001
 
 def test_module_counters_are_set_saved_and_restored(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """A family may declare module attributes that count its groups; surgery and reload keep them true."""
-    import prunekit_core.decoder as llama_layout
+    import dataclasses
+
+    from prunekit_llama import adapter as llama
+
     from prunekit_core.ir import ModuleCounter
 
-    original = llama_layout.gated_mlp_channels
+    (channels,) = llama.MLP.groups
 
-    def with_counter(fid: str, path: str, mlp: torch.nn.Module, config_field: str) -> ChannelGroup:
-        fam = original(fid, path, mlp, config_field)
-        return fam.model_copy(update={"counters": (ModuleCounter(module=path, attr="live", per_group=1),)})
+    def with_counter(branch, fid: str) -> ChannelGroup:  # noqa: ANN001
+        fam = channels.build(branch, fid)
+        return fam.model_copy(
+            update={"counters": (ModuleCounter(module=branch.path, attr="live", per_group=1),)}
+        )
 
-    monkeypatch.setattr(llama_layout, "gated_mlp_channels", with_counter)
+    counted = dataclasses.replace(llama.MLP, groups=(dataclasses.replace(channels, build=with_counter),))
+    monkeypatch.setattr(llama.LlamaFamilyAdapter, "branches", (llama.ATTENTION, counted))
     model = model_()
     for layer in model.model.layers:
         layer.mlp.live = 64  # a counter the (imagined) modeling code reads
