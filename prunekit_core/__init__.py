@@ -8,9 +8,9 @@ Ten lines do what ``prunekit prune`` does::
     calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=32).ids
     cal = pk.calibrate(model, calib)
     plan = pk.plan_pruning(model, cal, ratio=0.1)  # prunekit's best: an angular-distance span + least-squares repair
-    pk.apply_plan(model, plan, repair_windows=calib)
+    applied = pk.apply_plan(model, plan, repair_windows=calib)  # in place; the plan as applied
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
-    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)
+    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=applied.plan)
     model = pk.load_pruned("out/smollm2-pruned")
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
     from .adapter import ArchitectureAdapter, DecoderAdapter
     from .api import calibrate, inspect, score
-    from .checkpoint import load_pruned, save_pruned, verify_checkpoint
+    from .checkpoint import load_pruned, read_plan, save_pruned, verify_checkpoint
     from .compose import ComposedAdapter, map_submodel
     from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
     from .errors import (
@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     # (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
     from .quant import QuantFormat
     from .scoring import Calibration, ScoringContext
-    from .surgery import RemovedBranch, apply_plan
+    from .surgery import AppliedPlan, RemovedBranch, apply_plan
     from .text import TEXT_ALIASES, load_windows
     from .vision import feature_fidelity, image_features
 
@@ -81,6 +81,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "inspect": ("api", "inspect"),
     "score": ("api", "score"),
     "load_pruned": ("checkpoint", "load_pruned"),
+    "read_plan": ("checkpoint", "read_plan"),
     "save_pruned": ("checkpoint", "save_pruned"),
     "verify_checkpoint": ("checkpoint", "verify_checkpoint"),
     "ComposedAdapter": ("compose", "ComposedAdapter"),
@@ -134,6 +135,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "QuantFormat": ("quant", "QuantFormat"),
     "Calibration": ("scoring", "Calibration"),
     "ScoringContext": ("scoring", "ScoringContext"),
+    "AppliedPlan": ("surgery", "AppliedPlan"),
     "RemovedBranch": ("surgery", "RemovedBranch"),
     "apply_plan": ("surgery", "apply_plan"),
     "TEXT_ALIASES": ("defaults", "TEXT_ALIASES"),
@@ -146,6 +148,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousAdapterError",
+    "AppliedPlan",
     "ArchitectureAdapter",
     "Block",
     "Calibration",
@@ -203,6 +206,7 @@ __all__ = [
     "list_metrics",
     "perplexity",
     "plan_pruning",
+    "read_plan",
     "list_plugins",
     "list_quant_formats",
     "save_pruned",

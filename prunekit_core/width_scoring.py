@@ -41,7 +41,7 @@ from .adapter import get_module, module_tensor
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 from .scoring import BlockScorer
-from .width import WidthCut, _split, group_slices, member_index, width_families
+from .width import WidthCut, group_slices, member_index, split_param, width_families
 
 if TYPE_CHECKING:
     from .metrics import ImportanceMetric
@@ -67,7 +67,7 @@ class WidthStats:
 
 
 def _member_modules(fams: list[ChannelGroup]) -> set[str]:
-    return {_split(m.param)[0] for f in fams for m in f.members}
+    return {split_param(m.param)[0] for f in fams for m in f.members}
 
 
 #: the :meth:`~prunekit_core.scoring.ScoringContext.observed` key of :func:`width_collector`'s statistics
@@ -162,7 +162,7 @@ def magnitude_scores(model: nn.Module, fam: ChannelGroup) -> torch.Tensor:
 
 
 def _input_norm(member: GroupMember, tensor: torch.Tensor, stats: WidthStats) -> torch.Tensor:
-    module = _split(member.param)[0]
+    module = split_param(member.param)[0]
     if module not in stats.sumsq:
         raise PlanError(f"no calibration statistics for {module}; collect_width_stats did not see it run")
     norm = stats.sumsq[module].sqrt()
@@ -874,7 +874,7 @@ def _without_whole(fc: FamilyCost) -> FamilyCost:
 def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
     import copy
 
-    from .width import _config_valid
+    from .width import config_valid
 
     text_config = getattr(ctx.adapter, "text_config", None)
     config = text_config(ctx.model) if text_config else ctx.model.config
@@ -883,7 +883,7 @@ def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
         probe = copy.deepcopy(config)
         for name, value in fields.items():
             setattr(probe, name, value)
-        return _config_valid(probe)
+        return config_valid(probe)
 
     return check
 

@@ -63,7 +63,7 @@ def tiny_pruned(seed: int = 0) -> LlamaForCausalLM:
         fingerprint=fingerprint(model, adapter.build_ir(model)),
         remove=["text.blocks.0", "text.blocks.2.attn"],
     )
-    return apply_plan(model, plan, adapter=adapter)
+    return apply_plan(model, plan, adapter=adapter).model
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
