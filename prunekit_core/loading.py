@@ -84,7 +84,8 @@ def _gguf_cache_key(gguf_path: Path) -> str:
     return f"{stem}-{digest}"
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with its end-of-sequence token as padding token when it has none."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -295,4 +296,4 @@ def load_model(
                 f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
             ) from exc
     model.eval()
-    return model, _ensure_pad_token(tok) if tok is not None else None, source
+    return model, ensure_pad_token(tok) if tok is not None else None, source

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module, hf_model
+from .adapter import ArchitectureAdapter, first_tensor, get_module, hf_model
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ChannelMetric, ImportanceMetric, Scores
@@ -44,12 +44,11 @@ from .scoring import (
     BlockView,
     Calibration,
     ScoringContext,
-    _first_tensor,
-    _hook_point,
-    _progress,
-    _TowerRecorder,
+    TowerRecorder,
     block_ir,
     block_observers,
+    hook_point,
+    progress_bar,
     stream_loss,
 )
 
@@ -413,7 +412,7 @@ def _probing(sm: StreamingModel, *, stop: bool) -> Iterator[None]:
                             f"a block of tower {name} ran before its first block ({path}) in the model's forward"
                         )
                     reached(name)
-                    return _wrap(sm._templates[name], _first_tensor(args, kwargs))
+                    return _wrap(sm._templates[name], first_tensor(args, kwargs))
 
                 return forward
 
@@ -487,7 +486,7 @@ class _TowerStreams:
                     i: int, outs: list[list[torch.Tensor]] = outs, name: str = name
                 ) -> Callable[..., Any]:
                     def forward(*args: Any, **kwargs: Any) -> Any:
-                        x, out = _first_tensor(args, kwargs), outs[i][current[0]]
+                        x, out = first_tensor(args, kwargs), outs[i][current[0]]
                         if x.shape != out.shape:
                             raise CalibrationError(
                                 f"block {i} of tower {name} was called with a {tuple(x.shape)} stream, not the "
@@ -510,7 +509,7 @@ class _TowerStreams:
 
         def make(i: int) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
-                x = _first_tensor(args, kwargs)
+                x = first_tensor(args, kwargs)
                 kw = dict(kwargs)
                 kw.pop("hidden_states", None)
                 calls[i].append((args[1:], kw))
@@ -542,7 +541,7 @@ class _TowerStreams:
         xs: list[torch.Tensor],
         calls: list[list[Any]],
         *,
-        rec: _TowerRecorder | None = None,
+        rec: TowerRecorder | None = None,
         progress: bool = False,
     ) -> list[torch.Tensor]:
         """Run every batch through ``tower``'s blocks, one block loaded at a time (``xs`` in, streams out).
@@ -557,10 +556,10 @@ class _TowerStreams:
         handles = (
             []
             if rec is None
-            else [_hook_point(sm.model, rec, p, path) for p, (_, path) in enumerate(rec.points)]
+            else [hook_point(sm.model, rec, p, path) for p, (_, path) in enumerate(rec.points)]
         )
         try:
-            for i in _progress(range(len(paths)), progress, f"streaming {tower.name} blocks"):
+            for i in progress_bar(range(len(paths)), progress, f"streaming {tower.name} blocks"):
                 block = sm.load_block(paths[i])
                 with _observing(sm, self.observers, tower, i, self.windows):
                     for j in range(len(xs)):
@@ -657,7 +656,7 @@ def stream_calibrate(
     streams = _TowerStreams(sm, batches, observers=obs, windows=windows)
     cal = Calibration(windows=windows, inputs=extra)
     for tower in streams.order:
-        rec = _TowerRecorder(tower)
+        rec = TowerRecorder(tower)
         for b, _ in batches:
             rec.start_batch(b.shape[0])
         streams.stream(tower, *streams.capture(tower), rec=rec, progress=progress)
@@ -946,6 +945,6 @@ def streaming_tokenizer(folder: Path) -> Any:
     """The tokenizer of a streamed folder, with a pad token (as :func:`~prunekit_core.loading.load_model`)."""
     from transformers import AutoTokenizer
 
-    from .loading import _ensure_pad_token
+    from .loading import ensure_pad_token
 
-    return _ensure_pad_token(AutoTokenizer.from_pretrained(folder))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,9 +20,8 @@ from .adapter import ArchitectureAdapter, get_module, set_module
 from .errors import PlanError
 from .ir import BranchOutput, ModelIR, Sublayer
 from .plan import PrunePlan, check_fingerprint, fingerprint
-
-if TYPE_CHECKING:
-    from .repair import RepairStep
+from .repair import RepairStep, lsq_repair, refit_narrowed
+from .width import apply_width, resolve_width
 
 
 class RemovedBranch(nn.Module):
@@ -233,9 +231,6 @@ def apply_plan(
     the model: save the result with ``save_pruned(applied.model, out, plan=applied.plan)``.
     """
     from .plugins import select_adapter
-    from .repair import lsq_repair
-    from .width import apply_width, resolve_width
-    from .width_scoring import refit_narrowed
 
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
@@ -262,7 +257,7 @@ def apply_plan(
         ir_now = adapter.build_ir(model) if cuts else ir
         if plan.repair == "lsq":
             assert repair_windows is not None  # checked above
-            steps = lsq_repair(model, ir_now, resolved, repair_windows)
+            steps = lsq_repair(model, ir_now, resolved, repair_windows, masked=branches_masked)
         kept = apply_removals(model, adapter, ir_now, resolved)
     return AppliedPlan(
         model=model,
