@@ -26,6 +26,7 @@ from torch import nn
 from .adapter import ArchitectureAdapter, first_tensor, get_module
 from .errors import CalibrationError, PlanError
 from .ir import Block, ModelIR, Sublayer, Tower
+from .plan import Fingerprint, fingerprint
 from .repair import WIDTH_STATS, WidthStats, width_collector
 from .surgery import branches_masked
 from .width import group_slices
@@ -59,6 +60,13 @@ class Calibration:
     #: results of :class:`BlockObserver` s by metric name: scores a streaming pass computed while each
     #: block was loaded (``{family id: group scores}`` of a channel metric, ``{unit id: score}`` otherwise)
     observed: dict[str, Any] = field(default_factory=dict)
+    #: set by a streaming pass (:func:`~prunekit_core.streaming.stream_calibrate`), whose model is an empty
+    #: skeleton with its blocks' weights on disk: builds the removal-trial runner that streams them
+    #: (``f(ctx) -> runner``, what :meth:`ScoringContext.trials` returns)
+    trial_factory: Callable[[ScoringContext], Any] | None = None
+    #: set by a streaming pass: the weights fingerprint of the checkpoint the skeleton reads, sampled block
+    #: by block (plans made on the skeleton carry it: :meth:`ScoringContext.fingerprint`)
+    weights_digest: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -542,10 +550,6 @@ class NaiveTrialRunner:
         return self._current
 
 
-#: an attribute of a model whose trials run elsewhere (a streaming skeleton): ``f(ctx) -> runner``
-TRIALS_ATTR = "_prunekit_trial_factory"
-
-
 @dataclass
 class ScoringContext:
     """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
@@ -576,14 +580,21 @@ class ScoringContext:
 
     @property
     def streaming(self) -> bool:
-        """Whether ``model`` is a streaming skeleton (:func:`~prunekit_core.streaming.open_streaming`): its
-        blocks' weights stay on disk, and only a streaming pass sees them, one block at a time."""
-        return getattr(self.model, TRIALS_ATTR, None) is not None
+        """Whether ``model`` is a streaming skeleton (:func:`~prunekit_core.streaming.open_streaming`) and the
+        calibration its streaming pass: the blocks' weights stay on disk, and only a streaming pass sees
+        them, one block at a time."""
+        return self.calibration.trial_factory is not None
+
+    def fingerprint(self, ir: ModelIR | None = None) -> Fingerprint:
+        """The fingerprint of the model a plan made here is for (of a streaming skeleton: of the checkpoint
+        it reads, with the weights digest its streaming pass sampled)."""
+        return fingerprint(self.model, ir or self.ir, weights=self.calibration.weights_digest)
 
     def trials(self) -> TrialRunner | NaiveTrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
-        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
-        factory = getattr(self.model, TRIALS_ATTR, None)
+        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks); a streaming pass's
+        runner (:attr:`Calibration.trial_factory`) on a streaming skeleton."""
+        factory = self.calibration.trial_factory
         if self._trials is None and factory is not None:
             self._trials = factory(self)
         if self._trials is None:

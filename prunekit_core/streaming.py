@@ -37,9 +37,8 @@ from .adapter import ArchitectureAdapter, first_tensor, get_module, hf_model
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ChannelMetric, ImportanceMetric, Scores
-from .plan import DIGEST_ATTR, digest_samples, weight_sample
+from .plan import digest_samples, weight_sample
 from .scoring import (
-    TRIALS_ATTR,
     BlockObserver,
     BlockView,
     Calibration,
@@ -248,6 +247,18 @@ class StreamingModel:
             return None
         return digest_samples({n: self._samples[n] for n in names})
 
+    def trial_runner(self, ctx: ScoringContext) -> StreamingTrialRunner:
+        """The removal trials of ``ctx`` (on this skeleton), streamed: :attr:`Calibration.trial_factory` of
+        a streaming pass, so that :meth:`ScoringContext.trials` streams too."""
+        n = ctx.trial_windows
+        return StreamingTrialRunner(
+            self,
+            ctx.calibration.windows[:n],
+            loss_stride=ctx.loss_stride,
+            candidates=lambda: ctx.candidates,  # the planner's pool of the moment
+            inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
+        )
+
     def load_block(self, path: str) -> nn.Module:
         block = get_module(self.model, path)
         prefix = path + "."
@@ -347,18 +358,6 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
         raise CalibrationError(f"{ir.architecture} has no tower of blocks to stream")
     sm._map_keys()
     sm.load_outside_blocks()
-
-    def trials(ctx: ScoringContext) -> StreamingTrialRunner:
-        n = ctx.trial_windows
-        return StreamingTrialRunner(
-            sm,
-            ctx.calibration.windows[:n],
-            loss_stride=ctx.loss_stride,
-            candidates=lambda: ctx.candidates,  # the planner's pool of the moment
-            inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
-        )
-
-    object.__setattr__(model, TRIALS_ATTR, trials)  # ScoringContext.trials() on the skeleton streams too
     return sm
 
 
@@ -665,9 +664,9 @@ def stream_calibrate(
     for o in obs:
         o.finish(sm.model, sm.adapter, sm.ir)
         cal.observed.update(o.results())
-    digest = sm.weights_digest()
-    if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
-        object.__setattr__(sm.model, DIGEST_ATTR, digest)
+    # ScoringContext.trials() on the skeleton streams too; plans made on it carry the checkpoint's fingerprint
+    cal.trial_factory = sm.trial_runner
+    cal.weights_digest = sm.weights_digest()
     logger.info(
         "streamed %d blocks (%.1f MB of weights), %.1f MB of tower outputs held for replay",
         sm.loaded_blocks,

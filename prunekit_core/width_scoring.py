@@ -539,7 +539,7 @@ def _choose_mixed(
     allocations = ("uniform", "global")
     import copy
 
-    from .plan import PrunePlan, fingerprint
+    from .plan import PrunePlan
     from .surgery import apply_plan
 
     ir: ModelIR = ctx.ir
@@ -566,7 +566,7 @@ def _choose_mixed(
             cands.append((what, span, groups))
     windows = ctx.calibration.windows
     select = windows[-min(8, windows.shape[0]) :]
-    fp = fingerprint(ctx.model, ir)
+    fp = ctx.fingerprint(ir)
     results = []
     for label, remove, groups in cands:
         plan = PrunePlan(
