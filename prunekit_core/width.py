@@ -312,9 +312,15 @@ def apply_width(
 ) -> bool:
     """Remove the groups in ``cuts`` in place; returns whether the config describes every module exactly.
 
-    ``skip`` are units the same plan removes whole (their families do not constrain the config).
+    That is what the IR declares (each family's config fields, read from ``ir``), for a model whose config
+    described it before the cut (:func:`config_describes_shapes`); the conformance kit checks the claim
+    against plain ``from_pretrained``. ``skip`` are units the same plan removes whole (their families do
+    not constrain the config).
     """
     touched: dict[str, nn.Module] = {}
+    # an earlier narrowing the config could not describe (a per-layer width, a family no config field
+    # counts) stays in the shapes, whatever this cut does; a model as its config builds it passes
+    uniform_before = config_describes_shapes(model)
     for cut in cuts.values():
         fam = cut.family
         kept = cut.kept
@@ -362,9 +368,7 @@ def apply_width(
         for (name, field), value in old.items():
             setattr(configs[name], field, value)
         uniform = False
-    # an earlier narrowing the config could not describe (a per-layer width, a family no config field
-    # counts) still shows in the shapes, whatever this cut did
-    return uniform and config_describes_shapes(model)
+    return uniform and uniform_before
 
 
 def config_describes_shapes(model: nn.Module) -> bool:
