@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             # only weighs them)
             plan = plan_experts(ctx, get_metric(metric), ratio, top_k_policy="clamp")
             plan_s = time.perf_counter() - t
-            pruned = pk.apply_plan(copy.deepcopy(moe), plan)
+            pruned = pk.apply_plan(copy.deepcopy(moe), plan).model
             ppl = pk.perplexity(pruned, evalw).perplexity
             rows.append(row(metric, f"{ratio:.0%} of experts", plan.removed_params, plan_s, ppl, ratio))
             del pruned
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             moe, Calibration(calib), ratio=same, granularity="width", metric=metric, round_to=args.round_to
         )
         plan_s = time.perf_counter() - t
-        pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib)
+        pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib).model
         ppl = pk.perplexity(pruned, evalw).perplexity
         kinds = sorted({f.rsplit(".", 1)[-1] for f in plan.remove_groups})
         label = f"width ({metric}, repair {plan.repair}, uniform)"
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             plan = pk.plan_pruning(moe, cal, ratio=same, **kwargs)
             plan_s = time.perf_counter() - t
-            pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib)
+            pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib).model
             ppl = pk.perplexity(pruned, evalw).perplexity
             label = (
                 f"whole blocks ({plan.method}{', repair ' + plan.repair if plan.repair != 'none' else ''})"

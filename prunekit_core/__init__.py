@@ -8,9 +8,9 @@ Ten lines do what ``prunekit prune`` does::
     calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=32).ids
     cal = pk.calibrate(model, calib)
     plan = pk.plan_pruning(model, cal, ratio=0.1)  # prunekit's best: an angular-distance span + least-squares repair
-    pk.apply_plan(model, plan, repair_windows=calib)
+    applied = pk.apply_plan(model, plan, repair_windows=calib)  # in place; the plan as applied
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
-    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)
+    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=applied.plan)
     model = pk.load_pruned("out/smollm2-pruned")
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
     from .adapter import ArchitectureAdapter, DecoderAdapter, RemovedBranch
     from .api import calibrate, inspect, score
-    from .checkpoint import load_plan, load_pruned, save_plan, save_pruned, verify_checkpoint
+    from .checkpoint import load_plan, load_pruned, read_plan, save_plan, save_pruned, verify_checkpoint
     from .compose import ComposedAdapter, map_submodel
     from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
     from .errors import (
@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     # (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
     from .quant import QuantFormat
     from .scoring import Calibration, ScoringContext
-    from .surgery import apply_plan
+    from .surgery import AppliedPlan, apply_plan
     from .text import TEXT_ALIASES, load_windows
     from .vision import feature_fidelity, image_features
 
@@ -82,6 +82,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "score": ("api", "score"),
     "load_plan": ("checkpoint", "load_plan"),
     "load_pruned": ("checkpoint", "load_pruned"),
+    "read_plan": ("checkpoint", "read_plan"),
     "save_plan": ("checkpoint", "save_plan"),
     "save_pruned": ("checkpoint", "save_pruned"),
     "verify_checkpoint": ("checkpoint", "verify_checkpoint"),
@@ -137,6 +138,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Calibration": ("scoring", "Calibration"),
     "ScoringContext": ("scoring", "ScoringContext"),
     "RemovedBranch": ("adapter", "RemovedBranch"),
+    "AppliedPlan": ("surgery", "AppliedPlan"),
     "apply_plan": ("surgery", "apply_plan"),
     "TEXT_ALIASES": ("defaults", "TEXT_ALIASES"),
     "load_windows": ("text", "load_windows"),
@@ -148,6 +150,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousAdapterError",
+    "AppliedPlan",
     "ArchitectureAdapter",
     "Block",
     "Calibration",
@@ -206,6 +209,7 @@ __all__ = [
     "list_metrics",
     "perplexity",
     "plan_pruning",
+    "read_plan",
     "list_plugins",
     "list_quant_formats",
     "save_plan",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import CalibrationError, PlanError
 from .ir import BranchOutput, ChannelGroup, ModelIR, Stage, Sublayer
 from .plugins import registry_base
 
@@ -82,6 +82,17 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
         parent[int(leaf)] = new
     else:
         setattr(parent, leaf, new)
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a forward pre-hook (``with_kwargs=True``) sees: the first positional argument, or
+    ``hidden_states=``. Raises :class:`CalibrationError` when neither is a tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, torch.Tensor):
+        return hs
+    raise CalibrationError("could not find the hidden states among a hooked module's inputs")
 
 
 def count_params(modules: Iterable[nn.Module]) -> int:

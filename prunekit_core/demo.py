@@ -131,7 +131,7 @@ def run_demo(
     params_before = pk.count_parameters(model).total
 
     with step("apply", "apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
-        pk.apply_plan(model, plan, repair_windows=cal_w.ids)
+        plan = pk.apply_plan(model, plan, repair_windows=cal_w.ids).plan  # as applied
     params_after = pk.count_parameters(model).total
 
     with step("perplexity_after", "perplexity after"):

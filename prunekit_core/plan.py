@@ -143,24 +143,19 @@ def digest_samples(samples: dict[str, tuple[tuple[int, ...], bytes]]) -> str:
     return h.hexdigest()[:16]
 
 
-#: set on an empty skeleton (streaming) whose weights live on disk: their digest, sampled block by block
-DIGEST_ATTR = "_prunekit_weights_digest"
+def fingerprint(model: nn.Module, ir: ModelIR, *, weights: str | None = None) -> Fingerprint:
+    """The fingerprint of ``model`` as it is now (pruning changes it).
 
-
-def _weights_digest(model: nn.Module) -> str:
-    given = getattr(model, DIGEST_ATTR, None)
-    if isinstance(given, str):
-        return given
-    return digest_samples({name: weight_sample(p) for name, p in model.state_dict().items()})
-
-
-def fingerprint(model: nn.Module, ir: ModelIR) -> Fingerprint:
-    """The fingerprint of ``model`` as it is now (pruning changes it)."""
+    ``weights`` is the weights digest when the weights are not in ``model`` (an empty streaming skeleton:
+    the digest its streaming pass sampled block by block, ``Calibration.weights_digest``).
+    """
     sig = json.dumps([ir.architecture, ir.structure_signature()], separators=(",", ":"))
+    if weights is None:
+        weights = digest_samples({name: weight_sample(p) for name, p in model.state_dict().items()})
     return Fingerprint(
         architecture=ir.architecture,
         structure=hashlib.sha256(sig.encode()).hexdigest()[:16],
-        weights=_weights_digest(model),
+        weights=weights,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import logits_of as logits
-from helpers import save_tiny_model, tiny_llama, tiny_tokenizer, words
+from helpers import save_tiny_model, tiny_llama, tiny_pruned_applied, tiny_tokenizer, words
 from helpers import tiny_pruned as pruned
 from prunekit_llama import LlamaFamilyAdapter
 
@@ -44,9 +44,15 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def save_with_plan(out: Path, seed: int = 0) -> Path:
+    """:func:`pruned` saved with the plan that made it (``plan.json``, as ``prunekit prune`` writes it)."""
+    run = tiny_pruned_applied(seed)
+    return save_pruned(run.model, out, tokenizer=tiny_tokenizer(), plan=run.plan)
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    return save_pruned(pruned(), tmp_path / "ckpt", tokenizer=tiny_tokenizer())
+    return save_with_plan(tmp_path / "ckpt")
 
 
 # --- the atomic-write helper -------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def test_weights_from_another_model_are_refused(saved: Path, tmp_path: Path) -> 
 
 
 def test_plan_from_another_checkpoint_is_refused(saved: Path, tmp_path: Path) -> None:
-    other = save_pruned(pruned(seed=1), tmp_path / "other")
+    other = save_with_plan(tmp_path / "other", seed=1)
     (saved / PLAN_FILE).write_bytes((other / PLAN_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="plan.json is not the plan these weights were made with"):
         load_pruned(saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -245,10 +246,11 @@ def test_config_that_transformers_rejects_falls_back_to_per_layer(tmp_path) -> N
     ids = windows()
     groups = {f"text.blocks.{i}.attn.kv_groups": [0] for i in range(4)}
     plan = PrunePlan(fingerprint=fingerprint(model, pk.inspect(model)), remove=[], remove_groups=groups)
-    pk.apply_plan(model, plan)
+    applied = pk.apply_plan(model, plan)
     assert model.config.num_attention_heads == 4  # left as it was: 3 would not validate
-    assert not model._prunekit_plan.is_uniform
-    out = pk.save_pruned(model, tmp_path / "p")
+    assert not applied.plan.is_uniform
+    out = pk.save_pruned(model, tmp_path / "p", plan=applied.plan)
+    assert not json.loads((out / "prunekit.json").read_text())["width_uniform"]  # read off the model
     loaded = pk.load_pruned(out)
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
 
@@ -312,7 +314,7 @@ def test_cli_width_prune_end_to_end(tmp_path, capsys) -> None:  # noqa: ANN001
     assert data["plan"]["method"] == f"width:{BEST_WIDTH['metric']}" and data["plan"]["repair"] == "lsq"
     assert data["achieved_ratio"] >= 0.2 and data["plan"]["remove_groups"]
     loaded = pk.load_pruned(out)
-    assert loaded._prunekit_plan.remove_groups == data["plan"]["remove_groups"]
+    assert pk.read_plan(out).remove_groups == data["plan"]["remove_groups"]
     assert pk.inspect(loaded).block_params() == data["plan"]["block_params"] - data["plan"]["removed_params"]
 
 

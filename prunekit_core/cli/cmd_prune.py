@@ -412,13 +412,15 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     images = sample_images(model)
     feats_before = image_features(model, images) if images is not None else None
     with ui.step("apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
-        apply_plan(model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None)
-    plan = model._prunekit_plan  # as applied: says whether the config alone describes the result
+        # as applied: says whether the config alone describes the result
+        plan = apply_plan(
+            model, plan, repair_windows=cal_windows.ids if cal_windows is not None else None
+        ).plan
     result["uniform"] = plan.is_uniform
     if args.recover == "lora":
         skip = {args.calib: cal_windows.num_tokens} if cal_windows is not None else {}
         model, result["recovery"] = heal_lora(args, ui, model, tok, heal_texts, skip)
-        plan = model._prunekit_plan
+        plan = plan.model_copy(update={"recovery": result["recovery"]})  # the saved plan says how it was made
     params_after = count_parameters(model)
     ui.say(f"parameters: {fmt_params(params_before.total)} -> {fmt_params(params_after.total)}")
     if feats_before is not None:

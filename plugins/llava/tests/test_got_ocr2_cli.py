@@ -76,7 +76,7 @@ def test_prune_with_a_plan_that_narrows_the_convs(tmp_path, capsys) -> None:  # 
     loaded = load_pruned(tmp_path / "out")
     assert loaded.model.multi_modal_projector.multimodal_projector.in_features == 30
     ids, pixels = inputs()
-    reference = apply_plan(make_got(), plan)  # the same plan through the API
+    reference = apply_plan(make_got(), plan).model  # the same plan through the API
     torch.testing.assert_close(logits(loaded, ids, pixels), logits(reference, ids, pixels), atol=0, rtol=0)
 
 
