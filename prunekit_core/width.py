@@ -356,9 +356,13 @@ def config_describes_shapes(model: nn.Module) -> bool:
 
     That is what plain ``from_pretrained`` needs to reload a narrowed model: a model of the same class built
     from the config (on the meta device: no memory, no initialisation) must hold every weight at its
-    saved shape. Tensors only one of the two has (the weights of removed branches) are not compared.
+    saved shape. Tensors only one of the two has (the weights of removed branches) are not compared. For a
+    model transformers cannot build from a config (no ``_from_config``: not a transformers model), only
+    the config fields the IR declares can say anything: they are taken to describe it (``True``).
     """
     hf = hf_model(model)
+    if not hasattr(type(hf), "_from_config") or getattr(hf, "config", None) is None:
+        return True
     config = copy.deepcopy(hf.config)
     with torch.device("meta"):
         fresh = type(hf)._from_config(config)
