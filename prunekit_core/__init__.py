@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     )
     from .loading import MODEL_ALIASES, load_model
     from .metrics import ImportanceMetric, Scores
+    from .pipeline import PruneResult, prune
     from .plan import Fingerprint, PrunePlan, fingerprint
     from .planning import plan_pruning
     from .plugins import adapters as list_adapters
@@ -124,6 +125,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PrunePlan": ("plan", "PrunePlan"),
     "fingerprint": ("plan", "fingerprint"),
     "plan_pruning": ("planning", "plan_pruning"),
+    "PruneResult": ("pipeline", "PruneResult"),
+    "prune": ("pipeline", "prune"),
     "list_adapters": ("plugins", "adapters"),
     "check_pending": ("plugins", "check_pending"),
     "load_failures": ("plugins", "load_failures"),
@@ -170,6 +173,7 @@ __all__ = [
     "PlanMismatchError",
     "PluginError",
     "PrunePlan",
+    "PruneResult",
     "PrunekitError",
     "QuantFormat",
     "RemovedBranch",
@@ -203,6 +207,7 @@ __all__ = [
     "list_metrics",
     "perplexity",
     "plan_pruning",
+    "prune",
     "list_plugins",
     "list_quant_formats",
     "save_pruned",
