@@ -12,6 +12,10 @@ Ten lines do what ``prunekit prune`` does::
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
     pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)
     model = pk.load_pruned("out/smollm2-pruned")
+
+or one call, with the command's checks and a result that holds the plan, the report and the timings::
+
+    res = pk.prune("smollm2-135m", ratio=0.1, calib="c4", eval="wiki", out="out/smollm2-pruned")
 """
 
 from __future__ import annotations
