@@ -381,8 +381,8 @@ def prune(
     ``model`` is a model spec (an alias, a Hugging Face folder, a ``.gguf`` file, a prunekit output, a hub
     id), loaded with its tokenizer, or a loaded ``nn.Module`` (pruned in place; pass ``tokenizer`` when
     ``calib`` or ``eval`` are texts). ``calib`` and ``eval`` are text specs (an alias such as ``c4`` or a
-    path; cut into ``windows`` x ``seq_len`` and ``eval_tokens`` in windows of ``eval_seq_len``) or token
-    windows ``[n, seq_len]``.
+    path; cut into ``windows`` x ``seq_len``, and ``eval_tokens`` in windows of ``eval_seq_len``), token
+    windows ``[n, seq_len]``, or :class:`~prunekit_core.text.TextWindows` (windows that name their text).
 
     Either ``ratio`` and ``calib`` (make a plan: ``metric``, ``planner``, ``granularity`` and ``repair``
     as in :func:`~prunekit_core.plan_pruning`; unset, prunekit's best) or ``plan`` (a
@@ -444,14 +444,18 @@ def prune(
                 "(--recover repair is --repair lsq; --recover none turns the repair off)"
             )
         repair_arg = wanted
-    eval_name = eval if isinstance(eval, str) else None
-    heal_texts = _check_heal_texts(lora_texts, eval_name) if recover == "lora" else ()
+    heal_texts = _check_heal_texts(lora_texts, _text_spec(eval)) if recover == "lora" else ()
     metric_name, planner_name, gran, repair_name = resolve_method(metric, planner, granularity, repair_arg)
     if streaming:
         if spec is None:
             raise PlanError(
                 "streaming reads the model from its safetensors files: pass a model spec (a folder), not a "
                 "loaded module"
+            )
+        if calib is not None and not isinstance(calib, str):
+            raise CalibrationError(
+                "streaming tokenizes the calibration text with the model's own tokenizer: pass calib as a "
+                "text spec (an alias such as c4, or a path), not token windows"
             )
         _check_streaming(
             given_plan=given_plan is not None,
@@ -817,10 +821,11 @@ def _apply(model: nn.Module, plan: PrunePlan, repair_windows: torch.Tensor | Non
     from .surgery import apply_plan
 
     applied: Any = apply_plan(model, plan, repair_windows=repair_windows)
-    if isinstance(applied, PrunePlan):
-        return applied
-    # TODO(issue-18-state): apply_plan returns the applied plan once that branch lands; until then the
-    # surgery leaves it on the model, and this is the one place the pipeline reads it
+    got = getattr(applied, "plan", None)  # issue-18-state: apply_plan returns an AppliedPlan
+    if isinstance(got, PrunePlan):
+        return got
+    # TODO(issue-18-state): until apply_plan returns the applied plan, the surgery leaves it on the model
+    # and this is the one place the pipeline reads it
     return cast("PrunePlan", getattr(model, "_prunekit_plan"))  # noqa: B009
 
 

@@ -260,3 +260,9 @@ def test_bad_input_is_refused_before_anything_is_done(
 def test_a_model_that_is_neither_a_spec_nor_a_module_is_refused() -> None:
     with pytest.raises(TypeError, match="model spec"):
         pk.prune(42, ratio=0.3, calib="c4")  # type: ignore[arg-type]
+
+
+def test_streaming_wants_a_text_it_can_tokenize_itself(text: Path, tmp_path: Path) -> None:
+    folder = save_tiny_model(tmp_path / "tiny", layers=4, seed=3)
+    with pytest.raises(CalibrationError, match="pass calib as a text spec"):
+        pk.prune(str(folder), ratio=0.3, calib=plan_windows(text), streaming=True, metric="bi", repair="none")
