@@ -383,6 +383,13 @@ def load_failures() -> list[LoadFailure]:
     return list(_registry().failures)
 
 
+def plugin_packages() -> list[str]:
+    """The top-level package of every installed plugin's entry-point module (``acme`` for an entry point
+    ``acme.plugin``), sorted: the loggers the CLI shows besides the core's. Read from the entry points'
+    metadata, so nothing is imported and a plugin that fails to import is still named."""
+    return sorted({ep.module.split(".", 1)[0] for ep in md.entry_points(group=ENTRY_POINT_GROUP)})
+
+
 def check_pending() -> None:
     """Raise if a loaded plugin implements a hook that no hookspec declares (e.g. a typo)."""
     _registry().pm.check_pending()

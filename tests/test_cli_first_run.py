@@ -163,6 +163,26 @@ def test_a_real_command_prints_no_library_noise(assets: dict[str, Path]) -> None
     assert all(line.startswith("load ") for line in lines), proc.stderr  # only our own timing line
 
 
+def test_every_installed_plugin_logs_like_the_core(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI shows the logs of every installed plugin's package as it shows the core's (warnings always,
+    INFO with -v), found through the registry's entry points: the core names no plugin."""
+    import logging
+
+    from prunekit_core.cli.ui import quiet_libraries
+    from prunekit_core.plugins import plugin_packages
+
+    assert {"prunekit_llama", "prunekit_mixtral", "prunekit_llava"} <= set(plugin_packages())
+    for verbose in (False, True):
+        with quiet_libraries(verbose):
+            for name in ("prunekit_core.planning", "prunekit_mixtral.metrics", "prunekit_llava.adapter"):
+                logging.getLogger(name).info("an info line")
+                logging.getLogger(name).warning("a warning line")
+    err = capsys.readouterr().err
+    for name in ("prunekit_core.planning", "prunekit_mixtral.metrics", "prunekit_llava.adapter"):
+        assert err.count(f"WARNING {name}: a warning line") == 2, err
+        assert err.count(f"INFO {name}: an info line") == 1, err
+
+
 # --- 3. inspect needs no tokenizer ---------------------------------------------------------------------------
 
 

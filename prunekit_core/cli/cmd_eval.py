@@ -1,0 +1,101 @@
+"""``prunekit eval``: perplexity, parameter counts and size on disk of a model or pruned folder."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import CalibrationError
+from .inputs import check_model, check_text, load_model, text_windows
+from .options import MODEL_HELP, TEXT_HELP, HelpFormatter, add_load_args, epilog, positive, seq_len
+from .ui import EXIT_OK, UI, bars, fmt_params, ppl_dict
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="perplexity, parameter counts and size on disk of a model or pruned folder",
+        description=(
+            "Perplexity of MODEL_OR_DIR on TEXT over non-overlapping windows of --seq-len tokens (each window "
+            "is an independent sequence; its first token is context only), plus parameter counts and, for a "
+            "folder, its size on disk. By default the whole text is used; cap it with --max-tokens or --windows."
+        ),
+        epilog=epilog(
+            "prunekit eval smollm2-135m --text wiki --max-tokens 8192",
+            "prunekit eval out/smollm2-10 --text wiki --seq-len 1024 --windows 8 --json",
+        ),
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help=MODEL_HELP)
+    p.add_argument("--text", required=True, metavar="TEXT", help="evaluation text: " + TEXT_HELP)
+    p.add_argument(
+        "--seq-len", type=seq_len, default=1024, metavar="N", help="tokens per window (default 1024)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive("--max-tokens"),
+        default=None,
+        metavar="N",
+        help="evaluate at most N tokens, in whole windows (default: the whole text)",
+    )
+    p.add_argument(
+        "--windows", type=positive("--windows"), default=None, metavar="N", help="evaluate at most N windows"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive("--batch-size"),
+        default=4,
+        metavar="N",
+        help="windows per forward pass (default 4; speed only)",
+    )
+    add_load_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
+    from ..evaluate import count_parameters, perplexity, size_on_disk
+
+    if args.max_tokens is not None and args.max_tokens < args.seq_len:
+        raise CalibrationError(
+            f"--max-tokens {args.max_tokens} is smaller than one window of --seq-len {args.seq_len}"
+        )
+    check_text(args.text)
+    source = check_model(args.model)
+    model, tok, source = load_model(ui, args.model, args)
+    windows = text_windows(
+        tok, args.text, seq_len=args.seq_len, num_windows=args.windows, max_tokens=args.max_tokens
+    )
+    ui.info(f"evaluating {windows.num_windows} windows x {windows.seq_len} tokens of {args.text}")
+    with ui.step("perplexity"):
+        res = perplexity(model, windows.ids, batch_size=args.batch_size, progress=bars())
+    counts = count_parameters(model)
+    size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
+    result = {
+        "model": args.model,
+        "text": args.text,
+        **ppl_dict(res),
+        "params": {
+            "total": counts.total,
+            "embeddings": counts.embeddings,
+            "head": counts.head,
+            "body": counts.body,
+            "tied": counts.tied,
+        },
+        "size_on_disk_bytes": size,
+    }
+    if ui.json_mode:
+        ui.emit_json(result)
+        return EXIT_OK
+    ui.say(f"perplexity: {res.perplexity:.4f} (nll {res.nll:.4f})")
+    ui.say(
+        f"text: {args.text}; seq_len {res.seq_len}; {res.windows} windows; {res.tokens} predicted tokens "
+        "(the first token of each window is context only)"
+    )
+    ui.say(
+        f"params: total {fmt_params(counts.total)}, embeddings {fmt_params(counts.embeddings)}, "
+        f"head {fmt_params(counts.head)}{' (tied)' if counts.tied else ''}, body {fmt_params(counts.body)}"
+    )
+    if size is not None:
+        ui.say(f"size on disk: {size / 2**20:.1f} MiB")
+    return EXIT_OK
