@@ -50,7 +50,20 @@ if TYPE_CHECKING:
     #: a text spec (alias or path), token windows ``[n, seq_len]``, or windows cut from a text
     Windows: TypeAlias = "str | torch.Tensor | TextWindows"
 
-__all__ = ["PruneResult", "Reporter", "check_model_spec", "check_out", "check_text", "prune"]
+__all__ = [
+    "PruneResult",
+    "Reporter",
+    "check_heal_texts",
+    "check_model_spec",
+    "check_out",
+    "check_text",
+    "heal_with_lora",
+    "load_model_spec",
+    "open_streaming_spec",
+    "prune",
+    "save_plan",
+    "stream_calibration",
+]
 
 Recover = Literal["none", "repair", "lora"]
 
@@ -173,8 +186,8 @@ def load_model_spec(
         raise ModelNotFoundError(f"could not load model {spec!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _check_heal_texts(texts: Sequence[str], eval_name: str | None) -> tuple[str, ...]:
-    """The healing texts, checked before anything is loaded (never the evaluation text)."""
+def check_heal_texts(texts: Sequence[str], eval_name: str | None) -> tuple[str, ...]:
+    """The LoRA healing texts, checked before anything is loaded (never the evaluation text ``eval_name``)."""
     import peft  # noqa: F401  (a missing install fails here, before anything is loaded)
 
     names = tuple(t.strip() for t in texts if t.strip())
@@ -444,7 +457,7 @@ def prune(
                 "(--recover repair is --repair lsq; --recover none turns the repair off)"
             )
         repair_arg = wanted
-    heal_texts = _check_heal_texts(lora_texts, _text_spec(eval)) if recover == "lora" else ()
+    heal_texts = check_heal_texts(lora_texts, _text_spec(eval)) if recover == "lora" else ()
     metric_name, planner_name, gran, repair_name = resolve_method(metric, planner, granularity, repair_arg)
     if streaming:
         if spec is None:
@@ -773,7 +786,10 @@ def _prune_loaded(
     if recover == "lora":
         calib_spec = _text_spec(calib)
         skip = {calib_spec: int(cal_ids.numel())} if calib_spec is not None and cal_ids is not None else {}
-        model, lora = _heal_lora(model, tok, rep, clock, heal, eval_name=_text_spec(eval_data), skip=skip)
+        with clock.stage("recover"):
+            model, lora = heal_with_lora(
+                model, tok, **heal, eval_text=_text_spec(eval_data), skip=skip, reporter=rep
+            )
         report["recovery"] = lora.as_dict()
         plan = plan.model_copy(update={"recovery": lora.as_dict()})  # the checkpoint says how it was made
         result.model, result.recovery = model, lora
@@ -829,33 +845,40 @@ def _apply(model: nn.Module, plan: PrunePlan, repair_windows: torch.Tensor | Non
     return cast("PrunePlan", getattr(model, "_prunekit_plan"))  # noqa: B009
 
 
-def _heal_lora(
+def heal_with_lora(
     model: nn.Module,
     tok: Any,
-    rep: Reporter,
-    clock: _Clock,
-    heal: dict[str, Any],
     *,
-    eval_name: str | None,
+    texts: tuple[str, ...],
+    steps: int,
+    lr: float,
+    rank: int,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    seed: int,
+    eval_text: str | None,
     skip: dict[str, int],
+    reporter: Reporter | None = None,
 ) -> tuple[nn.Module, LoraReport]:
-    """LoRA healing with the ``lora_*`` settings; returns the merged model and the report."""
+    """LoRA healing on windows of ``texts`` (never ``eval_text``; the first ``skip[text]`` tokens of a text
+    left out: the calibration windows); returns the merged model and the report."""
     from .recovery import heal_lora, training_windows
 
-    texts: tuple[str, ...] = heal["texts"]
+    rep = reporter if reporter is not None else Reporter()
     windows = training_windows(
-        tok, seq_len=heal["seq_len"], texts=texts, exclude=(eval_name or "",), skip_tokens=skip
+        tok, seq_len=seq_len, texts=texts, exclude=(eval_text or "",), skip_tokens=skip
     )
-    with clock.stage("recover", f"LoRA healing ({heal['steps']} steps on {', '.join(texts)})"):
+    with rep.step(f"LoRA healing ({steps} steps on {', '.join(texts)})"):
         model, report = heal_lora(
             model,
             windows,
-            rank=heal["rank"],
-            lr=heal["lr"],
-            steps=heal["steps"],
-            batch_size=heal["batch_size"],
-            seed=heal["seed"],
-            precision=heal["precision"],
+            rank=rank,
+            lr=lr,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision,
             progress=rep.training_progress,
         )
     rep.say(
