@@ -411,9 +411,9 @@ def bench_throughput(model: Any, cal: Any, args: argparse.Namespace) -> list[dic
     for label, make in plans.items():
         m = copy.deepcopy(model)
         plan = make(model)
-        pk.apply_plan(m, plan)
+        applied = pk.apply_plan(m, plan)
         models[label] = m
-        if label.startswith("width") and m._prunekit_plan.is_uniform:
+        if label.startswith("width") and applied.plan.is_uniform:
             # the same shape built from its config, no surgery: what the shape itself runs at
             torch.manual_seed(0)
             models[label + ": same shape built fresh"] = type(m)(copy.deepcopy(m.config)).eval()
@@ -514,7 +514,7 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                 t0 = time.perf_counter()
                 plan = pk.plan_pruning(m, cal, ratio=args.ratio, **kw)
                 t1 = time.perf_counter()
-                pk.apply_plan(m, plan)
+                plan = pk.apply_plan(m, plan).plan
                 t2 = time.perf_counter()
                 times = {"plan": t1 - t0, "apply": t2 - t1}
                 kinds = ["ours", "late", "plain"]
@@ -531,7 +531,7 @@ def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list
                             _fsync_tree(folder)  # the durability save_pruned gives (it fsyncs)
                             times["synced"] = time.perf_counter() - ts
                         else:
-                            save_pruned(m, folder, tokenizer=tok, plan=m._prunekit_plan)
+                            save_pruned(m, folder, tokenizer=tok, plan=plan)
                             times["save" if kind == "ours" else "late"] = time.perf_counter() - ts
                     finally:
                         atomic.EARLY_WRITEBACK = True

@@ -8,9 +8,9 @@ Ten lines do what ``prunekit prune`` does::
     calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=32).ids
     cal = pk.calibrate(model, calib)
     plan = pk.plan_pruning(model, cal, ratio=0.1)  # prunekit's best: an angular-distance span + least-squares repair
-    pk.apply_plan(model, plan, repair_windows=calib)
+    applied = pk.apply_plan(model, plan, repair_windows=calib)  # in place; the plan as applied
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
-    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=plan)
+    pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=applied.plan)
     model = pk.load_pruned("out/smollm2-pruned")
 
 or one call, with the command's checks and a result that holds the plan, the report and the timings::
@@ -25,9 +25,9 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
-    from .adapter import ArchitectureAdapter, DecoderAdapter
+    from .adapter import ArchitectureAdapter, DecoderAdapter, RemovedBranch
     from .api import calibrate, inspect, score
-    from .checkpoint import load_pruned, save_pruned, verify_checkpoint
+    from .checkpoint import load_plan, load_pruned, read_plan, save_plan, save_pruned, verify_checkpoint
     from .compose import ComposedAdapter, map_submodel
     from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
     from .errors import (
@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     # (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
     from .quant import QuantFormat
     from .scoring import Calibration, ScoringContext
-    from .surgery import RemovedBranch, apply_plan
+    from .surgery import AppliedPlan, apply_plan
     from .text import TEXT_ALIASES, load_windows
     from .vision import feature_fidelity, image_features
 
@@ -85,7 +85,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "calibrate": ("api", "calibrate"),
     "inspect": ("api", "inspect"),
     "score": ("api", "score"),
+    "load_plan": ("checkpoint", "load_plan"),
     "load_pruned": ("checkpoint", "load_pruned"),
+    "read_plan": ("checkpoint", "read_plan"),
+    "save_plan": ("checkpoint", "save_plan"),
     "save_pruned": ("checkpoint", "save_pruned"),
     "verify_checkpoint": ("checkpoint", "verify_checkpoint"),
     "ComposedAdapter": ("compose", "ComposedAdapter"),
@@ -141,7 +144,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "QuantFormat": ("quant", "QuantFormat"),
     "Calibration": ("scoring", "Calibration"),
     "ScoringContext": ("scoring", "ScoringContext"),
-    "RemovedBranch": ("surgery", "RemovedBranch"),
+    "RemovedBranch": ("adapter", "RemovedBranch"),
+    "AppliedPlan": ("surgery", "AppliedPlan"),
     "apply_plan": ("surgery", "apply_plan"),
     "TEXT_ALIASES": ("defaults", "TEXT_ALIASES"),
     "load_windows": ("text", "load_windows"),
@@ -153,6 +157,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousAdapterError",
+    "AppliedPlan",
     "ArchitectureAdapter",
     "Block",
     "Calibration",
@@ -205,6 +210,7 @@ __all__ = [
     "inspect",
     "load_failures",
     "load_model",
+    "load_plan",
     "load_pruned",
     "load_windows",
     "map_submodel",
@@ -212,8 +218,10 @@ __all__ = [
     "perplexity",
     "plan_pruning",
     "prune",
+    "read_plan",
     "list_plugins",
     "list_quant_formats",
+    "save_plan",
     "save_pruned",
     "score",
     "select_adapter",

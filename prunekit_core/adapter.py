@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .ir import ModelIR
+from .errors import CalibrationError, PlanError
+from .ir import BranchOutput, ChannelGroup, ModelIR, Stage, Sublayer
+from .plugins import registry_base
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
-
-    from .width import WidthCut
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -84,6 +84,17 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a forward pre-hook (``with_kwargs=True``) sees: the first positional argument, or
+    ``hidden_states=``. Raises :class:`CalibrationError` when neither is a tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, torch.Tensor):
+        return hs
+    raise CalibrationError("could not find the hidden states among a hooked module's inputs")
+
+
 def count_params(modules: Iterable[nn.Module]) -> int:
     """Unique parameters (shared tensors once) in ``modules``."""
     seen: set[int] = set()
@@ -105,6 +116,58 @@ def cache_owner(module: nn.Module) -> nn.Module:
     return module
 
 
+# --- what surgery hands to an adapter: the stand-in of a removed branch, the cuts of a width plan ---
+
+
+class RemovedBranch(nn.Module):
+    """Stands in for a removed residual branch: returns a zero that broadcasts against the stream.
+
+    ``output="tuple"`` returns ``(zero, None)`` for branches whose callers unpack two values (Hugging Face
+    attention modules); a bare tensor there would silently unpack along the batch dimension. ``full=True``
+    returns zeros shaped like the input instead of a scalar, for callers that add into the branch output
+    in place (``mlp_out += attn_out``), which a 0-d tensor cannot hold.
+    """
+
+    def __init__(
+        self, kind: str, output: BranchOutput, norm_path: str | None = None, *, full: bool = False
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.output = output
+        self.norm_path = norm_path
+        self.full = full
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, None]:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("RemovedBranch expects the hidden states as first argument or hidden_states=")
+        zero = torch.zeros_like(x) if self.full else x.new_zeros(())
+        return (zero, None) if self.output == "tuple" else zero
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, output={self.output!r}" + (", full=True" if self.full else "")
+
+
+@dataclass(frozen=True)
+class WidthCut:
+    """Groups to remove from one family; ``sublayer`` is the unit that owns it (a stage for conv necks and
+    projectors)."""
+
+    family: ChannelGroup
+    sublayer: Sublayer | Stage
+    removed: tuple[int, ...]
+
+    @property
+    def kept(self) -> list[int]:
+        gone = set(self.removed)
+        return [i for i in range(self.family.count) if i not in gone]
+
+    @property
+    def removed_params(self) -> int:
+        return len(self.removed) * self.family.params_per_group
+
+
+@registry_base("adapters")
 class ArchitectureAdapter(ABC):
     """Maps one family of models into the IR and performs its family-specific surgery steps.
 
@@ -148,7 +211,7 @@ class ArchitectureAdapter(ABC):
         """Family-specific fix-ups after the core narrowed channel groups (default: none needed).
 
         The core has already sliced parameters, synced layer shapes, set declared counters and config
-        fields; ``cuts`` maps family ids to :class:`~prunekit_core.width.WidthCut`.
+        fields; ``cuts`` maps family ids to :class:`WidthCut`.
         """
 
     @abstractmethod

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import get_module, hf_model, set_module
+from .adapter import RemovedBranch, get_module, hf_model, set_module
 from .atomic import atomic_folder, is_temporary, recover, write_text
-from .errors import CheckpointError
+from .errors import CheckpointError, PlanError
 from .integrity import (
     check_manifest,
     check_weight_files,
@@ -41,8 +41,8 @@ from .integrity import (
     safetensors_files,
     weights_digest,
 )
-from .plan import PrunePlan
-from .surgery import RemovedBranch
+from .plan import REMAKE, PrunePlan
+from .width import config_describes_shapes, set_tensor, sync_module_shape
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,12 @@ PLAIN_LOAD_GUARD = (
 )
 
 
-def structure_record(model: nn.Module) -> dict[str, Any]:
-    """What :func:`load_pruned` needs to rebuild ``model``'s module tree from its config."""
+def structure_record(model: nn.Module, *, width_uniform: bool | None = None) -> dict[str, Any]:
+    """What :func:`load_pruned` needs to rebuild ``model``'s module tree from its config.
+
+    ``width_uniform`` (whether the config builds every tensor at its shape) is computed from the model
+    (:func:`~prunekit_core.width.config_describes_shapes`) when not given.
+    """
     removed = []
     cache_indices: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -80,7 +84,8 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         idx = getattr(module, "layer_idx", None)
         if isinstance(idx, int) and not isinstance(idx, bool):
             cache_indices[name] = idx
-    width = getattr(model, "_prunekit_width", None) or {"uniform": True}
+    if width_uniform is None:
+        width_uniform = config_describes_shapes(model)
     counters: dict[str, int] = {}
     try:  # module counters the plugin declares, at the model's current module paths
         from .plugins import select_adapter
@@ -98,8 +103,8 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
         "architecture": type(model).__name__,
-        "uniform": not removed and width["uniform"],
-        "width_uniform": width["uniform"],
+        "uniform": not removed and width_uniform,
+        "width_uniform": width_uniform,
         "removed_branches": removed,
         "cache_indices": cache_indices,
         # width pruning: every parameter's and buffer's shape (per-layer widths the config cannot describe)
@@ -111,7 +116,9 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool) -> None:
+    """Raise :class:`CheckpointError` unless ``out`` may become a saved model's folder: not a temporary's
+    name, and an existing folder only with ``overwrite`` and only a prunekit checkpoint or an empty one."""
     if is_temporary(out):
         raise CheckpointError(
             f"{out.name} is the name prunekit gives to unfinished saves; choose another --out folder name"
@@ -196,7 +203,9 @@ def save_pruned(
 ) -> Path:
     """Write ``model`` (and tokenizer, plan) to ``out_dir`` atomically; returns the folder.
 
-    ``plan`` defaults to the plan :func:`~prunekit_core.apply_plan` attached to the model. The folder is
+    ``plan`` (the plan as applied: ``apply_plan(...).plan``) is written as ``plan.json`` and read back with
+    :func:`read_plan`; without it the folder has no plan. Whether the config describes every narrowed
+    module (so plain ``from_pretrained`` reloads the folder) is read from the model itself. The folder is
     built in a hidden sibling and moved into place when complete (:func:`prunekit_core.atomic.atomic_folder`):
     a save that is killed leaves the previous folder (or none), never a mix. ``prunekit.json`` records the
     size of every file and a fingerprint of the weights, which :func:`load_pruned` checks.
@@ -207,21 +216,24 @@ def save_pruned(
     for little more than the last shard.
     """
     out = Path(out_dir).absolute()
-    _check_target(out, overwrite)
-    plan = plan if plan is not None else getattr(model, "_prunekit_plan", None)
+    check_target(out, overwrite)
+    if plan is not None and not isinstance(plan, PrunePlan):
+        raise TypeError(
+            f"save_pruned's plan must be a PrunePlan, got {type(plan).__name__}; pass apply_plan(...).plan"
+        )
+    width_uniform = config_describes_shapes(model)
     made = make_parents(out)
     try:
         with atomic_folder(out, replace=overwrite) as tmp:
-            width = getattr(model, "_prunekit_width", None) or {"uniform": True}
             # per-layer widths: write tensors under the model's own parameter names (not a family's legacy
             # layout, e.g. Mixtral's per-expert keys), so load_pruned can read the narrowed ones back by name
             shard = max_shard_size if max_shard_size is not None else default_shard_size(model)
-            hf_model(model).save_pretrained(tmp, max_shard_size=shard, save_original_format=width["uniform"])
+            hf_model(model).save_pretrained(tmp, max_shard_size=shard, save_original_format=width_uniform)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if plan is not None:
-                plan.save(tmp / PLAN_FILE)
-            record = structure_record(model)
+                save_plan(plan, tmp / PLAN_FILE)
+            record = structure_record(model, width_uniform=width_uniform)
             if not record["uniform"]:
                 _guard_plain_load(tmp / "config.json")
             record["files"] = file_manifest(tmp, exclude=(RECORD_FILE,))
@@ -348,8 +360,6 @@ def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
     """Replace parameters built at the config's width by the narrower tensors the checkpoint holds."""
     from safetensors import safe_open
 
-    from .width import set_tensor, sync_module_shape
-
     wanted = set(keys)
     found: dict[str, Any] = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -412,7 +422,8 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     default) lets transformers run model code shipped in the folder.
     The guard that makes plain ``from_pretrained`` refuse a non-uniform folder (:data:`PLAIN_LOAD_GUARD`)
     is dropped from the config; folders saved before it existed load the same way.
-    The returned model is in eval mode; ``model._prunekit_plan`` holds the plan when the folder has one.
+    The returned model is in eval mode; :func:`read_plan` gives the plan saved with it (prunekit keeps
+    nothing on the model).
     Its tensors are in aligned memory of their own (:func:`align_weights`; one copy of the weights, in
     memory as it would be without the memory map), so on the same thread count it runs the kernels the
     saved model ran in memory, and computes bitwise what it computed, whatever CPU picks by alignment.
@@ -481,10 +492,37 @@ def load_pruned(path: str | Path, *, dtype: Any = "auto", trust_remote_code: boo
     for name, value in record.get("counters", {}).items():
         module, _, attr = name.rpartition(".")
         setattr(get_module(model, module), attr, value)
-    if record.get("counters") or narrowed:
-        model._prunekit_width = {"uniform": bool(record.get("width_uniform", True))}  # type: ignore[assignment]  # a plain attribute (torch: Tensor | Module)
-    if (path / PLAN_FILE).is_file():
-        model._prunekit_plan = PrunePlan.load(path / PLAN_FILE)  # type: ignore[assignment]  # as above
     align_weights(model)  # run the kernels the model ran in memory: see align_weights
     model.eval()
     return model
+
+
+def save_plan(plan: PrunePlan, path: str | Path) -> None:
+    """Write ``plan`` to the file ``path`` as JSON, atomically (a killed write leaves the old file or none)."""
+    write_text(path, plan.to_json())
+
+
+def load_plan(path: str | Path) -> PrunePlan:
+    """Read the plan file ``path`` (written by :func:`save_plan` or ``prunekit prune --plan-only``).
+
+    Raises :class:`PlanError` for a missing file, an unfinished write (a hidden temporary), or a file that is
+    empty, not JSON or not a plan (:meth:`PrunePlan.from_json`).
+    """
+    path = Path(path)
+    if is_temporary(path):
+        raise PlanError(
+            f"{path} is an unfinished write (a hidden temporary file left by an interrupted save), not a "
+            f"plan; pass the plan file without the hidden prefix and suffix, or {REMAKE}"
+        )
+    if not path.is_file():
+        raise PlanError(f"plan file {path} does not exist")
+    return PrunePlan.from_json(path.read_bytes(), source=str(path))
+
+
+def read_plan(path: str | Path) -> PrunePlan | None:
+    """The plan a checkpoint folder was saved with (its ``plan.json``), or ``None`` when it has none.
+
+    Only the file is read; :func:`load_pruned` checks it against the weights (:func:`verify_checkpoint`).
+    """
+    plan_file = Path(path) / PLAN_FILE
+    return load_plan(plan_file) if plan_file.is_file() else None

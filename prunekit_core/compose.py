@@ -19,17 +19,14 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from torch import nn
 
-from .adapter import ArchitectureAdapter, count_params, get_module, hf_config, hf_model
+from .adapter import ArchitectureAdapter, WidthCut, count_params, get_module, hf_config, hf_model
 from .errors import PlanError, UnsupportedModelError
 from .ir import Connection, ModelIR, Tower
-
-if TYPE_CHECKING:
-    from .width import WidthCut
 
 __all__ = ["CausalLMView", "ComposedAdapter", "MappedSubmodel", "map_submodel"]
 
@@ -282,8 +279,6 @@ class ComposedAdapter(ArchitectureAdapter):
         self.finalize_own_surgery(model, ir_before, own)
 
     def finalize_width(self, model: nn.Module, ir_before: ModelIR, cuts: dict[str, WidthCut]) -> None:
-        from .width import WidthCut
-
         rest = dict(cuts)
         for sub in self.submodels(model):
             mine = {fid: cut for fid, cut in cuts.items() if sub.owns(fid)}

@@ -56,9 +56,9 @@ class _DemoReporter(Reporter):
 
 def check_demo_out(out: Path) -> None:
     """Refuse ``out`` unless it is new, an empty folder, or a previous prunekit output (has prunekit.json)."""
-    from .checkpoint import _check_target
+    from .checkpoint import check_target
 
-    _check_target(out.absolute(), True)
+    check_target(out.absolute(), True)
 
 
 def run_demo(

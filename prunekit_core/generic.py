@@ -22,13 +22,17 @@ through :class:`~prunekit_core.adapter.DecoderAdapter`, exactly as for the Llama
 (width pruning) are not discovered. A structure it cannot read raises
 :class:`~prunekit_core.errors.UnsupportedPatternError` naming the pattern.
 
-The discovery is remembered per model structure, and each block remembers its branches, so the IR of a
-pruned model is rebuilt without exporting again.
+What it discovers is written as the declared tables a family plugin would write (a
+:class:`~prunekit_core.declared.LayoutSpec` and one :class:`~prunekit_core.declared.BranchSpec` per
+branch), and its IR comes from the same :func:`~prunekit_core.declared.build_decoder_ir`. The discovery
+is remembered per model structure, and, in this module (weakly keyed by the modules, nothing is set on
+them), per model and per block, so the IR of a pruned model is rebuilt without exporting again.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from torch import fx, nn
 
 from .adapter import (
     DecoderAdapter,
+    RemovedBranch,
     count_params,
     get_module,
     hf_config,
@@ -49,8 +54,8 @@ from .adapter import (
 )
 from .declared import BranchSpec, LayoutSpec, build_decoder_ir
 from .errors import UnsupportedPatternError
-from .ir import ModelIR, SublayerKind
-from .surgery import RemovedBranch
+from .ir import ModelIR
+from .kinds import SublayerKind
 
 __all__ = ["MATCH_SCORE", "GenericAdapter"]
 
@@ -78,12 +83,14 @@ _ALIASES = frozenset(
     }
 )
 _ADDS = frozenset({"add", "add_"})
-_BLOCK_ATTR = "_prunekit_generic_branches"
-_LAYOUT_ATTR = "_prunekit_generic_layout"
 #: what one block holds: each branch, with the class name of its module when it was discovered
 _Found = tuple[tuple[BranchSpec, str], ...]
 _CACHE: OrderedDict[tuple[Any, ...], tuple[LayoutSpec, list[_Found]]] = OrderedDict()
 _CACHE_SIZE = 16
+#: the layout discovered for a model, and the branches discovered for each of its blocks, by module;
+#: weak keys: an entry lives as long as the module and never travels with it (copies discover anew)
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, LayoutSpec] = weakref.WeakKeyDictionary()
+_BLOCKS: weakref.WeakKeyDictionary[nn.Module, _Found] = weakref.WeakKeyDictionary()
 
 
 class GenericAdapter(DecoderAdapter):
@@ -109,7 +116,7 @@ class GenericAdapter(DecoderAdapter):
         return None
 
     def build_ir(self, model: nn.Module) -> ModelIR:
-        layout, found = _analysis(model)
+        layout, found = discover_layout(model)
         branches = [tuple(spec for spec, _type in block) for block in found]
         return build_decoder_ir(
             model, adapter=self.name, layout=layout, branches=branches, text_config=self.text_config(model)
@@ -119,13 +126,14 @@ class GenericAdapter(DecoderAdapter):
 # --- remembering discoveries -------------------------------------------------------------------------
 
 
-def _analysis(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
-    """The model's layout and each block's branches: remembered on the modules, else discovered."""
-    layout = getattr(model, _LAYOUT_ATTR, None)
-    if isinstance(layout, LayoutSpec):
+def discover_layout(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
+    """The model's layout and each block's branches (as the generic adapter reads them; the new-plugin
+    scaffold writes them out as tables): remembered for these modules, else discovered."""
+    layout = _LAYOUTS.get(model)
+    if layout is not None:
         container = _get_or_none(model, layout.blocks)
         if isinstance(container, nn.ModuleList) and all(_still_valid(b) for b in container):
-            return layout, [getattr(b, _BLOCK_ATTR) for b in container]
+            return layout, [_BLOCKS[b] for b in container]
     key = _signature(model)
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -135,16 +143,15 @@ def _analysis(model: nn.Module) -> tuple[LayoutSpec, list[_Found]]:
         _CACHE[key] = (layout, branches)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    # stored in __dict__: plain attributes travel with deepcopy and never reach the state dict
-    object.__setattr__(model, _LAYOUT_ATTR, layout)
+    _LAYOUTS[model] = layout
     for block, found in zip(iter_modules(get_module(model, layout.blocks)), branches, strict=True):
-        object.__setattr__(block, _BLOCK_ATTR, found)
+        _BLOCKS[block] = found
     return layout, branches
 
 
 def _still_valid(block: nn.Module) -> bool:
-    found = getattr(block, _BLOCK_ATTR, None)
-    if not isinstance(found, tuple):
+    found = _BLOCKS.get(block)
+    if found is None:
         return False
     for spec, module_type in found:
         module = _get_or_none(block, spec.module)

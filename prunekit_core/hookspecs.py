@@ -3,7 +3,9 @@
 A plugin is a module (named by an entry point in the ``prunekit`` group) with functions decorated by
 ``prunekit_core.hookimpl``. Hooks hand over objects; behaviour lives in the core's base classes
 (:class:`~prunekit_core.adapter.ArchitectureAdapter`, :class:`~prunekit_core.metrics.ImportanceMetric`,
-:class:`~prunekit_core.quant.QuantFormat`). The core always calls hooks with keyword arguments.
+:class:`~prunekit_core.quant.QuantFormat`). The core calls hooks through pluggy (``pm.hook``), with
+keyword arguments, one plugin at a time (:mod:`prunekit_core.plugins`); a function named like a hook but not
+decorated with ``hookimpl`` is a load error, not ignored.
 """
 
 from __future__ import annotations

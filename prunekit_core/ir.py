@@ -15,9 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import PlanError
+from .kinds import GroupKind, SublayerKind  # registered names; plugins add their own there
 
-GroupKind = Literal["kv_group", "ffn_channel", "conv_channel", "expert", "expert_channel"]
-SublayerKind = Literal["attention", "mlp", "moe", "conv_mixer", "conv_ffn", "other"]
 BranchOutput = Literal["tensor", "tuple"]
 
 
@@ -33,12 +32,9 @@ class Dim(_Frozen):
 
 
 class GroupMember(_Frozen):
-    """One parameter that shrinks when a channel group is removed.
-
-    Group ``i`` of its family owns the slice ``[offset + i*width, offset + (i+1)*width)`` of ``param``
-    along ``axis``. ``param`` may name a buffer too (a BatchNorm's running statistics): it is sliced
-    with the group but holds no parameters.
-    """
+    """One parameter that shrinks when a channel group is removed: group ``i`` of its family owns the slice
+    ``[offset + i*width, offset + (i+1)*width)`` of ``param`` along ``axis``. ``param`` may name a buffer
+    (a BatchNorm's running statistics): sliced with the group, it holds no parameters."""
 
     param: str
     axis: int
@@ -55,9 +51,8 @@ class ModuleCounter(_Frozen):
 
 
 class TopK(_Frozen):
-    """A router that sends each token to its ``value`` highest-scoring groups of a family (MoE experts).
-
-    Removing groups must leave at least ``value`` of them, unless the plan lowers ``top_k`` (plan field
+    """A router that sends each token to its ``value`` highest-scoring groups of a family (MoE experts):
+    removing groups must leave at least ``value`` of them, unless the plan lowers ``top_k`` (plan field
     ``top_k_policy="clamp"``): then every module attribute in ``counters`` (dotted ``module.attr`` paths)
     and the text-config field ``config_field`` are set to ``min(value, live groups)``.
     """
@@ -70,13 +65,10 @@ class TopK(_Frozen):
 class ChannelGroup(_Frozen):
     """A family of ``count`` interchangeable groups whose members must be sliced together.
 
-    Examples: the KV groups of an attention sublayer (one KV head, its query heads' q rows, its k/v rows
-    and the matching o columns), the channels of an FFN (a gate row, an up row, a down column), the experts
-    of an MoE sublayer (kind ``expert``: a slice of every fused expert tensor and a router row), the
-    channels inside the experts (kind ``expert_channel``: the same channel of every expert).
-
-    Several members may slice one parameter along one axis (a fused gate/up tensor): each owns its own
-    span, and surgery removes the union of the removed slices.
+    Examples (``kind``, see :mod:`prunekit_core.kinds`): the KV groups of an attention (one KV head with
+    its query heads' q rows, its k/v rows and the matching o columns), an FFN's channels (a gate row, an up
+    row, a down column), the experts of an MoE sublayer, the channels inside the experts. Several members
+    may slice one parameter along one axis (a fused gate/up tensor): surgery removes the union of slices.
 
     Width surgery (``prunekit_core.width``) slices every member, updates ``nn.Linear``/``nn.Conv*``
     feature counts from the new shapes, sets every ``counters`` attribute, and sets each text-config field
@@ -91,40 +83,26 @@ class ChannelGroup(_Frozen):
     params_per_group: int
     config_fields: dict[str, int] = Field(default_factory=dict)
     counters: tuple[ModuleCounter, ...] = ()
-    router: str | None = Field(
-        None,
-        description="for routed groups (experts): the member parameter whose row i computes group i's router "
-        "logit; removing group i equals forcing that logit to -inf",
-    )
+    #: for routed groups (experts): the member parameter whose row i computes group i's router logit;
+    #: removing group i equals forcing that logit to -inf
+    router: str | None = None
     top_k: TopK | None = None
-    config: str = Field(
-        "text",
-        description="the config that holds config_fields: 'text' (the adapter's text config), '' (the "
-        "model's config itself) or an attribute path from it (e.g. 'vision_config')",
-    )
-    config_divisor: int = Field(
-        1,
-        description="each config field is per_group * live groups / config_divisor (a projector conv with "
-        "2 * output_channels channels declares output_channels: 1 with divisor 2); a count it does not "
-        "divide makes the checkpoint need load_pruned",
-    )
-    in_config: bool = Field(
-        True,
-        description="False when no config field counts these groups (e.g. a projector's input width): any "
-        "cut makes the checkpoint need load_pruned",
-    )
-    multiple_of: int = Field(
-        1,
-        description="the number of groups kept must be a multiple of this (a kernel's alignment, e.g. fused "
-        "expert tensors whose rows grouped matrix multiplication wants 16-byte aligned)",
-    )
+    #: the config that holds config_fields: "text" (the adapter's text config), "" (the model's config
+    #: itself) or an attribute path from it (e.g. "vision_config")
+    config: str = "text"
+    #: each config field is per_group * live groups / config_divisor (a projector conv with 2 * output_channels
+    #: channels declares output_channels: 1 with divisor 2); a count it does not divide needs load_pruned
+    config_divisor: int = 1
+    #: False when no config field counts these groups (a projector's input width): a cut needs load_pruned
+    in_config: bool = True
+    #: the number of groups kept must be a multiple of this (a kernel's alignment, e.g. fused expert tensors
+    #: whose rows grouped matrix multiplication wants 16-byte aligned)
+    multiple_of: int = 1
 
 
 class ResidualEdge(_Frozen):
-    """Where a branch adds into a residual stream: ``x[target] = x[source] + branch(norm(x[source]))``.
-
-    Points are numbered along the stream of a tower: point 0 enters the first sublayer.
-    """
+    """Where a branch adds into a residual stream: ``x[target] = x[source] + branch(norm(x[source]))``;
+    points are numbered along the stream of a tower (point 0 enters the first sublayer)."""
 
     stream: str
     source: int
@@ -151,19 +129,14 @@ class Sublayer(_Frozen):
     output: BranchOutput = Field(description="whether the branch module returns a tensor or a tuple")
     residual: ResidualEdge
     params: int = Field(description="parameters of the branch and its pre-norm")
-    out_proj: str | None = Field(
-        None, description="dotted path of the nn.Linear whose output is the branch's contribution (repair)"
-    )
-    parts: tuple[str, ...] = Field(
-        (),
-        description="further modules whose output only feeds this branch (e.g. fc1 when the branch ends in "
-        "fc2): their parameters count with the branch and they are removed with it",
-    )
-    full_zero: bool = Field(
-        False,
-        description="its stand-in returns zeros shaped like its input instead of a scalar zero, for callers "
-        "that add into the branch output in place",
-    )
+    #: dotted path of the nn.Linear whose output is the branch's contribution (repair)
+    out_proj: str | None = None
+    #: further modules whose output only feeds this branch (fc1 when the branch ends in fc2): their
+    #: parameters count with the branch and they are removed with it
+    parts: tuple[str, ...] = ()
+    #: its stand-in returns zeros shaped like its input instead of a scalar zero, for callers that add into
+    #: the branch output in place
+    full_zero: bool = False
     removable: bool = True
     uses_cache: bool = False
     channel_groups: tuple[ChannelGroup, ...] = ()
@@ -186,12 +159,11 @@ class Block(_Frozen):
 
 class Stage(_Frozen):
     """A part of a tower that is not on a residual edge (embeddings, final norm, head, a stem conv, a conv
-    neck, a projector between towers).
+    neck, a projector between towers). Never removed: its output feeds the next layer directly.
 
-    A stage is never removed: its output feeds the next layer directly, so removing it breaks the
-    dimensions that connect them. It may be *narrowed*: ``channel_groups`` are families of coupled channels
-    (a conv's out-channels = the next norm's features = the next conv's in-channels) that width surgery
-    slices together. ``module`` may also name a parameter held directly by a module (a position embedding).
+    It may be *narrowed*: ``channel_groups`` are families of coupled channels (a conv's out-channels = the
+    next norm's features = the next conv's in-channels) that width surgery slices together. ``module`` may
+    also name a parameter held directly by a module (a position embedding).
     """
 
     id: str
@@ -234,9 +206,8 @@ class ModelIR(_Frozen):
     scope: tuple[str, ...] = Field((), description="towers a plan may touch (empty: all); see restricted()")
 
     def tower(self, name: str) -> Tower:
-        for t in self.towers:
-            if t.name == name:
-                return t
+        if found := [t for t in self.towers if t.name == name]:
+            return found[0]
         raise KeyError(f"no tower {name!r}; towers: {[t.name for t in self.towers]}")
 
     def blocks(self) -> list[Block]:
@@ -246,8 +217,7 @@ class ModelIR(_Frozen):
         return [s for b in self.blocks() for s in b.sublayers]
 
     def block_params(self) -> int:
-        """Parameters inside decoder/encoder blocks of the towers in scope: the base of every ``--ratio``
-        budget."""
+        """Parameters inside the blocks of the towers in scope: the base of every ``--ratio`` budget."""
         return sum(b.params for t in self.towers if self.in_scope(t.name) for b in t.blocks)
 
     def in_scope(self, tower: str) -> bool:
@@ -270,25 +240,18 @@ class ModelIR(_Frozen):
                 f"tower(s) {list(scope)} have no blocks to prune; towers with blocks: "
                 f"{[t.name for t in self.towers if t.blocks]}"
             )
-        towers = []
-        for t in self.towers:
-            if t.name in scope:
-                towers.append(t)
-                continue
+
+        def closed(t: Tower) -> Tower:  # nothing in it a plan may touch
+            shut = {"removable": False, "channel_groups": ()}
             blocks = tuple(
-                b.model_copy(
-                    update={
-                        "sublayers": tuple(
-                            s.model_copy(update={"removable": False, "channel_groups": ()})
-                            for s in b.sublayers
-                        )
-                    }
-                )
+                b.model_copy(update={"sublayers": tuple(s.model_copy(update=shut) for s in b.sublayers)})
                 for b in t.blocks
             )
             stages = tuple(st.model_copy(update={"channel_groups": ()}) for st in t.stages)
-            towers.append(t.model_copy(update={"blocks": blocks, "stages": stages}))
-        return self.model_copy(update={"towers": tuple(towers), "scope": tuple(scope)})
+            return t.model_copy(update={"blocks": blocks, "stages": stages})
+
+        towers = tuple(t if t.name in scope else closed(t) for t in self.towers)
+        return self.model_copy(update={"towers": towers, "scope": tuple(scope)})
 
     def channel_groups(self) -> dict[str, tuple[Sublayer, ChannelGroup]]:
         """Every channel-group family of a sublayer by id, with the sublayer that owns it.
@@ -302,8 +265,7 @@ class ModelIR(_Frozen):
         return [st for t in self.towers for st in t.stages]
 
     def stage_channel_groups(self) -> dict[str, tuple[Stage, ChannelGroup]]:
-        """Every channel-group family of a stage by id, with the stage that owns it (narrowed, never
-        removed)."""
+        """Every channel-group family of a stage by id, with the stage that owns it (never removed)."""
         return {g.id: (st, g) for st in self.stages() for g in st.channel_groups}
 
     def all_channel_groups(self) -> dict[str, tuple[Sublayer | Stage, ChannelGroup]]:
@@ -323,17 +285,13 @@ class ModelIR(_Frozen):
         out: dict[str, Block | Sublayer] = {}
         for b in self.blocks():
             out[b.id] = b
-            for s in b.sublayers:
-                out[s.id] = s
+            out.update((s.id, s) for s in b.sublayers)
         return out
 
     def structure_signature(self) -> list[tuple[str, str, int]]:
         """A compact, order-preserving description used for fingerprints."""
         sig: list[tuple[str, str, int]] = []
         for t in self.towers:
-            for st in t.stages:
-                sig.append((st.id, st.kind, st.params))
-            for b in t.blocks:
-                for s in b.sublayers:
-                    sig.append((s.id, s.kind, s.params))
+            sig += [(st.id, st.kind, st.params) for st in t.stages]
+            sig += [(s.id, s.kind, s.params) for b in t.blocks for s in b.sublayers]
         return sig

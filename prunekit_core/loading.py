@@ -52,7 +52,7 @@ from prunekit_core.errors import ModelNotFoundError, PrunekitError, UnsafeCheckp
 from prunekit_core.integrity import check_weight_files
 from prunekit_core.sources import (
     ModelSource,
-    _aliases_text,
+    aliases_text,
     check_hub_model,
     check_tokenizer,
     resolve_model_source,
@@ -64,6 +64,8 @@ __all__ = [
     "check_hub_model",
     "check_tokenizer",
     "default_cache_dir",
+    "ensure_pad_token",
+    "gguf_folder",
     "load_model",
     "resolve_model_source",
 ]
@@ -84,7 +86,8 @@ def _gguf_cache_key(gguf_path: Path) -> str:
     return f"{stem}-{digest}"
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with its end-of-sequence token as padding token when it has none (batched windows)."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -163,6 +166,19 @@ def _load_tokenizer(source: str | Path, where: str, trust_remote_code: bool) -> 
         if "trust_remote_code" in str(exc):
             raise _remote_code_error(where, exc) from exc
         raise
+
+
+def gguf_folder(source: ModelSource, cache_dir: str | Path | None = None) -> Path:
+    """The safetensors folder of the GGUF model ``source``: its dequantized copy in the cache
+    (``cache_dir`` or :func:`default_cache_dir`), converted on first use."""
+    assert source.path is not None and source.gguf_file is not None
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final_dir = root / _gguf_cache_key(source.path / source.gguf_file)
+    if not (final_dir / "config.json").is_file():
+        _convert_gguf(source, final_dir)
+    else:
+        logger.info("Loading cached conversion of %s from %s", source.gguf_file, final_dir)
+    return final_dir
 
 
 def _convert_gguf(source: ModelSource, final_dir: Path) -> None:
@@ -257,12 +273,7 @@ def load_model(
     tok: PreTrainedTokenizerBase | None = None
     if source.is_gguf:
         assert source.path is not None and source.gguf_file is not None
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        final_dir = root / _gguf_cache_key(source.path / source.gguf_file)
-        if not (final_dir / "config.json").is_file():
-            _convert_gguf(source, final_dir)
-        else:
-            logger.info("Loading cached conversion of %s from %s", source.gguf_file, final_dir)
+        final_dir = gguf_folder(source, cache_dir)
         model = _load_hf_folder(final_dir, dtype)
         if tokenizer:
             tok = AutoTokenizer.from_pretrained(final_dir)
@@ -292,7 +303,7 @@ def load_model(
         except OSError as exc:
             raise ModelNotFoundError(
                 f"could not load '{spec}' from the Hugging Face hub (no internet? use a local folder "
-                f"or a GGUF file; aliases: {_aliases_text()}). Details: {exc}"
+                f"or a GGUF file; aliases: {aliases_text()}). Details: {exc}"
             ) from exc
     model.eval()
-    return model, _ensure_pad_token(tok) if tok is not None else None, source
+    return model, ensure_pad_token(tok) if tok is not None else None, source

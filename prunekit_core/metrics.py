@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from .errors import PlanError
+from .plugins import registry_base
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +41,7 @@ class Scores(BaseModel):
         return sorted(self.values.items(), key=lambda kv: kv[1])
 
 
+@registry_base("metrics")
 class ImportanceMetric(ABC):
     """Scores units of a model's IR.
 

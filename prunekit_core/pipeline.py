@@ -61,8 +61,8 @@ __all__ = [
     "load_model_spec",
     "open_streaming_spec",
     "prune",
-    "save_plan",
     "stream_calibration",
+    "write_plan",
 ]
 
 Recover = Literal["none", "repair", "lora"]
@@ -145,10 +145,10 @@ def check_model_spec(spec: str, *, tokenizer: bool = True) -> Any:
 
 def check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     """``out`` can be written: missing parent folders are fine (they are created when the result is)."""
-    from .checkpoint import _check_target, check_parents
+    from .checkpoint import check_parents, check_target
 
     if not plan_only:
-        _check_target(out.absolute(), force)
+        check_target(out.absolute(), force)
         return
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force")
@@ -157,13 +157,14 @@ def check_out(out: Path, *, plan_only: bool, force: bool) -> None:
     check_parents(out)
 
 
-def save_plan(plan: PrunePlan, out: Path) -> None:
-    """Write a plan file, creating its missing parent folders (removed again if the write fails)."""
-    from .checkpoint import make_parents, remove_made
+def write_plan(plan: PrunePlan, out: Path) -> None:
+    """:func:`~prunekit_core.checkpoint.save_plan`, creating the file's missing parent folders (removed
+    again if the write fails)."""
+    from .checkpoint import make_parents, remove_made, save_plan
 
     made = make_parents(out)
     try:
-        plan.save(out)
+        save_plan(plan, out)
     except BaseException:
         remove_made(made)
         raise
@@ -410,6 +411,7 @@ def prune(
     Raises a :class:`~prunekit_core.errors.PrunekitError` naming the problem and the fix, before anything
     is loaded or written when the inputs are inconsistent.
     """
+    from .checkpoint import load_plan
     from .plan import PrunePlan
     from .planning import resolve_method
 
@@ -436,7 +438,7 @@ def prune(
         if isinstance(plan, PrunePlan):
             given_plan, plan_source = plan, "given"
         else:
-            given_plan, plan_source = PrunePlan.load(Path(plan)), os.fspath(plan)
+            given_plan, plan_source = load_plan(Path(plan)), os.fspath(plan)
     else:
         if ratio is None:
             raise PlanError(
@@ -531,7 +533,7 @@ def prune(
         )
         if plan_only:
             if out_path is not None:
-                save_plan(streamed, out_path)
+                write_plan(streamed, out_path)
                 rep.say(f"plan written to {out_path} (streaming: the model was never loaded whole)")
             report.update(
                 plan=streamed.model_dump(mode="json"),
@@ -770,7 +772,7 @@ def _prune_loaded(
 
     if plan_only:
         if out is not None:
-            save_plan(plan, out)
+            write_plan(plan, out)
             rep.say(f"plan written to {out}")
             report["written"] = "plan"
             result.out = out
@@ -833,16 +835,9 @@ def _prune_loaded(
 
 def _apply(model: nn.Module, plan: PrunePlan, repair_windows: torch.Tensor | None) -> PrunePlan:
     """Apply ``plan`` in place; returns the plan as applied (``width_uniform`` as the surgery found it)."""
-    from .plan import PrunePlan
     from .surgery import apply_plan
 
-    applied: Any = apply_plan(model, plan, repair_windows=repair_windows)
-    got = getattr(applied, "plan", None)  # issue-18-state: apply_plan returns an AppliedPlan
-    if isinstance(got, PrunePlan):
-        return got
-    # TODO(issue-18-state): until apply_plan returns the applied plan, the surgery leaves it on the model
-    # and this is the one place the pipeline reads it
-    return cast("PrunePlan", getattr(model, "_prunekit_plan"))  # noqa: B009
+    return apply_plan(model, plan, repair_windows=repair_windows).plan
 
 
 def heal_with_lora(

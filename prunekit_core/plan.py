@@ -3,25 +3,29 @@
 A :class:`PrunePlan` is a versioned pydantic model that round-trips through JSON. It names units by their
 IR ids and carries the fingerprint of the model it was made for; applying it to another model is a
 :class:`~prunekit_core.errors.PlanMismatchError`.
+
+This module serialises (:meth:`PrunePlan.to_json`, :meth:`PrunePlan.from_json`) and touches no file: plan
+files are written and read by :func:`prunekit_core.checkpoint.save_plan` and
+:func:`~prunekit_core.checkpoint.load_plan` (atomic writes belong to the I/O layer, above the IR).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from .atomic import is_temporary, write_text
 from .defaults import Granularity, RepairName
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 
 PLAN_VERSION = 2
+#: how to get a plan again, for the errors about a plan file that cannot be read
+REMAKE = "make it again with `prunekit prune MODEL --plan-only --out PLAN.json` (or plan_pruning)"
 
 
 class Fingerprint(BaseModel):
@@ -87,38 +91,33 @@ class PrunePlan(BaseModel):
         """
         return all(_is_block_id(u) for u in self.remove) and (not self.remove_groups or self.width_uniform)
 
-    def save(self, path: str | Path) -> None:
-        """Write the plan as JSON, atomically (a killed write leaves the old file or none)."""
-        write_text(path, self.model_dump_json(indent=2) + "\n")
+    def to_json(self) -> str:
+        """The plan as the JSON text of a plan file (indented, one trailing newline)."""
+        return self.model_dump_json(indent=2) + "\n"
 
     @classmethod
-    def load(cls, path: str | Path) -> PrunePlan:
-        path = Path(path)
-        remake = "make it again with `prunekit prune MODEL --plan-only --out PLAN.json` (or plan_pruning)"
-        if is_temporary(path):
-            raise PlanError(
-                f"{path} is an unfinished write (a hidden temporary file left by an interrupted save), not a "
-                f"plan; pass the plan file without the hidden prefix and suffix, or {remake}"
-            )
-        if not path.is_file():
-            raise PlanError(f"plan file {path} does not exist")
-        raw = path.read_bytes()
+    def from_json(cls, raw: str | bytes, *, source: str = "plan") -> PrunePlan:
+        """The plan in ``raw`` (a plan file's content); ``source`` names it in errors.
+
+        Raises :class:`PlanError`, saying how to make the plan again, for an empty text, one that is not
+        JSON or not a plan, or a plan of a newer version than this prunekit reads.
+        """
         if not raw.strip():
-            raise PlanError(f"plan file {path} is empty (an interrupted write?); {remake}")
+            raise PlanError(f"plan file {source} is empty (an interrupted write?); {REMAKE}")
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(
-                f"plan file {path} is not valid JSON ({exc}): it is truncated or corrupted; {remake}"
+                f"plan file {source} is not valid JSON ({exc}): it is truncated or corrupted; {REMAKE}"
             ) from exc
         if isinstance(data, dict) and data.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise PlanError(
-                f"plan {path} has version {data['version']}; this prunekit reads up to {PLAN_VERSION}. Upgrade."
+                f"plan {source} has version {data['version']}; this prunekit reads up to {PLAN_VERSION}. Upgrade."
             )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise PlanError(f"plan file {path} is not a prunekit plan ({exc}); {remake}") from exc
+            raise PlanError(f"plan file {source} is not a prunekit plan ({exc}); {REMAKE}") from exc
 
 
 def _is_block_id(unit: str) -> bool:
@@ -144,24 +143,19 @@ def digest_samples(samples: dict[str, tuple[tuple[int, ...], bytes]]) -> str:
     return h.hexdigest()[:16]
 
 
-#: set on an empty skeleton (streaming) whose weights live on disk: their digest, sampled block by block
-DIGEST_ATTR = "_prunekit_weights_digest"
+def fingerprint(model: nn.Module, ir: ModelIR, *, weights: str | None = None) -> Fingerprint:
+    """The fingerprint of ``model`` as it is now (pruning changes it).
 
-
-def _weights_digest(model: nn.Module) -> str:
-    given = getattr(model, DIGEST_ATTR, None)
-    if isinstance(given, str):
-        return given
-    return digest_samples({name: weight_sample(p) for name, p in model.state_dict().items()})
-
-
-def fingerprint(model: nn.Module, ir: ModelIR) -> Fingerprint:
-    """The fingerprint of ``model`` as it is now (pruning changes it)."""
+    ``weights`` is the weights digest when the weights are not in ``model`` (an empty streaming skeleton:
+    the digest its streaming pass sampled block by block, ``Calibration.weights_digest``).
+    """
     sig = json.dumps([ir.architecture, ir.structure_signature()], separators=(",", ":"))
+    if weights is None:
+        weights = digest_samples({name: weight_sample(p) for name, p in model.state_dict().items()})
     return Fingerprint(
         architecture=ir.architecture,
         structure=hashlib.sha256(sig.encode()).hexdigest()[:16],
-        weights=_weights_digest(model),
+        weights=weights,
     )
 
 

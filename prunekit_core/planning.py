@@ -40,7 +40,7 @@ from .defaults import (
 from .errors import PlanError
 from .ir import Block, ModelIR, Sublayer
 from .metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
-from .plan import PrunePlan, fingerprint
+from .plan import PrunePlan
 from .plugins import get_metric, metrics, select_adapter
 from .scoring import Calibration, ScoringContext
 from .surgery import removed_params, resolve_removals
@@ -404,7 +404,7 @@ def _plan_in_scope(
             f"{ctx._trials.block_forwards} block forwards"
         )
     return PrunePlan(
-        fingerprint=fingerprint(model, ir),
+        fingerprint=ctx.fingerprint(ir),
         remove=remove,
         method=f"{planner}:{metric}",
         granularity=granularity,
@@ -452,7 +452,7 @@ def _plan_width(
     ]
     scores = dict(wp.sublayer_loss)  # measured loss increase of removing each sublayer
     return PrunePlan(
-        fingerprint=fingerprint(ctx.model, ir),
+        fingerprint=ctx.fingerprint(ir),
         remove=wp.remove,
         remove_groups=wp.remove_groups,
         width_uniform=width_is_uniform(ir, cuts, whole),
@@ -661,7 +661,7 @@ def plan_experts(
         values.update({ids.get(i, f"{fid}.{i}"): float(v) for i, v in enumerate(scores[fid])})
     counts = sorted({routed[f][1].count - len(groups.get(f, [])) for f in routed})
     return PrunePlan(
-        fingerprint=fingerprint(ctx.model, ir),
+        fingerprint=ctx.fingerprint(ir),
         remove=[],
         remove_groups=groups,
         width_uniform=width_is_uniform(ir, cuts),

@@ -1,7 +1,10 @@
 """Plugin discovery and the registries of adapters, metrics and quantization formats.
 
-Entry points of the ``prunekit`` group are loaded lazily (on first use of a registry), one at a time,
-each inside ``try/except``: a plugin that fails to import or to register is recorded in
+Every plugin, the built-in ones included, is an entry point of the ``prunekit`` group (the built-ins are
+entry points of prunekit-core itself, declared in its ``pyproject.toml``, so this module imports none of
+them by name). Entry points are loaded lazily (on first use of a registry), one at a time, each inside
+``try/except``, and each plugin's hooks are called through pluggy on that plugin alone
+(:meth:`pluggy.PluginManager.subset_hook_caller`): a plugin that fails to import or to register is recorded in
 :func:`load_failures` and reported by ``prunekit plugins --load`` (and by plain ``prunekit plugins`` when
 its entry-point module itself fails to import); it never takes the tool down. Set
 ``PRUNEKIT_STRICT_PLUGINS=1`` to re-raise instead (useful while writing a plugin).
@@ -26,14 +29,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
 from . import hookspecs
 from .errors import AmbiguousAdapterError, PluginError, UnknownMetricError, UnsupportedModelError
 
-if TYPE_CHECKING:  # imported where used: listing the plugins (catalog) needs no torch
+if TYPE_CHECKING:  # for annotations only: the registry imports no base type (see registry_base)
     from torch import nn
 
     from .adapter import ArchitectureAdapter
@@ -43,6 +46,8 @@ if TYPE_CHECKING:  # imported where used: listing the plugins (catalog) needs no
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "prunekit"
+#: The modules of the built-in plugins, loaded first, in this order, through the entry points prunekit-core
+#: declares for them (``[project.entry-points.prunekit]`` in pyproject.toml).
 BUILTIN_MODULES = (
     "prunekit_core.builtin.adapters",
     "prunekit_core.builtin.metrics",
@@ -89,6 +94,46 @@ BUILTIN_CATALOGS: dict[str, dict[str, list[str]]] = {
 }
 #: the keys of a catalog, and of PluginInfo's lists
 CATALOG_KEYS = ("adapters", "metrics", "quant_formats")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """One kind of thing a plugin registers: its hook, the key of its table and its base type's name."""
+
+    key: str
+    hook: str
+    base: str
+
+
+KINDS = (
+    _Kind("adapters", "prunekit_register_adapters", "ArchitectureAdapter"),
+    _Kind("metrics", "prunekit_register_metrics", "ImportanceMetric"),
+    _Kind("formats", "prunekit_register_quant_formats", "QuantFormat"),
+)
+#: the base type of each kind, as :func:`registry_base` declared it
+_BASES: dict[str, type] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def registry_base(kind: str) -> Callable[[_T], _T]:
+    """Class decorator: declare ``cls`` the base type of what plugins register as ``kind`` (``adapters``,
+    ``metrics`` or ``formats``). The registry checks each registered object against it.
+
+    The base types live in the layers above the registry (adapters, scoring, quant), so they name
+    themselves here instead of the registry importing them. An object registered before its kind's base
+    type was ever imported cannot be an instance of it, and is rejected as such.
+    """
+    known = {k.key: k for k in KINDS}
+    if kind not in known:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(known)}")
+
+    def declare(cls: _T) -> _T:
+        if cls.__name__ != known[kind].base:
+            raise ValueError(f"the base type of {kind} is {known[kind].base}, not {cls.__name__}")
+        _BASES[kind] = cls
+        return cls
+
+    return declare
 
 
 @dataclass
@@ -147,9 +192,14 @@ class _Registry:
             if self.loaded:
                 return
             self.loaded = True
+            builtin, others = _entry_points()
             for mod in BUILTIN_MODULES:
-                self._load_one(name=mod.rsplit(".", 1)[-1], module_name=mod, version=None, builtin=True)
-            for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                ep = builtin.get(mod)
+                if ep is None:
+                    self.failures.append(_missing_builtin(mod))
+                    continue
+                self._load_one(name=ep.name, module_name=mod, version=None, builtin=True, ep=ep)
+            for ep in others:
                 version = ep.dist.version if ep.dist is not None else None
                 self._load_one(name=ep.name, module_name=ep.value, version=version, builtin=False, ep=ep)
 
@@ -164,7 +214,7 @@ class _Registry:
         module: ModuleType | None = None,
     ) -> None:
         info = PluginInfo(name=name, module=module_name, version=version, builtin=builtin)
-        staged: dict[str, list[tuple[str, Any]]] = {"adapters": [], "metrics": [], "formats": []}
+        staged: dict[str, list[tuple[str, Any]]] = {kind.key: [] for kind in KINDS}
         try:
             if module is None:
                 module = ep.load() if ep is not None else importlib.import_module(module_name)
@@ -172,8 +222,9 @@ class _Registry:
                 raise PluginError(f"entry point {name!r} must name a module, got {type(module).__name__}")
             self.pm.register(module, name=f"{name}:{module_name}")
             try:
+                _check_marked(self.pm, module, module_name)
                 self._collect(module, staged)
-                declared = None if builtin else read_catalog(module)
+                declared = None if builtin else _catalog(self._hook(module, "prunekit_catalog"))
                 if declared is not None:
                     _check_catalog(declared, staged)
             except BaseException:
@@ -193,6 +244,12 @@ class _Registry:
             info.quant_formats.append(key)
         self.plugins.append(info)
 
+    def _hook(self, module: ModuleType, hook_name: str) -> Any:
+        """The hook ``hook_name`` of the registered ``module`` alone: calling it calls no other plugin, so a
+        plugin that raises fails by itself, and what it registers is staged as its own."""
+        others = [p for p in self.pm.get_plugins() if p is not module]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+
     def disable_adapter(self, key: str, plugin: str, exc: BaseException) -> None:
         """Drop an adapter whose ``match`` raised, and report it with the plugin load failures."""
         with self._lock:
@@ -210,36 +267,69 @@ class _Registry:
             )
 
     def _collect(self, module: ModuleType, staged: dict[str, list[tuple[str, Any]]]) -> None:
-        """Call the module's hooks (only that module's) and validate what it registers."""
-        from .adapter import ArchitectureAdapter
-        from .metrics import ImportanceMetric
-        from .quant import QuantFormat
+        """Call the module's register hooks (only that module's) and validate what it registers."""
+        tables: dict[str, dict[str, Any]] = {
+            "adapters": self.adapters,
+            "metrics": self.metrics,
+            "formats": self.formats,
+        }
 
-        def registrar(kind: str, base: type, table: dict[str, Any]) -> Callable[[Any], None]:
+        def registrar(kind: _Kind) -> Callable[[Any], None]:
+            table = tables[kind.key]
+
             def register(obj: Any) -> None:
-                if not isinstance(obj, base):
-                    raise PluginError(f"registered {kind} must be a {base.__name__}, got {obj!r}")
+                base = _BASES.get(kind.key)
+                if base is None or not isinstance(obj, base):
+                    raise PluginError(f"registered {kind.key} must be a {kind.base}, got {obj!r}")
                 key = getattr(obj, "name", "")
                 if not key:
                     raise PluginError(f"{type(obj).__name__} has no name")
-                taken = key in table or any(k == key for k, _ in staged[kind])
+                taken = key in table or any(k == key for k, _ in staged[kind.key])
                 if taken:
                     owner = table[key][1] if key in table else "this plugin"
-                    raise PluginError(f"{kind[:-1]} name {key!r} is already registered by {owner}")
-                staged[kind].append((key, obj))
+                    raise PluginError(f"{kind.key[:-1]} name {key!r} is already registered by {owner}")
+                staged[kind.key].append((key, obj))
 
             return register
 
-        calls: list[tuple[str, str, type, dict[str, Any]]] = [
-            ("prunekit_register_adapters", "adapters", ArchitectureAdapter, self.adapters),
-            ("prunekit_register_metrics", "metrics", ImportanceMetric, self.metrics),
-            ("prunekit_register_quant_formats", "formats", QuantFormat, self.formats),
-        ]
-        for hook_name, kind, base, table in calls:
-            impl = getattr(module, hook_name, None)
-            if impl is None:
-                continue
-            impl(register=registrar(kind, base, table))
+        for kind in KINDS:
+            self._hook(module, kind.hook)(register=registrar(kind))
+
+
+def _check_marked(pm: pluggy.PluginManager, module: ModuleType, module_name: str) -> None:
+    """Raise :class:`PluginError` for a function named like a hook but not marked with ``hookimpl``:
+    pluggy would never call it, and the plugin would load registering nothing."""
+    for hook_name in (*(k.hook for k in KINDS), "prunekit_catalog"):
+        if callable(getattr(module, hook_name, None)) and pm.parse_hookimpl_opts(module, hook_name) is None:
+            raise PluginError(
+                f"{module_name}.{hook_name} is not a hook implementation: decorate it with "
+                "@prunekit_core.hookimpl"
+            )
+
+
+def _entry_points() -> tuple[dict[str, md.EntryPoint], list[md.EntryPoint]]:
+    """The entry points of the group: the built-ins' by module, and the others sorted by name."""
+    builtin: dict[str, md.EntryPoint] = {}
+    others = []
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value in BUILTIN_MODULES and ep.value not in builtin:
+            builtin[ep.value] = ep
+        else:
+            others.append(ep)
+    return builtin, sorted(others, key=lambda e: e.name)
+
+
+def _missing_builtin(module_name: str) -> LoadFailure:
+    """A built-in plugin without its entry point: prunekit-core's installed metadata is stale or absent."""
+    return _failure(
+        module_name,
+        module_name,
+        PluginError(
+            f"the built-in plugin {module_name} has no entry point in the {ENTRY_POINT_GROUP!r} group: "
+            "prunekit-core's installed metadata is missing or older than its pyproject.toml. "
+            "Reinstall it (pip install -e . in the source tree, or bash scripts/setup.sh)."
+        ),
+    )
 
 
 def _failure(name: str, module_name: str, exc: BaseException) -> LoadFailure:
@@ -255,13 +345,22 @@ def _failure(name: str, module_name: str, exc: BaseException) -> LoadFailure:
 def read_catalog(module: ModuleType) -> dict[str, list[str]] | None:
     """The names ``module``'s ``prunekit_catalog`` hook declares, by kind (``None`` without the hook).
 
-    Raises :class:`PluginError` for a catalog that is not a mapping of ``adapters``, ``metrics`` and
-    ``quant_formats`` to lists of names.
+    The hook is called through pluggy, on a plugin manager of its own (the module is not registered with
+    the registry). Raises :class:`PluginError` for a catalog that is not a mapping of ``adapters``,
+    ``metrics`` and ``quant_formats`` to lists of names.
     """
-    impl = getattr(module, "prunekit_catalog", None)
-    if impl is None:
+    pm = pluggy.PluginManager("prunekit")
+    pm.add_hookspecs(hookspecs)
+    pm.register(module)
+    return _catalog(pm.hook.prunekit_catalog)
+
+
+def _catalog(hook: Any) -> dict[str, list[str]] | None:
+    """Call a ``prunekit_catalog`` hook caller of one plugin and check what it returns."""
+    if not hook.get_hookimpls():
         return None
-    raw = impl()
+    results = hook()
+    raw = results[0] if results else None
     if not isinstance(raw, dict) or not set(raw) <= set(CATALOG_KEYS):
         raise PluginError(
             f"prunekit_catalog must return a dict with keys among {', '.join(CATALOG_KEYS)}, got {raw!r}"
@@ -277,7 +376,7 @@ def read_catalog(module: ModuleType) -> dict[str, list[str]] | None:
 
 def _check_catalog(declared: dict[str, list[str]], staged: dict[str, list[tuple[str, Any]]]) -> None:
     """Raise :class:`PluginError` unless the plugin registered exactly the names its catalog declares."""
-    for key, kind in zip(CATALOG_KEYS, ("adapters", "metrics", "formats"), strict=True):
+    for key, kind in zip(CATALOG_KEYS, (k.key for k in KINDS), strict=True):
         registered = [k for k, _ in staged[kind]]
         listed = declared.get(key, [])
         if sorted(registered) != sorted(listed):
@@ -341,7 +440,7 @@ def catalog() -> tuple[list[PluginInfo], list[LoadFailure]]:
     """Every plugin and what it registers, by name, and the plugins that failed: what ``prunekit plugins``
     lists, made without building any adapter, metric or format.
 
-    Each built-in is listed from :data:`BUILTIN_CATALOGS` and each entry point from its module's
+    Each built-in is listed from :data:`BUILTIN_CATALOGS` (named by its entry point) and each other entry point from its module's
     ``prunekit_catalog`` hook (importing the entry-point module only). A plugin without that hook needs
     the full load, which then answers for all (as :func:`plugins` and :func:`load_failures` do); so does a
     registry that is already loaded. The full load checks every catalog against the registrations;
@@ -351,12 +450,15 @@ def catalog() -> tuple[list[PluginInfo], list[LoadFailure]]:
         return plugins(), load_failures()
     infos: list[PluginInfo] = []
     failures: list[LoadFailure] = []
+    builtin, others = _entry_points()
     for mod in BUILTIN_MODULES:
-        name = mod.rsplit(".", 1)[-1]
-        infos.append(
-            PluginInfo(name=name, module=mod, version=None, builtin=True, **_lists(BUILTIN_CATALOGS[mod]))
-        )
-    for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        builtin_ep = builtin.get(mod)
+        if builtin_ep is None:
+            failures.append(_missing_builtin(mod))
+            continue
+        listed = _lists(BUILTIN_CATALOGS[mod])
+        infos.append(PluginInfo(name=builtin_ep.name, module=mod, version=None, builtin=True, **listed))
+    for ep in others:
         version = ep.dist.version if ep.dist is not None else None
         try:
             module = ep.load()

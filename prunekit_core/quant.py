@@ -14,7 +14,6 @@ What callers may rely on:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 
 from .adapter import hf_model
 from .errors import PrunekitError
+from .plugins import registry_base
 
 __all__ = [
     "QuantFormat",
@@ -51,6 +51,7 @@ class UnknownQuantFormatError(PrunekitError):
         )
 
 
+@registry_base("formats")
 class QuantFormat(ABC):
     """A weight format: exact bit accounting plus a quantize-dequantize function.
 
@@ -69,9 +70,19 @@ class QuantFormat(ABC):
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Return ``weight`` quantized and dequantized back to its dtype (same shape)."""
 
+    def variant(self, name: str) -> QuantFormat | None:
+        """Another member of this format's family called ``name``, or ``None`` (the default).
+
+        :func:`get_quant_format` asks the registered formats for a name nobody registers, so a family
+        with a parameter (the built-in integer formats: ``int4_g<N>`` for any group size ``N``) need not
+        register each member.
+        """
+        return None
+
 
 def get_quant_format(name: str) -> QuantFormat:
-    """The registered format called ``name``; ``int4_g<N>``/``int8_g<N>`` build any group size.
+    """The registered format called ``name``, or the member of a registered format's family that
+    :meth:`QuantFormat.variant` builds for it (``int4_g<N>``/``int8_g<N>``: any group size).
 
     Raises :class:`UnknownQuantFormatError` (with near-miss hints) for anything else.
     """
@@ -80,11 +91,10 @@ def get_quant_format(name: str) -> QuantFormat:
     table = quant_formats()
     if name in table:
         return table[name]
-    m = re.fullmatch(r"int([48])(a?)_g(\d+)", name)
-    if m and int(m.group(3)) > 0:
-        from .builtin.quant_formats import IntFormat
-
-        return IntFormat(bits=int(m.group(1)), group=int(m.group(3)), symmetric=not m.group(2))
+    for fmt in table.values():
+        made = fmt.variant(name)
+        if made is not None:
+            return made
     raise UnknownQuantFormatError(name, sorted(table))
 
 

@@ -230,6 +230,8 @@ def heal_lora(
     and optimiser stay fp32) or ``auto`` (bf16 on a CPU with native bfloat16 matmul, else fp32).
     ``progress=True`` reports on stderr (see :class:`_HealProgress`), every ``progress_every`` seconds when
     stderr is not a terminal. ``on_step(step, loss)`` is called after each step (1-based), e.g. to time it.
+    To record the healing in a checkpoint, put the report in the plan you save:
+    ``save_pruned(model, out, plan=plan.model_copy(update={"recovery": report.as_dict()}))``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -341,9 +343,6 @@ def heal_lora(
         precision=precision,
     )
     log.info("LoRA healing: %s", report)
-    plan = getattr(merged, "_prunekit_plan", None)
-    if plan is not None:  # a saved model says how it was made
-        merged._prunekit_plan = plan.model_copy(update={"recovery": report.as_dict()})
     return merged, report
 
 

@@ -11,29 +11,51 @@ stream its projection will really receive. The ridge strength is chosen per run 
 tokens (every fourth window; with fewer than four windows a default strength) from a small grid, then refit on all tokens. Statistics are accumulated
 batch by batch (``A^T A`` and ``A^T D``), so memory does not grow with the number of windows, and each
 forward stops as soon as the run's end is observed.
+
+Narrowing a sublayer (removing channel groups) can be repaired the same way: :func:`refit_narrowed` refits
+the output projection on the kept input channels, from the input Grams one calibration pass collects
+(:func:`collect_width_stats`, which the width metrics read too).
+
+This module is part of surgery: it imports nothing of scoring or planning. The branch masking it fits
+under comes from its caller (:func:`~prunekit_core.apply_plan` passes ``surgery.branches_masked``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .adapter import get_module, module_attr
-from .errors import CalibrationError, PlanError
-from .ir import ModelIR, Sublayer
-from .scoring import BlockObserver, BlockView, _first_tensor
-from .surgery import Resolved, branches_masked
+from .adapter import WidthCut, first_tensor, get_module, module_tensor
+from .errors import PlanError
+from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
+from .width import member_index, split_param
 
 log = logging.getLogger(__name__)
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_RIDGE = 0.1
+#: ridge strengths :func:`refit_narrowed` chooses from (relative to the kept channels' mean Gram diagonal)
+REFIT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class Removals(Protocol):
+    """What a plan removes (:class:`prunekit_core.surgery.Resolved`): whole blocks and single branches."""
+
+    @property
+    def blocks(self) -> Collection[str]: ...
+
+    @property
+    def sublayers(self) -> Collection[str]: ...
+
+
+#: ``masked(model, branches)``: a context in which ``branches`` are removed (``surgery.branches_masked``)
+BranchMask = Callable[[nn.Module, list[Sublayer]], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -51,7 +73,7 @@ class _Stop(Exception):
 
 
 @dataclass
-class _Normal:
+class NormalEquations:
     """Normal equations of ``min ||A dW^T - D||^2``: ``A^T A``, ``A^T D`` and ``||D||^2``, in float64."""
 
     G: torch.Tensor
@@ -59,7 +81,7 @@ class _Normal:
     dd: torch.Tensor
 
     @classmethod
-    def zeros(cls, d_in: int, d_out: int) -> _Normal:
+    def zeros(cls, d_in: int, d_out: int) -> NormalEquations:
         f64 = torch.float64
         return cls(
             torch.zeros(d_in, d_in, dtype=f64),
@@ -74,8 +96,8 @@ class _Normal:
         self.C += a.T @ d
         self.dd += (d * d).sum()
 
-    def __add__(self, other: _Normal) -> _Normal:
-        return _Normal(self.G + other.G, self.C + other.C, self.dd + other.dd)
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        return NormalEquations(self.G + other.G, self.C + other.C, self.dd + other.dd)
 
     def residual(self, dw: torch.Tensor) -> torch.Tensor:
         """``||A dW^T - D||^2 = tr(dW G dW^T) - 2 tr(dW C) + ||D||^2``."""
@@ -112,11 +134,19 @@ def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Su
 
 @torch.inference_mode()
 def lsq_repair(
-    model: nn.Module, ir: ModelIR, resolved: Resolved, windows: torch.Tensor, *, batch_size: int = 8
+    model: nn.Module,
+    ir: ModelIR,
+    resolved: Removals,
+    windows: torch.Tensor,
+    *,
+    masked: BranchMask,
+    batch_size: int = 8,
 ) -> list[RepairStep]:
     """Update surviving output projections in place so they absorb the removed branches' contribution.
 
     ``resolved`` are the removals (blocks count as all their sublayers). Call before the surgery.
+    ``masked`` removes branches for the duration of a context (:func:`prunekit_core.surgery.branches_masked`,
+    which :func:`~prunekit_core.apply_plan` passes): later runs are fitted with earlier ones removed.
     """
     blocks = ir.block_map()
     removed: set[str] = set(resolved.sublayers)
@@ -135,10 +165,10 @@ def lsq_repair(
         start_path = run[0].norm or run[0].module
         held = torch.arange(windows.shape[0]) % 4 == 3
         stats = {
-            part: _accumulate(model, done, proj, start_path, end_path, windows[mask], batch_size)
+            part: _accumulate(model, masked, done, proj, start_path, end_path, windows[mask], batch_size)
             for part, mask in (("fit", ~held), ("hold", held))
         }
-        ridge, gain, dw = _solve(stats["fit"], stats["hold"])
+        ridge, gain, dw = solve_ridge(stats["fit"], stats["hold"])
         with torch.no_grad():
             proj.weight += dw.to(proj.weight.dtype)
         steps.append(RepairStep(tuple(s.id for s in run), writer.out_proj or "", ridge, gain))
@@ -151,27 +181,28 @@ def lsq_repair(
 
 def _accumulate(
     model: nn.Module,
+    mask: BranchMask,
     masked: list[Sublayer],
     proj: nn.Linear,
     start_path: str,
     end_path: str,
     windows: torch.Tensor,
     batch_size: int,
-) -> _Normal:
-    stats = _Normal.zeros(proj.in_features, proj.out_features)
+) -> NormalEquations:
+    stats = NormalEquations.zeros(proj.in_features, proj.out_features)
     cur: dict[str, Any] = {}
 
     def on_proj(_m: nn.Module, args: tuple[Any, ...]) -> None:
         cur["A"] = args[0]
 
     def on_start(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cur["x0"] = _first_tensor(args, kwargs)
+        cur["x0"] = first_tensor(args, kwargs)
 
     def on_end(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cur["x1"] = _first_tensor(args, kwargs)
+        cur["x1"] = first_tensor(args, kwargs)
         raise _Stop
 
-    with branches_masked(model, masked):
+    with mask(model, masked):
         handles = [
             proj.register_forward_pre_hook(on_proj),
             get_module(model, start_path).register_forward_pre_hook(on_start, with_kwargs=True),
@@ -191,236 +222,196 @@ def _accumulate(
     return stats
 
 
-def _ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+def _ridge_fit(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """``dW`` of ``min ||A dW^T - D||^2 + lam' ||dW||^2``, ``lam'`` relative to ``G``'s mean diagonal."""
     reg = lam * G.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(G.shape[0], dtype=G.dtype)
     solved: torch.Tensor = torch.linalg.solve(G + reg * eye, C)
     return solved.T  # [out, in]
 
 
-def _solve(fit: _Normal, hold: _Normal) -> tuple[float, float, torch.Tensor]:
+def solve_ridge(fit: NormalEquations, hold: NormalEquations) -> tuple[float, float, torch.Tensor]:
     """Ridge strength chosen on ``hold``, then the fit on both; returns (ridge, held-out gain, dW)."""
     best = (DEFAULT_RIDGE, float("nan"))  # too few windows to hold any out: default strength
     if hold.dd > 0:
         best = (RIDGE_GRID[-1], float("-inf"))
         for lam in RIDGE_GRID:
-            gain = float(1 - hold.residual(_ridge_solve(fit.G, fit.C, lam)) / hold.dd)
+            gain = float(1 - hold.residual(_ridge_fit(fit.G, fit.C, lam)) / hold.dd)
             if gain > best[1]:
                 best = (lam, gain)
     lam, gain = best
     both = fit + hold
     if gain <= 0:  # (False for nan) the fit does not generalise: leave the weights alone
         return lam, gain, torch.zeros(both.C.shape[1], both.C.shape[0], dtype=torch.float64)
-    return lam, gain, _ridge_solve(both.G, both.C, lam)
+    return lam, gain, _ridge_fit(both.G, both.C, lam)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Width statistics and the refit of narrowed output projections
+
+
+@dataclass
+class WidthStats:
+    """Input statistics of every module a channel-group member lives in."""
+
+    sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [in_features] float64
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # out_proj path -> [in, in] float64
+    gram_hold: dict[str, torch.Tensor] = field(default_factory=dict)  # the held-out windows' part
+    tokens: int = 0
+
+
+def _member_modules(fams: list[ChannelGroup]) -> set[str]:
+    return {split_param(m.param)[0] for f in fams for m in f.members}
+
+
+#: the :meth:`~prunekit_core.scoring.ScoringContext.observed` key of :func:`width_collector`'s statistics
+WIDTH_STATS = "prunekit.width_stats"
+
+
+def _width_hooks(
+    model: nn.Module, ir: ModelIR, families: list[str] | None, grams: bool, state: dict[str, Any]
+) -> tuple[WidthStats, list[Any]]:
+    fams = ir.channel_groups()
+    chosen = list(fams) if families is None else families
+    modules = _member_modules([fams[f][1] for f in chosen])
+    outs: set[str] = {p for f in chosen if (p := fams[f][0].out_proj)} if grams else set()
+    stats = WidthStats()
+
+    def make_hook(path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq = (x * x).sum(0)
+            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
+            if path in outs:
+                g = x.T @ x
+                key = stats.gram_hold if state["hold"] else stats.gram
+                key[path] = key[path] + g if path in key else g
+
+        return hook
+
+    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
+    return stats, handles
+
+
+def width_collector(model: nn.Module, ir: ModelIR, windows: torch.Tensor) -> tuple[WidthStats, list[Any]]:
+    """A :data:`~prunekit_core.scoring.Collector` of the width statistics of every family in ``ir``: the
+    hooks of :func:`collect_width_stats` (no held-out part), for a caller that runs the windows."""
+    stats, handles = _width_hooks(model, ir, None, True, {"hold": False})
+    stats.tokens = int(windows.numel())
+    return stats, handles
 
 
 @torch.inference_mode()
-def block_repair_residuals(
+def collect_width_stats(
     model: nn.Module,
     ir: ModelIR,
     windows: torch.Tensor,
     *,
+    families: list[str] | None = None,
+    grams: bool = True,
     batch_size: int = 8,
-    inputs: dict[str, torch.Tensor] | None = None,
+    hold_every: int = 0,
+) -> WidthStats:
+    """One pass over ``windows``: per-feature input energy for member modules, Grams for output projections.
+
+    With ``hold_every=n`` the Gram of every n-th window also goes to ``gram_hold`` (ridge choice).
+    """
+    state: dict[str, Any] = {"hold": False}
+    stats, handles = _width_hooks(model, ir, families, grams, state)
+    try:
+        n = windows.shape[0]
+        if hold_every:
+            order = [i for i in range(n) if i % hold_every != hold_every - 1]
+            held = [i for i in range(n) if i % hold_every == hold_every - 1]
+        else:
+            order, held = list(range(n)), []
+        for part, is_hold in ((order, False), (held, True)):
+            state["hold"] = is_hold
+            for start in range(0, len(part), batch_size):
+                idx = part[start : start + batch_size]
+                model(input_ids=windows[idx], use_cache=False)
+        stats.tokens = int(windows.numel())
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
+    """The member of ``fam`` that is its unit's output projection, along its input axis (what a refit
+    narrows), or ``None``."""
+    out_proj = getattr(sub, "out_proj", None)  # a stage (conv neck, projector) has none: never refit
+    if not out_proj:
+        return None
+    for m in fam.members:
+        if m.param == f"{out_proj}.weight" and m.axis == 1:
+            return m
+    return None
+
+
+def out_proj_path(sub: Sublayer | Stage) -> str:
+    """The output projection of a unit whose family has an out-projection member (:func:`out_member`)."""
+    path: str | None = getattr(sub, "out_proj", None)
+    if not path:
+        raise PlanError(f"{sub.id} has no output projection")
+    return path
+
+
+def refit_columns(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    """The least-squares map from the kept inputs ``keep`` to ``W``'s output, ``W G[:, K] (G_KK + lam I)^-1``
+    (``G`` the Gram of the inputs; the ridge is relative to ``G_KK``'s mean diagonal): ``[out, k]``."""
+    Gk = G[keep][:, keep]
+    reg = lam * Gk.diagonal().mean().clamp_min(1e-12)
+    rhs = G[keep] @ W.T  # [k, out]
+    solved: torch.Tensor = torch.linalg.solve(Gk + reg * torch.eye(len(keep), dtype=G.dtype), rhs)
+    return solved.T  # [out, k]
+
+
+def _output_error(W: torch.Tensor, Wk: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
+    """``E||W a - Wk a_K||^2`` from the Gram ``G`` of ``a``."""
+    cross = (W @ G[:, keep] * Wk).sum()
+    return float((W @ G * W).sum() - 2 * cross + (Wk @ G[keep][:, keep] * Wk).sum())
+
+
+@torch.no_grad()
+def refit_narrowed(
+    model: nn.Module, ir: ModelIR, cuts: dict[str, WidthCut], windows: torch.Tensor, *, batch_size: int = 8
 ) -> dict[str, float]:
-    """For every block: the share of the stream's energy its removal would lose *after* the LSQ fold.
+    """Refit each narrowed sublayer's output projection on its kept input channels (before slicing).
 
-    One forward pass over ``windows`` accumulates, per block, ``A^T A`` and ``A^T D`` where ``A`` are the
-    inputs of the last ``out_proj`` of the previous block and ``D`` the block's contribution to the stream.
-    The ridge strength is chosen on held-out windows as in :func:`lsq_repair`. The value is
-    ``E||D - A dW^T||^2 / E||x_out||^2``, comparable to Block Influence (which is about half the same
-    ratio without the fold, for small angles). A block with no writer before it keeps its unrepaired
-    ratio. ``inputs`` are further per-window inputs (images). The stream is read at block boundaries
-    (each block's input, the last block's output), so a block whose branches read an undeclared norm
-    (GPT-J's shared ``ln_1``) is measured on the stream, not on normed states. Memory: two ``in x in``
-    float64 matrices per block (about 1.6 GB for a 30-block model with a 1536-wide FFN); a streaming pass
-    (:class:`BlockRepairObserver`) keeps one block's.
+    The projection's columns of kept channels get ``W G[:, K] (G_KK + lam I)^-1``: the least-squares map
+    from the kept channels to the full branch output on the calibration tokens. The ridge strength is
+    chosen on every fourth window; the plain slice is kept where the refit does not help held-out tokens.
+    Returns the held-out fraction of the cut's output error the refit removed, per family.
     """
-    out: dict[str, float] = {}
-    for tower in ir.towers:
-        blocks = list(tower.blocks)
-        if not any(b.removable for b in blocks):
-            continue  # nothing a plan may remove here (e.g. a tower outside the plan's scope)
-        if not all(b.sublayers for b in blocks):
-            raise CalibrationError(
-                f"tower {tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
-                "Use another metric (bi, angular)"
+    fams = [f for f, c in cuts.items() if out_member(c.sublayer, c.family) is not None]
+    if not fams:
+        return {}
+    stats = collect_width_stats(model, ir, windows, families=fams, batch_size=batch_size, hold_every=4)
+    gains: dict[str, float] = {}
+    for fid in fams:
+        cut = cuts[fid]
+        member = out_member(cut.sublayer, cut.family)
+        assert member is not None
+        out_proj = out_proj_path(cut.sublayer)
+        proj = get_module(model, out_proj)
+        W = module_tensor(proj, "weight").detach().double()
+        keep = member_index(member, cut.family.count, cut.kept, W.shape[1])
+        G, H = stats.gram[out_proj], stats.gram_hold.get(out_proj)
+        plain = W[:, keep]
+        if H is not None:
+            base = _output_error(W, plain, H, keep)
+            best = min(
+                REFIT_RIDGE_GRID, key=lambda lam: _output_error(W, refit_columns(W, G, keep, lam), H, keep)
             )
-        writers: list[nn.Module | None] = [None]
-        for b in blocks[:-1]:
-            w = next((s.out_proj for s in reversed(b.sublayers) if s.out_proj), None)
-            writers.append(get_module(model, w) if w else None)
-        held_mask = torch.arange(windows.shape[0]) % 4 == 3
-        acc = [
-            {
-                part: _Normal.zeros(module_attr(w, "in_features"), module_attr(w, "out_features"))
-                for part in ("fit", "hold")
-            }
-            if w is not None
-            else None
-            for w in writers
-        ]
-        dd_all = torch.zeros(len(blocks), dtype=torch.float64)
-        xx_all = torch.zeros(len(blocks), dtype=torch.float64)
-        cur: dict[int, torch.Tensor] = {}
-        feats: dict[int, torch.Tensor] = {}
-
-        def on_point(
-            i: int, cur: dict[int, torch.Tensor] = cur
-        ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-            def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                cur[i] = _first_tensor(args, kwargs)
-
-            return fn
-
-        def on_writer(
-            i: int, feats: dict[int, torch.Tensor] = feats
-        ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-            def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                feats[i] = args[0]
-
-            return fn
-
-        def on_end(
-            _m: nn.Module,
-            _args: tuple[Any, ...],
-            out: Any,
-            cur: dict[int, torch.Tensor] = cur,
-            end: int = len(blocks),
-        ) -> None:
-            cur[end] = out[0] if isinstance(out, tuple) else out
-
-        # the stream at block boundaries: every block's input, and the last block's output
-        handles = [
-            get_module(model, b.module).register_forward_pre_hook(on_point(i), with_kwargs=True)
-            for i, b in enumerate(blocks)
-        ]
-        handles.append(get_module(model, blocks[-1].module).register_forward_hook(on_end))
-        handles += [w.register_forward_pre_hook(on_writer(i)) for i, w in enumerate(writers) if w is not None]
-        try:
-            for part, mask in (("fit", ~held_mask), ("hold", held_mask)):
-                sub = windows[mask]
-                extra = {k: v[mask] for k, v in (inputs or {}).items()}
-                for start in range(0, sub.shape[0], batch_size):
-                    cur.clear()
-                    feats.clear()
-                    batch = {k: v[start : start + batch_size] for k, v in extra.items()}
-                    model(input_ids=sub[start : start + batch_size], use_cache=False, **batch)
-                    if 0 not in cur:
-                        raise CalibrationError(
-                            f"tower {tower.name} did not run on the calibration windows; give its inputs "
-                            "(e.g. images: calibrate with the adapter's calibration_inputs)"
-                        )
-                    for i in range(len(blocks)):
-                        x_in, x_out = cur[i].double(), cur[i + 1].double()
-                        d = (x_out - x_in).reshape(-1, x_in.shape[-1])
-                        dd_all[i] += (d * d).sum()
-                        xx_all[i] += (x_out * x_out).sum()
-                        normals = acc[i]
-                        if normals is not None:
-                            normals[part].add(feats[i], d)
-        finally:
-            for h in handles:
-                h.remove()
-        for i, b in enumerate(blocks):
-            resid = dd_all[i]
-            normals = acc[i]
-            if normals is not None:
-                _, gain, dw = _solve(normals["fit"], normals["hold"])
-                if gain > 0:
-                    resid = (normals["fit"] + normals["hold"]).residual(dw)
-            out[b.id] = float(resid / xx_all[i].clamp_min(1e-30))
-    return out
-
-
-def _writer(block: Any) -> str | None:
-    """The last output projection of a block: the one a fold into that block writes through."""
-    return next((s.out_proj for s in reversed(block.sublayers) if s.out_proj), None)
-
-
-class BlockRepairObserver(BlockObserver):
-    """:func:`block_repair_residuals` block by block (a streaming pass, one block loaded at a time).
-
-    While block ``i-1`` runs, the inputs of its last output projection (the writer) are kept, batch by
-    batch, in the model's dtype; while block ``i`` runs, its contribution ``D`` meets them in the normal
-    equations, and block ``i``'s value is computed before it is unloaded. Memory: the writer's inputs over
-    the calibration windows (the residual stream's size times its width ratio, e.g. about 2.7x for a
-    Llama FFN) plus one block's two ``in x in`` matrices; no weights are kept. The sums run in another
-    order than in memory (all windows batch by batch, not fit windows then held-out ones), so values agree
-    to float64 rounding, not bitwise.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.values: dict[str, float] = {}
-        self._feats: list[torch.Tensor] = []  # the previous block's writer inputs, per batch
-
-    @contextmanager
-    def observe(self, view: BlockView) -> Iterator[None]:
-        block = view.block
-        if not block.sublayers:
-            raise CalibrationError(
-                f"tower {view.tower.name} has blocks without branches; cannot score repairs (bi_lsq). "
-                "Use another metric (bi, angular)"
-            )
-        writer_path = _writer(block)
-        held_mask = torch.arange(view.windows.shape[0]) % 4 == 3
-        if view.index == 0:  # a new tower (a vision encoder came first): nothing carries over
-            self._feats = []
-        prev = self._feats
-        acc = None
-        if prev:
-            d_in = prev[0].shape[-1]
-            acc = {part: _Normal.zeros(d_in, view.tower.width.size) for part in ("fit", "hold")}
-        dd = torch.zeros((), dtype=torch.float64)
-        xx = torch.zeros((), dtype=torch.float64)
-        feats: list[torch.Tensor] = []
-        state: dict[str, Any] = {"x": None, "batch": 0, "row": 0}
-
-        def on_start(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            state["x"] = _first_tensor(args, kwargs)
-
-        def on_writer(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            feats.append(args[0])
-
-        def on_end(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
-            nonlocal dd, xx
-            x0 = state["x"].double()
-            x1 = (out[0] if isinstance(out, tuple) else out).double()
-            if x0.dim() < 3:  # rows must be windows ([batch, seq, hidden]; SAM: [batch, h, w, hidden])
-                raise CalibrationError(
-                    "bi_lsq streams [batch, seq, hidden] block inputs; got a flattened stream"
-                )
-            d = x1 - x0
-            dd = dd + (d * d).sum()
-            xx = xx + (x1 * x1).sum()
-            held = held_mask[state["row"] : state["row"] + d.shape[0]]
-            state["row"] += d.shape[0]
-            if acc is not None:
-                a = prev[state["batch"]]
-                for part, rows in (("fit", ~held), ("hold", held)):
-                    if rows.any():
-                        acc[part].add(a[rows], d[rows])
-            state["batch"] += 1
-
-        handles = [
-            get_module(view.model, block.module).register_forward_pre_hook(on_start, with_kwargs=True),
-            get_module(view.model, block.module).register_forward_hook(on_end),
-        ]
-        if writer_path is not None:
-            handles.append(get_module(view.model, writer_path).register_forward_pre_hook(on_writer))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-        resid = dd
-        if acc is not None:
-            _, gain, dw = _solve(acc["fit"], acc["hold"])
-            if gain > 0:
-                resid = (acc["fit"] + acc["hold"]).residual(dw)
-        self.values[block.id] = float(resid / xx.clamp_min(1e-30))
-        self._feats = feats  # the next block folds into this block's writer
-
-    def results(self) -> dict[str, Any]:
-        return {self.name: dict(self.values)}
+            err = _output_error(W, refit_columns(W, G, keep, best), H, keep)
+            gains[fid] = 1 - err / base if base > 0 else 0.0
+            if err >= base:
+                continue
+            new = refit_columns(W, G + H, keep, best)
+        else:
+            new = refit_columns(W, G, keep, REFIT_RIDGE_GRID[1])
+            gains[fid] = float("nan")
+        weight = module_tensor(proj, "weight")
+        weight[:, keep] = new.to(weight.dtype)
+    return gains

@@ -93,7 +93,7 @@ def new_plugin(
     import torch
     import transformers
 
-    from .generic import _analysis
+    from .generic import discover_layout
 
     if not _NAME.match(name):
         raise ScaffoldError(
@@ -122,7 +122,7 @@ def new_plugin(
             f"could not build a tiny {model_class} from {kwargs}: {type(exc).__name__}: {exc}. "
             "Fix the config with --config KEY=VALUE."
         ) from exc
-    layout, found = _analysis(model)
+    layout, found = discover_layout(model)
     tables = {tuple(spec for spec, _ in block) for block in found}
     if len(tables) != 1:
         raise ScaffoldError(
@@ -216,8 +216,8 @@ A prunekit architecture plugin for `{model_class}`, written by `prunekit new-plu
     pytest tests                # the prunekit conformance suite on a tiny random {model_class}
 
 `{package}/adapter.py` declares where the blocks and branches are; it was filled in from the structure
-prunekit's generic adapter discovered. To add width pruning, declare channel groups in `build_ir` (see
-prunekit's docs/plugins/writing-a-plugin.md).
+prunekit's generic adapter discovered. To add width pruning, give a branch channel-group factories
+(`groups=`, see prunekit's docs/plugins/writing-a-plugin.md).
 """
 
 
@@ -321,7 +321,7 @@ class Test{camel}(AdapterConformance):
     adapter = {adapter_class}()
     #: what the adapter supports (prunekit_core.testing.CAPABILITIES): the kit runs these checks and fails
     #: if the adapter's IR shows a capability not named here, or lacks one that is; add "width" once
-    #: build_ir declares channel groups
+    #: a branch declares channel groups (groups=)
     capabilities = {{"depth", "sublayers"}}
     #: checks this adapter knowingly does not pass, as {{"test_name": "why"}} (run as strict xfails)
     expected_failures: dict[str, str] = {{}}

@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, first_tensor, get_module
 from .errors import CalibrationError, PlanError
 from .ir import Block, ModelIR, Sublayer, Tower
+from .plan import Fingerprint, fingerprint
+from .repair import WIDTH_STATS, WidthStats, width_collector
 from .surgery import branches_masked
+from .width import group_slices
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -57,6 +60,13 @@ class Calibration:
     #: results of :class:`BlockObserver` s by metric name: scores a streaming pass computed while each
     #: block was loaded (``{family id: group scores}`` of a channel metric, ``{unit id: score}`` otherwise)
     observed: dict[str, Any] = field(default_factory=dict)
+    #: set by a streaming pass (:func:`~prunekit_core.streaming.stream_calibrate`), whose model is an empty
+    #: skeleton with its blocks' weights on disk: builds the removal-trial runner that streams them
+    #: (``f(ctx) -> runner``, what :meth:`ScoringContext.trials` returns)
+    trial_factory: Callable[[ScoringContext], Any] | None = None
+    #: set by a streaming pass: the weights fingerprint of the checkpoint the skeleton reads, sampled block
+    #: by block (plans made on the skeleton carry it: :meth:`ScoringContext.fingerprint`)
+    weights_digest: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -84,15 +94,6 @@ def _remove_all(handles: Iterable[RemovableHandle]) -> None:
         h.remove()
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    hs = kwargs.get("hidden_states")
-    if isinstance(hs, torch.Tensor):
-        return hs
-    raise CalibrationError("could not find the hidden states among a hooked module's inputs")
-
-
 def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Sum over tokens of cos(a, b) from the streams and their norms (as F.cosine_similarity, eps 1e-8),
     without recomputing norms: one dot product per token."""
@@ -100,7 +101,7 @@ def _cos(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tens
     return (dot / (a[1] * b[1]).clamp_min(1e-8)).double().sum()
 
 
-class _TowerRecorder:
+class TowerRecorder:
     """Accumulates one tower's stream statistics from pre-hooks at its stream points."""
 
     def __init__(self, tower: Tower) -> None:
@@ -142,7 +143,7 @@ class _TowerRecorder:
 
     def hook(self, p: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = _first_tensor(args, kwargs).float()
+            x = first_tensor(args, kwargs).float()
             lasts = self.lasts[self.batch]
             x = x.reshape(lasts.shape[0], -1, x.shape[-1])  # some models flatten tokens (OPT)
             if p == 0:
@@ -172,7 +173,7 @@ class _TowerRecorder:
         )
 
 
-def _hook_point(model: nn.Module, rec: _TowerRecorder, p: int, path: str) -> Any:
+def hook_point(model: nn.Module, rec: TowerRecorder, p: int, path: str) -> Any:
     """Observe stream point ``p``: the input of a norm/branch, or the output of a tower's last block."""
     module = get_module(model, path)
     if p == len(rec.points) - 1 and rec.tower.final_norm is None:
@@ -202,12 +203,10 @@ def calibrate(
         raise CalibrationError(
             f"calibration needs token windows [n, seq_len >= 2], got {tuple(windows.shape)}"
         )
-    recorders = [_TowerRecorder(t) for t in ir.towers if t.blocks]
-    handles = [
-        _hook_point(model, rec, p, path) for rec in recorders for p, (_, path) in enumerate(rec.points)
-    ]
+    recorders = [TowerRecorder(t) for t in ir.towers if t.blocks]
+    handles = [hook_point(model, rec, p, path) for rec in recorders for p, (_, path) in enumerate(rec.points)]
     try:
-        for start in _progress(range(0, windows.shape[0], batch_size), progress, "calibrating"):
+        for start in progress_bar(range(0, windows.shape[0], batch_size), progress, "calibrating"):
             batch = windows[start : start + batch_size]
             extra = {k: v[start : start + batch_size] for k, v in (inputs or {}).items()}
             for rec in recorders:
@@ -223,7 +222,8 @@ def calibrate(
     return cal
 
 
-def _progress(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
+def progress_bar(it: Iterable[Any], enabled: bool, label: str) -> Iterable[Any]:
+    """``it``, with a rich progress bar labelled ``label`` when ``enabled``."""
     if not enabled:
         return it
     from rich.progress import track
@@ -295,7 +295,7 @@ class TrialRunner:
 
         def make_hook(i: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                inputs[i] = _first_tensor(args, kwargs)
+                inputs[i] = first_tensor(args, kwargs)
                 self.block_forwards += 1
                 kw = dict(kwargs)
                 kw.pop("hidden_states", None)
@@ -306,7 +306,7 @@ class TrialRunner:
         final: list[torch.Tensor] = []
 
         def grab_final(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = _first_tensor(args, kwargs)
+            x = first_tensor(args, kwargs)
             final.append(x.reshape(self.windows.shape[0], -1, x.shape[-1]))
 
         handles = [
@@ -496,7 +496,7 @@ class NaiveTrialRunner:
         template: list[Any] = []
 
         def bypass(*args: Any, **kwargs: Any) -> Any:  # a skipped block: its input, as the block returns
-            x = _first_tensor(args, kwargs)
+            x = first_tensor(args, kwargs)
             return (x, *self._template[1:]) if isinstance(self._template, tuple) else x
 
         def count(_m: nn.Module, _a: Any, _k: Any) -> None:
@@ -550,10 +550,6 @@ class NaiveTrialRunner:
         return self._current
 
 
-#: an attribute of a model whose trials run elsewhere (a streaming skeleton): ``f(ctx) -> runner``
-TRIALS_ATTR = "_prunekit_trial_factory"
-
-
 @dataclass
 class ScoringContext:
     """What a metric may use. ``candidates`` limits trial metrics to some units (planners set it)."""
@@ -584,14 +580,21 @@ class ScoringContext:
 
     @property
     def streaming(self) -> bool:
-        """Whether ``model`` is a streaming skeleton (:func:`~prunekit_core.streaming.open_streaming`): its
-        blocks' weights stay on disk, and only a streaming pass sees them, one block at a time."""
-        return getattr(self.model, TRIALS_ATTR, None) is not None
+        """Whether ``model`` is a streaming skeleton (:func:`~prunekit_core.streaming.open_streaming`) and the
+        calibration its streaming pass: the blocks' weights stay on disk, and only a streaming pass sees
+        them, one block at a time."""
+        return self.calibration.trial_factory is not None
+
+    def fingerprint(self, ir: ModelIR | None = None) -> Fingerprint:
+        """The fingerprint of the model a plan made here is for (of a streaming skeleton: of the checkpoint
+        it reads, with the weights digest its streaming pass sampled)."""
+        return fingerprint(self.model, ir or self.ir, weights=self.calibration.weights_digest)
 
     def trials(self) -> TrialRunner | NaiveTrialRunner:
         """The shared removal-trial runner (built on first use from the first ``trial_windows`` windows);
-        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks)."""
-        factory = getattr(self.model, TRIALS_ATTR, None)
+        :class:`NaiveTrialRunner` when ``naive_trials`` is set (reference and benchmarks); a streaming pass's
+        runner (:attr:`Calibration.trial_factory`) on a streaming skeleton."""
+        factory = self.calibration.trial_factory
         if self._trials is None and factory is not None:
             self._trials = factory(self)
         if self._trials is None:
@@ -646,17 +649,14 @@ class ScoringContext:
         scores: dict[str, torch.Tensor] = metric.score_groups(self)
         return scores
 
-    def width_stats(self) -> Any:
+    def width_stats(self) -> WidthStats:
         """Input statistics of every channel-group member (one pass over the calibration windows)."""
-        from .width_scoring import WIDTH_STATS, width_collector
-
-        return self.observed(WIDTH_STATS, width_collector)
+        stats: WidthStats = self.observed(WIDTH_STATS, width_collector)
+        return stats
 
     def taylor_grads(self) -> dict[str, torch.Tensor]:
         """Calibration-loss gradients of every channel-group member parameter (one backward pass)."""
         if self._taylor is None:
-            from .width_scoring import taylor_grads
-
             self._taylor = taylor_grads(self.model, self.ir, self.calibration.windows)
         return self._taylor
 
@@ -670,6 +670,38 @@ class ScoringContext:
         if tower not in self.calibration.towers:
             raise CalibrationError(f"no calibration statistics for tower {tower!r}; run calibrate() first")
         return self.calibration.towers[tower]
+
+
+def taylor_grads(
+    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
+    """Gradient of the mean calibration loss w.r.t. every channel-group member parameter."""
+    params: dict[str, torch.Tensor] = {}
+    for _, fam in ir.channel_groups().values():
+        for member, t in group_slices(model, fam):
+            params[member.param] = t
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in params.values():
+            t.requires_grad_(True)
+            t.grad = None
+        n = windows.shape[0]
+        with torch.enable_grad():
+            for start in range(0, n, batch_size):
+                batch = windows[start : start + batch_size]
+                out = model(input_ids=batch, labels=batch, use_cache=False)
+                (out.loss * batch.shape[0] / n).backward()
+        for name, t in params.items():
+            if t.grad is not None:
+                grads[name] += t.grad.double()
+                t.grad = None
+    finally:
+        for n_, p in model.named_parameters():
+            p.requires_grad_(saved[n_])
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------------------

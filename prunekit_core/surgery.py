@@ -11,44 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module, set_module
+from .adapter import ArchitectureAdapter, RemovedBranch, get_module, set_module
 from .errors import PlanError
-from .ir import BranchOutput, ModelIR, Sublayer
+from .ir import ModelIR, Sublayer
 from .plan import PrunePlan, check_fingerprint, fingerprint
-
-
-class RemovedBranch(nn.Module):
-    """Stands in for a removed residual branch: returns a zero that broadcasts against the stream.
-
-    ``output="tuple"`` returns ``(zero, None)`` for branches whose callers unpack two values (Hugging Face
-    attention modules); a bare tensor there would silently unpack along the batch dimension. ``full=True``
-    returns zeros shaped like the input instead of a scalar, for callers that add into the branch output
-    in place (``mlp_out += attn_out``), which a 0-d tensor cannot hold.
-    """
-
-    def __init__(
-        self, kind: str, output: BranchOutput, norm_path: str | None = None, *, full: bool = False
-    ) -> None:
-        super().__init__()
-        self.kind = kind
-        self.output = output
-        self.norm_path = norm_path
-        self.full = full
-
-    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor, None]:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError("RemovedBranch expects the hidden states as first argument or hidden_states=")
-        zero = torch.zeros_like(x) if self.full else x.new_zeros(())
-        return (zero, None) if self.output == "tuple" else zero
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, output={self.output!r}" + (", full=True" if self.full else "")
+from .repair import RepairStep, lsq_repair, refit_narrowed
+from .width import apply_width, resolve_width
 
 
 @dataclass(frozen=True)
@@ -184,22 +157,51 @@ def _renumber_norm_paths(blocks: nn.ModuleList, blocks_path: str, keep: list[int
                 m.norm_path = new_prefix + m.norm_path[len(old_prefix) :]
 
 
+@dataclass(frozen=True)
+class AppliedPlan:
+    """What :func:`apply_plan` did to a model (pruned in place): the value to save and report from.
+
+    ``plan`` is the plan as applied: ``width_uniform`` says whether the config alone describes the narrowed
+    model, so :attr:`PrunePlan.is_uniform` tells whether plain ``from_pretrained`` reloads it; pass it to
+    :func:`~prunekit_core.save_pruned` (``plan=applied.plan``) to record it in the checkpoint. Nothing of it
+    is kept on the model.
+    """
+
+    model: nn.Module
+    plan: PrunePlan
+    #: whole blocks removed (block ids of the model before surgery)
+    removed_blocks: tuple[str, ...] = ()
+    #: single branches removed (sublayer ids of the model before surgery), now :class:`RemovedBranch` stand-ins
+    removed_sublayers: tuple[str, ...] = ()
+    #: the kept block indices per tower (of the model before surgery)
+    kept_blocks: dict[str, list[int]] = field(default_factory=dict)
+    #: ``repair="lsq"``: the runs of removed branches folded into a surviving projection
+    repair_steps: tuple[RepairStep, ...] = ()
+    #: ``repair="lsq"``: the held-out share of each narrowed family's output error the refit removed
+    refit_gains: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Whether the config alone describes the result (plain ``from_pretrained`` reloads it)."""
+        return self.plan.is_uniform
+
+
 def apply_plan(
     model: nn.Module,
     plan: PrunePlan,
     *,
     adapter: ArchitectureAdapter | None = None,
     repair_windows: torch.Tensor | None = None,
-) -> nn.Module:
-    """Apply ``plan`` to ``model`` in place and return it.
+) -> AppliedPlan:
+    """Apply ``plan`` to ``model`` in place; returns an :class:`AppliedPlan` (the model and the plan as applied).
 
     Checks the plan's fingerprint first; nothing is modified when validation fails. A plan with
     ``repair="lsq"`` first folds the removed branches into surviving projections, fitted on
     ``repair_windows`` (token ids [n, seq_len], e.g. the calibration windows). Afterwards the removed
-    weights are gone from the module tree and the config describes the new shape.
+    weights are gone from the module tree and the config describes the new shape. Nothing is recorded on
+    the model: save the result with ``save_pruned(applied.model, out, plan=applied.plan)``.
     """
     from .plugins import select_adapter
-    from .width import apply_width, resolve_width
 
     adapter = adapter or select_adapter(model)
     ir = adapter.build_ir(model)
@@ -213,25 +215,30 @@ def apply_plan(
             "this plan repairs weights by least squares (repair=lsq): pass repair_windows "
             "(calibration token windows) to apply_plan, or --calib on the command line"
         )
+    gains: dict[str, float] = {}
+    steps: list[RepairStep] = []
+    kept: dict[str, list[int]] = {}
     if cuts:
         if plan.repair == "lsq":
-            from .width_scoring import refit_narrowed
-
             assert repair_windows is not None  # checked above
-            refit_narrowed(model, ir, cuts, repair_windows)
+            gains = refit_narrowed(model, ir, cuts, repair_windows)
         uniform = apply_width(model, adapter, ir, cuts, skip=whole)
         plan = plan.model_copy(update={"width_uniform": uniform})
     if plan.remove or not cuts:
         ir_now = adapter.build_ir(model) if cuts else ir
         if plan.repair == "lsq":
-            from .repair import lsq_repair
-
             assert repair_windows is not None  # checked above
-            lsq_repair(model, ir_now, resolved, repair_windows)
-        apply_removals(model, adapter, ir_now, resolved)
-    # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
-    model._prunekit_plan = plan  # type: ignore[assignment]  # a plain attribute, see the line above
-    return model
+            steps = lsq_repair(model, ir_now, resolved, repair_windows, masked=branches_masked)
+        kept = apply_removals(model, adapter, ir_now, resolved)
+    return AppliedPlan(
+        model=model,
+        plan=plan,
+        removed_blocks=tuple(sorted(resolved.blocks)),
+        removed_sublayers=tuple(sorted(resolved.sublayers)),
+        kept_blocks=kept,
+        repair_steps=tuple(steps),
+        refit_gains=gains,
+    )
 
 
 @contextmanager

@@ -98,7 +98,7 @@ from .adapter import (
 from .errors import PlanError, PlanMismatchError
 from .ir import ModelIR
 from .plan import PrunePlan, fingerprint
-from .surgery import apply_plan, branch_paths
+from .surgery import AppliedPlan, apply_plan, branch_paths
 
 __all__ = [
     "CAPABILITIES",
@@ -421,6 +421,12 @@ class AdapterConformance:
         self, model: nn.Module, remove: list[str], groups: dict[str, list[int]] | None = None
     ) -> nn.Module:
         """Apply a plan made for ``model`` in place, through the public path (fingerprint checked)."""
+        return self.apply(model, remove, groups).model
+
+    def apply(
+        self, model: nn.Module, remove: list[str], groups: dict[str, list[int]] | None = None
+    ) -> AppliedPlan:
+        """:meth:`prune`, returning what :func:`~prunekit_core.apply_plan` returns (the plan as applied)."""
         ir = self.adapter.build_ir(model)
         plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove), remove_groups=groups or {})
         return apply_plan(model, plan, adapter=self.adapter)
@@ -730,15 +736,16 @@ class AdapterConformance:
                 )
 
     def test_save_reload_roundtrip(self, tmp_path: Path) -> None:
-        from .checkpoint import load_pruned, save_pruned
+        from .checkpoint import load_pruned, read_plan, save_pruned
 
         probe = self.make_model()
         ir = self.adapter.build_ir(probe)
         ids = self.input_ids(probe)
         mask = torch.ones_like(ids)
 
-        model = self.prune(self.make_model(), self.mixed_removal(ir))
-        out = save_pruned(model, tmp_path / "mixed")
+        applied = self.apply(self.make_model(), self.mixed_removal(ir))
+        model = applied.model
+        out = save_pruned(model, tmp_path / "mixed", plan=applied.plan)
         loaded = self.configure_loaded(load_pruned(out))
         assert_identical(self._logits(loaded, ids), self._logits(model, ids))
         assert torch.equal(
@@ -746,8 +753,8 @@ class AdapterConformance:
         )
         for a, b in zip(self._cached_logits(loaded, ids, 4), self._cached_logits(model, ids, 4), strict=True):
             assert_identical(a, b)
-        plan = getattr(loaded, "_prunekit_plan", None)
-        assert plan is not None and plan.remove == module_attr(model, "_prunekit_plan").remove
+        plan = read_plan(out)
+        assert plan is not None and plan.remove == applied.plan.remove
         if "depth" not in self.capabilities:
             return  # a uniform plan needs whole blocks: branch removals reload through load_pruned only
 
@@ -875,21 +882,19 @@ class AdapterConformance:
 
     def test_width_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._width_model()
-        uniform = self.prune(model, [], self.width_removals(ir, uniform=True))
-        per_layer = self.prune(self.make_model(), [], self.width_removals(ir, uniform=False))
+        uniform = self.apply(model, [], self.width_removals(ir, uniform=True))
+        per_layer = self.apply(self.make_model(), [], self.width_removals(ir, uniform=False))
         self._check_roundtrips(tmp_path, uniform, per_layer)
 
-    def _check_roundtrips(self, tmp_path: Path, uniform: nn.Module, per_layer: nn.Module) -> None:
+    def _check_roundtrips(self, tmp_path: Path, uniform_run: AppliedPlan, per_layer_run: AppliedPlan) -> None:
         """A uniformly narrowed model reloads exactly with plain ``from_pretrained``, a per-layer one with
         ``load_pruned``."""
-        from .checkpoint import load_pruned, save_pruned
+        from .checkpoint import load_pruned, read_plan, save_pruned
 
+        uniform, per_layer = uniform_run.model, per_layer_run.model
         ids = self.input_ids(uniform)
-        assert (
-            module_attr(uniform, "_prunekit_plan").is_uniform
-            and module_attr(uniform, "_prunekit_width")["uniform"]
-        )
-        out = save_pruned(uniform, tmp_path / "uniform")
+        assert uniform_run.plan.is_uniform and uniform_run.plan.width_uniform
+        out = save_pruned(uniform, tmp_path / "uniform", plan=uniform_run.plan)
         plain, info = self._plain_reload(uniform, out)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         assert_same_weights(plain, uniform)
@@ -899,18 +904,16 @@ class AdapterConformance:
             "a model built from the pruned config has a different parameter count"
         )
 
-        assert not module_attr(per_layer, "_prunekit_width")["uniform"]
-        out = save_pruned(per_layer, tmp_path / "per_layer")
+        assert not per_layer_run.plan.width_uniform
+        out = save_pruned(per_layer, tmp_path / "per_layer", plan=per_layer_run.plan)
         loaded = self.configure_loaded(load_pruned(out))
         assert_identical(self._logits(loaded, ids), self._logits(per_layer, ids))
         for a, b in zip(
             self._cached_logits(loaded, ids, 4), self._cached_logits(per_layer, ids, 4), strict=True
         ):
             assert_identical(a, b)
-        assert (
-            module_attr(loaded, "_prunekit_plan").remove_groups
-            == module_attr(per_layer, "_prunekit_plan").remove_groups
-        )
+        saved_plan = read_plan(out)
+        assert saved_plan is not None and saved_plan.remove_groups == per_layer_run.plan.remove_groups
 
     def test_width_remove_every_group_rejected(self) -> None:
         model, ir = self._width_model()
@@ -1003,12 +1006,13 @@ class AdapterConformance:
 
         _model, ir = self._stage_model()
         for i, groups in enumerate(self.stage_width_plans(ir)):
-            model = self.prune(self.make_model(), [], groups)
+            applied = self.apply(self.make_model(), [], groups)
+            model = applied.model
             ids = self.input_ids(model)
-            out = save_pruned(model, tmp_path / f"stages{i}")
+            out = save_pruned(model, tmp_path / f"stages{i}", plan=applied.plan)
             loaded = self.configure_loaded(load_pruned(out))
             assert_identical(self._logits(loaded, ids), self._logits(model, ids))
-            if not module_attr(model, "_prunekit_width")["uniform"]:
+            if not applied.plan.width_uniform:
                 continue
             plain, info = self._plain_reload(model, out)
             assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (
@@ -1040,7 +1044,8 @@ class AdapterConformance:
         for uniform in (True, False):
             groups = self.expert_removals(ir, uniform=uniform)
             want = self._masked_logits(groups, ids)
-            pruned = self.prune(self.make_model(), [], groups)
+            applied = self.apply(self.make_model(), [], groups)
+            pruned = applied.model
             assert_kernel_close(
                 self._pruned_logits(pruned, ids, f"removing experts {groups}"),
                 want,
@@ -1058,7 +1063,7 @@ class AdapterConformance:
             assert left == total - gone, (
                 f"removing experts {groups} left {left} params, expected {total - gone}"
             )
-            assert module_attr(pruned, "_prunekit_width")["uniform"] == uniform
+            assert applied.plan.width_uniform == uniform
 
     def test_expert_cached_generation_matches_full_forward(self) -> None:
         model, ir = self._expert_model()
@@ -1073,8 +1078,8 @@ class AdapterConformance:
 
     def test_expert_save_reload_roundtrip(self, tmp_path: Path) -> None:
         model, ir = self._expert_model()
-        uniform = self.prune(model, [], self.expert_removals(ir, uniform=True))
-        per_layer = self.prune(self.make_model(), [], self.expert_removals(ir, uniform=False))
+        uniform = self.apply(model, [], self.expert_removals(ir, uniform=True))
+        per_layer = self.apply(self.make_model(), [], self.expert_removals(ir, uniform=False))
         self._check_roundtrips(tmp_path, uniform, per_layer)
 
     def test_expert_remove_every_expert_rejected(self) -> None:

@@ -1,8 +1,10 @@
 """Vision towers: pre-norm ViT encoder blocks and the hidden-state index a multimodal model reads.
 
 A ViT encoder layer computes ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``: two branches on the
-tower's residual stream, removable like a decoder's. What is not on a residual edge (the Conv2d patch
-embedding, position embeddings, the pre/post norms, a pooling head) is a :class:`~prunekit_core.ir.Stage`.
+tower's residual stream, removable like a decoder's, declared like a decoder's (a plugin lists each
+block's :class:`~prunekit_core.declared.BranchSpec` and calls :func:`~prunekit_core.declared.build_blocks`
+with the tower's name). What is not on a residual edge (the Conv2d patch embedding, position embeddings,
+the pre/post norms, a pooling head) is a :class:`~prunekit_core.ir.Stage`.
 
 Vision-language models read a chosen hidden state of the tower (LLaVA's ``vision_feature_layer``: an
 index into ``(embeddings, after block 0, ..., after block N-1)``, negative from the end). Removing blocks
@@ -11,66 +13,13 @@ shifts that index; :func:`remap_hidden_state_index` keeps it on the same point o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
-from .adapter import count_params, module_attr
+from .adapter import module_attr
 from .errors import PlanError
-from .ir import Block, ResidualEdge, Sublayer
-from .surgery import RemovedBranch
 
-__all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index", "vit_blocks"]
-
-
-def vit_blocks(
-    layers: Iterable[nn.Module],
-    layers_path: str,
-    tower: str,
-    *,
-    attn: str = "self_attn",
-    attn_norm: str = "layer_norm1",
-    attn_out: str = "out_proj",
-    mlp: str = "mlp",
-    mlp_norm: str = "layer_norm2",
-    mlp_out: str = "fc2",
-    attn_output: str = "tuple",
-) -> tuple[Block, ...]:
-    """The IR blocks of a pre-norm ViT encoder stack (``layers`` at ``layers_path``) for tower ``tower``.
-
-    Branches already replaced by :class:`~prunekit_core.RemovedBranch` are left out, so the IR of a
-    pruned model describes what is left. Vision attention keeps no KV cache (``uses_cache=False``).
-    """
-    blocks: list[Block] = []
-    point = 0
-    for i, layer in enumerate(layers):
-        bid, path = f"{tower}.blocks.{i}", f"{layers_path}.{i}"
-        subs: list[Sublayer] = []
-        for kind, name, norm, out, output in (
-            ("attention", attn, attn_norm, attn_out, attn_output),
-            ("mlp", mlp, mlp_norm, mlp_out, "tensor"),
-        ):
-            branch = getattr(layer, name)
-            if isinstance(branch, RemovedBranch):
-                continue
-            subs.append(
-                Sublayer(
-                    id=f"{bid}.{'attn' if kind == 'attention' else 'mlp'}",
-                    kind=kind,
-                    module=f"{path}.{name}",
-                    norm=f"{path}.{norm}",
-                    output=output,
-                    residual=ResidualEdge(stream=tower, source=point, target=point + 1),
-                    params=count_params([branch, getattr(layer, norm)]),
-                    out_proj=f"{path}.{name}.{out}",
-                )
-            )
-            point += 1
-        blocks.append(
-            Block(id=bid, index=i, module=path, sublayers=tuple(subs), params=count_params([layer]))
-        )
-    return tuple(blocks)
+__all__ = ["feature_fidelity", "image_features", "remap_hidden_state_index"]
 
 
 def remap_hidden_state_index(index: int, n_blocks: int, kept: list[int]) -> int:

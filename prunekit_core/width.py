@@ -23,39 +23,20 @@ by default, e.g. ``vision_config`` for a conv neck).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .adapter import ArchitectureAdapter, get_module
+from .adapter import ArchitectureAdapter, WidthCut, get_module, hf_model
 from .errors import PlanError
 from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 
 TopKPolicy = Literal["error", "clamp"]
 _GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
-
-
-@dataclass(frozen=True)
-class WidthCut:
-    """Groups to remove from one family; ``sublayer`` is the unit that owns it (a stage for conv necks and
-    projectors)."""
-
-    family: ChannelGroup
-    sublayer: Sublayer | Stage
-    removed: tuple[int, ...]
-
-    @property
-    def kept(self) -> list[int]:
-        gone = set(self.removed)
-        return [i for i in range(self.family.count) if i not in gone]
-
-    @property
-    def removed_params(self) -> int:
-        return len(self.removed) * self.family.params_per_group
 
 
 def width_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
@@ -185,7 +166,8 @@ def width_removed_params(model: nn.Module, cuts: Mapping[str, WidthCut]) -> int:
     return total
 
 
-def _split(path: str) -> tuple[str, str]:
+def split_param(path: str) -> tuple[str, str]:
+    """``"a.b.weight"`` -> ``("a.b", "weight")``: the module path and the tensor's name in it."""
     module, _, leaf = path.rpartition(".")
     return module, leaf
 
@@ -194,7 +176,7 @@ def group_slices(model: nn.Module, fam: ChannelGroup) -> list[tuple[GroupMember,
     """Every member tensor of ``fam`` as it is now (no copy)."""
     out = []
     for m in fam.members:
-        module, leaf = _split(m.param)
+        module, leaf = split_param(m.param)
         out.append((m, getattr(get_module(model, module), leaf)))
     return out
 
@@ -279,7 +261,8 @@ def family_config(model: nn.Module, adapter: ArchitectureAdapter, name: str) -> 
     return config
 
 
-def _config_valid(config: object) -> bool:
+def config_valid(config: object) -> bool:
+    """Whether ``config`` passes its own ``validate()`` (a config without one is valid)."""
     validate = getattr(config, "validate", None)
     if validate is None:
         return True
@@ -309,10 +292,15 @@ def apply_width(
 ) -> bool:
     """Remove the groups in ``cuts`` in place; returns whether the config describes every module exactly.
 
-    ``skip`` are units the same plan removes whole (their families do not constrain the config).
+    That is what the IR declares (each family's config fields, read from ``ir``), for a model whose config
+    described it before the cut (:func:`config_describes_shapes`); the conformance kit checks the claim
+    against plain ``from_pretrained``. ``skip`` are units the same plan removes whole (their families do
+    not constrain the config).
     """
     touched: dict[str, nn.Module] = {}
-    record = getattr(model, "_prunekit_width", None) or {"uniform": True}
+    # an earlier narrowing the config could not describe (a per-layer width, a family no config field
+    # counts) stays in the shapes, whatever this cut does; a model as its config builds it passes
+    uniform_before = config_describes_shapes(model)
     for cut in cuts.values():
         fam = cut.family
         kept = cut.kept
@@ -323,7 +311,7 @@ def apply_width(
             positions = removed_positions(member, fam.count, kept, tensor.shape[member.axis])
             gone.setdefault((member.param, member.axis), set()).update(positions)
         for (param, axis), cut_positions in gone.items():
-            module_path, leaf = _split(param)
+            module_path, leaf = split_param(param)
             module = get_module(model, module_path)
             tensor = getattr(module, leaf)
             index = torch.tensor(
@@ -336,7 +324,7 @@ def apply_width(
             setattr(get_module(model, counter.module), counter.attr, counter.per_group * len(kept))
         if fam.top_k is not None:
             for path in fam.top_k.counters:
-                counter_module, attr = _split(path)
+                counter_module, attr = split_param(path)
                 setattr(get_module(model, counter_module), attr, min(fam.top_k.value, len(kept)))
     for module in touched.values():
         sync_module_shape(module)
@@ -354,13 +342,25 @@ def apply_width(
         old[key] = getattr(config, field)
         setattr(config, field, max(v if v is not None else 0 for v in vals) or old[key])
     adapter.finalize_width(model, ir, dict(cuts))
-    if not all(_config_valid(c) for c in configs.values()):
+    if not all(config_valid(c) for c in configs.values()):
         # e.g. LlamaConfig insists on hidden_size % num_attention_heads == 0 even with an explicit
         # head_dim: keep the config's original counts; the structure record carries the real shapes
         for (name, field), value in old.items():
             setattr(configs[name], field, value)
         uniform = False
-    uniform = uniform and record["uniform"]
-    # save_pruned records it; torch types Module.__setattr__'s value as Tensor | Module
-    model._prunekit_width = {"uniform": uniform}  # type: ignore[assignment]  # a plain attribute, see above
-    return uniform
+    return uniform and uniform_before
+
+
+def config_describes_shapes(model: nn.Module) -> bool:
+    """Whether ``model``'s config builds every tensor ``model`` has at the shape it has.
+
+    That is what plain ``from_pretrained`` needs to reload a narrowed model: a model of the same class built
+    from the config (on the meta device: no memory, no initialisation) must hold every weight at its
+    saved shape. Tensors only one of the two has (the weights of removed branches) are not compared.
+    """
+    hf = hf_model(model)
+    config = copy.deepcopy(hf.config)
+    with torch.device("meta"):
+        fresh = type(hf)._from_config(config)
+    want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    return all(want.get(n, tuple(t.shape)) == tuple(t.shape) for n, t in model.state_dict().items())

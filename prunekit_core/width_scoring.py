@@ -1,12 +1,13 @@
-"""Width scoring and planning: channel-group importance, a loss-per-parameter cost model, the planners.
+"""Width planning: a loss-per-parameter cost model over channel groups, and the planners.
 
-One calibration pass (:func:`collect_width_stats`) records, for every module a channel-group member sits
-in, the squared norm of each input feature, and for every sublayer's output projection the full input
-Gram matrix ``A^T A``. From these:
+One calibration pass (:func:`~prunekit_core.repair.collect_width_stats`) records, for every module a
+channel-group member sits in, the squared norm of each input feature, and for every sublayer's output
+projection the full input Gram matrix ``A^T A``. From these:
 
-- **metrics** order the groups of a family (least important first): ``magnitude`` (L2 norm of the group's
-  weights), ``wanda`` (sum of ``|W_ij| * ||X_j||`` over the group's weights, Wanda's score aggregated per
-  group) and ``taylor`` (``|sum w * dL/dw|`` over the group, first order, gradients on calibration data);
+- **metrics** (:mod:`prunekit_core.builtin.metrics`) order the groups of a family (least important first):
+  ``magnitude`` (L2 norm of the group's weights), ``wanda`` (sum of ``|W_ij| * ||X_j||`` over the group's
+  weights, Wanda's score aggregated per group) and ``taylor`` (``|sum w * dL/dw|`` over the group, first
+  order, gradients on calibration data);
 - the **cost model** turns "remove the k least important groups of this family" into an estimated loss
   increase. The branch's output error is exact and analytic: ``||W_S a_S||^2`` without repair, and with
   repair (the output projection refit on the kept channels by least squares) the residual of projecting
@@ -31,7 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -39,301 +40,34 @@ from torch import nn
 
 from .adapter import get_module, module_tensor
 from .errors import PlanError
-from .ir import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
+from .ir import ChannelGroup, GroupMember, ModelIR, Sublayer
+from .repair import (
+    REFIT_RIDGE_GRID,
+    WIDTH_STATS,
+    WidthStats,
+    out_member,
+    out_proj_path,
+    refit_columns,
+    width_collector,
+)
 from .scoring import BlockScorer
-from .width import WidthCut, _split, group_slices, member_index, width_families
+from .width import group_slices, member_index, width_families
 
 if TYPE_CHECKING:
     from .metrics import ImportanceMetric
 
 log = logging.getLogger(__name__)
 
-RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 Allocation = Literal["global", "uniform"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Calibration statistics
-
-
-@dataclass
-class WidthStats:
-    """Input statistics of every module a channel-group member lives in."""
-
-    sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [in_features] float64
-    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # out_proj path -> [in, in] float64
-    gram_hold: dict[str, torch.Tensor] = field(default_factory=dict)  # the held-out windows' part
-    tokens: int = 0
-
-
-def _member_modules(fams: list[ChannelGroup]) -> set[str]:
-    return {_split(m.param)[0] for f in fams for m in f.members}
-
-
-#: the :meth:`~prunekit_core.scoring.ScoringContext.observed` key of :func:`width_collector`'s statistics
-WIDTH_STATS = "prunekit.width_stats"
-
-
-def _width_hooks(
-    model: nn.Module, ir: ModelIR, families: list[str] | None, grams: bool, state: dict[str, Any]
-) -> tuple[WidthStats, list[Any]]:
-    fams = ir.channel_groups()
-    chosen = list(fams) if families is None else families
-    modules = _member_modules([fams[f][1] for f in chosen])
-    outs: set[str] = {p for f in chosen if (p := fams[f][0].out_proj)} if grams else set()
-    stats = WidthStats()
-
-    def make_hook(path: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sq = (x * x).sum(0)
-            stats.sumsq[path] = stats.sumsq[path] + sq if path in stats.sumsq else sq
-            if path in outs:
-                g = x.T @ x
-                key = stats.gram_hold if state["hold"] else stats.gram
-                key[path] = key[path] + g if path in key else g
-
-        return hook
-
-    handles = [get_module(model, p).register_forward_pre_hook(make_hook(p)) for p in sorted(modules | outs)]
-    return stats, handles
-
-
-def width_collector(model: nn.Module, ir: ModelIR, windows: torch.Tensor) -> tuple[WidthStats, list[Any]]:
-    """A :data:`~prunekit_core.scoring.Collector` of the width statistics of every family in ``ir``: the
-    hooks of :func:`collect_width_stats` (no held-out part), for a caller that runs the windows."""
-    stats, handles = _width_hooks(model, ir, None, True, {"hold": False})
-    stats.tokens = int(windows.numel())
-    return stats, handles
-
-
-@torch.inference_mode()
-def collect_width_stats(
-    model: nn.Module,
-    ir: ModelIR,
-    windows: torch.Tensor,
-    *,
-    families: list[str] | None = None,
-    grams: bool = True,
-    batch_size: int = 8,
-    hold_every: int = 0,
-) -> WidthStats:
-    """One pass over ``windows``: per-feature input energy for member modules, Grams for output projections.
-
-    With ``hold_every=n`` the Gram of every n-th window also goes to ``gram_hold`` (ridge choice).
-    """
-    state: dict[str, Any] = {"hold": False}
-    stats, handles = _width_hooks(model, ir, families, grams, state)
-    try:
-        n = windows.shape[0]
-        if hold_every:
-            order = [i for i in range(n) if i % hold_every != hold_every - 1]
-            held = [i for i in range(n) if i % hold_every == hold_every - 1]
-        else:
-            order, held = list(range(n)), []
-        for part, is_hold in ((order, False), (held, True)):
-            state["hold"] = is_hold
-            for start in range(0, len(part), batch_size):
-                idx = part[start : start + batch_size]
-                model(input_ids=windows[idx], use_cache=False)
-        stats.tokens = int(windows.numel())
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Group reduction and metrics
-
-
-def reduce_member(member: GroupMember, count: int, values: torch.Tensor) -> torch.Tensor:
-    """Sum an element-wise score tensor (shaped like the member's parameter) per group: ``[count]``."""
-    v = values.movedim(member.axis, 0)
-    v = v[member.offset : member.offset + count * member.width]
-    return v.reshape(count, -1).sum(1)
-
-
-def magnitude_scores(model: nn.Module, fam: ChannelGroup) -> torch.Tensor:
-    total = torch.zeros(fam.count, dtype=torch.float64)
-    for member, t in group_slices(model, fam):
-        total += reduce_member(member, fam.count, t.detach().double() ** 2)
-    return total.sqrt()
-
-
-def _input_norm(member: GroupMember, tensor: torch.Tensor, stats: WidthStats) -> torch.Tensor:
-    module = _split(member.param)[0]
-    if module not in stats.sumsq:
-        raise PlanError(f"no calibration statistics for {module}; collect_width_stats did not see it run")
-    norm = stats.sumsq[module].sqrt()
-    if tensor.dim() == 1:  # a bias: no input
-        return torch.ones_like(tensor, dtype=torch.float64)
-    shape = [1] * tensor.dim()
-    shape[1] = -1
-    return norm.reshape(shape)
-
-
-def linear_members(model: nn.Module, fam: ChannelGroup) -> bool:
-    """Whether every member is a 1-D or 2-D tensor (``nn.Linear``-like: its inputs are observable)."""
-    return all(t.dim() <= 2 for _m, t in group_slices(model, fam))
-
-
-def wanda_scores(model: nn.Module, fam: ChannelGroup, stats: WidthStats) -> torch.Tensor:
-    total = torch.zeros(fam.count, dtype=torch.float64)
-    for member, t in group_slices(model, fam):
-        w = t.detach().double().abs()
-        total += reduce_member(member, fam.count, w * _input_norm(member, t, stats))
-    return total
-
-
-def taylor_grads(
-    model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, batch_size: int = 4
-) -> dict[str, torch.Tensor]:
-    """Gradient of the mean calibration loss w.r.t. every channel-group member parameter."""
-    params: dict[str, torch.Tensor] = {}
-    for _, fam in ir.channel_groups().values():
-        for member, t in group_slices(model, fam):
-            params[member.param] = t
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in params.values():
-            t.requires_grad_(True)
-            t.grad = None
-        n = windows.shape[0]
-        with torch.enable_grad():
-            for start in range(0, n, batch_size):
-                batch = windows[start : start + batch_size]
-                out = model(input_ids=batch, labels=batch, use_cache=False)
-                (out.loss * batch.shape[0] / n).backward()
-        for name, t in params.items():
-            if t.grad is not None:
-                grads[name] += t.grad.double()
-                t.grad = None
-    finally:
-        for n_, p in model.named_parameters():
-            p.requires_grad_(saved[n_])
-    return grads
-
-
-def taylor_scores(model: nn.Module, fam: ChannelGroup, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros(fam.count, dtype=torch.float64)
-    for member, t in group_slices(model, fam):
-        total += reduce_member(member, fam.count, t.detach().double() * grads[member.param])
-    return total.abs()
-
-
-def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthStats) -> torch.Tensor:
-    """Optimal-brain-surgeon score of each group at the branch output, assuming the refit.
-
-    Removing the input columns ``S`` of the output projection ``W`` and refitting the kept columns by least
-    squares raises the output error by ``tr(W_S ((G^-1)_SS)^-1 W_S^T)`` (``G`` the Gram of the projection's
-    inputs): the group's contribution that the other channels cannot take over.
-    """
-    member = _out_member(sub, fam)
-    if member is None or sub.out_proj not in stats.gram:
-        raise PlanError(f"{fam.id}: the obs metric needs the sublayer's out_proj among the family's members")
-    out_proj = _out_proj_path(sub)
-    W = module_tensor(get_module(model, out_proj), "weight").detach().double()
-    G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
-    G = G + 1e-6 * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype)
-    Ginv = torch.linalg.inv(G)
-    w, off = member.width, member.offset
-    out = torch.empty(fam.count, dtype=torch.float64)
-    for g in range(fam.count):
-        idx = slice(off + g * w, off + (g + 1) * w)
-        Ws = W[:, idx]
-        out[g] = (Ws @ torch.linalg.inv(Ginv[idx, idx]) * Ws).sum()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Repair of narrowed output projections
-
-
-def _out_member(sub: Sublayer | Stage, fam: ChannelGroup) -> GroupMember | None:
-    out_proj = getattr(sub, "out_proj", None)  # a stage (conv neck, projector) has none: never refit
-    if not out_proj:
-        return None
-    for m in fam.members:
-        if m.param == f"{out_proj}.weight" and m.axis == 1:
-            return m
-    return None
-
-
-def _out_proj_path(sub: Sublayer | Stage) -> str:
-    """The output projection of a unit whose family has an out-projection member (:func:`_out_member`)."""
-    path: str | None = getattr(sub, "out_proj", None)
-    if not path:
-        raise PlanError(f"{sub.id} has no output projection")
-    return path
+# Cost model
 
 
 def _nearest(ks: list[int], target: float) -> int:
     """The first of ``ks`` closest to ``target``."""
     return min(ks, key=lambda k: abs(k - target))
-
-
-def _refit(W: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
-    Gk = G[keep][:, keep]
-    reg = lam * Gk.diagonal().mean().clamp_min(1e-12)
-    rhs = G[keep] @ W.T  # [k, out]
-    solved: torch.Tensor = torch.linalg.solve(Gk + reg * torch.eye(len(keep), dtype=G.dtype), rhs)
-    return solved.T  # [out, k]
-
-
-def _output_error(W: torch.Tensor, Wk: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
-    """``E||W a - Wk a_K||^2`` from the Gram ``G`` of ``a``."""
-    cross = (W @ G[:, keep] * Wk).sum()
-    return float((W @ G * W).sum() - 2 * cross + (Wk @ G[keep][:, keep] * Wk).sum())
-
-
-@torch.no_grad()
-def refit_narrowed(
-    model: nn.Module, ir: ModelIR, cuts: dict[str, WidthCut], windows: torch.Tensor, *, batch_size: int = 8
-) -> dict[str, float]:
-    """Refit each narrowed sublayer's output projection on its kept input channels (before slicing).
-
-    The projection's columns of kept channels get ``W G[:, K] (G_KK + lam I)^-1``: the least-squares map
-    from the kept channels to the full branch output on the calibration tokens. The ridge strength is
-    chosen on every fourth window; the plain slice is kept where the refit does not help held-out tokens.
-    Returns the held-out fraction of the cut's output error the refit removed, per family.
-    """
-    fams = [f for f, c in cuts.items() if _out_member(c.sublayer, c.family) is not None]
-    if not fams:
-        return {}
-    stats = collect_width_stats(model, ir, windows, families=fams, batch_size=batch_size, hold_every=4)
-    gains: dict[str, float] = {}
-    for fid in fams:
-        cut = cuts[fid]
-        member = _out_member(cut.sublayer, cut.family)
-        assert member is not None
-        out_proj = _out_proj_path(cut.sublayer)
-        proj = get_module(model, out_proj)
-        W = module_tensor(proj, "weight").detach().double()
-        keep = member_index(member, cut.family.count, cut.kept, W.shape[1])
-        G, H = stats.gram[out_proj], stats.gram_hold.get(out_proj)
-        plain = W[:, keep]
-        if H is not None:
-            base = _output_error(W, plain, H, keep)
-            best = min(RIDGE_GRID, key=lambda lam: _output_error(W, _refit(W, G, keep, lam), H, keep))
-            err = _output_error(W, _refit(W, G, keep, best), H, keep)
-            gains[fid] = 1 - err / base if base > 0 else 0.0
-            if err >= base:
-                continue
-            new = _refit(W, G + H, keep, best)
-        else:
-            new = _refit(W, G, keep, RIDGE_GRID[1])
-            gains[fid] = float("nan")
-        weight = module_tensor(proj, "weight")
-        weight[:, keep] = new.to(weight.dtype)
-    return gains
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cost model
 
 
 def round_step(fam: ChannelGroup, round_to: int) -> int:
@@ -424,11 +158,11 @@ class WidthCurveObserver(BlockScorer):
         scores = self.scores[self.metrics[0].name]
         fams = width_families(ctx.ir)
         for fid in set(scores) - before:
-            if fid not in fams or (member := _out_member(*fams[fid])) is None:
+            if fid not in fams or (member := out_member(*fams[fid])) is None:
                 continue
             sub, fam = fams[fid]
             order = [int(i) for i in torch.argsort(scores[fid], stable=True)]
-            out_proj = _out_proj_path(sub)
+            out_proj = out_proj_path(sub)
             W = module_tensor(get_module(ctx.model, out_proj), "weight").detach().double()
             stats = ctx.width_stats()
             G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
@@ -461,12 +195,12 @@ def _probe(
     out: dict[str, dict[int, float]] = {}
     for fid, order in orders.items():
         sub, fam = fams[fid]
-        member = _out_member(sub, fam)
+        member = out_member(sub, fam)
         if member is None or not sub.removable:
             continue
         ks = [k for k in allowed_cuts(fam, round_to, allow_all=False) if k > 0]
         picks = sorted({_nearest(ks, f * fam.count) for f in fractions} if ks else set())
-        out_proj = _out_proj_path(sub)
+        out_proj = out_proj_path(sub)
         weight = module_tensor(get_module(ctx.model, out_proj), "weight")
         saved = weight.detach().clone()
         W = saved.double()
@@ -476,7 +210,7 @@ def _probe(
             kept = sorted(order[k:])
             keep = member_index(member, fam.count, kept, W.shape[1])
             new = torch.zeros_like(W)
-            new[:, keep] = _refit(W, G, keep, RIDGE_GRID[1]) if repair else W[:, keep]
+            new[:, keep] = refit_columns(W, G, keep, REFIT_RIDGE_GRID[1]) if repair else W[:, keep]
             try:
                 weight.copy_(new.to(saved.dtype))
                 out[fid][k] = runner.replay(sub.id) - base
@@ -566,7 +300,7 @@ def family_costs(
     for fid, (sub, fam) in ir.channel_groups().items():
         if fid not in orders:
             continue
-        member = _out_member(sub, fam)
+        member = out_member(sub, fam)
         if curves is not None and member is not None:
             curve = curves[fid]
         else:
@@ -574,7 +308,7 @@ def family_costs(
                 raise PlanError(
                     f"{fid}: the cost model needs the sublayer's out_proj among the family's members (axis 1)"
                 )
-            out_proj = _out_proj_path(sub)
+            out_proj = out_proj_path(sub)
             W = module_tensor(get_module(model, out_proj), "weight").detach().double()
             G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
             curve = _output_energy_curve(W, G, member, fam.count, orders[fid], repair)
@@ -805,7 +539,7 @@ def _choose_mixed(
     allocations = ("uniform", "global")
     import copy
 
-    from .plan import PrunePlan, fingerprint
+    from .plan import PrunePlan
     from .surgery import apply_plan
 
     ir: ModelIR = ctx.ir
@@ -832,7 +566,7 @@ def _choose_mixed(
             cands.append((what, span, groups))
     windows = ctx.calibration.windows
     select = windows[-min(8, windows.shape[0]) :]
-    fp = fingerprint(ctx.model, ir)
+    fp = ctx.fingerprint(ir)
     results = []
     for label, remove, groups in cands:
         plan = PrunePlan(
@@ -874,7 +608,7 @@ def _without_whole(fc: FamilyCost) -> FamilyCost:
 def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
     import copy
 
-    from .width import _config_valid
+    from .width import config_valid
 
     text_config = getattr(ctx.adapter, "text_config", None)
     config = text_config(ctx.model) if text_config else ctx.model.config
@@ -883,7 +617,7 @@ def _describable(ctx: Any) -> Callable[[dict[str, int]], bool]:
         probe = copy.deepcopy(config)
         for name, value in fields.items():
             setattr(probe, name, value)
-        return _config_valid(probe)
+        return config_valid(probe)
 
     return check
 
@@ -935,7 +669,7 @@ def plan_width(
     orders = {
         fid: [int(i) for i in torch.argsort(s, stable=True)] for fid, s in scores.items() if fid in fams
     }
-    gram_orders = {fid: o for fid, o in orders.items() if _out_member(*fams[fid]) is not None}
+    gram_orders = {fid: o for fid, o in orders.items() if out_member(*fams[fid]) is not None}
     trial_only = sorted(set(orders) - set(gram_orders))
     if trial_only and ctx.streaming:
         raise PlanError(

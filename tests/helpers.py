@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from prunekit_core.surgery import AppliedPlan
 
 WORDS = 100
 
@@ -52,6 +56,11 @@ def words(n: int, seed: int | None = None) -> str:
 
 def tiny_pruned(seed: int = 0) -> LlamaForCausalLM:
     """A 3-block :func:`tiny_llama` with block 0 and block 2's attention removed (a non-uniform plan)."""
+    return tiny_pruned_applied(seed).model
+
+
+def tiny_pruned_applied(seed: int = 0) -> AppliedPlan:
+    """:func:`tiny_pruned` as ``apply_plan`` returns it: the model and the plan as applied."""
     from prunekit_llama import LlamaFamilyAdapter
 
     from prunekit_core.plan import PrunePlan, fingerprint

@@ -11,11 +11,18 @@ from prunekit_llama import LlamaFamilyAdapter
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned, verify_checkpoint
+from prunekit_core.checkpoint import (
+    PLAN_FILE,
+    RECORD_FILE,
+    load_pruned,
+    read_plan,
+    save_pruned,
+    verify_checkpoint,
+)
 from prunekit_core.errors import CheckpointError
 from prunekit_core.integrity import file_manifest, weights_digest
 from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan
+from prunekit_core.surgery import AppliedPlan, apply_plan
 
 WEIGHTS = "model.safetensors"
 
@@ -33,12 +40,16 @@ def tiny() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def pruned() -> LlamaForCausalLM:
+def applied() -> AppliedPlan:
     model = tiny()
     adapter = LlamaFamilyAdapter()
     remove = ["text.blocks.0", "text.blocks.2.attn"]  # the removed branch moves to layer 1
     plan = PrunePlan(fingerprint=fingerprint(model, adapter.build_ir(model)), remove=remove)
     return apply_plan(model, plan, adapter=adapter)
+
+
+def pruned() -> LlamaForCausalLM:
+    return applied().model
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -52,7 +63,8 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    return save_pruned(pruned(), tmp_path / "ckpt")
+    run = applied()
+    return save_pruned(run.model, tmp_path / "ckpt", plan=run.plan)
 
 
 # --- atomic saves ------------------------------------------------------------------------------------
@@ -265,7 +277,9 @@ def test_load_with_weights_for_a_removed_branch(saved: Path) -> None:
 
 def test_load_restores_plan_and_cache_indices(saved: Path) -> None:
     model = load_pruned(saved)
-    assert model._prunekit_plan.remove == ["text.blocks.0", "text.blocks.2.attn"]
+    plan = read_plan(saved)
+    assert plan is not None and plan.remove == ["text.blocks.0", "text.blocks.2.attn"]
+    assert read_plan(saved.parent) is None  # a folder without plan.json
     assert model.model.layers[0].self_attn.layer_idx == 0
     assert type(model.model.layers[1].self_attn).__name__ == "RemovedBranch"
     assert type(model.model.layers[1].input_layernorm).__name__ == "Identity"

@@ -110,3 +110,14 @@ def test_tutorial_counts_the_example_checks() -> None:
 @pytest.mark.parametrize("page", ["installing.md", "writing-a-plugin.md", "hooks.md", "testing-plugins.md"])
 def test_plugin_docs_are_linked_from_the_index(page: str) -> None:
     assert f"]({page})" in (PLUGINS / "README.md").read_text()
+
+
+def test_tutorial_shows_the_llama_plugin_as_it_is() -> None:
+    """writing-a-plugin.md's "The same path: the Llama plugin" listing is the plugin's own declaration."""
+    import re
+
+    text = (PLUGINS / "writing-a-plugin.md").read_text()
+    section = text[text.index("### The same path: the Llama plugin") :]
+    listing = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    source = (DOCS.parent / "plugins" / "llama" / "prunekit_llama" / "adapter.py").read_text()
+    assert listing.strip() in source, "the tutorial's Llama listing differs from prunekit_llama/adapter.py"

@@ -331,3 +331,22 @@ def test_discovery_leaves_training_mode_as_it_was(monkeypatch: pytest.MonkeyPatc
     model = TestGPT2().make_model().train()
     ir = GenericAdapter().build_ir(model)
     assert model.training and len(ir.sublayers()) == 8
+
+
+def test_discovery_is_remembered_without_an_attribute_on_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The discovery is kept by the generic module, keyed by the modules: nothing is set on them, and a
+    pruned model's IR is rebuilt from it without exporting again."""
+    from prunekit_core import generic
+
+    model = tiny_llama()
+    before = [(name, sorted(vars(m))) for name, m in model.named_modules()]
+    GenericAdapter().build_ir(model)
+    assert [(name, sorted(vars(m))) for name, m in model.named_modules()] == before
+    TestLlamaThroughGeneric().prune(model, ["text.blocks.0.attn", "text.blocks.1"])
+
+    def no_export(_model: nn.Module) -> None:
+        raise AssertionError("the discovery ran again")
+
+    monkeypatch.setattr(generic, "_discover", no_export)
+    monkeypatch.setattr(generic, "_CACHE", type(generic._CACHE)())  # not recalled by signature either
+    assert _units(GenericAdapter().build_ir(model)) == _units(LlamaFamilyAdapter().build_ir(model))

@@ -102,20 +102,38 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert 'parts=("fc1",)' in (out / "prunekit_tiny_opt/adapter.py").read_text()
 
 
-def test_the_example_plugin_is_what_new_plugin_writes(tmp_path: Path) -> None:
+def test_the_example_plugin_is_what_new_plugin_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """examples/prunekit-gptj was made with `prunekit new-plugin`; only its width pruning was added by hand
-    (build_ir's channel groups, and "width" in its conformance test's capabilities)."""
+    (the MLP branch's channel-group factory, and "width" in its conformance test's capabilities)."""
+    import dataclasses
+    import importlib.util
+
     example = Path(__file__).resolve().parent.parent / "examples" / "prunekit-gptj"
     out = tmp_path / "gptj"
     argv = ["new-plugin", "gptj", "--model-class", "GPTJForCausalLM", "--config", "rotary_dim=8"]
     assert main([*argv, "--out", str(out), "--json"]) == 0
+
+    def adapter_class(path: Path) -> type:
+        spec = importlib.util.spec_from_file_location(f"adapter_{abs(hash(path))}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.GptjAdapter
+
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out)
         ours = (example / rel).read_text()
-        if rel.name == "adapter.py":  # the generated class body is kept; build_ir was added after it
-            generated = path.read_text()
-            body = generated[generated.index("class GptjAdapter") :]
-            assert body.rstrip() in ours, "the example's generated layout and branches were changed"
+        if rel.name == "adapter.py":  # the generated tables are kept; the MLP's groups= was added to them
+            generated, example_cls = adapter_class(path), adapter_class(example / rel)
+            for attr in ("name", "description", "model_classes", "layout"):
+                assert getattr(example_cls, attr) == getattr(generated, attr), (
+                    f"the example's {attr} was changed"
+                )
+            bare = tuple(dataclasses.replace(b, groups=()) for b in example_cls.branches)
+            assert bare == generated.branches, "the example's generated branches were changed"
+            assert [b.name for b in example_cls.branches if b.groups] == ["mlp"]
         elif rel.name == "test_gptj_conformance.py":
             generated = path.read_text().replace(
                 'capabilities = {"depth", "sublayers"}', 'capabilities = {"depth", "sublayers", "width"}'

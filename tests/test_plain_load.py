@@ -15,7 +15,13 @@ from helpers import logits_of, tiny_llama, tiny_pruned, tiny_tokenizer, words
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 import prunekit_core as pk
-from prunekit_core.checkpoint import PLAIN_LOAD_GUARD_KEY, RECORD_FILE, load_pruned, save_pruned
+from prunekit_core.checkpoint import (
+    PLAIN_LOAD_GUARD_KEY,
+    RECORD_FILE,
+    load_pruned,
+    save_pruned,
+    structure_record,
+)
 from prunekit_core.cli import main
 from prunekit_core.errors import CheckpointError
 from prunekit_core.plan import PrunePlan, fingerprint
@@ -36,7 +42,7 @@ def per_layer_width() -> LlamaForCausalLM:
     model = tiny_llama(layers=3, tied=False)
     groups = {"text.blocks.0.mlp.channels": [1, 7], "text.blocks.2.mlp.channels": [0, 3, 4, 9, 20]}
     plan = PrunePlan(fingerprint=fingerprint(model, pk.inspect(model)), remove=[], remove_groups=groups)
-    return pk.apply_plan(model, plan)
+    return pk.apply_plan(model, plan).model
 
 
 NON_UNIFORM = {"sublayer removed": tiny_pruned, "per-layer width": per_layer_width}
@@ -46,7 +52,7 @@ NON_UNIFORM = {"sublayer removed": tiny_pruned, "per-layer width": per_layer_wid
 @pytest.mark.parametrize("loader", PLAIN_LOADERS.values(), ids=PLAIN_LOADERS.keys())
 def test_plain_from_pretrained_refuses_a_non_uniform_checkpoint(tmp_path: Path, make, loader) -> None:
     model = make()
-    assert not model._prunekit_plan.is_uniform
+    assert not structure_record(model)["uniform"]  # read off the model: what save_pruned records
     out = save_pruned(model, tmp_path / "out", tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match=r"prunekit_core\.load_pruned"):
         loader(out)

@@ -186,6 +186,87 @@ def test_unknown_hook_is_caught_by_check_pending() -> None:
         check_pending()
 
 
+def test_register_hooks_are_called_through_pluggy_one_plugin_at_a_time() -> None:
+    """Each plugin's register hooks are pluggy hook calls whose only implementation is that plugin's."""
+    calls: list[tuple[str, list[str]]] = []
+    reg = plugins_mod._registry()
+    reg.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: calls.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    register_module(plugin_module("traced_one", ToyAdapter("toy_one")), name="one")
+    register_module(plugin_module("traced_two", ToyAdapter("toy_two")), name="two")
+    adapter_calls = [impls for name, impls in calls if name == "prunekit_register_adapters"]
+    assert adapter_calls == [["one:traced_one"], ["two:traced_two"]]
+    assert {"toy_one", "toy_two"} <= set(adapters())
+
+
+def test_a_plugin_whose_hook_raises_fails_alone(monkeypatch) -> None:
+    """A register hook that raises takes only its own plugin down: what it registered before raising is
+    dropped, the plugins loaded after it register, and their loading calls none of its hooks again."""
+    monkeypatch.delenv("PRUNEKIT_STRICT_PLUGINS", raising=False)
+    calls = []
+    module = types.ModuleType("pk_raising")
+
+    @hookimpl
+    def prunekit_register_adapters(register) -> None:  # noqa: ANN001
+        calls.append("adapters")
+        register(ToyAdapter("toy_lost"))
+
+    @hookimpl
+    def prunekit_register_metrics(register) -> None:  # noqa: ANN001
+        calls.append("metrics")
+        raise RuntimeError("metric table is corrupt")
+
+    module.prunekit_register_adapters = prunekit_register_adapters
+    module.prunekit_register_metrics = prunekit_register_metrics
+    reg = plugins_mod._registry()
+    reg._load_one(name="raising", module_name="pk_raising", version=None, builtin=False, module=module)
+    register_module(plugin_module("after", ToyAdapter("toy_after")), name="after")
+    failure = next(f for f in load_failures() if f.name == "raising")
+    assert "RuntimeError" in failure.error and "corrupt" in failure.error
+    assert calls == ["adapters", "metrics"]
+    assert "toy_lost" not in adapters() and select_adapter(ToyModel()).name == "toy_after"
+    assert "raising" not in [p.name for p in plugins()]
+
+
+def test_a_hook_without_the_hookimpl_marker_is_a_load_error() -> None:
+    module = types.ModuleType("unmarked_plugin")
+
+    def prunekit_register_adapters(register) -> None:  # noqa: ANN001 - no @hookimpl: the point
+        register(ToyAdapter("toy"))
+
+    module.prunekit_register_adapters = prunekit_register_adapters
+    with pytest.raises(
+        PluginError, match=r"unmarked_plugin.prunekit_register_adapters .*@prunekit_core.hookimpl"
+    ):
+        register_module(module, name="unmarked")
+    assert "toy" not in adapters()
+
+
+def test_builtins_are_entry_points_of_prunekit_core() -> None:
+    """The built-ins are found through the entry-point group like any plugin, not imported by name."""
+    eps = {ep.value: ep for ep in md.entry_points(group=plugins_mod.ENTRY_POINT_GROUP)}
+    for module in plugins_mod.BUILTIN_MODULES:
+        assert module in eps, f"{module} is not an entry point: reinstall prunekit-core (pip install -e .)"
+        assert eps[module].dist is not None and eps[module].dist.name == "prunekit-core"
+
+
+def test_a_builtin_without_its_entry_point_is_reported(monkeypatch) -> None:
+    monkeypatch.delenv("PRUNEKIT_STRICT_PLUGINS", raising=False)
+    real = md.entry_points
+    gone = "prunekit_core.builtin.metrics"
+
+    def without_metrics(**kwargs):  # noqa: ANN202
+        return [ep for ep in real(**kwargs) if ep.value != gone]
+
+    monkeypatch.setattr(plugins_mod.md, "entry_points", without_metrics)
+    reset_plugins()
+    failure = next(f for f in load_failures() if f.module == gone)
+    assert "no entry point" in failure.error and "pip install -e ." in failure.error
+    assert "metrics" not in [p.name for p in plugins()] and "adapters" in [p.name for p in plugins()]
+
+
 # --- adapter choice ----------------------------------------------------------------------------------
 
 

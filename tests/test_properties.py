@@ -28,7 +28,7 @@ from prunekit_llama import LlamaFamilyAdapter
 from torch import nn
 
 from prunekit_core.adapter import ArchitectureAdapter
-from prunekit_core.checkpoint import load_pruned, save_pruned
+from prunekit_core.checkpoint import load_pruned, read_plan, save_pruned
 from prunekit_core.generic import GenericAdapter
 from prunekit_core.ir import ModelIR
 from prunekit_core.plan import PrunePlan, fingerprint
@@ -212,7 +212,7 @@ def test_random_plan_applies_accounts_and_round_trips(family: str, data: st.Data
     ):  # no tensor shared by two families: the per-family counts add up
         assert expected == removed_params(ir, resolved) + sum(c.removed_params for c in cuts.values())
 
-    apply_plan(model, plan, adapter=adapter)
+    applied = apply_plan(model, plan, adapter=adapter)
 
     out = logits(model)
     assert out.shape == (*IDS.shape, model.config.get_text_config().vocab_size)
@@ -221,11 +221,12 @@ def test_random_plan_applies_accounts_and_round_trips(family: str, data: st.Data
         f"plan accounts for {expected} removed parameters, surgery removed {before - n_params(model)}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        saved = save_pruned(model, Path(tmp) / "ckpt")
+        saved = save_pruned(model, Path(tmp) / "ckpt", plan=applied.plan)
         loaded = fam.configure_loaded(load_pruned(saved))
+        saved_plan = read_plan(saved)
     torch.testing.assert_close(logits(loaded), out, rtol=1e-5, atol=1e-5)
     assert n_params(loaded) == n_params(model)
-    assert loaded._prunekit_plan.remove == remove and loaded._prunekit_plan.remove_groups == groups
+    assert saved_plan is not None and saved_plan.remove == remove and saved_plan.remove_groups == groups
 
 
 @pytest.fixture(scope="module")

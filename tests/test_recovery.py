@@ -72,11 +72,13 @@ def test_lora_is_deterministic_for_a_seed() -> None:
 
 def test_healed_model_saves_records_and_reloads(tmp_path: Path) -> None:
     model, ids = _pruned()
+    plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, pk.inspect(model)), remove=[])  # the plan saved
     healed, report = heal_lora(model, ids, rank=4, steps=3, lr=1e-2)
-    assert healed._prunekit_plan.recovery["method"] == "lora"
-    out = pk.save_pruned(healed, tmp_path / "out", tokenizer=tiny_tokenizer())
+    assert report.method == "lora"
+    plan = plan.model_copy(update={"recovery": report.as_dict()})
+    out = pk.save_pruned(healed, tmp_path / "out", tokenizer=tiny_tokenizer(), plan=plan)
     again = pk.load_pruned(out)
-    assert again._prunekit_plan.recovery == report.as_dict()
+    assert pk.read_plan(out).recovery == report.as_dict()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, healed(input_ids=ids).logits, atol=0, rtol=0)
 
@@ -264,7 +266,7 @@ def test_cli_prune_recover_lora_records_and_reloads(
     saved = json.loads((out / "plan.json").read_text())
     assert saved["recovery"] == data["recovery"]
     again = pk.load_pruned(out)
-    assert again._prunekit_plan.recovery["steps"] == 3
+    assert pk.read_plan(out).recovery["steps"] == 3
     assert not any("lora" in n for n in again.state_dict())
 
 
@@ -314,8 +316,8 @@ def test_cli_recover_lora_and_repair(tmp_path: Path, capsys: pytest.CaptureFixtu
     lora = ["recover", pruned, "--out", tmp_path / "healed", "--lora-text", heal, "--lora-steps", "2"]
     assert main([str(a) for a in [*lora, "--lora-seq-len", "16", "--lora-precision", "fp32", "--json"]]) == 0
     data = json.loads(capsys.readouterr().out)
-    healed = pk.load_pruned(tmp_path / "healed")
-    assert healed._prunekit_plan.recovery == data["recovery"] and data["recovery"]["steps"] == 2
+    pk.load_pruned(tmp_path / "healed")  # verified and loadable
+    assert pk.read_plan(tmp_path / "healed").recovery == data["recovery"] and data["recovery"]["steps"] == 2
     assert data["recovery"]["precision"] == "fp32"  # --lora-precision reaches heal_lora, whatever the CPU
 
     # repair re-applies the plan to the base with the least-squares fold: equals prune --recover repair

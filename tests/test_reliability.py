@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import logits_of as logits
-from helpers import save_tiny_model, tiny_llama, tiny_tokenizer, words
+from helpers import save_tiny_model, tiny_llama, tiny_pruned_applied, tiny_tokenizer, words
 from helpers import tiny_pruned as pruned
 from prunekit_llama import LlamaFamilyAdapter
 
 from prunekit_core import atomic
-from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_pruned, save_pruned
+from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, load_pruned, save_plan, save_pruned
 from prunekit_core.cli import main
 from prunekit_core.errors import (
     CheckpointError,
@@ -44,9 +44,15 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def save_with_plan(out: Path, seed: int = 0) -> Path:
+    """:func:`pruned` saved with the plan that made it (``plan.json``, as ``prunekit prune`` writes it)."""
+    run = tiny_pruned_applied(seed)
+    return save_pruned(run.model, out, tokenizer=tiny_tokenizer(), plan=run.plan)
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    return save_pruned(pruned(), tmp_path / "ckpt", tokenizer=tiny_tokenizer())
+    return save_with_plan(tmp_path / "ckpt")
 
 
 # --- the atomic-write helper -------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def test_temporaries_are_never_loaded(saved: Path, tmp_path: Path) -> None:
     plan_tmp = tmp_path / f".plan.json.tmp-{os.getpid()}-0000abcd"
     plan_tmp.write_text((partial / PLAN_FILE).read_text())
     with pytest.raises(PlanError, match="unfinished write"):
-        PrunePlan.load(plan_tmp)
+        load_plan(plan_tmp)
 
 
 def test_results_are_written_atomically(tmp_path: Path, monkeypatch) -> None:
@@ -183,7 +189,7 @@ def test_results_are_written_atomically(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "report.md").write_text("previous report\n")
     model = tiny_llama()
     plan = PrunePlan(fingerprint=fingerprint(model, LlamaFamilyAdapter().build_ir(model)), remove=[])
-    plan.save(tmp_path / "plan.json")
+    save_plan(plan, tmp_path / "plan.json")
     before = (tmp_path / "plan.json").read_text()
 
     def disk_full(_fd: int) -> None:
@@ -193,7 +199,7 @@ def test_results_are_written_atomically(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OSError, match="No space"):
         report.write_report("unused.sqlite", tmp_path)
     with pytest.raises(OSError, match="No space"):
-        plan.model_copy(update={"remove": ["text.blocks.0"]}).save(tmp_path / "plan.json")
+        save_plan(plan.model_copy(update={"remove": ["text.blocks.0"]}), tmp_path / "plan.json")
     monkeypatch.undo()
     assert (tmp_path / "report.md").read_text() == "previous report\n"
     assert (tmp_path / "plan.json").read_text() == before
@@ -247,7 +253,7 @@ def test_weights_from_another_model_are_refused(saved: Path, tmp_path: Path) -> 
 
 
 def test_plan_from_another_checkpoint_is_refused(saved: Path, tmp_path: Path) -> None:
-    other = save_pruned(pruned(seed=1), tmp_path / "other")
+    other = save_with_plan(tmp_path / "other", seed=1)
     (saved / PLAN_FILE).write_bytes((other / PLAN_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="plan.json is not the plan these weights were made with"):
         load_pruned(saved)
@@ -362,7 +368,7 @@ def test_cli_refuses_a_damaged_plan(capsys, cli_assets, tmp_path: Path, damage, 
 def test_cli_refuses_a_plan_for_another_model(capsys, cli_assets) -> None:
     code, err = prune_with_plan(capsys, cli_assets, cli_assets["plan"], model="other")
     assert code != 0 and "same structure but different weights" in err and "make a new plan" in err
-    plan = PrunePlan.load(cli_assets["plan"])
+    plan = load_plan(cli_assets["plan"])
     with pytest.raises(PlanMismatchError):
         apply_plan(tiny_llama(layers=3, seed=1), plan)
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit_core import PlanError, PrunePlan, apply_plan, fingerprint, inspect, load_pruned, save_pruned
 from prunekit_core.repair import lsq_repair
-from prunekit_core.surgery import resolve_removals
+from prunekit_core.surgery import branches_masked, resolve_removals
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
@@ -54,7 +54,9 @@ def test_nothing_lost_means_nothing_changed() -> None:
         model.model.layers[2].mlp.down_proj.weight.zero_()
     before = copy.deepcopy(model.model.layers[1].mlp.down_proj.weight)
     ir = inspect(model)
-    steps = lsq_repair(model, ir, resolve_removals(ir, ["text.blocks.2"]), _windows(8))
+    steps = lsq_repair(
+        model, ir, resolve_removals(ir, ["text.blocks.2"]), _windows(8), masked=branches_masked
+    )
     assert len(steps) == 1 and steps[0].writer == "model.layers.1.mlp.down_proj"
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
 
@@ -62,9 +64,8 @@ def test_nothing_lost_means_nothing_changed() -> None:
 def test_sublayer_run_uses_attention_writer_and_first_run_is_skipped() -> None:
     model = _model()
     ir = inspect(model)
-    steps = lsq_repair(
-        model, ir, resolve_removals(ir, ["text.blocks.0.attn", "text.blocks.2.mlp"]), _windows(8)
-    )
+    removals = resolve_removals(ir, ["text.blocks.0.attn", "text.blocks.2.mlp"])
+    steps = lsq_repair(model, ir, removals, _windows(8), masked=branches_masked)
     # block 0's attention has no surviving writer before it; block 2's MLP folds into its attention
     assert [s.writer for s in steps] == ["model.layers.2.self_attn.o_proj"]
 
@@ -91,7 +92,7 @@ def test_repaired_uniform_plan_reloads_with_plain_transformers(tmp_path) -> None
 
 
 def test_repaired_block_influence_ranks_a_silent_block_first_and_never_exceeds_unrepaired_loss() -> None:
-    from prunekit_core.repair import block_repair_residuals
+    from prunekit_core.builtin.metrics import block_repair_residuals
 
     model = _model()
     with torch.no_grad():  # block 2 contributes exactly zero

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -245,10 +246,11 @@ def test_config_that_transformers_rejects_falls_back_to_per_layer(tmp_path) -> N
     ids = windows()
     groups = {f"text.blocks.{i}.attn.kv_groups": [0] for i in range(4)}
     plan = PrunePlan(fingerprint=fingerprint(model, pk.inspect(model)), remove=[], remove_groups=groups)
-    pk.apply_plan(model, plan)
+    applied = pk.apply_plan(model, plan)
     assert model.config.num_attention_heads == 4  # left as it was: 3 would not validate
-    assert not model._prunekit_plan.is_uniform
-    out = pk.save_pruned(model, tmp_path / "p")
+    assert not applied.plan.is_uniform
+    out = pk.save_pruned(model, tmp_path / "p", plan=applied.plan)
+    assert not json.loads((out / "prunekit.json").read_text())["width_uniform"]  # read off the model
     loaded = pk.load_pruned(out)
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
 
@@ -312,7 +314,7 @@ def test_cli_width_prune_end_to_end(tmp_path, capsys) -> None:  # noqa: ANN001
     assert data["plan"]["method"] == f"width:{BEST_WIDTH['metric']}" and data["plan"]["repair"] == "lsq"
     assert data["achieved_ratio"] >= 0.2 and data["plan"]["remove_groups"]
     loaded = pk.load_pruned(out)
-    assert loaded._prunekit_plan.remove_groups == data["plan"]["remove_groups"]
+    assert pk.read_plan(out).remove_groups == data["plan"]["remove_groups"]
     assert pk.inspect(loaded).block_params() == data["plan"]["block_params"] - data["plan"]["removed_params"]
 
 
@@ -344,16 +346,22 @@ def test_cli_score_channel_metrics(tmp_path, capsys) -> None:  # noqa: ANN001
 
 def test_module_counters_are_set_saved_and_restored(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """A family may declare module attributes that count its groups; surgery and reload keep them true."""
-    import prunekit_core.decoder as llama_layout
+    import dataclasses
+
+    from prunekit_llama import adapter as llama
+
     from prunekit_core.ir import ModuleCounter
 
-    original = llama_layout.gated_mlp_channels
+    (channels,) = llama.MLP.groups
 
-    def with_counter(fid: str, path: str, mlp: torch.nn.Module, config_field: str) -> ChannelGroup:
-        fam = original(fid, path, mlp, config_field)
-        return fam.model_copy(update={"counters": (ModuleCounter(module=path, attr="live", per_group=1),)})
+    def with_counter(branch, fid: str) -> ChannelGroup:  # noqa: ANN001
+        fam = channels.build(branch, fid)
+        return fam.model_copy(
+            update={"counters": (ModuleCounter(module=branch.path, attr="live", per_group=1),)}
+        )
 
-    monkeypatch.setattr(llama_layout, "gated_mlp_channels", with_counter)
+    counted = dataclasses.replace(llama.MLP, groups=(dataclasses.replace(channels, build=with_counter),))
+    monkeypatch.setattr(llama.LlamaFamilyAdapter, "branches", (llama.ATTENTION, counted))
     model = model_()
     for layer in model.model.layers:
         layer.mlp.live = 64  # a counter the (imagined) modeling code reads

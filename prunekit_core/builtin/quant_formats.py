@@ -15,6 +15,7 @@ multiple: padding cannot change a block's max, and the padded elements are count
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +128,13 @@ class IntFormat(QuantFormat):
 
     def _group(self, n: int) -> int:
         return self.group or n
+
+    def variant(self, name: str) -> IntFormat | None:
+        """``int4_g<N>``, ``int4a_g<N>``, ``int8_g<N>``, ``int8a_g<N>`` for any group size ``N`` >= 1."""
+        m = re.fullmatch(r"int([48])(a?)_g(\d+)", name)
+        if m and int(m.group(3)) > 0:
+            return IntFormat(bits=int(m.group(1)), group=int(m.group(3)), symmetric=not m.group(2))
+        return None
 
     def bits(self, shape: tuple[int, ...]) -> int:
         rows, n = _rows(shape)

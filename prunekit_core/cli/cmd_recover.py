@@ -66,9 +66,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from ..checkpoint import PLAN_FILE, RECORD_FILE, save_pruned
+    from ..checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
     from ..evaluate import perplexity
-    from ..plan import PrunePlan
     from ..surgery import apply_plan
 
     # cheap checks first: nothing is loaded or written before all of them pass
@@ -94,7 +93,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
         if (plan_file.parent / RECORD_FILE).is_file():
             verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
-        plan = PrunePlan.load(plan_file)
+        plan = load_plan(plan_file)
         if plan.recovery:
             raise PlanError(
                 f"{args.model} was already healed ({plan.recovery.get('method')}); the repair comes before "
@@ -109,17 +108,23 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
 
     result: dict[str, Any] = {"model": args.model, "method": args.method, "out": str(out.absolute())}
     if args.method == "lora":
-        model, tok, _src = load_model(ui, args.model, args)
+        model, tok, src = load_model(ui, args.model, args)
         skip = {args.calib: args.windows * args.seq_len} if args.calib is not None else {}
         model, result["recovery"] = heal_lora(args, ui, model, tok, heal_texts, skip)
-        if getattr(model, "_prunekit_plan", None) is None:
+        from ..checkpoint import read_plan
+
+        if src.path is not None and (src.path / RECORD_FILE).is_file():
+            plan = read_plan(src.path)  # a prunekit checkpoint: the plan load_pruned verified
+        if plan is None:
             ui.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
+        else:
+            plan = plan.model_copy(update={"recovery": result["recovery"]})
     else:
         assert plan is not None and args.base is not None
         model, tok, _src = load_model(ui, args.base, args)
         cal = text_windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
         with ui.step("apply plan with the least-squares repair"):
-            apply_plan(model, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids)
+            plan = apply_plan(model, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids).plan
         result["recovery"] = {"method": "repair", "calibration_tokens": cal.num_tokens}
     if args.eval is not None:
         windows = text_windows(
@@ -130,7 +135,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
         ui.say(f"perplexity after recovery: {res.perplexity:.3f} on {res.tokens} tokens of {args.eval}")
         result["perplexity_after"] = ppl_dict(res)
     with ui.step(f"save {out}"):
-        saved = save_pruned(model, out, tokenizer=tok, overwrite=args.force)
+        saved = save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=args.force)
     ui.say(f"saved to {saved}")
     result["out"] = str(saved)
     if ui.json_mode:

@@ -22,7 +22,7 @@ class TestGptj(AdapterConformance):
     adapter = GptjAdapter()
     #: what the adapter supports (prunekit_core.testing.CAPABILITIES): the kit runs these checks and fails
     #: if the adapter's IR shows a capability not named here, or lacks one that is; add "width" once
-    #: build_ir declares channel groups
+    #: a branch declares channel groups (groups=)
     capabilities = {"depth", "sublayers", "width"}
     #: checks this adapter knowingly does not pass, as {"test_name": "why"} (run as strict xfails)
     expected_failures: dict[str, str] = {}

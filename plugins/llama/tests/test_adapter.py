@@ -48,7 +48,7 @@ def tiny(model_cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
 def prune(model, remove):
     adapter = LlamaFamilyAdapter()
     plan = PrunePlan(fingerprint=fingerprint(model, adapter.build_ir(model)), remove=remove)
-    return apply_plan(model, plan, adapter=adapter)
+    return apply_plan(model, plan, adapter=adapter).model
 
 
 class RenamedLlama(LlamaForCausalLM):

@@ -28,6 +28,7 @@ from prunekit_core.testing import (  # the kit's hook references: bypassed block
     _skipped,
     _zeroed,
 )
+from prunekit_core.width import config_describes_shapes
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # the last id: random text ids are drawn below it
@@ -100,7 +101,7 @@ def prune(
 ) -> nn.Module:
     ir = ADAPTER.build_ir(model)
     plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=list(remove), remove_groups=groups or {})
-    return pk.apply_plan(model, plan, adapter=ADAPTER)
+    return pk.apply_plan(model, plan, adapter=ADAPTER).model
 
 
 def numel(model: nn.Module) -> int:
@@ -288,7 +289,7 @@ def test_uniform_conv_cut_reloads_with_plain_from_pretrained(tmp_path) -> None: 
     describes the model, plain from_pretrained rebuilds it, vision blocks removed in the same plan."""
     ids, pixels = inputs()
     model = prune(make_got(), ["vision.blocks.2"], UNIFORM_CONV)
-    assert model.config.vision_config.output_channels == 6 and model._prunekit_width["uniform"]
+    assert model.config.vision_config.output_channels == 6 and config_describes_shapes(model)
     fresh = GotOcr2ForConditionalGeneration(copy.deepcopy(model.config))
     assert numel(fresh) == numel(model)
     out = pk.save_pruned(model, tmp_path / "uniform")
@@ -307,13 +308,16 @@ def test_uniform_conv_cut_reloads_with_plain_from_pretrained(tmp_path) -> None: 
 )
 def test_per_layer_conv_cut_reloads_with_load_pruned(tmp_path, groups: dict[str, list[int]]) -> None:  # noqa: ANN001
     ids, pixels = inputs()
-    model = prune(make_got(), ["text.blocks.1.mlp"], groups)
-    assert not model._prunekit_width["uniform"]
-    out = pk.save_pruned(model, tmp_path / "per_layer")
+    model = make_got()
+    ir = ADAPTER.build_ir(model)
+    plan = PrunePlan(fingerprint=fingerprint(model, ir), remove=["text.blocks.1.mlp"], remove_groups=groups)
+    applied = pk.apply_plan(model, plan, adapter=ADAPTER)
+    assert not applied.plan.width_uniform and not config_describes_shapes(model)
+    out = pk.save_pruned(model, tmp_path / "per_layer", plan=applied.plan)
     loaded = pk.load_pruned(out)
     assert type(loaded) is GotOcr2ForConditionalGeneration
     torch.testing.assert_close(logits(loaded, ids, pixels), logits(model, ids, pixels), atol=0, rtol=0)
-    assert loaded._prunekit_plan.remove_groups == groups
+    assert pk.read_plan(out).remove_groups == groups
 
 
 @torch.no_grad()
@@ -374,7 +378,7 @@ def test_lsq_repair_leaves_conv_stages_to_plain_slicing() -> None:
     plan = PrunePlan(fingerprint=fingerprint(base, ir), remove=[], remove_groups=groups, repair="lsq")
     repaired = pk.apply_plan(
         base, plan, adapter=ADAPTER, repair_windows=inputs(batch=16, length=24, seed=3)[0]
-    )
+    ).model
     plain = prune(make_got(), groups=groups)
     conv = f"{PROJECTOR}.conv_upsampler2.weight"
     assert torch.equal(repaired.get_parameter(conv), plain.get_parameter(conv))

@@ -15,7 +15,7 @@ import test_got_ocr2_conformance as conformance  # a module import: pytest must 
 import torch
 from prunekit_llava.got_ocr2 import GotOcr2Adapter
 
-from prunekit_core.errors import CheckpointError, PlanError
+from prunekit_core.errors import PlanError
 from prunekit_core.ir import ChannelGroup, ModelIR
 
 
@@ -107,8 +107,10 @@ FAULTS = [
     (
         ClaimsProjectorInputInConfig,
         "test_stage_width_save_reload_roundtrip",
-        CheckpointError,  # load_pruned refuses a checkpoint that contradicts its config
-        r"narrowed weights \['model\.multi_modal_projector\.conv_upsampler2\.weight'",
+        # save_pruned reads the real shapes off the model (the checkpoint is right, and guarded); the plan's
+        # claim that the config describes the cut fails at plain from_pretrained
+        AssertionError,
+        r"plain from_pretrained cannot load stages\d+, whose config claims to describe the pruned model",
     ),
     (
         ForgetsTextCacheIndices,

@@ -30,7 +30,7 @@ def _logits(model, ids=None):
 def _prune(model, remove, groups=None):
     ir = pk.select_adapter(model).build_ir(model)
     plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, ir), remove=remove, remove_groups=groups or {})
-    return pk.apply_plan(model, plan)
+    return pk.apply_plan(model, plan).model
 
 
 def test_ir_has_vision_projector_and_text_towers():

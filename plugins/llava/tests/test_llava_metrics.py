@@ -75,7 +75,7 @@ def test_feature_fidelity():
     def pruned(remove):
         m = tiny_llava("clip", feature_layer=-2)
         plan = pk.PrunePlan(fingerprint=pk.fingerprint(m, ir), remove=remove)
-        return image_features(pk.apply_plan(m, plan), pv)
+        return image_features(pk.apply_plan(m, plan).model, pv)
 
     assert torch.equal(pruned(["vision.blocks.3"]), before)  # the unused last layer: exact
     assert feature_fidelity(before, pruned(["vision.blocks.0"])) < 1 - 1e-6

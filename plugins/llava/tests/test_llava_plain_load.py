@@ -30,9 +30,9 @@ def test_plain_llava_loads_refuse_a_non_uniform_checkpoint(tmp_path, remove, gro
     model = tiny_llava("clip")
     ir = pk.select_adapter(model).build_ir(model)
     plan = pk.PrunePlan(fingerprint=pk.fingerprint(model, ir), remove=remove, remove_groups=groups)
-    pk.apply_plan(model, plan)
-    assert not model._prunekit_plan.is_uniform
-    out = pk.save_pruned(model, tmp_path / "out")
+    applied = pk.apply_plan(model, plan)
+    assert not applied.plan.is_uniform
+    out = pk.save_pruned(model, tmp_path / "out", plan=applied.plan)
     for cls in (LlavaForConditionalGeneration, AutoModelForImageTextToText):
         with pytest.raises(ValueError, match=r"prunekit_core\.load_pruned"):
             cls.from_pretrained(out)

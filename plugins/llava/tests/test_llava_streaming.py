@@ -130,7 +130,7 @@ def test_streamed_scoped_plan_applies_to_the_model_loaded_later(scope, tmp_path:
     assert plan.remove == want.remove and plan.fingerprint == want.fingerprint
     if scope:
         assert all(u.startswith(scope[0] + ".") for u in plan.remove)
-    pruned = pk.apply_plan(model, plan)  # the fingerprint matches the model loaded afterwards
+    pruned = pk.apply_plan(model, plan).model  # the fingerprint matches the model loaded afterwards
     assert len(pk.inspect(pruned).blocks()) == len(pk.inspect(tiny_llava("siglip")).blocks()) - len(
         plan.remove
     )

@@ -7,7 +7,11 @@ in two fused parameters, ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) a
 Qwen2-MoE adds an always-on ``shared_expert`` (a gated MLP) scaled by ``sigmoid(shared_expert_gate(x))``, and
 may keep dense MLPs in some layers (``mlp_only_layers``, ``decoder_sparse_step``).
 
-The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
+The layout is declared by tables (:class:`~prunekit_core.declared.DeclaredDecoderAdapter`, as the Llama
+plugin and docs/plugins/writing-a-plugin.md): the attention and a dense layer's MLP use the core's
+``kv_groups`` and ``ffn_channels`` factories, the MoE branch declares its fused experts with factories of
+its own (:class:`~prunekit_core.declared.GroupFactory`), and ``block_branches`` picks the MoE or the dense
+branch per layer. The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
 
 - the experts as :class:`~prunekit_core.ir.Expert` units (``text.blocks.i.moe.experts.e``, router row ``e``)
   and the shared expert (``text.blocks.i.moe.shared_expert``, no router row);
@@ -25,26 +29,18 @@ The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module, module_attr
-from prunekit_core.decoder import LlamaLayoutAdapter, is_gated_mlp
-from prunekit_core.groups import gated_mlp_channels
-from prunekit_core.ir import (
-    ChannelGroup,
-    Expert,
-    GroupMember,
-    ModelIR,
-    ModuleCounter,
-    ResidualEdge,
-    Sublayer,
-    TopK,
-)
+from prunekit_core.adapter import count_params, get_module, iter_modules, module_attr
+from prunekit_core.declared import Branch, BranchSpec, DeclaredDecoderAdapter, GroupFactory, LayoutSpec
+from prunekit_core.groups import ffn_channels, kv_groups
+from prunekit_core.ir import ChannelGroup, Expert, GroupMember, ModelIR, ModuleCounter, TopK
 
 if TYPE_CHECKING:
-    from prunekit_core.width import WidthCut
+    from prunekit_core.adapter import WidthCut
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 
@@ -62,120 +58,161 @@ def is_moe_block(module: nn.Module) -> bool:
     )
 
 
-class MoEAdapter(LlamaLayoutAdapter):
+def expert_count_field(config: object) -> str:
+    """The config field that counts routed experts (``num_local_experts`` or ``num_experts``)."""
+    return "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
+
+
+def expert_width_field(config: object) -> str:
+    """The config field that counts channels inside each routed expert."""
+    return "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+
+
+def _fused(branch: Branch) -> tuple[int, int, int, object]:
+    """Experts, channels per expert, hidden size and the experts' config of an MoE branch."""
+    fused = get_module(branch.module, "experts")
+    n_exp, two_i, hidden = fused.get_parameter("gate_up_proj").shape
+    return n_exp, two_i // 2, hidden, module_attr(fused, "config")
+
+
+def _per_expert(inter: int, hidden: int) -> int:
+    return 2 * inter * hidden + hidden * inter + hidden  # gate/up rows, down, router row
+
+
+def _experts_family(branch: Branch, fid: str) -> ChannelGroup:
+    n_exp, inter, hidden, config = _fused(branch)
+    path, moe = branch.path, branch.module
+    top_k_counters = [f"{path}.gate.top_k"]
+    if hasattr(moe, "top_k"):  # Mixtral's block keeps its own copy
+        top_k_counters.append(f"{path}.top_k")
+    return ChannelGroup(
+        id=fid,
+        kind="expert",
+        count=n_exp,
+        members=(
+            GroupMember(param=f"{path}.experts.gate_up_proj", axis=0, width=1),
+            GroupMember(param=f"{path}.experts.down_proj", axis=0, width=1),
+            GroupMember(param=f"{path}.gate.weight", axis=0, width=1),
+        ),
+        params_per_group=_per_expert(inter, hidden),
+        config_fields={expert_count_field(config): 1},
+        counters=(
+            ModuleCounter(module=f"{path}.experts", attr="num_experts", per_group=1),
+            ModuleCounter(module=f"{path}.gate", attr="num_experts", per_group=1),
+        ),
+        router=f"{path}.gate.weight",
+        top_k=TopK(
+            value=int(module_attr(get_module(moe, "gate"), "top_k")),
+            counters=tuple(top_k_counters),
+            config_field="num_experts_per_tok",
+        ),
+    )
+
+
+def _expert_channels(branch: Branch, fid: str) -> ChannelGroup:
+    n_exp, inter, hidden, config = _fused(branch)
+    path = branch.path
+    return ChannelGroup(
+        id=fid,
+        kind="expert_channel",
+        count=inter,
+        members=(
+            GroupMember(param=f"{path}.experts.gate_up_proj", axis=1, width=1),
+            GroupMember(param=f"{path}.experts.gate_up_proj", axis=1, width=1, offset=inter),
+            GroupMember(param=f"{path}.experts.down_proj", axis=2, width=1),
+        ),
+        params_per_group=3 * n_exp * hidden,
+        config_fields={expert_width_field(config): 1},
+        counters=(ModuleCounter(module=f"{path}.experts", attr="intermediate_dim", per_group=1),),
+        # grouped_mm needs 16-byte aligned strides: 8 channels in bf16 (the down_proj rows are I wide)
+        multiple_of=8,
+    )
+
+
+def _experts(branch: Branch) -> tuple[Expert, ...]:
+    """The routed experts (router row ``e``) and, in Qwen2-MoE, the shared expert (no router row)."""
+    n_exp, inter, hidden, _config = _fused(branch)
+    sid = branch.sublayer
+    experts = [
+        Expert(id=f"{sid}.experts.{e}", index=e, router_row=e, params=_per_expert(inter, hidden))
+        for e in range(n_exp)
+    ]
+    shared = getattr(branch.module, "shared_expert", None)
+    if shared is not None:
+        gate = getattr(branch.module, "shared_expert_gate", None)
+        params = count_params([shared] + ([gate] if gate is not None else []))
+        experts.append(
+            Expert(id=f"{sid}.shared_expert", index=0, router_row=None, shared=True, params=params)
+        )
+    return tuple(experts)
+
+
+_FUSED = ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
+LAYOUT = LayoutSpec(
+    blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm", head="lm_head"
+)
+ATTENTION = BranchSpec(
+    name="attn",
+    kind="attention",
+    module="self_attn",
+    norm="input_layernorm",
+    output="tuple",
+    uses_cache=True,
+    out_proj="self_attn.o_proj",
+    groups=(kv_groups(q="q_proj", k="k_proj", v="v_proj", o="o_proj"),),
+)
+MOE = BranchSpec(
+    name="moe",
+    kind="moe",
+    module="mlp",
+    norm="post_attention_layernorm",
+    groups=(
+        GroupFactory(name="experts", build=_experts_family, reads=_FUSED),
+        GroupFactory(name="expert_channels", build=_expert_channels, reads=_FUSED),
+        ffn_channels(
+            gate="shared_expert.gate_proj",
+            up="shared_expert.up_proj",
+            down="shared_expert.down_proj",
+            config_field="shared_expert_intermediate_size",
+            name="shared_expert.channels",
+            optional=True,
+        ),
+    ),
+    experts=_experts,
+)
+#: Qwen2-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``): a gated MLP
+DENSE_MLP = BranchSpec(
+    name="mlp",
+    kind="mlp",
+    module="mlp",
+    norm="post_attention_layernorm",
+    out_proj="mlp.down_proj",
+    groups=(
+        ffn_channels(gate="gate_proj", up="up_proj", down="down_proj", config_field="intermediate_size"),
+    ),
+)
+
+
+class MoEAdapter(DeclaredDecoderAdapter):
     name = "mixtral"
     description = "mixture-of-experts decoders with fused experts: MixtralForCausalLM, Qwen2MoeForCausalLM"
-    supported = SUPPORTED
+    model_classes = SUPPORTED
+    match_layout = True
+    layout = LAYOUT
 
-    def is_mlp(self, module: nn.Module) -> bool:
-        return is_moe_block(module) or is_gated_mlp(module)
+    def block_branches(self, model: nn.Module, index: int, block: nn.Module) -> Sequence[BranchSpec]:
+        mlp = getattr(block, "mlp", None)  # has_layout asks before it knows the block has one
+        return (ATTENTION, MOE if isinstance(mlp, nn.Module) and is_moe_block(mlp) else DENSE_MLP)
 
-    def is_model(self, layers: nn.ModuleList) -> bool:
-        return any(
-            is_moe_block(get_module(layer, "mlp")) for layer in layers
-        )  # else it is a dense (Llama) model
-
-    # IR ---------------------------------------------------------------------------------------------
+    def has_layout(self, model: nn.Module) -> bool:
+        """The declared layout with at least one MoE block (else it is a dense, Llama, model)."""
+        return super().has_layout(model) and any(
+            is_moe_block(get_module(layer, "mlp")) for layer in iter_modules(get_module(model, LAYOUT.blocks))
+        )
 
     def expert_count_field(self, config: object) -> str:
         """The config field that counts routed experts (``num_local_experts`` or ``num_experts``)."""
-        return "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
-
-    def expert_width_field(self, config: object) -> str:
-        """The config field that counts channels inside each routed expert."""
-        return "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
-
-    def mlp_sublayer(
-        self, bid: str, path: str, mlp: nn.Module, norm: str, edge: ResidualEdge, params: int
-    ) -> Sublayer:
-        if not is_moe_block(mlp):  # Qwen2-MoE's dense layers (mlp_only_layers, decoder_sparse_step)
-            return super().mlp_sublayer(bid, path, mlp, norm, edge, params)
-        return self._moe_sublayer(f"{bid}.moe", path, mlp, norm, edge, params)
-
-    def _moe_sublayer(
-        self, sid: str, path: str, moe: nn.Module, norm: str, edge: ResidualEdge, params: int
-    ) -> Sublayer:
-        fused = get_module(moe, "experts")
-        config = module_attr(fused, "config")
-        gate_up = fused.get_parameter("gate_up_proj")
-        n_exp, two_i, hidden = gate_up.shape
-        inter = two_i // 2
-        per_expert = 2 * inter * hidden + hidden * inter + hidden  # gate/up rows, down, router row
-        top_k_counters = [f"{path}.gate.top_k"]
-        if hasattr(moe, "top_k"):  # Mixtral's block keeps its own copy
-            top_k_counters.append(f"{path}.top_k")
-        experts_family = ChannelGroup(
-            id=f"{sid}.experts",
-            kind="expert",
-            count=n_exp,
-            members=(
-                GroupMember(param=f"{path}.experts.gate_up_proj", axis=0, width=1),
-                GroupMember(param=f"{path}.experts.down_proj", axis=0, width=1),
-                GroupMember(param=f"{path}.gate.weight", axis=0, width=1),
-            ),
-            params_per_group=per_expert,
-            config_fields={self.expert_count_field(config): 1},
-            counters=(
-                ModuleCounter(module=f"{path}.experts", attr="num_experts", per_group=1),
-                ModuleCounter(module=f"{path}.gate", attr="num_experts", per_group=1),
-            ),
-            router=f"{path}.gate.weight",
-            top_k=TopK(
-                value=int(module_attr(get_module(moe, "gate"), "top_k")),
-                counters=tuple(top_k_counters),
-                config_field="num_experts_per_tok",
-            ),
-        )
-        channels = ChannelGroup(
-            id=f"{sid}.expert_channels",
-            kind="expert_channel",
-            count=inter,
-            members=(
-                GroupMember(param=f"{path}.experts.gate_up_proj", axis=1, width=1),
-                GroupMember(param=f"{path}.experts.gate_up_proj", axis=1, width=1, offset=inter),
-                GroupMember(param=f"{path}.experts.down_proj", axis=2, width=1),
-            ),
-            params_per_group=3 * n_exp * hidden,
-            config_fields={self.expert_width_field(config): 1},
-            counters=(ModuleCounter(module=f"{path}.experts", attr="intermediate_dim", per_group=1),),
-            # grouped_mm needs 16-byte aligned strides: 8 channels in bf16 (the down_proj rows are I wide)
-            multiple_of=8,
-        )
-        families = [experts_family, channels]
-        experts = [
-            Expert(id=f"{sid}.experts.{e}", index=e, router_row=e, params=per_expert) for e in range(n_exp)
-        ]
-        shared = getattr(moe, "shared_expert", None)
-        if shared is not None:
-            families.append(
-                gated_mlp_channels(
-                    f"{sid}.shared_expert.channels",
-                    f"{path}.shared_expert",
-                    shared,
-                    "shared_expert_intermediate_size",
-                )
-            )
-            gate = getattr(moe, "shared_expert_gate", None)
-            experts.append(
-                Expert(
-                    id=f"{sid}.shared_expert",
-                    index=0,
-                    router_row=None,
-                    shared=True,
-                    params=count_params([shared] + ([gate] if gate is not None else [])),
-                )
-            )
-        return Sublayer(
-            id=sid,
-            kind="moe",
-            module=path,
-            norm=norm,
-            output="tensor",
-            residual=edge,
-            params=params,
-            channel_groups=tuple(families),
-            experts=tuple(experts),
-        )
+        return expert_count_field(config)
 
     # surgery ------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ H, I_MIX, E_MIX = 32, 48, 4
 ROUTED_MIX = 2 * I_MIX * H + H * I_MIX + H  # gate/up rows, down, router row of one expert
 
 
-def prune(model, remove=(), groups=None, **plan_fields):
+def applied(model, remove=(), groups=None, **plan_fields):
     adapter = MoEAdapter()
     plan = PrunePlan(
         fingerprint=fingerprint(model, adapter.build_ir(model)),
@@ -31,6 +31,10 @@ def prune(model, remove=(), groups=None, **plan_fields):
         **plan_fields,
     )
     return apply_plan(model, plan, adapter=adapter)
+
+
+def prune(model, remove=(), groups=None, **plan_fields):
+    return applied(model, remove, groups, **plan_fields).model
 
 
 class RenamedMixtral(MixtralForCausalLM):
@@ -179,21 +183,23 @@ def test_removing_expert_equals_router_logit_at_minus_inf(make, implementation, 
 
 
 def test_uniform_expert_removal_updates_every_count() -> None:
-    model = prune(tiny_mixtral(), groups={f"text.blocks.{i}.moe.experts": [1] for i in range(4)})
+    run = applied(tiny_mixtral(), groups={f"text.blocks.{i}.moe.experts": [1] for i in range(4)})
+    model = run.model
     assert model.config.num_local_experts == model.config.num_experts == 3 == model.num_experts
     for layer in model.model.layers:
         assert layer.mlp.experts.num_experts == layer.mlp.gate.num_experts == 3
         assert layer.mlp.top_k == layer.mlp.gate.top_k == 2
     assert model.config.num_experts_per_tok == model.num_experts_per_tok == 2
-    assert model._prunekit_plan.is_uniform
+    assert run.plan.is_uniform
 
 
 def test_clamped_top_k_uniform_sets_config() -> None:
     groups = {f"text.blocks.{i}.moe.experts": [0, 1, 2] for i in range(4)}
-    model = prune(tiny_mixtral(), groups=groups, top_k_policy="clamp")
+    run = applied(tiny_mixtral(), groups=groups, top_k_policy="clamp")
+    model = run.model
     assert model.config.num_local_experts == 1 and model.config.num_experts_per_tok == 1
     assert all(layer.mlp.gate.top_k == layer.mlp.top_k == 1 for layer in model.model.layers)
-    assert model._prunekit_width["uniform"]
+    assert run.plan.width_uniform
 
 
 def test_errors_name_the_problem() -> None:
@@ -228,11 +234,12 @@ def test_per_layer_clamped_top_k_survives_save_and_load(tmp_path) -> None:
     from prunekit_core.checkpoint import load_pruned, save_pruned
 
     groups = {"text.blocks.0.moe.experts": [0, 1, 2, 3], "text.blocks.2.moe.experts": [3]}
-    model = prune(tiny_qwen2_moe(), remove=["text.blocks.1.moe"], groups=groups, top_k_policy="clamp")
+    run = applied(tiny_qwen2_moe(), remove=["text.blocks.1.moe"], groups=groups, top_k_policy="clamp")
+    model = run.model
     assert model.config.num_experts_per_tok == 2 and model.config.num_experts == 5  # the largest
     assert model.model.layers[0].mlp.gate.top_k == 1 and model.model.layers[2].mlp.gate.top_k == 2
-    assert not model._prunekit_plan.is_uniform
-    loaded = load_pruned(save_pruned(model, tmp_path / "out"))
+    assert not run.plan.is_uniform
+    loaded = load_pruned(save_pruned(model, tmp_path / "out", plan=run.plan))
     loaded.set_experts_implementation("grouped_mm")
     assert [getattr(layer.mlp, "gate", None) and layer.mlp.gate.top_k for layer in loaded.model.layers] == [
         1,

@@ -12,7 +12,7 @@ from prunekit_mixtral import MoEAdapter
 from prunekit_mixtral.metrics import STATS_KEY, expert_stats
 from transformers import AutoModelForCausalLM
 
-from prunekit_core import load_pruned
+from prunekit_core import load_pruned, read_plan
 from prunekit_core.cli import main
 from prunekit_core.errors import PlanError
 from prunekit_core.planning import plan_pruning
@@ -163,7 +163,7 @@ def test_top_k_errors_and_clamp() -> None:
         metric="expert_mass",
         top_k_policy="clamp",
     )
-    model = apply_plan(tiny_mixtral(), plan)
+    model = apply_plan(tiny_mixtral(), plan).model
     assert model.config.num_local_experts == 1 and model.config.num_experts_per_tok == 1
 
 
@@ -203,7 +203,7 @@ def test_cli_prune_granularity_expert(tmp_path, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     loaded = load_pruned(tmp_path / "g")
     assert sum(layer.mlp.experts.num_experts for layer in loaded.model.layers) == 8
-    assert out["plan"]["remove_groups"] == loaded._prunekit_plan.remove_groups
+    assert out["plan"]["remove_groups"] == read_plan(tmp_path / "g").remove_groups
 
 
 def test_width_planner_says_what_it_cannot_plan() -> None:

@@ -25,9 +25,10 @@ from torch import nn
 
 from prunekit_core.adapter import count_params, get_module, hf_config, hf_model, module_attr
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.declared import BranchSpec, build_blocks
 from prunekit_core.errors import CalibrationError
 from prunekit_core.ir import Connection, Dim, ModelIR, Stage, Tower
-from prunekit_core.vision import image_features, remap_hidden_state_index, vit_blocks
+from prunekit_core.vision import image_features, remap_hidden_state_index
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
 VISION = "model.vision_tower"
@@ -40,6 +41,18 @@ _VISION_STAGES = {
     "post_layernorm": ("post_norm", "norm"),
     "head": ("head", "head"),
 }
+#: each CLIP/SigLIP encoder layer: x = x + self_attn(layer_norm1(x)); x = x + mlp(layer_norm2(x)); no KV cache
+VISION_BRANCHES = (
+    BranchSpec(
+        name="attn",
+        kind="attention",
+        module="self_attn",
+        norm="layer_norm1",
+        output="tuple",
+        out_proj="self_attn.out_proj",
+    ),
+    BranchSpec(name="mlp", kind="mlp", module="mlp", norm="layer_norm2", out_proj="mlp.fc2"),
+)
 
 
 def _vision_layers(vision: nn.Module) -> nn.ModuleList | None:
@@ -88,7 +101,9 @@ class LlavaAdapter(ComposedAdapter):
                 name="vision",
                 width=Dim(name="hidden", size=vconf.hidden_size),
                 blocks_path=f"{VISION}.encoder.layers",
-                blocks=vit_blocks(layers, f"{VISION}.encoder.layers", "vision"),
+                blocks=build_blocks(
+                    layers, f"{VISION}.encoder.layers", [VISION_BRANCHES] * len(layers), tower="vision"
+                ),
                 stages=stages,
             ),
             Tower(

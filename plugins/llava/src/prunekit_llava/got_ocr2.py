@@ -42,16 +42,31 @@ from torch import nn
 
 from prunekit_core.adapter import count_params, get_module, hf_config, iter_modules, module_attr
 from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.declared import BranchSpec, build_blocks
 from prunekit_core.groups import conv_channels
 from prunekit_core.ir import ChannelGroup, Connection, Dim, ModelIR, Stage, Tower
-from prunekit_core.vision import vit_blocks
 
 if TYPE_CHECKING:
-    from prunekit_core.width import WidthCut
+    from prunekit_core.adapter import WidthCut
 
 __all__ = ["GotOcr2Adapter"]
 
 SUPPORTED = ("GotOcr2ForConditionalGeneration",)
+#: each SAM ViT layer: x = x + attn(layer_norm1(x)); x = x + mlp(layer_norm2(x)). A removed attention hands
+#: back zeros shaped like its (window-partitioned) input: the layer un-partitions the windows before adding,
+#: which a scalar zero cannot go through
+VISION_BRANCHES = (
+    BranchSpec(
+        name="attn",
+        kind="attention",
+        module="attn",
+        norm="layer_norm1",
+        output="tuple",
+        full_zero=True,
+        out_proj="attn.proj",
+    ),
+    BranchSpec(name="mlp", kind="mlp", module="mlp", norm="layer_norm2", out_proj="mlp.lin2"),
+)
 VISION = "model.vision_tower"
 NECK = f"{VISION}.neck"
 PROJECTOR = "model.multi_modal_projector"
@@ -143,31 +158,8 @@ class GotOcr2Adapter(ComposedAdapter):
     def own_towers(self, model: nn.Module) -> list[Tower]:
         vision = get_module(model, VISION)
         vconf = hf_config(model).vision_config
-        blocks = vit_blocks(
-            iter_modules(get_module(vision, "layers")),
-            f"{VISION}.layers",
-            "vision",
-            attn="attn",
-            attn_norm="layer_norm1",
-            attn_out="proj",
-            mlp="mlp",
-            mlp_norm="layer_norm2",
-            mlp_out="lin2",
-            attn_output="tuple",
-        )
-        # a removed attention must hand back zeros shaped like its (window-partitioned) input: the layer
-        # un-partitions the windows before adding, which a scalar zero cannot go through
-        blocks = tuple(
-            b.model_copy(
-                update={
-                    "sublayers": tuple(
-                        s.model_copy(update={"full_zero": True}) if s.kind == "attention" else s
-                        for s in b.sublayers
-                    )
-                }
-            )
-            for b in blocks
-        )
+        layers = list(iter_modules(get_module(vision, "layers")))
+        blocks = build_blocks(layers, f"{VISION}.layers", [VISION_BRANCHES] * len(layers), tower="vision")
         stages = [
             Stage(
                 id="vision.patch_embed",
