@@ -111,13 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in ratios:
         for key in methods:
             label, kwargs = METHODS[key]
-            t = time.perf_counter()
-            plan = pk.plan_pruning(model, cal, ratio=ratio, **kwargs)
-            plan_s = time.perf_counter() - t
-            pruned = copy.deepcopy(model)
-            t = time.perf_counter()
-            pk.apply_plan(pruned, plan, repair_windows=calib)
-            apply_s = time.perf_counter() - t
+            # the one pipeline on a copy, with the calibration pass every method shares
+            res = pk.prune(copy.deepcopy(model), ratio=ratio, calib=calib, calibration=cal, **kwargs)
+            plan, plan_s, apply_s = res.plan, res.timings["plan"], res.timings["apply"]
+            pruned = res.model
             ppl = pk.perplexity(pruned, evalw).perplexity
             row = {
                 "ratio": ratio,
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-            del pruned
+            del pruned, res
     table = render(rows, base.perplexity, args, time.perf_counter() - t0)
     print(table)
     out = Path(args.out)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ir = pk.inspect(base)
     remove = [f"text.blocks.{i}" for i in REMOVED_AT_10]
     plan = pk.PrunePlan(fingerprint=pk.fingerprint(base, ir), remove=remove)
-    pk.apply_plan(base, plan)
+    pk.prune(base, plan=plan)  # the pipeline, with nothing to calibrate, evaluate or save
     train = training_windows(tok, seq_len=args.seq_len, texts=DEFAULT_HEAL_TEXTS, exclude=("wiki",))
     state = {k: v.clone() for k, v in base.state_dict().items()}
     print(json.dumps({"machine": machine(), "removed": remove}), flush=True)

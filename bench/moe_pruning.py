@@ -45,9 +45,6 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.planning import plan_experts  # noqa: E402
-from prunekit_core.plugins import get_metric  # noqa: E402
-from prunekit_core.scoring import Calibration, ScoringContext  # noqa: E402
 
 EXPERT_METRICS = ("expert_random", "expert_frequency", "expert_mass", "moe_pruner", "expert_reconstruction")
 
@@ -238,51 +235,56 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl = pk.perplexity(moe, evalw).perplexity
     ir = pk.inspect(moe)
     rows.append(row(f"MoEfied ({args.experts} experts, top-{args.top_k})", "-", 0, 0.0, base_ppl, 0.0))
-    ctx = ScoringContext(model=moe, adapter=pk.select_adapter(moe), ir=ir, calibration=Calibration(calib))
     block_params = ir.block_params()
     for ratio in ratios:
         for metric in metrics:
-            t = time.perf_counter()
             # where fewer than top_k experts are left, top_k becomes the number left (the router then
-            # only weighs them)
-            plan = plan_experts(ctx, get_metric(metric), ratio, top_k_policy="clamp")
-            plan_s = time.perf_counter() - t
-            pruned = pk.apply_plan(copy.deepcopy(moe), plan).model
+            # only weighs them); expert planners read the windows (no calibration pass)
+            res = pk.prune(
+                copy.deepcopy(moe),
+                ratio=ratio,
+                calib=calib,
+                granularity="expert",
+                metric=metric,
+                top_k="clamp",
+            )
+            plan, plan_s, pruned = res.plan, res.timings["plan"], res.model
             ppl = pk.perplexity(pruned, evalw).perplexity
             rows.append(row(metric, f"{ratio:.0%} of experts", plan.removed_params, plan_s, ppl, ratio))
-            del pruned
+            del pruned, res
     # the parameters a uniform 25% expert plan removes: the budget of the block and width rows
     routed = [f for _s, f in ir.channel_groups().values() if f.router]
     same = sum(math.ceil(0.25 * f.count) * f.params_per_group for f in routed) / block_params
     for metric in [m for m in args.width.split(",") if m]:
-        t = time.perf_counter()
-        plan = pk.plan_pruning(
-            moe, Calibration(calib), ratio=same, granularity="width", metric=metric, round_to=args.round_to
+        res = pk.prune(
+            copy.deepcopy(moe),
+            ratio=same,
+            calib=calib,
+            granularity="width",
+            metric=metric,
+            round_to=args.round_to,
         )
-        plan_s = time.perf_counter() - t
-        pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib).model
+        plan, plan_s, pruned = res.plan, res.timings["plan"], res.model
         ppl = pk.perplexity(pruned, evalw).perplexity
         kinds = sorted({f.rsplit(".", 1)[-1] for f in plan.remove_groups})
         label = f"width ({metric}, repair {plan.repair}, uniform)"
         rows.append(
             row(label, f"{', '.join(kinds)}; >= 25%-expert params", plan.removed_params, plan_s, ppl, 0.25)
         )
-        del pruned
+        del pruned, res
     if args.blocks:
         cal = pk.calibrate(moe, calib)
         for planner in args.blocks.split(","):
             kwargs = {} if planner == "best" else {"metric": "bi", "granularity": "block", "repair": "none"}
-            t = time.perf_counter()
-            plan = pk.plan_pruning(moe, cal, ratio=same, **kwargs)
-            plan_s = time.perf_counter() - t
-            pruned = pk.apply_plan(copy.deepcopy(moe), plan, repair_windows=calib).model
+            res = pk.prune(copy.deepcopy(moe), ratio=same, calib=calib, calibration=cal, **kwargs)
+            plan, plan_s, pruned = res.plan, res.timings["plan"], res.model
             ppl = pk.perplexity(pruned, evalw).perplexity
             label = (
                 f"whole blocks ({plan.method}{', repair ' + plan.repair if plan.repair != 'none' else ''})"
             )
             what = f"{len(plan.remove)} blocks, >= 25%-expert params"
             rows.append(row(label, what, plan.removed_params, plan_s, ppl, 0.25))
-            del pruned
+            del pruned, res
     table = render(rows, block_params, args, time.perf_counter() - t0, base_ppl)
     print(table)
     out = Path(args.out)

@@ -28,10 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.recovery import DEFAULT_HEAL_TEXTS, PRECISIONS, heal_lora, training_windows  # noqa: E402
+from prunekit_core.pipeline import Reporter  # noqa: E402
+from prunekit_core.recovery import DEFAULT_HEAL_TEXTS, PRECISIONS, training_windows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_speed import machine  # noqa: E402
+
+
+class _Loud(Reporter):
+    """LoRA healing's progress line (a bar on a terminal), as ``prunekit prune --recover lora`` shows it."""
+
+    training_progress = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     print(json.dumps({"machine": host}), file=sys.stderr, flush=True)
     model, tok, _ = pk.load_model(args.model)
-    calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=args.calib_windows).ids
+    calib_w = pk.load_windows(tok, "c4", seq_len=256, num_windows=args.calib_windows)
+    calib = calib_w.ids
     evalw = pk.load_windows(tok, "wiki", seq_len=1024, num_windows=args.eval_windows).ids
     train = training_windows(
         tok,
@@ -90,46 +98,54 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
+    lora = dict(
+        recover="lora",
+        lora_texts=DEFAULT_HEAL_TEXTS,
+        lora_steps=args.lora_steps,
+        lora_lr=args.lora_lr,
+        lora_rank=args.lora_rank,
+        lora_batch=args.lora_batch,
+        lora_seq_len=args.lora_seq_len,
+        lora_precision=args.lora_precision,
+        seed=0,
+    )
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        bi = pk.plan_pruning(
-            model, cal, ratio=ratio, metric="bi", granularity="block", planner="rank", repair="none"
+        # every row is one run of the pipeline on a copy, with the calibration pass they share
+        res = pk.prune(
+            copy.deepcopy(model),
+            ratio=ratio,
+            calib=calib,
+            calibration=cal,
+            metric="bi",
+            granularity="block",
+            planner="rank",
+            repair="none",
         )
-        m = copy.deepcopy(model)
-        pk.apply_plan(m, bi)
-        row(ratio, "ShortGPT BI, no recovery", m, 0.0, 0, bi.remove)
-        best = pk.plan_pruning(model, cal, ratio=ratio)  # angular span, repair lsq
+        row(ratio, "ShortGPT BI, no recovery", res.model, 0.0, 0, res.plan.remove)
+        best = pk.prune(model, ratio=ratio, calib=calib, calibration=cal, plan_only=True).plan  # angular, lsq
         plain = best.model_copy(update={"repair": "none"})
-        m = copy.deepcopy(model)
-        pk.apply_plan(m, plain)
-        row(ratio, "prunekit best plan, no recovery", m, 0.0, 0, best.remove)
-        m = copy.deepcopy(model)
-        t = time.perf_counter()
-        pk.apply_plan(m, best, repair_windows=calib)
-        rep_s = time.perf_counter() - t
-        row(ratio, "+ repair (least squares, 0 added params)", m, rep_s, calib.numel(), best.remove)
-        m, rep = heal_lora(
-            m,
-            train,
-            rank=args.lora_rank,
-            lr=args.lora_lr,
-            steps=args.lora_steps,
-            batch_size=args.lora_batch,
-            seed=0,
-            precision=args.lora_precision,
-            progress=True,
+        res = pk.prune(copy.deepcopy(model), plan=plain)
+        row(ratio, "prunekit best plan, no recovery", res.model, 0.0, 0, best.remove)
+        res = pk.prune(copy.deepcopy(model), plan=best, calib=calib)
+        rep_s = res.timings["apply"]
+        row(ratio, "+ repair (least squares, 0 added params)", res.model, rep_s, calib.numel(), best.remove)
+        # the same repair again, then LoRA healing on the texts after the calibration tokens (--recover lora)
+        res = pk.prune(
+            copy.deepcopy(model), tokenizer=tok, plan=best, calib=calib_w, reporter=_Loud(), **lora
         )
+        rep = res.recovery
+        assert rep is not None
         row(
             ratio,
             f"+ repair + LoRA (r{args.lora_rank}, {args.lora_steps} steps)",
-            m,
-            rep_s + rep.wall_s,
+            res.model,
+            res.timings["apply"] + rep.wall_s,
             calib.numel() + rep.tokens,
             best.remove,
             f"{rep.wall_s / rep.steps:.2f} s/step ({rep.steps_per_s:.3f} steps/s), {rep.precision}, "
             f"{rep.threads} thread{'s' if rep.threads != 1 else ''}",
         )
-        del m
-
+        del res
     lines = [
         f"Baseline {base:.2f} on {evalw.shape[0]} x {evalw.shape[1]} wiki tokens; calibration {calib.shape[0]} x 256 "
         f"c4 tokens; healing texts {', '.join(DEFAULT_HEAL_TEXTS)} (c4 after the calibration tokens); "

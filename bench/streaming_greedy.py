@@ -45,7 +45,7 @@ def main() -> None:
     windows = torch.randint(3, 500, (args.windows, args.seq_len), generator=torch.Generator().manual_seed(0))
     kw = dict(ratio=args.ratio, metric=args.metric, planner="greedy", granularity=args.granularity)
     t = time.perf_counter()
-    ref = pk.plan_pruning(model, pk.calibrate(model, windows), **kw)
+    ref = pk.prune(model, calib=windows, plan_only=True, **kw).plan  # calibrate + plan, in memory
     t_mem = time.perf_counter() - t
 
     steps: list[tuple[int, int, int]] = []  # (trials, passes, block loads) when each commit happens

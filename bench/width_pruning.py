@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
 from prunekit_core.planning import BEST  # noqa: E402
-from prunekit_core.scoring import Calibration  # noqa: E402
 
 #: method key -> (tool, label, plan_pruning keyword arguments or Torch-Pruning importance)
 PK_METHODS: dict[str, tuple[str, dict]] = {
@@ -112,11 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             if key in PK_METHODS:
                 label, kwargs = PK_METHODS[key]
-                # width planners read only the windows; depth metrics need the stream statistics
-                needs_stats = kwargs.get("granularity") not in ("width", "mixed")
-                cal = pk.calibrate(pruned, calib) if needs_stats else Calibration(windows=calib)
-                plan = pk.plan_pruning(pruned, cal, ratio=ratio, **kwargs)
-                pk.apply_plan(pruned, plan, repair_windows=calib)
+                # the one pipeline: it skips the calibration pass for planners that read only the windows
+                plan = pk.prune(pruned, ratio=ratio, calib=calib, **kwargs).plan
                 achieved, tool = plan.achieved_ratio, "prunekit"
                 detail = _describe(plan)
                 print("\n".join(plan.notes), file=sys.stderr)

@@ -12,6 +12,10 @@ Ten lines do what ``prunekit prune`` does::
     print(pk.perplexity(model, pk.load_windows(tok, "wiki", seq_len=1024, num_windows=4).ids))
     pk.save_pruned(model, "out/smollm2-pruned", tokenizer=tok, plan=applied.plan)
     model = pk.load_pruned("out/smollm2-pruned")
+
+or one call, with the command's checks and a result that holds the plan, the report and the timings::
+
+    res = pk.prune("smollm2-135m", ratio=0.1, calib="c4", eval="wiki", out="out/smollm2-pruned")
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     )
     from .loading import MODEL_ALIASES, load_model
     from .metrics import ImportanceMetric, Scores
+    from .pipeline import PruneResult, prune
     from .plan import Fingerprint, PrunePlan, fingerprint
     from .planning import plan_pruning
     from .plugins import adapters as list_adapters
@@ -127,6 +132,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PrunePlan": ("plan", "PrunePlan"),
     "fingerprint": ("plan", "fingerprint"),
     "plan_pruning": ("planning", "plan_pruning"),
+    "PruneResult": ("pipeline", "PruneResult"),
+    "prune": ("pipeline", "prune"),
     "list_adapters": ("plugins", "adapters"),
     "check_pending": ("plugins", "check_pending"),
     "load_failures": ("plugins", "load_failures"),
@@ -175,6 +182,7 @@ __all__ = [
     "PlanMismatchError",
     "PluginError",
     "PrunePlan",
+    "PruneResult",
     "PrunekitError",
     "QuantFormat",
     "RemovedBranch",
@@ -209,6 +217,7 @@ __all__ = [
     "list_metrics",
     "perplexity",
     "plan_pruning",
+    "prune",
     "read_plan",
     "list_plugins",
     "list_quant_formats",

@@ -12,11 +12,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from .errors import CheckpointError
+from .pipeline import Reporter, prune
 
 DEMO_MODEL = "smollm2-135m"
 CALIB_TEXT = "c4"
@@ -26,6 +27,31 @@ PLOT_FILE = "scores.png"
 
 def _null_status(_label: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
+
+
+class _DemoReporter(Reporter):
+    """The pipeline's stages as the demo's timing lines (its results are said from the PruneResult)."""
+
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        status: Callable[[str], contextlib.AbstractContextManager[Any]],
+        timings: dict[str, float],
+    ) -> None:
+        self.log, self.status, self.timings = log, status, timings
+        self.elapsed = 0.0
+
+    def info(self, message: str) -> None:
+        self.log("  " + message)
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self.status(label + " ..."):
+            yield
+        took = time.perf_counter() - t0
+        self.elapsed += took
+        self.log(f"[{sum(self.timings.values()) + self.elapsed:6.1f} s] {label}: {took:.1f} s")
 
 
 def check_demo_out(out: Path) -> None:
@@ -101,50 +127,44 @@ def run_demo(
         block_scores = pk.score(model, cal, "bi")
         sublayer_scores = pk.score(model, cal, "sublayer_drop")
 
-    with step(
-        "perplexity_before",
-        f"perplexity before on {eval_w.num_windows} x {eval_w.seq_len} tokens of {EVAL_TEXT}",
-    ):
-        before = pk.perplexity(model, eval_w.ids)
+    planner, metric, granularity = BEST["planner"], BEST["metric"], BEST["granularity"]
+    repair = BEST.get("repair", "none")
+    params_before = pk.count_parameters(model).total
+    # perplexity before, plan, apply (with its repair), perplexity after and save: one pipeline run
+    res = prune(
+        model,
+        tokenizer=tok,
+        ratio=ratio,
+        calib=cal_w,
+        calibration=cal,
+        eval=eval_w,
+        metric=metric,
+        planner=planner,
+        granularity=granularity,
+        repair=repair,
+        out=out,
+        overwrite=True,
+        reporter=_DemoReporter(log, status, timings),
+    )
+    pruned, plan = cast("torch.nn.Module", res.model), res.plan
+    assert res.perplexity_before is not None and res.perplexity_after is not None and res.out is not None
+    before, after, saved = res.perplexity_before, res.perplexity_after, res.out
+    timings.update(res.timings)
     say(
         f"perplexity before: {before.perplexity:.3f} ({before.tokens} tokens of {EVAL_TEXT}, seq_len {before.seq_len})"
     )
-
-    planner, metric, granularity = BEST["planner"], BEST["metric"], BEST["granularity"]
-    repair = BEST.get("repair", "none")
-    with step("plan", f"plan ({planner}:{metric}, {granularity}, repair {repair})"):
-        plan = pk.plan_pruning(
-            model,
-            cal,
-            ratio=ratio,
-            metric=metric,
-            granularity=granularity,
-            planner=planner,
-            repair=repair,
-            on_step=lambda msg: log("    " + msg),
-        )
     say(f"plan: remove {', '.join(plan.remove)}")
     say(
         f"achieved: {plan.removed_params:,} of {plan.block_params:,} block parameters removed "
         f"({plan.achieved_ratio:.2%}); {'uniform (whole blocks)' if plan.is_uniform else 'non-uniform'}"
     )
-    params_before = pk.count_parameters(model).total
-
-    with step("apply", "apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
-        plan = pk.apply_plan(model, plan, repair_windows=cal_w.ids).plan  # as applied
-    params_after = pk.count_parameters(model).total
-
-    with step("perplexity_after", "perplexity after"):
-        after = pk.perplexity(model, eval_w.ids)
+    params_after = int(res.report["params_after"])
     say(f"perplexity after:  {after.perplexity:.3f} (x{after.perplexity / before.perplexity:.3f})")
     say(f"parameters: {params_before:,} -> {params_after:,}")
 
-    with step("save", f"save {out}"):
-        saved = pk.save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=True)
-
     probe = eval_w.ids[:1, :16]
     with step("reload", "reload and compare logits"):
-        reload = _reload_and_compare(model, saved, probe, uniform=plan.is_uniform)
+        reload = _reload_and_compare(pruned, saved, probe, uniform=plan.is_uniform)
     say(
         f"reloaded with {reload['loader']}: {len(reload['missing_keys'])} missing, "
         f"{len(reload['unexpected_keys'])} unexpected keys; max |logit diff| {reload['max_logit_diff']:.2e}"

@@ -381,9 +381,8 @@ def _prepared(config: SweepConfig, *, calibrated: bool) -> dict[str, Any]:
 def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
     """Prune (plan made once per process), quantize a copy, measure perplexity and exact size."""
     from .evaluate import count_parameters, perplexity
-    from .planning import plan_pruning
+    from .pipeline import prune
     from .quant import QuantScope, get_quant_format, quantize_model, size_report
-    from .surgery import apply_plan
 
     t0 = time.perf_counter()
     config = SweepConfig.model_validate(config_data)
@@ -395,27 +394,27 @@ def run_cell(config_data: dict[str, Any], cell: Cell) -> dict[str, Any]:
         work = copy.deepcopy(model)
     else:
         pk = (cell.method, cell.ratio)
-        if pk not in st["plans"]:
+        # the last pruned (and repaired) model is kept: cells run grouped by (method, ratio), so the next
+        # format usually reuses it; one copy bounds the memory. The plan is made once (on the first copy)
+        # and applied again when its cells come back.
+        if st.get("pruned_key") != pk:
+            st["pruned"] = None
             spec = next(m for m in config.methods if m.name == cell.method)
-            st["plans"][pk] = plan_pruning(
-                model,
-                st["cal"],
+            done = prune(
+                copy.deepcopy(model),
                 ratio=cell.ratio,
+                calib=st["calib"],
+                calibration=st["cal"],  # one calibration pass per process, shared by every method
+                plan=st["plans"].get(pk),
                 metric=spec.metric,
                 planner=spec.planner,
                 granularity=spec.granularity,  # type: ignore[arg-type]  # a config's str: plan_pruning checks it and names the choices
                 repair=spec.repair,
             )
-        plan = st["plans"][pk]
-        # the last pruned (and repaired) model is kept: cells run grouped by (method, ratio), so the next
-        # format usually reuses it; one copy bounds the memory
-        if st.get("pruned_key") != pk:
-            st["pruned"] = None
-            pruned = copy.deepcopy(model)
-            apply_plan(pruned, plan, repair_windows=st["calib"])
-            st.update(pruned_key=pk, pruned=pruned)
+            st["plans"][pk] = done.plan
+            st.update(pruned_key=pk, pruned=done.model)
         work = copy.deepcopy(st["pruned"])
-        removed = list(plan.remove)
+        removed = list(st["plans"][pk].remove)
     q = config.quantize
     scope = QuantScope(blocks=True, embeddings=q.embeddings, head=q.head)
     if cell.format == "none":

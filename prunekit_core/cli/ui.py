@@ -12,9 +12,11 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
+
+from ..pipeline import Reporter
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -62,6 +64,39 @@ class UI:
             yield timing
         timing["s"] = time.perf_counter() - t0
         self.info(f"{label}: {timing['s']:.1f} s")
+
+
+class UIReporter(Reporter):
+    """What :func:`prunekit_core.prune` reports, printed as the command prints it: results on stdout,
+    progress and step timings on stderr, the plan as a table; progress bars only on a terminal, LoRA
+    healing's progress always (a bar on a terminal, else a line every 10 s: training is never silent)."""
+
+    training_progress = True
+
+    def __init__(self, ui: UI) -> None:
+        self.ui = ui
+        self.bars = bars()
+
+    def say(self, message: str) -> None:
+        self.ui.say(message)
+
+    def info(self, message: str) -> None:
+        self.ui.info(message)
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, justify="right" if col in ("params", "score") else "left")
+        for row in rows:
+            table.add_row(*row)
+        self.ui.table(table)
+
+    @contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        with self.ui.step(label):
+            yield
 
 
 def finite(obj: Any) -> Any:
