@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.planning import BEST  # noqa: E402
+from prunekit_core.planning.planner import BEST  # noqa: E402
 
 METHODS: dict[str, tuple[str, dict]] = {
     "bi": (

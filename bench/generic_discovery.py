@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.generic import GenericAdapter  # noqa: E402
-from prunekit_core.plugins import get_adapter  # noqa: E402
+from prunekit_core.adapters.generic import GenericAdapter  # noqa: E402
+from prunekit_core.registry.plugins import get_adapter  # noqa: E402
 
 
 def _timed(fn):  # noqa: ANN001, ANN202

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.recovery import (  # noqa: E402
+from prunekit_core.study.recovery import (  # noqa: E402
     DEFAULT_HEAL_TEXTS,
     cpu_cores,
     heal_lora,

@@ -36,7 +36,7 @@ from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGener
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.vision import feature_fidelity, image_features  # noqa: E402
+from prunekit_core.adapters.vision import feature_fidelity, image_features  # noqa: E402
 
 
 def build_llava(text_model: torch.nn.Module, vision_layers: int, seed: int) -> LlavaForConditionalGeneration:

@@ -110,8 +110,8 @@ def bench_similarity(model: Any, windows: torch.Tensor, args: argparse.Namespace
 
 
 def bench_trials(model: Any, windows: torch.Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from prunekit_core.plugins import get_metric, select_adapter
-    from prunekit_core.scoring import ScoringContext
+    from prunekit_core.registry.plugins import get_metric, select_adapter
+    from prunekit_core.scoring.calibration import ScoringContext
 
     adapter = select_adapter(model)
     ir = adapter.build_ir(model)
@@ -275,7 +275,7 @@ def _child(mode: str, folder: str, limit_gb: float, windows: int, seq_len: int, 
     t = time.perf_counter()
     try:
         if mode == "stream":
-            from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
+            from prunekit_core.scoring.streaming import open_streaming, stream_calibrate, stream_score
 
             names = metrics.split(",")
             sm = open_streaming(folder)
@@ -495,8 +495,8 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def bench_save(model: Any, cal: Any, tok: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from prunekit_core import atomic
-    from prunekit_core.checkpoint import save_pruned
+    from prunekit_core.io import atomic
+    from prunekit_core.io.checkpoint import save_pruned
 
     root = Path(tempfile.mkdtemp(prefix="prunekit-save-", dir=args.tmp))
     rows = []

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prunekit_core import sweep as sw  # noqa: E402
-from prunekit_core.report import write_report  # noqa: E402
+from prunekit_core.study import sweep as sw  # noqa: E402
+from prunekit_core.study.report import write_report  # noqa: E402
 
 FORMATS = "none,mxfp8_e4m3,mxfp6_e2m3,mxfp4,int8,int4_g32,int4_g128"
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit_core as pk  # noqa: E402
-from prunekit_core.pipeline import Reporter  # noqa: E402
-from prunekit_core.recovery import DEFAULT_HEAL_TEXTS, PRECISIONS, training_windows  # noqa: E402
+from prunekit_core.study.pipeline import Reporter  # noqa: E402
+from prunekit_core.study.recovery import DEFAULT_HEAL_TEXTS, PRECISIONS, training_windows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_speed import machine  # noqa: E402

@@ -73,7 +73,7 @@ def child(mode: str, folder: str, windows: int, seq_len: int) -> None:
     out: dict[str, Any] = {"mode": mode}
     t = time.perf_counter()
     if mode == "stream":
-        from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
+        from prunekit_core.scoring.streaming import open_streaming, stream_calibrate, stream_score
 
         sm = open_streaming(folder)
         ids, extra = sm.calibration_inputs(ids)

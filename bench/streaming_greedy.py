@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunekit_core as pk
-from prunekit_core.streaming import StreamingTrialRunner, open_streaming, stream_calibrate
+from prunekit_core.scoring.streaming import StreamingTrialRunner, open_streaming, stream_calibrate
 
 
 def main() -> None:

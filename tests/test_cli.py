@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from prunekit_core import Scores, load_pruned, read_plan
 from prunekit_core.cli import main, subcommand_parsers
-from prunekit_core.demo import run_demo
-from prunekit_core.planning import BEST
-from prunekit_core.plotting import plot_scores
+from prunekit_core.planning.planner import BEST
+from prunekit_core.study.demo import run_demo
+from prunekit_core.study.plots import plot_scores
 
 FAST = ["--windows", "2", "--seq-len", "16"]
 HAS_TEXTS = importlib.util.find_spec("exllamav2") is not None
@@ -248,7 +248,7 @@ def test_force_replaces_a_previous_output(
     what a fresh prune writes (the new model's weights and plan), and no temporary is left beside it."""
     from safetensors.torch import load_file
 
-    from prunekit_core.atomic import is_temporary
+    from prunekit_core.io.atomic import is_temporary
 
     def prune(model: Path, out: Path, *extra: str) -> dict:
         args = ["prune", model, "--ratio", "0.3", "--calib", assets["text"], "--metric", "bi", *FAST]

@@ -14,9 +14,9 @@ import pytest
 from helpers import save_tiny_model, tiny_llama, words
 
 from prunekit_core.cli import main, subcommand_parsers
-from prunekit_core.defaults import GRANULARITIES
-from prunekit_core.errors import ModelNotFoundError, PlanError
-from prunekit_core.planning import check_budget, resolve_method
+from prunekit_core.ir.defaults import GRANULARITIES
+from prunekit_core.ir.errors import ModelNotFoundError, PlanError
+from prunekit_core.planning.planner import check_budget, resolve_method
 
 HEAVY = ("torch", "transformers", "torchao")
 FAST = ["--windows", "2", "--seq-len", "16"]
@@ -85,7 +85,7 @@ def test_help_and_plugins_import_no_torch(argv: list[str]) -> None:
 def test_the_catalog_listing_equals_the_full_load(capsys: pytest.CaptureFixture[str]) -> None:
     """`prunekit plugins` (catalogs, no torch) and `prunekit plugins --load` (every plugin built) agree: a
     catalog that names something its plugin does not register would show up here."""
-    import prunekit_core.plugins as registry
+    import prunekit_core.registry.plugins as registry
 
     registry.reset_plugins()
     try:
@@ -104,7 +104,7 @@ def test_a_catalog_that_disagrees_with_the_registrations_is_a_load_failure(monke
     import types
 
     from prunekit_core import hookimpl
-    from prunekit_core import plugins as plugins_mod
+    from prunekit_core.registry import plugins as plugins_mod
 
     module = types.ModuleType("pk_wrong_catalog")
 
@@ -169,16 +169,20 @@ def test_every_installed_plugin_logs_like_the_core(capsys: pytest.CaptureFixture
     import logging
 
     from prunekit_core.cli.ui import quiet_libraries
-    from prunekit_core.plugins import plugin_packages
+    from prunekit_core.registry.plugins import plugin_packages
 
     assert {"prunekit_llama", "prunekit_mixtral", "prunekit_llava"} <= set(plugin_packages())
     for verbose in (False, True):
         with quiet_libraries(verbose):
-            for name in ("prunekit_core.planning", "prunekit_mixtral.metrics", "prunekit_llava.adapter"):
+            for name in (
+                "prunekit_core.planning.planner",
+                "prunekit_mixtral.metrics",
+                "prunekit_llava.adapter",
+            ):
                 logging.getLogger(name).info("an info line")
                 logging.getLogger(name).warning("a warning line")
     err = capsys.readouterr().err
-    for name in ("prunekit_core.planning", "prunekit_mixtral.metrics", "prunekit_llava.adapter"):
+    for name in ("prunekit_core.planning.planner", "prunekit_mixtral.metrics", "prunekit_llava.adapter"):
         assert err.count(f"WARNING {name}: a warning line") == 2, err
         assert err.count(f"INFO {name}: an info line") == 1, err
 
@@ -236,7 +240,7 @@ def test_prune_creates_missing_parents_of_out(
 def test_a_failed_prune_leaves_no_parent_folders(
     capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
-    import prunekit_core.checkpoint as checkpoint
+    import prunekit_core.io.checkpoint as checkpoint
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise checkpoint.CheckpointError("simulated failure while writing")
@@ -282,7 +286,7 @@ def test_a_missing_path_fails_at_once_without_the_hub(
         raise AssertionError("the model was loaded before its path was checked")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_hub)
-    monkeypatch.setattr("prunekit_core.loading.load_model", never_load)
+    monkeypatch.setattr("prunekit_core.io.loading.load_model", never_load)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()  # `out/x`: its first folder exists, so it is a path (the issue's case)
     text = str(assets["text"])
@@ -328,7 +332,7 @@ def test_a_hub_id_is_looked_up_once_without_retries(
 
 
 def test_resolve_keeps_hub_ids_that_are_not_paths(tmp_path: Path, monkeypatch) -> None:
-    from prunekit_core.sources import resolve_model_source
+    from prunekit_core.io.sources import resolve_model_source
 
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M").kind == "hub"
@@ -372,14 +376,14 @@ def test_prune_at_each_granularity_without_a_metric(
 def test_an_impossible_ratio_is_refused_before_calibration(
     capsys: pytest.CaptureFixture[str], assets: dict[str, Path], tmp_path: Path, monkeypatch, granularity: str
 ) -> None:
-    import prunekit_core.api
-    import prunekit_core.text
+    import prunekit_core.io.text
+    import prunekit_core.scoring.api
 
     def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("calibration ran for an impossible budget")
 
-    monkeypatch.setattr(prunekit_core.api, "calibrate", never)
-    monkeypatch.setattr(prunekit_core.text, "load_windows", never)
+    monkeypatch.setattr(prunekit_core.scoring.api, "calibrate", never)
+    monkeypatch.setattr(prunekit_core.io.text, "load_windows", never)
     out = tmp_path / "out"
     code, _, err = run(
         capsys, "prune", assets["model"], "--ratio", "0.999", "--calib", assets["text"], "--granularity", granularity,
@@ -392,7 +396,7 @@ def test_an_impossible_ratio_is_refused_before_calibration(
 
 def test_the_budget_ceiling_is_exact_for_blocks() -> None:
     """Four equal blocks: three can go (a tower keeps one), so 0.75 is possible and anything above is not."""
-    from prunekit_core.api import inspect
+    from prunekit_core.scoring.api import inspect
 
     ir = inspect(tiny_llama(layers=4))
     check_budget(ir, 0.75, "block")
@@ -410,14 +414,14 @@ def test_demo_plot_title_names_the_metric_that_chose_the_removed_blocks(
     title says so, read from the figure as it is saved."""
     from matplotlib.figure import Figure
 
-    import prunekit_core.text
-    from prunekit_core.defaults import BEST
-    from prunekit_core.demo import run_demo
+    import prunekit_core.io.text
+    from prunekit_core.ir.defaults import BEST
+    from prunekit_core.study.demo import run_demo
 
     text = assets["text"].read_text()
-    real_read = prunekit_core.text.read_text
+    real_read = prunekit_core.io.text.read_text
     monkeypatch.setattr(
-        prunekit_core.text, "read_text", lambda spec: text if spec in ("c4", "wiki") else real_read(spec)
+        prunekit_core.io.text, "read_text", lambda spec: text if spec in ("c4", "wiki") else real_read(spec)
     )
     titles: list[str] = []
     real_savefig = Figure.savefig
@@ -445,9 +449,9 @@ def test_import_prunekit_core_is_lazy_and_keeps_its_api() -> None:
         import prunekit_core as pk
         print("HEAVY", [m for m in ("torch", "transformers", "torchao") if m in sys.modules])
         missing = [n for n in pk.__all__ if getattr(pk, n, None) is None]
-        from prunekit_core.plugins import plugins
-        from prunekit_core.loading import load_model
-        print("MISSING", missing, pk.list_plugins is plugins, pk.load_model is load_model, pk.planning.BEST["metric"])
+        from prunekit_core.registry.plugins import plugins
+        from prunekit_core.io.loading import load_model
+        print("MISSING", missing, pk.list_plugins is plugins, pk.load_model is load_model, pk.planning.planner.BEST["metric"])
         """
     )
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
@@ -460,7 +464,7 @@ def test_sweep_checks_its_model_before_starting_workers(
     def never_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the model was loaded before its path was checked")
 
-    monkeypatch.setattr("prunekit_core.loading.load_model", never_load)
+    monkeypatch.setattr("prunekit_core.io.loading.load_model", never_load)
     config = tmp_path / "sweep.yaml"
     config.write_text(
         f"model: ./no-such-model\ncalibration: {{text: {assets['text']}, seq_len: 16, windows: 2}}\n"

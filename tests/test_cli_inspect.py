@@ -88,10 +88,10 @@ def test_prune_a_model_no_plugin_covers(capsys: pytest.CaptureFixture[str], fold
 
 def test_removing_every_attention_is_refused() -> None:
     """Cached decoding takes positions from the KV cache: with no attention left nothing fills it."""
-    from prunekit_core.errors import PlanError
-    from prunekit_core.generic import GenericAdapter
-    from prunekit_core.plan import PrunePlan, fingerprint
-    from prunekit_core.surgery import apply_plan
+    from prunekit_core.adapters.generic import GenericAdapter
+    from prunekit_core.ir.errors import PlanError
+    from prunekit_core.ir.plan import PrunePlan, fingerprint
+    from prunekit_core.surgery.apply import apply_plan
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=2, n_positions=64)).eval()

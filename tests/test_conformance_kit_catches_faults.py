@@ -14,8 +14,8 @@ import torch
 from prunekit_llama import LlamaFamilyAdapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit_core.errors import CalibrationError, CheckpointError
-from prunekit_core.ir import ModelIR
+from prunekit_core.ir.errors import CalibrationError, CheckpointError
+from prunekit_core.ir.model import ModelIR
 from prunekit_core.testing import AdapterConformance, check_needs
 
 

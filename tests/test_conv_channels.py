@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit_core.adapter import ArchitectureAdapter, count_params
-from prunekit_core.errors import PlanError
-from prunekit_core.groups import conv_channels
-from prunekit_core.ir import Dim, ModelIR, Stage, Tower
-from prunekit_core.surgery import resolve_removals
-from prunekit_core.width import apply_width, group_slices, resolve_width, width_is_uniform
+from prunekit_core.adapters.base import ArchitectureAdapter, count_params
+from prunekit_core.adapters.groups import conv_channels
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import Dim, ModelIR, Stage, Tower
+from prunekit_core.surgery.apply import resolve_removals
+from prunekit_core.surgery.width import apply_width, group_slices, resolve_width, width_is_uniform
 
 
 class ChannelNorm(nn.LayerNorm):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prunekit_core import hookspecs
 from prunekit_core.cli import build_parser, subcommand_parsers
+from prunekit_core.registry import hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

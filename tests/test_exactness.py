@@ -17,9 +17,9 @@ from helpers import tiny_llama
 from prunekit_llama import LlamaFamilyAdapter
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from prunekit_core.checkpoint import ALLOCATOR_ALIGNMENT, align_weights, load_pruned, save_pruned
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan
+from prunekit_core.io.checkpoint import ALLOCATOR_ALIGNMENT, align_weights, load_pruned, save_pruned
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan
 from prunekit_core.testing import (
     KERNEL_TOLERANCE_EPS,
     _cached_logits,

@@ -14,9 +14,9 @@ import transformers as T
 from prunekit_llama import LlamaFamilyAdapter
 from torch import nn
 
-from prunekit_core import plugins
-from prunekit_core.errors import UnsupportedPatternError
-from prunekit_core.generic import MATCH_SCORE, GenericAdapter
+from prunekit_core.adapters.generic import MATCH_SCORE, GenericAdapter
+from prunekit_core.ir.errors import UnsupportedPatternError
+from prunekit_core.registry import plugins
 from prunekit_core.testing import AdapterConformance
 
 COMMON = dict(
@@ -183,7 +183,7 @@ def test_generic_ir_of_pruned_llama_equals_the_llama_plugin() -> None:
 
 
 def test_generic_ir_of_a_reloaded_checkpoint_is_rediscovered(tmp_path) -> None:  # noqa: ANN001
-    from prunekit_core.checkpoint import load_pruned, save_pruned
+    from prunekit_core.io.checkpoint import load_pruned, save_pruned
 
     model = TestFalcon().make_model()
     TestFalcon().prune(model, ["text.blocks.0.mlp", "text.blocks.2"])
@@ -325,7 +325,7 @@ def test_blocks_outside_a_module_list_are_named() -> None:
 
 
 def test_discovery_leaves_training_mode_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prunekit_core import generic
+    from prunekit_core.adapters import generic
 
     monkeypatch.setattr(generic, "_CACHE", type(generic._CACHE)())  # discover, do not recall
     model = TestGPT2().make_model().train()
@@ -336,7 +336,7 @@ def test_discovery_leaves_training_mode_as_it_was(monkeypatch: pytest.MonkeyPatc
 def test_discovery_is_remembered_without_an_attribute_on_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The discovery is kept by the generic module, keyed by the modules: nothing is set on them, and a
     pruned model's IR is rebuilt from it without exporting again."""
-    from prunekit_core import generic
+    from prunekit_core.adapters import generic
 
     model = tiny_llama()
     before = [(name, sorted(vars(m))) for name, m in model.named_modules()]

@@ -24,9 +24,9 @@ from helpers import logits_of as logits
 from helpers import tiny_pruned as pruned
 from helpers import tiny_tokenizer
 
-from prunekit_core import atomic
-from prunekit_core.checkpoint import load_pruned, save_pruned
-from prunekit_core.errors import CheckpointError
+from prunekit_core.io import atomic
+from prunekit_core.io.checkpoint import load_pruned, save_pruned
+from prunekit_core.ir.errors import CheckpointError
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork") or sys.platform != "linux",

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from prunekit_core import kinds
-from prunekit_core.ir import ChannelGroup, GroupMember, ResidualEdge, Sublayer
+from prunekit_core.ir.model import ChannelGroup, GroupMember, ResidualEdge, Sublayer, kinds
 
 
 def _sublayer(kind: str) -> Sublayer:

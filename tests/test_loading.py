@@ -1,4 +1,4 @@
-"""Tests for prunekit_core.loading (tiny random models saved to tmp folders; no downloads)."""
+"""Tests for prunekit_core.io.loading (tiny random models saved to tmp folders; no downloads)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prunekit_core import loading
-from prunekit_core.errors import ModelNotFoundError, PrunekitError
-from prunekit_core.loading import (
+from prunekit_core.io import loading
+from prunekit_core.io.loading import (
     MODEL_ALIASES,
     ModelSource,
     default_cache_dir,
     load_model,
     resolve_model_source,
 )
+from prunekit_core.ir.errors import ModelNotFoundError, PrunekitError
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -159,9 +159,9 @@ def test_prunekit_dir_goes_through_load_pruned(hf_dir: Path, monkeypatch: pytest
         calls.append(Path(d))
         return tiny_llama().train()
 
-    fake = types.ModuleType("prunekit_core.checkpoint")
+    fake = types.ModuleType("prunekit_core.io.checkpoint")
     fake.load_pruned = load_pruned
-    monkeypatch.setitem(sys.modules, "prunekit_core.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "prunekit_core.io.checkpoint", fake)
     model, tok, src = load_model(str(hf_dir))
     assert calls == [hf_dir.resolve()]
     assert not model.training and tok.pad_token is not None and src.kind == "hf_dir"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from prunekit_core.adapters.generic import GenericAdapter
 from prunekit_core.cli import main
-from prunekit_core.generic import GenericAdapter
 from prunekit_core.testing import AdapterConformance, check_needs
 
 pytest_plugins = ["pytester"]

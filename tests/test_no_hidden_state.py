@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 import prunekit_core as pk
-from prunekit_core.planning import plan_pruning
-from prunekit_core.recovery import heal_lora
-from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.scoring.streaming import open_streaming, stream_calibrate, stream_score
+from prunekit_core.study.recovery import heal_lora
 from prunekit_core.testing import AdapterConformance
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import torch
 from helpers import logits_of, save_tiny_model, tiny_llama, tiny_tokenizer, words
 
 import prunekit_core as pk
-from prunekit_core.errors import CalibrationError, PlanError
-from prunekit_core.pipeline import Reporter
-from prunekit_core.scoring import Calibration
+from prunekit_core.ir.errors import CalibrationError, PlanError
+from prunekit_core.scoring.calibration import Calibration
+from prunekit_core.study.pipeline import Reporter
 
 SEQ, N = 16, 4
 

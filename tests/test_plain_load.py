@@ -15,16 +15,16 @@ from helpers import logits_of, tiny_llama, tiny_pruned, tiny_tokenizer, words
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 import prunekit_core as pk
-from prunekit_core.checkpoint import (
+from prunekit_core.cli import main
+from prunekit_core.io.checkpoint import (
     PLAIN_LOAD_GUARD_KEY,
     RECORD_FILE,
     load_pruned,
     save_pruned,
     structure_record,
 )
-from prunekit_core.cli import main
-from prunekit_core.errors import CheckpointError
-from prunekit_core.plan import PrunePlan, fingerprint
+from prunekit_core.ir.errors import CheckpointError
+from prunekit_core.ir.plan import PrunePlan, fingerprint
 from prunekit_core.testing import assert_identical, assert_kernel_close, assert_same_weights
 
 PLAIN_LOADERS = {
@@ -132,7 +132,7 @@ def test_a_guarded_folder_that_lost_its_record_says_so(tmp_path: Path) -> None:
 
 def test_cli_inspect_and_eval_read_a_guarded_checkpoint(tmp_path: Path, capsys) -> None:
     """`prunekit inspect` and `prunekit eval` load the folder with load_pruned: block 1 has no attention."""
-    from prunekit_core.evaluate import count_parameters
+    from prunekit_core.study.evaluate import count_parameters
 
     model = tiny_pruned()
     out = save_pruned(model, tmp_path / "out", tokenizer=tiny_tokenizer())

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 
 from prunekit_core import PrunekitError
-from prunekit_core.builtin.metrics import SLEB
-from prunekit_core.errors import PlanError
-from prunekit_core.ir import Block, Dim, ModelIR, ResidualEdge, Sublayer, Tower
-from prunekit_core.metrics import ImportanceMetric, Scores
-from prunekit_core.planning import _plan_greedy, _plan_rank, budget_params, resolve_method
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import Block, Dim, ModelIR, ResidualEdge, Sublayer, Tower
+from prunekit_core.planning.planner import _plan_greedy, _plan_rank, budget_params, resolve_method
+from prunekit_core.scoring.builtin_metrics import SLEB
+from prunekit_core.scoring.metrics import ImportanceMetric, Scores
 
 
 def test_no_metric_means_best() -> None:

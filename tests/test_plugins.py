@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
 
-import prunekit_core.plugins as plugins_mod
+import prunekit_core.registry.plugins as plugins_mod
 from prunekit_core import hookimpl
-from prunekit_core.adapter import ArchitectureAdapter
-from prunekit_core.errors import AmbiguousAdapterError, PluginError, UnsupportedModelError
-from prunekit_core.plugins import (
+from prunekit_core.adapters.base import ArchitectureAdapter
+from prunekit_core.ir.errors import AmbiguousAdapterError, PluginError, UnsupportedModelError
+from prunekit_core.registry.plugins import (
     adapters,
     check_pending,
     load_failures,
@@ -166,7 +166,7 @@ def test_unsupported_model_lists_failed_plugins(broken_entry_point) -> None:
 
 
 def test_entry_point_must_name_a_module(monkeypatch) -> None:
-    ep = md.EntryPoint(name="notmodule", value="prunekit_core.plugins:plugins", group="prunekit")
+    ep = md.EntryPoint(name="notmodule", value="prunekit_core.registry.plugins:plugins", group="prunekit")
     monkeypatch.setattr(plugins_mod.md, "entry_points", lambda **kw: [ep])
     reset_plugins()
     failure = next(f for f in load_failures() if f.name == "notmodule")
@@ -255,7 +255,7 @@ def test_builtins_are_entry_points_of_prunekit_core() -> None:
 def test_a_builtin_without_its_entry_point_is_reported(monkeypatch) -> None:
     monkeypatch.delenv("PRUNEKIT_STRICT_PLUGINS", raising=False)
     real = md.entry_points
-    gone = "prunekit_core.builtin.metrics"
+    gone = "prunekit_core.scoring.builtin_metrics"
 
     def without_metrics(**kwargs):  # noqa: ANN202
         return [ep for ep in real(**kwargs) if ep.value != gone]
@@ -336,7 +336,7 @@ def test_builtin_catalogs_name_exactly_what_the_builtins_register() -> None:
     """``prunekit plugins`` lists the built-ins from BUILTIN_CATALOGS without importing them: the tables
     must match what a full load registers (checked here, not at load time, so a stale table fails this
     test instead of disabling the built-in metrics)."""
-    from prunekit_core.plugins import BUILTIN_CATALOGS, BUILTIN_MODULES, CATALOG_KEYS, plugins
+    from prunekit_core.registry.plugins import BUILTIN_CATALOGS, BUILTIN_MODULES, CATALOG_KEYS, plugins
 
     loaded = {p.module: p for p in plugins() if p.builtin}
     assert sorted(loaded) == sorted(BUILTIN_MODULES)

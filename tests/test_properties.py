@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from prunekit_llama import LlamaFamilyAdapter
 from torch import nn
 
-from prunekit_core.adapter import ArchitectureAdapter
-from prunekit_core.checkpoint import load_pruned, read_plan, save_pruned
-from prunekit_core.generic import GenericAdapter
-from prunekit_core.ir import ModelIR
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan, removed_params, resolve_removals
-from prunekit_core.width import resolve_width, width_removed_params
+from prunekit_core.adapters.base import ArchitectureAdapter
+from prunekit_core.adapters.generic import GenericAdapter
+from prunekit_core.io.checkpoint import load_pruned, read_plan, save_pruned
+from prunekit_core.ir.model import ModelIR
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan, removed_params, resolve_removals
+from prunekit_core.surgery.width import resolve_width, width_removed_params
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 SMALL["max_position_embeddings"] = 64
@@ -248,7 +248,7 @@ def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, byte
 def test_any_truncated_file_is_refused(checkpoint_bytes: dict[str, bytes], data: st.DataObject) -> None:
     """Cut any file of a checkpoint at any length: loading refuses it with a CheckpointError that names
     the file, never loads it and never fails with another exception."""
-    from prunekit_core.errors import CheckpointError
+    from prunekit_core.ir.errors import CheckpointError
 
     name = data.draw(st.sampled_from(sorted(checkpoint_bytes)), label="file")
     raw = checkpoint_bytes[name]

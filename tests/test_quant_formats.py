@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_llama
 
 import prunekit_core as pk
-from prunekit_core.quant import (
+from prunekit_core.quant.base import (
     QuantScope,
     UnknownQuantFormatError,
     get_quant_format,
@@ -228,7 +228,7 @@ def test_splitquant_clusters_improve_resolution_and_cost_is_counted():
 
 
 def test_kmeans_1d_separates_obvious_clusters():
-    from prunekit_core.builtin.quant_formats import kmeans_1d
+    from prunekit_core.quant.builtin_formats import kmeans_1d
 
     v = torch.tensor([-5.0, -5.1, -4.9, 0.0, 0.1, -0.1, 5.0, 5.2, 4.8])
     assert kmeans_1d(v, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

@@ -46,7 +46,7 @@ def test_generic_adapter_describes_smollm2_like_the_llama_plugin() -> None:
     from prunekit_llama import LlamaFamilyAdapter
 
     import prunekit_core as pk
-    from prunekit_core.generic import GenericAdapter
+    from prunekit_core.adapters.generic import GenericAdapter
 
     model, _tok, _ = pk.load_model("smollm2-135m")
     generic = GenericAdapter().build_ir(model)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit_core.recovery import cpu_cores
+from prunekit_core.study.recovery import cpu_cores
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BAND = 0.15

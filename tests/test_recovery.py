@@ -10,8 +10,8 @@ from helpers import tiny_llama, tiny_tokenizer, words
 from torch import nn
 
 import prunekit_core as pk
-from prunekit_core.errors import CalibrationError, PlanError
-from prunekit_core.recovery import heal_lora, lora_targets, training_windows
+from prunekit_core.ir.errors import CalibrationError, PlanError
+from prunekit_core.study.recovery import heal_lora, lora_targets, training_windows
 
 
 def _pruned() -> tuple[nn.Module, torch.Tensor]:
@@ -121,7 +121,7 @@ def test_progress_line_reports_loss_and_speed(capsys: pytest.CaptureFixture[str]
 def test_busy_machine_is_named_in_the_progress(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prunekit_core import recovery
+    from prunekit_core.study import recovery
 
     model, ids = _pruned()
     monkeypatch.setattr(recovery, "load_average", lambda: 9.5)
@@ -173,7 +173,7 @@ def test_precision_fp32_and_bf16() -> None:
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prunekit_core import recovery
+    from prunekit_core.study import recovery
 
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "fp32")):
@@ -260,7 +260,7 @@ def test_cli_prune_recover_lora_records_and_reloads(
     # piped stderr still shows the training: the first and last step with loss and speed
     assert "LoRA healing step 1/3: loss " in captured.err and "LoRA healing step 3/3: loss " in captured.err
     assert data["recovery"]["steps_per_s"] > 0 and "steps/s" in captured.err
-    from prunekit_core.recovery import resolve_precision
+    from prunekit_core.study.recovery import resolve_precision
 
     assert data["recovery"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     saved = json.loads((out / "plan.json").read_text())

@@ -21,19 +21,19 @@ from helpers import save_tiny_model, tiny_llama, tiny_pruned_applied, tiny_token
 from helpers import tiny_pruned as pruned
 from prunekit_llama import LlamaFamilyAdapter
 
-from prunekit_core import atomic
-from prunekit_core.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, load_pruned, save_plan, save_pruned
 from prunekit_core.cli import main
-from prunekit_core.errors import (
+from prunekit_core.io import atomic
+from prunekit_core.io.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, load_pruned, save_plan, save_pruned
+from prunekit_core.io.loading import load_model
+from prunekit_core.ir.errors import (
     CheckpointError,
     ModelNotFoundError,
     PlanError,
     PlanMismatchError,
     UnsafeCheckpointError,
 )
-from prunekit_core.loading import load_model
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan
 
 WEIGHTS = "model.safetensors"
 
@@ -182,7 +182,7 @@ def test_temporaries_are_never_loaded(saved: Path, tmp_path: Path) -> None:
 def test_results_are_written_atomically(tmp_path: Path, monkeypatch) -> None:
     """Reports and plans go through the helper: a write that fails (disk full at fsync) leaves the
     previous file and no temporary."""
-    from prunekit_core import report
+    from prunekit_core.study import report
 
     monkeypatch.setattr(report, "read_results", lambda _p: [])
     monkeypatch.setattr(report, "plot_results", lambda rows, path, title="": Path(path))
@@ -298,7 +298,7 @@ def test_intact_checkpoint_records_sizes_and_fingerprints(saved: Path) -> None:
 
 def test_default_shards_are_an_eighth_of_the_weights_and_reload(tmp_path: Path, monkeypatch) -> None:
     """Several shards let the early writeback overlap the serialization; they load back to the same logits."""
-    from prunekit_core import checkpoint
+    from prunekit_core.io import checkpoint
 
     model = pruned()
     total = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
@@ -467,7 +467,7 @@ def test_remote_code_is_refused_unless_asked(tmp_path: Path) -> None:
 
 
 def test_trust_remote_code_is_passed_only_when_asked(tmp_path: Path, monkeypatch) -> None:
-    from prunekit_core import loading
+    from prunekit_core.io import loading
 
     folder = save_tiny_model(tmp_path / "m")
     calls = []
@@ -528,8 +528,8 @@ def test_plugins_that_fail_to_import_are_isolated(tmp_path: Path) -> None:
 def test_adapter_whose_match_raises_is_disabled_not_fatal() -> None:
     import types
 
-    from prunekit_core import plugins as plugins_mod
-    from prunekit_core.hookspecs import hookimpl
+    from prunekit_core.registry import plugins as plugins_mod
+    from prunekit_core.registry.hookspecs import hookimpl
 
     class Exploding(LlamaFamilyAdapter):
         name = "exploding"

@@ -10,8 +10,8 @@ from helpers import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit_core import PlanError, PrunePlan, apply_plan, fingerprint, inspect, load_pruned, save_pruned
-from prunekit_core.repair import lsq_repair
-from prunekit_core.surgery import branches_masked, resolve_removals
+from prunekit_core.surgery.apply import branches_masked, resolve_removals
+from prunekit_core.surgery.repair import lsq_repair
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
@@ -92,7 +92,7 @@ def test_repaired_uniform_plan_reloads_with_plain_transformers(tmp_path) -> None
 
 
 def test_repaired_block_influence_ranks_a_silent_block_first_and_never_exceeds_unrepaired_loss() -> None:
-    from prunekit_core.builtin.metrics import block_repair_residuals
+    from prunekit_core.scoring.builtin_metrics import block_repair_residuals
 
     model = _model()
     with torch.no_grad():  # block 2 contributes exactly zero

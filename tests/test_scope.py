@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunekit_core as pk
-from prunekit_core.errors import PlanError
-from prunekit_core.plan import fingerprint
-from prunekit_core.planning import budget_by_tower, budget_notes
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.plan import fingerprint
+from prunekit_core.planning.planner import budget_by_tower, budget_notes
 
 
 def _model():

@@ -2,7 +2,7 @@
 
 Every ``pytest.skip``, ``pytest.importorskip`` and ``pytest.mark.skipif`` in the repository's tests gives a
 literal reason that says what is absent and how to get it ("... absent: install ..."); a check that cannot
-run for any other reason fails instead (the conformance kit's capabilities: ``prunekit_core/testing.py``).
+run for any other reason fails instead (the conformance kit's capabilities: ``prunekit_core/testing/__init__.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ TEST_FILES = sorted(
         for p in (ROOT / folder).rglob("test_*.py")
         if ".venv" not in p.parts
     ]
-    + [ROOT / "prunekit_core" / "testing.py"]  # the plugin authors' kit: its checks must fail, not skip
+    + [
+        ROOT / "prunekit_core" / "testing" / "__init__.py"
+    ]  # the plugin authors' kit: its checks must fail, not skip
 )
 SKIPS = ("skip", "skipif", "importorskip")
 

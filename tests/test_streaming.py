@@ -17,13 +17,18 @@ from helpers import tiny_llama
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from prunekit_core.api import calibrate, score
-from prunekit_core.errors import CheckpointError, PlanError
-from prunekit_core.planning import plan_pruning
-from prunekit_core.plugins import get_metric, select_adapter
-from prunekit_core.scoring import ScoringContext
-from prunekit_core.scoring import calibrate as core_calibrate
-from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score, stream_score_groups
+from prunekit_core.ir.errors import CheckpointError, PlanError
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.registry.plugins import get_metric, select_adapter
+from prunekit_core.scoring.api import calibrate, score
+from prunekit_core.scoring.calibration import ScoringContext
+from prunekit_core.scoring.calibration import calibrate as core_calibrate
+from prunekit_core.scoring.streaming import (
+    open_streaming,
+    stream_calibrate,
+    stream_score,
+    stream_score_groups,
+)
 
 SMALL = dict(vocab_size=128, max_position_embeddings=64)
 
@@ -177,8 +182,8 @@ def _record_trials(
 def test_streaming_greedy_plan_equals_in_memory(
     name: str, metric: str, granularity: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from prunekit_core.scoring import TrialRunner
-    from prunekit_core.streaming import StreamingTrialRunner
+    from prunekit_core.scoring.calibration import TrialRunner
+    from prunekit_core.scoring.streaming import StreamingTrialRunner
 
     folder = tmp_path / name
     model = MODELS[name]()
@@ -224,7 +229,7 @@ def test_streaming_greedy_plan_equals_in_memory(
 def test_streaming_greedy_pass_count(tmp_path: Path) -> None:
     """A greedy step over P candidates costs ceil(P / chunk) passes; a commit costs none: the next round
     of trials forks from the committed stream, and its first pass also measures the committed loss."""
-    from prunekit_core.streaming import StreamingTrialRunner
+    from prunekit_core.scoring.streaming import StreamingTrialRunner
 
     folder = tmp_path / "m"
     tiny_llama(layers=6).save_pretrained(folder)
@@ -281,7 +286,7 @@ def test_unloaded_block_weights_are_freed_without_the_garbage_collector(tmp_path
 
 
 def test_streaming_trials_memory_is_bounded_by_the_chunk(tmp_path: Path) -> None:
-    from prunekit_core.streaming import StreamingTrialRunner
+    from prunekit_core.scoring.streaming import StreamingTrialRunner
 
     folder = tmp_path / "m"
     tiny_llama(layers=5).save_pretrained(folder)
@@ -304,8 +309,8 @@ def test_streaming_from_a_gguf_source_equals_its_in_memory_load(
 
     from helpers import words, write_tiny_gguf
 
-    from prunekit_core.loading import load_model
-    from prunekit_core.streaming import streaming_folder, streaming_tokenizer
+    from prunekit_core.io.loading import load_model
+    from prunekit_core.scoring.streaming import streaming_folder, streaming_tokenizer
 
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
     gguf = write_tiny_gguf(tmp_path / "tiny.F32.gguf", tied=tied)
@@ -396,8 +401,8 @@ def test_greedy_plan_equals_naive_with_fewer_block_forwards() -> None:
 
 
 def test_streaming_plan_applies_to_the_loaded_model(tmp_path: Path) -> None:
-    from prunekit_core.plan import fingerprint
-    from prunekit_core.surgery import apply_plan
+    from prunekit_core.ir.plan import fingerprint
+    from prunekit_core.surgery.apply import apply_plan
 
     folder = tmp_path / "m"
     MODELS["mixtral"]().save_pretrained(folder, max_shard_size="20KB")

@@ -17,14 +17,19 @@ import transformers as T
 from test_streaming import MODELS, SMALL, _cli, _seeded
 from transformers import AutoModelForCausalLM
 
-from prunekit_core.api import calibrate, score, score_groups
-from prunekit_core.errors import PlanError
-from prunekit_core.planning import plan_pruning
-from prunekit_core.plugins import get_metric
-from prunekit_core.scoring import Calibration
-from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score, stream_score_groups
-from prunekit_core.surgery import apply_plan
-from prunekit_core.width_scoring import WidthCurveObserver
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.planning.width import WidthCurveObserver
+from prunekit_core.registry.plugins import get_metric
+from prunekit_core.scoring.api import calibrate, score, score_groups
+from prunekit_core.scoring.calibration import Calibration
+from prunekit_core.scoring.streaming import (
+    open_streaming,
+    stream_calibrate,
+    stream_score,
+    stream_score_groups,
+)
+from prunekit_core.surgery.apply import apply_plan
 
 #: Mistral and Qwen2 (the Llama plugin's other families) at the size of test_streaming's models
 DENSE = dict(

@@ -14,8 +14,8 @@ import pytest
 from helpers import save_tiny_model, words
 
 from prunekit_core.cli import main
-from prunekit_core.report import pareto_front, write_report
-from prunekit_core.sweep import (
+from prunekit_core.study.report import pareto_front, write_report
+from prunekit_core.study.sweep import (
     Cell,
     SweepConfigError,
     load_sweep_config,

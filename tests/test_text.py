@@ -1,4 +1,4 @@
-"""Tests for prunekit_core.text (tiny offline tokenizer; no downloads)."""
+"""Tests for prunekit_core.io.text (tiny offline tokenizer; no downloads)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from prunekit_core import text as text_mod
-from prunekit_core.errors import CalibrationError, PrunekitError, TextNotFoundError
-from prunekit_core.text import TEXT_ALIASES, TextWindows, load_windows, read_text, resolve_text, token_windows
+from prunekit_core.io import text as text_mod
+from prunekit_core.io.text import (
+    TEXT_ALIASES,
+    TextWindows,
+    load_windows,
+    read_text,
+    resolve_text,
+    token_windows,
+)
+from prunekit_core.ir.errors import CalibrationError, PrunekitError, TextNotFoundError
 
 HAS_EXLLAMA = importlib.util.find_spec("exllamav2") is not None
 NO_TEXTS = "c4 and wiki texts absent: install exllamav2==0.3.2 with pip --no-deps (scripts/setup.sh does)"
@@ -123,7 +130,7 @@ def test_window_caps():
 
 def test_fewer_windows_than_requested_warns(caplog: pytest.LogCaptureFixture):
     tok = tiny_tokenizer()
-    with caplog.at_level(logging.WARNING, logger="prunekit_core.text"):
+    with caplog.at_level(logging.WARNING, logger="prunekit_core.io.text"):
         ids = token_windows(tok, words(25), seq_len=10, num_windows=5)
     assert ids.shape == (2, 10)
     assert "only 2 window" in caplog.text
@@ -179,7 +186,7 @@ def _bpe_tokenizer(kind: str, corpus: str) -> PreTrainedTokenizerFast:
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
 def test_prefix_tokenization_equals_whole_text(kind: str):
     """Windows cut from a tokenized prefix equal the whole text's first tokens, on every packaged text."""
-    from prunekit_core.text import _encode, _encode_prefix
+    from prunekit_core.io.text import _encode, _encode_prefix
 
     texts = {alias: read_text(alias)[:300_000] for alias in TEXT_ALIASES}
     tok = _bpe_tokenizer(kind, texts["c4"][:100_000])
@@ -194,7 +201,7 @@ def test_prefix_tokenization_equals_whole_text(kind: str):
 @pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
 def test_prefix_tokenization_when_the_prefix_is_tight(kind: str, monkeypatch: pytest.MonkeyPatch):
     """The first prefix tried ends inside the last token asked for (or one character per token)."""
-    import prunekit_core.text as text_mod
+    import prunekit_core.io.text as text_mod
 
     text = read_text("wiki")[:60_000]
     tok = _bpe_tokenizer(kind, read_text("c4")[:100_000])

@@ -11,19 +11,19 @@ from helpers import words
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunekit_core as pk
-from prunekit_core.errors import PlanError
-from prunekit_core.ir import ChannelGroup, GroupMember
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.planning import BEST_WIDTH
-from prunekit_core.plugins import get_metric
-from prunekit_core.scoring import Calibration
-from prunekit_core.width_scoring import (
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import ChannelGroup, GroupMember
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.planning.planner import BEST_WIDTH
+from prunekit_core.planning.width import (
     FamilyCost,
     _output_energy_curve,
     allocate_global,
     allowed_cuts,
     round_step,
 )
+from prunekit_core.registry.plugins import get_metric
+from prunekit_core.scoring.calibration import Calibration
 
 
 def model_(
@@ -350,7 +350,7 @@ def test_module_counters_are_set_saved_and_restored(tmp_path, monkeypatch) -> No
 
     from prunekit_llama import adapter as llama
 
-    from prunekit_core.ir import ModuleCounter
+    from prunekit_core.ir.model import ModuleCounter
 
     (channels,) = llama.MLP.groups
 

@@ -4,7 +4,7 @@
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
 * ``--json`` prints exactly one JSON object on stdout and nothing else; progress and timings go to stderr.
-* Every :class:`~prunekit_core.errors.PrunekitError` is printed as ``error: <message>`` on stderr with exit
+* Every :class:`~prunekit_core.ir.errors.PrunekitError` is printed as ``error: <message>`` on stderr with exit
   code 2 and no traceback; usage errors exit 2 as well.
 * Inputs (ratio, files, text, model, output folder) are validated before any expensive work, and nothing
   is written when a command fails.
@@ -24,7 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import PrunekitError
+from ..ir.errors import PrunekitError
 from . import (
     cmd_demo,
     cmd_eval,

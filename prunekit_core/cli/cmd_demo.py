@@ -1,4 +1,4 @@
-"""``prunekit demo``: prune SmolLM2-135M end to end (:func:`prunekit_core.demo.run_demo`)."""
+"""``prunekit demo``: prune SmolLM2-135M end to end (:func:`prunekit_core.study.demo.run_demo`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..defaults import check_ratio
+from ..ir.defaults import check_ratio
 from .options import HelpFormatter, add_calib_window_args, add_eval_args, epilog
 from .ui import EXIT_OK, UI
 
@@ -46,7 +46,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, ui: UI) -> int:
-    from ..demo import run_demo
+    from ..study.demo import run_demo
 
     check_ratio(args.ratio)
     result = run_demo(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import CalibrationError
+from ..ir.errors import CalibrationError
 from .inputs import check_model, check_text, load_model, text_windows
 from .options import MODEL_HELP, TEXT_HELP, HelpFormatter, add_load_args, epilog, positive, seq_len
 from .ui import EXIT_OK, UI, bars, fmt_params, ppl_dict
@@ -54,7 +54,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
-    from ..evaluate import count_parameters, perplexity, size_on_disk
+    from ..study.evaluate import count_parameters, perplexity, size_on_disk
 
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise CalibrationError(

@@ -33,9 +33,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, ui: UI) -> int:
-    from ..api import inspect
-    from ..plan import fingerprint
-    from ..plugins import rank_adapters
+    from ..ir.plan import fingerprint
+    from ..registry.plugins import rank_adapters
+    from ..scoring.api import inspect
 
     check_model(args.model, tokenizer=False)  # inspecting needs no tokenizer
     model, _tok, _src = load_model(ui, args.model, args, tokenizer=False)

@@ -60,7 +60,7 @@ def _config_item(value: str) -> tuple[str, Any]:
 
 
 def cmd_new_plugin(args: argparse.Namespace, ui: UI) -> int:
-    from ..scaffold import new_plugin
+    from ..io.scaffold import new_plugin
 
     skeleton = new_plugin(
         args.name, model_class=args.model_class, out=args.out, config=dict(args.config), force=args.force

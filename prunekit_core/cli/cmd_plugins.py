@@ -36,7 +36,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_plugins(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from ..plugins import catalog, load_failures, plugins
+    from ..registry.plugins import catalog, load_failures, plugins
 
     if args.load:  # build every adapter, metric and format, checking each catalog (imports torch)
         found, failed = plugins(), load_failures()

@@ -1,7 +1,7 @@
 """``prunekit prune``: plan and apply pruning to a parameter budget, evaluate, save.
 
 The options only: the checks, the policy and every step are :func:`prunekit_core.prune`'s
-(:mod:`prunekit_core.pipeline`), which reports through the command's :class:`~.ui.UIReporter`.
+(:mod:`prunekit_core.study.pipeline`), which reports through the command's :class:`~.ui.UIReporter`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..defaults import (
+from ..ir.defaults import (
     BEST,
     BEST_EXPERT,
     BEST_SUBLAYER,
@@ -185,7 +185,7 @@ def _scope(value: str) -> tuple[str, ...]:
 def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
     """Parse nothing more, prune with :func:`prunekit_core.prune` (the checks and the policy live there),
     print as it goes, and with ``--json`` print its report."""
-    from ..pipeline import prune
+    from ..study.pipeline import prune
 
     res = prune(
         args.model,

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..defaults import DEFAULT_HEAL_TEXTS
-from ..errors import PlanError
+from ..ir.defaults import DEFAULT_HEAL_TEXTS
+from ..ir.errors import PlanError
 from .inputs import check_heal_texts, check_model, check_out, check_text, load_model, text_windows
 from .options import (
     MODEL_HELP,
@@ -66,9 +66,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from ..checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
-    from ..evaluate import perplexity
-    from ..surgery import apply_plan
+    from ..io.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
+    from ..study.evaluate import perplexity
+    from ..surgery.apply import apply_plan
 
     # cheap checks first: nothing is loaded or written before all of them pass
     out = Path(args.out).expanduser()
@@ -89,7 +89,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
             raise PlanError(
                 f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
             )
-        from ..checkpoint import verify_checkpoint
+        from ..io.checkpoint import verify_checkpoint
 
         if (plan_file.parent / RECORD_FILE).is_file():
             verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
@@ -111,7 +111,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
         model, tok, src = load_model(ui, args.model, args)
         skip = {args.calib: args.windows * args.seq_len} if args.calib is not None else {}
         model, result["recovery"] = heal_lora(args, ui, model, tok, heal_texts, skip)
-        from ..checkpoint import read_plan
+        from ..io.checkpoint import read_plan
 
         if src.path is not None and (src.path / RECORD_FILE).is_file():
             plan = read_plan(src.path)  # a prunekit checkpoint: the plan load_pruned verified

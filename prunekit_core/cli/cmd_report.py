@@ -29,7 +29,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace, ui: UI) -> int:
-    from ..report import write_report
+    from ..study.report import write_report
 
     paths = write_report(args.results, args.out, title=args.title)
     if ui.json_mode:

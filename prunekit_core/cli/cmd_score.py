@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import PlanError
+from ..ir.errors import PlanError
 from .inputs import check_model, check_text, load_model, multimodal, text_windows
 from .options import (
     MODEL_HELP,
@@ -72,9 +72,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     from rich.table import Table
 
-    from ..api import calibrate, inspect, score
-    from ..metrics import ChannelMetric
-    from ..plugins import get_metric
+    from ..registry.plugins import get_metric
+    from ..scoring.api import calibrate, inspect, score
+    from ..scoring.metrics import ChannelMetric
 
     names = list(dict.fromkeys(args.metric or DEFAULT_SCORE_METRICS))
     metrics = [get_metric(n) for n in names]
@@ -86,7 +86,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
         )
     span = args.span if args.span is not None else 1
     if args.streaming:
-        from ..streaming import check_streaming_metric
+        from ..scoring.streaming import check_streaming_metric
 
         for m in metrics:
             check_streaming_metric(m)
@@ -113,7 +113,7 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
     for m in metrics:
         with ui.step(f"score {m.name}"):
             if args.streaming:
-                from ..streaming import stream_score
+                from ..scoring.streaming import stream_score
 
                 s = stream_score(sm, cal, m.name, span=span if m.unit == "span" else None)
             else:
@@ -144,12 +144,12 @@ def cmd_score(args: argparse.Namespace, ui: UI) -> int:
 
 
 def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
-    """``model``: a loaded model, or a :class:`~prunekit_core.streaming.StreamingModel` (block by block)."""
+    """``model``: a loaded model, or a :class:`~prunekit_core.scoring.streaming.StreamingModel` (block by block)."""
     from rich.table import Table
 
-    from ..api import score_groups
-    from ..scoring import Calibration
-    from ..streaming import StreamingModel, stream_score_groups
+    from ..scoring.api import score_groups
+    from ..scoring.calibration import Calibration
+    from ..scoring.streaming import StreamingModel, stream_score_groups
 
     if isinstance(model, StreamingModel):
         cal = stream_calibrate(ui, model, windows.ids, metrics, images=False)  # as score_groups below

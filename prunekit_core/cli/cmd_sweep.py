@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..defaults import EXECUTORS
+from ..ir.defaults import EXECUTORS
 from .inputs import check_model
 from .options import HelpFormatter, epilog, positive
 from .ui import EXIT_OK, UI
@@ -58,7 +58,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace, ui: UI) -> int:
-    from ..sweep import load_sweep_config, plan_cells, run_sweep
+    from ..study.sweep import load_sweep_config, plan_cells, run_sweep
 
     config = load_sweep_config(args.config)
     check_model(config.model)  # a missing folder fails here, not in every worker

@@ -1,7 +1,7 @@
 """The checks every command runs before any expensive work, and the loading of models and texts.
 
 Cheap checks first (a text is readable, a model path exists, --out can be written): nothing is loaded,
-computed or written before they pass. The checks are :mod:`prunekit_core.pipeline`'s (``prunekit prune``
+computed or written before they pass. The checks are :mod:`prunekit_core.study.pipeline`'s (``prunekit prune``
 runs them inside :func:`prunekit_core.prune`); heavy modules are imported inside the functions.
 """
 
@@ -10,14 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..pipeline import check_heal_texts as pipeline_check_heal_texts
-from ..pipeline import (
-    check_model_spec,
-    check_out,
-    check_text,
-    load_model_spec,
-    multimodal_inputs,
-)
+from ..study.pipeline import check_heal_texts as pipeline_check_heal_texts
+from ..study.pipeline import check_model_spec, check_out, check_text, load_model_spec, multimodal_inputs
 from .ui import UI
 
 # the checks prunekit_core.prune runs, for the other commands (one definition of each)
@@ -32,11 +26,11 @@ __all__ = [
 multimodal = multimodal_inputs
 
 if TYPE_CHECKING:
-    from ..text import TextWindows
+    from ..io.text import TextWindows
 
 
 def check_model(spec: str, *, tokenizer: bool = True) -> Any:
-    """:func:`prunekit_core.pipeline.check_model_spec`: nothing loaded, a missing path fails at once."""
+    """:func:`prunekit_core.study.pipeline.check_model_spec`: nothing loaded, a missing path fails at once."""
     return check_model_spec(spec, tokenizer=tokenizer)
 
 
@@ -65,6 +59,6 @@ def load_model(
 def text_windows(
     tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None
 ) -> TextWindows:
-    from ..text import load_windows
+    from ..io.text import load_windows
 
     return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from ..defaults import LORA_PRECISIONS, MODEL_ALIASES, TEXT_ALIASES
+from ..ir.defaults import LORA_PRECISIONS, MODEL_ALIASES, TEXT_ALIASES
 
 _TEXT_HELP = "an alias ({aliases}) or a path to a UTF-8 text file"
 _MODEL_HELP = (

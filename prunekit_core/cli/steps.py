@@ -1,5 +1,5 @@
 """Steps that several commands run, each with its progress lines: opening a model for streaming, streaming
-calibration, LoRA healing. Each is :mod:`prunekit_core.pipeline`'s, reported through the command's UI;
+calibration, LoRA healing. Each is :mod:`prunekit_core.study.pipeline`'s, reported through the command's UI;
 heavy modules are imported inside the functions."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .ui import UI, UIReporter
 
 def open_streaming(ui: UI, spec: str) -> tuple[Any, Any]:
     """Open ``spec`` for streaming (blocks stay on disk) and its tokenizer, under a step line."""
-    from ..pipeline import open_streaming_spec
+    from ..study.pipeline import open_streaming_spec
 
     return open_streaming_spec(UIReporter(ui), spec)
 
@@ -26,8 +26,8 @@ def stream_calibrate(
     *,
     images: bool = True,
 ) -> Any:
-    """:func:`prunekit_core.pipeline.stream_calibration` with the command's progress lines."""
-    from ..pipeline import stream_calibration
+    """:func:`prunekit_core.study.pipeline.stream_calibration` with the command's progress lines."""
+    from ..study.pipeline import stream_calibration
 
     return stream_calibration(UIReporter(ui), sm, ids, metrics, observers, images=images)
 
@@ -36,7 +36,7 @@ def heal_lora(
     args: argparse.Namespace, ui: UI, model: Any, tok: Any, texts: tuple[str, ...], skip: dict[str, int]
 ) -> tuple[Any, dict[str, Any]]:
     """LoRA healing with the --lora-* options; returns the merged model and the recovery record."""
-    from ..pipeline import heal_with_lora
+    from ..study.pipeline import heal_with_lora
 
     model, report = heal_with_lora(
         model,

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..pipeline import Reporter
+from ..study.pipeline import Reporter
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -157,7 +157,7 @@ _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS":
 def our_loggers() -> tuple[str, ...]:
     """The loggers whose records the CLI shows (WARNING, INFO with -v): the core's and those of every
     installed plugin's package, as the registry names them (read from entry points: nothing imported)."""
-    from ..plugins import plugin_packages
+    from ..registry.plugins import plugin_packages
 
     return ("prunekit_core", *(p for p in plugin_packages() if p != "prunekit_core"))
 

@@ -9,8 +9,8 @@ group family (``groups=``), so width pruning works too.
 
 from __future__ import annotations
 
-from prunekit_core.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
-from prunekit_core.groups import ffn_channels
+from prunekit_core.adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
+from prunekit_core.adapters.groups import ffn_channels
 
 
 class GptjAdapter(DeclaredDecoderAdapter):

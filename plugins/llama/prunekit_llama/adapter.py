@@ -7,15 +7,15 @@ residual edges. ``self_attn`` has ``q/k/v/o_proj``, owns the KV-cache slot ``lay
 between ``model.embed_tokens`` and ``model.norm`` + ``lm_head``.
 
 Width pruning: the attention's KV groups (one KV head with its query heads) and the MLP's channels, built
-by the core's :func:`~prunekit_core.groups.kv_groups` and :func:`~prunekit_core.groups.ffn_channels` from
+by the core's :func:`~prunekit_core.adapters.groups.kv_groups` and :func:`~prunekit_core.adapters.groups.ffn_channels` from
 the names below. ``match_layout``: a model of another class laid out the same way (a fine-tuning
 library's subclass) matches with score 10.
 """
 
 from __future__ import annotations
 
-from prunekit_core.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
-from prunekit_core.groups import ffn_channels, kv_groups
+from prunekit_core.adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
+from prunekit_core.adapters.groups import ffn_channels, kv_groups
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 

@@ -19,10 +19,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from prunekit_core.errors import PlanError
-from prunekit_core.ir import GroupMember
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import GroupMember
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan
 
 TINY = dict(
     vocab_size=128,

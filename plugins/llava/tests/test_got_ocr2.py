@@ -21,14 +21,14 @@ from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import prunekit_core as pk
-from prunekit_core.errors import PlanError
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.plugins import select_adapter
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.registry.plugins import select_adapter
+from prunekit_core.surgery.width import config_describes_shapes
 from prunekit_core.testing import (  # the kit's hook references: bypassed block, zeroed branch
     _skipped,
     _zeroed,
 )
-from prunekit_core.width import config_describes_shapes
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # the last id: random text ids are drawn below it

@@ -12,7 +12,7 @@ from transformers import GotOcr2ForConditionalGeneration
 
 from prunekit_core import apply_plan, load_pruned, save_plan
 from prunekit_core.cli import main
-from prunekit_core.plan import PrunePlan, fingerprint
+from prunekit_core.ir.plan import PrunePlan, fingerprint
 from prunekit_core.testing import word_tokenizer
 
 

@@ -6,7 +6,7 @@ import torch
 from prunekit_llava.got_ocr2 import GotOcr2Adapter
 from test_got_ocr2 import IMAGE_TOKEN, IMAGE_TOKENS, UNIFORM_CONV, make_got
 
-from prunekit_core.ir import ModelIR
+from prunekit_core.ir.model import ModelIR
 from prunekit_core.testing import AdapterConformance
 
 

@@ -15,8 +15,8 @@ import test_got_ocr2_conformance as conformance  # a module import: pytest must 
 import torch
 from prunekit_llava.got_ocr2 import GotOcr2Adapter
 
-from prunekit_core.errors import PlanError
-from prunekit_core.ir import ChannelGroup, ModelIR
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import ChannelGroup, ModelIR
 
 
 def _edit_family(ir: ModelIR, fid: str, edit) -> ModelIR:  # noqa: ANN001

@@ -11,9 +11,9 @@ from prunekit_llava import LlavaAdapter
 from transformers import LlavaForConditionalGeneration
 
 import prunekit_core as pk
-from prunekit_core.compose import map_submodel
-from prunekit_core.errors import PlanError, UnsupportedModelError
-from prunekit_core.vision import remap_hidden_state_index
+from prunekit_core.adapters.compose import map_submodel
+from prunekit_core.adapters.vision import remap_hidden_state_index
+from prunekit_core.ir.errors import PlanError, UnsupportedModelError
 
 
 def _ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from llava_tiny import IMAGE_TOKEN, pixel_values, tiny_llava, tiny_llava_moe, with_image_tokens
 from prunekit_llava import LlavaAdapter
 
-from prunekit_core.ir import ModelIR
+from prunekit_core.ir.model import ModelIR
 from prunekit_core.testing import AdapterConformance
 
 

@@ -10,8 +10,8 @@ from llava_tiny import tiny_llava
 from prunekit_llava.images import SAMPLE_FILES, SAMPLE_IMAGES, data_dir, sample_images, to_pixel_values
 
 import prunekit_core as pk
-from prunekit_core.errors import CalibrationError
-from prunekit_core.vision import feature_fidelity, image_features
+from prunekit_core.adapters.vision import feature_fidelity, image_features
+from prunekit_core.ir.errors import CalibrationError
 
 
 def _calibrated(model, n=4, length=16):
@@ -112,7 +112,7 @@ def _reference_loss(model, ids, extra, vision=(), text=()):
 
 
 def test_removal_trials_measure_vision_units_with_the_images():
-    from prunekit_core.scoring import TrialRunner
+    from prunekit_core.scoring.calibration import TrialRunner
 
     model = tiny_llava("clip")
     ids, extra, _cal = _calibrated(model)

@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import prunekit_core as pk
-from prunekit_core.vision import feature_fidelity, image_features
+from prunekit_core.adapters.vision import feature_fidelity, image_features
 
 pytestmark = [
     pytest.mark.slow,

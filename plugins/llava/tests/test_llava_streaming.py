@@ -18,12 +18,12 @@ from llava_tiny import save_tiny_llava, tiny_llava, tiny_llava_moe, write_text
 from test_got_ocr2 import make_got
 
 import prunekit_core as pk
-from prunekit_core.checkpoint import model_class
-from prunekit_core.errors import PlanError
-from prunekit_core.planning import plan_pruning
-from prunekit_core.plugins import get_metric
-from prunekit_core.scoring import ScoringContext
-from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score
+from prunekit_core.io.checkpoint import model_class
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.registry.plugins import get_metric
+from prunekit_core.scoring.calibration import ScoringContext
+from prunekit_core.scoring.streaming import open_streaming, stream_calibrate, stream_score
 
 MODELS = {
     "llava-clip": lambda: tiny_llava("clip"),

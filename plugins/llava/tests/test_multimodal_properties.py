@@ -25,12 +25,12 @@ from test_got_ocr2 import inputs as got_inputs
 from test_got_ocr2 import make_got
 from torch import nn
 
-from prunekit_core.adapter import ArchitectureAdapter
-from prunekit_core.checkpoint import load_pruned, save_pruned
-from prunekit_core.ir import ModelIR
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import apply_plan, removed_params, resolve_removals
-from prunekit_core.width import resolve_width, width_removed_params
+from prunekit_core.adapters.base import ArchitectureAdapter
+from prunekit_core.io.checkpoint import load_pruned, save_pruned
+from prunekit_core.ir.model import ModelIR
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan, removed_params, resolve_removals
+from prunekit_core.surgery.width import resolve_width, width_removed_params
 
 
 def _llava_inputs() -> dict[str, torch.Tensor]:

@@ -7,13 +7,13 @@ in two fused parameters, ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) a
 Qwen2-MoE adds an always-on ``shared_expert`` (a gated MLP) scaled by ``sigmoid(shared_expert_gate(x))``, and
 may keep dense MLPs in some layers (``mlp_only_layers``, ``decoder_sparse_step``).
 
-The layout is declared by tables (:class:`~prunekit_core.declared.DeclaredDecoderAdapter`, as the Llama
+The layout is declared by tables (:class:`~prunekit_core.adapters.declared.DeclaredDecoderAdapter`, as the Llama
 plugin and docs/plugins/writing-a-plugin.md): the attention and a dense layer's MLP use the core's
 ``kv_groups`` and ``ffn_channels`` factories, the MoE branch declares its fused experts with factories of
-its own (:class:`~prunekit_core.declared.GroupFactory`), and ``block_branches`` picks the MoE or the dense
+its own (:class:`~prunekit_core.adapters.declared.GroupFactory`), and ``block_branches`` picks the MoE or the dense
 branch per layer. The IR declares, per MoE sublayer (id ``text.blocks.i.moe``):
 
-- the experts as :class:`~prunekit_core.ir.Expert` units (``text.blocks.i.moe.experts.e``, router row ``e``)
+- the experts as :class:`~prunekit_core.ir.model.Expert` units (``text.blocks.i.moe.experts.e``, router row ``e``)
   and the shared expert (``text.blocks.i.moe.shared_expert``, no router row);
 - the expert family ``text.blocks.i.moe.experts`` (kind ``expert``): expert ``e`` owns ``gate_up_proj[e]``,
   ``down_proj[e]`` and router row ``e``. Removing experts slices all three; the router then takes its
@@ -34,13 +34,19 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module, iter_modules, module_attr
-from prunekit_core.declared import Branch, BranchSpec, DeclaredDecoderAdapter, GroupFactory, LayoutSpec
-from prunekit_core.groups import ffn_channels, kv_groups
-from prunekit_core.ir import ChannelGroup, Expert, GroupMember, ModelIR, ModuleCounter, TopK
+from prunekit_core.adapters.base import count_params, get_module, iter_modules, module_attr
+from prunekit_core.adapters.declared import (
+    Branch,
+    BranchSpec,
+    DeclaredDecoderAdapter,
+    GroupFactory,
+    LayoutSpec,
+)
+from prunekit_core.adapters.groups import ffn_channels, kv_groups
+from prunekit_core.ir.model import ChannelGroup, Expert, GroupMember, ModelIR, ModuleCounter, TopK
 
 if TYPE_CHECKING:
-    from prunekit_core.adapter import WidthCut
+    from prunekit_core.adapters.base import WidthCut
 
 SUPPORTED = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 

@@ -9,7 +9,7 @@ every transformers fused-experts kernel takes), for each expert ``e``:
   the expert's inputs (the hidden state) and for its down projection's inputs (``act(x W_gate) * (x W_up)``,
   recomputed on those tokens);
 - and a sample of the MoE block's inputs, on which the reconstruction metric replays the block with each
-  expert masked (its router logit at -inf, :func:`~prunekit_core.routing.router_rows_masked`).
+  expert masked (its router logit at -inf, :func:`~prunekit_core.surgery.routing.router_rows_masked`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import get_module, module_attr
-from prunekit_core.ir import ChannelGroup, ModelIR, Sublayer
-from prunekit_core.metrics import ExpertMetric
-from prunekit_core.routing import router_rows_masked
-from prunekit_core.scoring import Collector, ScoringContext
-from prunekit_core.width import routed_families
+from prunekit_core.adapters.base import get_module, module_attr
+from prunekit_core.ir.model import ChannelGroup, ModelIR, Sublayer
+from prunekit_core.scoring.calibration import Collector, ScoringContext
+from prunekit_core.scoring.metrics import ExpertMetric
+from prunekit_core.surgery.routing import router_rows_masked
+from prunekit_core.surgery.width import routed_families
 
 STATS_KEY = "prunekit_mixtral.expert_stats"
 
@@ -52,7 +52,7 @@ def expert_collector(
     model: nn.Module, ir: ModelIR, windows: torch.Tensor, *, sample_tokens: int = 2048
 ) -> tuple[ExpertStats, list[Any]]:
     """The hooks of :func:`collect_expert_stats` on every MoE layer of ``ir`` (a
-    :data:`~prunekit_core.scoring.Collector`: the caller runs the windows; a streaming pass, one block's)."""
+    :data:`~prunekit_core.scoring.calibration.Collector`: the caller runs the windows; a streaming pass, one block's)."""
     stats = ExpertStats(tokens=int(windows.numel()))
     handles = []
     for fid, (sub, _fam) in _moe_families(ir).items():

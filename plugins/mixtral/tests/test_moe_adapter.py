@@ -12,11 +12,11 @@ from prunekit_llama import LlamaFamilyAdapter
 from prunekit_mixtral import MoEAdapter
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from prunekit_core.errors import PlanError
-from prunekit_core.ir import GroupMember
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.routing import router_rows_masked
-from prunekit_core.surgery import apply_plan
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.ir.model import GroupMember
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import apply_plan
+from prunekit_core.surgery.routing import router_rows_masked
 
 H, I_MIX, E_MIX = 32, 48, 4
 ROUTED_MIX = 2 * I_MIX * H + H * I_MIX + H  # gate/up rows, down, router row of one expert
@@ -223,7 +223,7 @@ def test_errors_name_the_problem() -> None:
 def test_block_and_moe_removal_reuse_core_mechanism() -> None:
     """Removing a whole MoE sublayer or a block needs nothing MoE-specific: the branch stand-in and the
     block deletion of the core."""
-    from prunekit_core.surgery import RemovedBranch
+    from prunekit_core.surgery.apply import RemovedBranch
 
     model = prune(tiny_qwen2_moe(), remove=["text.blocks.0.moe", "text.blocks.2"])
     assert isinstance(model.model.layers[0].mlp, RemovedBranch) and len(model.model.layers) == 3
@@ -231,7 +231,7 @@ def test_block_and_moe_removal_reuse_core_mechanism() -> None:
 
 
 def test_per_layer_clamped_top_k_survives_save_and_load(tmp_path) -> None:
-    from prunekit_core.checkpoint import load_pruned, save_pruned
+    from prunekit_core.io.checkpoint import load_pruned, save_pruned
 
     groups = {"text.blocks.0.moe.experts": [0, 1, 2, 3], "text.blocks.2.moe.experts": [3]}
     run = applied(tiny_qwen2_moe(), remove=["text.blocks.1.moe"], groups=groups, top_k_policy="clamp")

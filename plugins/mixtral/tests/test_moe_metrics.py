@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from prunekit_core import load_pruned, read_plan
 from prunekit_core.cli import main
-from prunekit_core.errors import PlanError
-from prunekit_core.planning import plan_pruning
-from prunekit_core.plugins import get_metric
-from prunekit_core.scoring import Calibration, ScoringContext
-from prunekit_core.surgery import apply_plan
+from prunekit_core.ir.errors import PlanError
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.registry.plugins import get_metric
+from prunekit_core.scoring.calibration import Calibration, ScoringContext
+from prunekit_core.surgery.apply import apply_plan
 
 METRICS = ("expert_frequency", "expert_mass", "moe_pruner", "expert_reconstruction", "expert_random")
 
@@ -103,7 +103,7 @@ def test_reconstruction_equals_the_pruned_block_output() -> None:
     with torch.no_grad():
         y = model.model.layers[2].mlp(x).double()
     for e in range(4):
-        from prunekit_core.plan import PrunePlan, fingerprint
+        from prunekit_core.ir.plan import PrunePlan, fingerprint
 
         pruned = tiny_mixtral()
         plan = PrunePlan(
@@ -251,7 +251,7 @@ def test_width_planner_narrows_shared_expert_and_dense_channels() -> None:
 
 
 def test_score_groups_shares_one_pass_across_metrics() -> None:
-    from prunekit_core.api import score_groups
+    from prunekit_core.scoring.api import score_groups
 
     model = tiny_mixtral()
     calls = []

@@ -10,9 +10,9 @@ from moe_tiny import tiny_mixtral
 from prunekit_mixtral import MoEAdapter
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from prunekit_core.checkpoint import PLAIN_LOAD_GUARD_KEY, load_pruned, save_pruned
-from prunekit_core.plan import PrunePlan, fingerprint
-from prunekit_core.surgery import AppliedPlan, apply_plan
+from prunekit_core.io.checkpoint import PLAIN_LOAD_GUARD_KEY, load_pruned, save_pruned
+from prunekit_core.ir.plan import PrunePlan, fingerprint
+from prunekit_core.surgery.apply import AppliedPlan, apply_plan
 from prunekit_core.testing import assert_identical, assert_kernel_close, assert_same_weights
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

