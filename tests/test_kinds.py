@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from prunekit_core.ir.model import ChannelGroup, GroupMember, ResidualEdge, Sublayer, kinds
+from prunekit_core.ir import kinds
+from prunekit_core.ir.model import ChannelGroup, GroupMember, ResidualEdge, Sublayer
 
 
 def _sublayer(kind: str) -> Sublayer:
