@@ -32,7 +32,7 @@ def step_by_step(model: torch.nn.Module, text: Path, *, stats: bool = True, **kw
     """What prune does, written out with the public API (``stats``: run the calibration pass)."""
     ids = pk.load_windows(tiny_tokenizer(), str(text), seq_len=SEQ, num_windows=N).ids
     cal = pk.calibrate(model, ids) if stats else Calibration(windows=ids)
-    plan = pk.plan_pruning(model, cal, **kw)  # type: ignore[arg-type]
+    plan = pk.plan_pruning(model, cal, **kw)  # type: ignore[arg-type]  # **kw: option values of several types
     pk.apply_plan(model, plan, repair_windows=ids)
     return plan
 
@@ -66,7 +66,7 @@ def test_prune_matches_the_step_by_step_api(text: Path, kw: dict[str, object], s
     want = tiny_llama(layers=4, seed=3)
     plan = step_by_step(want, text, stats=stats, ratio=0.3, **kw)
     got = tiny_llama(layers=4, seed=3)
-    res = pk.prune(got, tokenizer=tiny_tokenizer(), ratio=0.3, calib=str(text), seq_len=SEQ, windows=N, **kw)  # type: ignore[arg-type]
+    res = pk.prune(got, tokenizer=tiny_tokenizer(), ratio=0.3, calib=str(text), seq_len=SEQ, windows=N, **kw)  # type: ignore[arg-type]  # **kw: option values of several types
     assert res.model is got
     assert comparable(res.plan) == comparable(plan)
     same_weights(got, want)
@@ -193,10 +193,10 @@ def test_streaming_plan_only_matches_the_in_memory_plan(text: Path, tmp_path: Pa
     kw = {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "none"}
     res = pk.prune(
         str(folder), ratio=0.3, calib=str(text), seq_len=SEQ, windows=N, streaming=True, plan_only=True, **kw
-    )  # type: ignore[arg-type]
+    )  # type: ignore[arg-type]  # **kw: option values of several types
     assert res.model is None and {"load", "calibrate", "plan"} <= set(res.timings)
     want = tiny_llama(layers=4, seed=3)
-    plan = pk.plan_pruning(want, pk.calibrate(want, plan_windows(text)), ratio=0.3, **kw)  # type: ignore[arg-type]
+    plan = pk.plan_pruning(want, pk.calibrate(want, plan_windows(text)), ratio=0.3, **kw)  # type: ignore[arg-type]  # **kw: option values of several types
     assert res.plan.remove == plan.remove
 
 
@@ -257,13 +257,13 @@ def test_bad_input_is_refused_before_anything_is_done(
     args = {k: str(text) if v == "TEXT" else str(plan_file) if v == "PLAN" else v for k, v in args.items()}
     before = logits_of(model)
     with pytest.raises(error, match=message):
-        pk.prune(model, out=tmp_path / "out", **args)  # type: ignore[arg-type]
+        pk.prune(model, out=tmp_path / "out", **args)  # type: ignore[arg-type]  # **args: option values of several types
     assert not (tmp_path / "out").exists() and torch.equal(logits_of(model), before)
 
 
 def test_a_model_that_is_neither_a_spec_nor_a_module_is_refused() -> None:
     with pytest.raises(TypeError, match="model spec"):
-        pk.prune(42, ratio=0.3, calib="c4")  # type: ignore[arg-type]
+        pk.prune(42, ratio=0.3, calib="c4")  # type: ignore[arg-type]  # the wrong type is the point
 
 
 def test_streaming_wants_a_text_it_can_tokenize_itself(text: Path, tmp_path: Path) -> None:
