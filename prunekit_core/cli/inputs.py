@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..study.pipeline import check_heal_texts as pipeline_check_heal_texts
-from ..study.pipeline import check_model_spec, check_out, check_text, load_model_spec, multimodal_inputs
+from ..study.pipeline import check_model_spec, check_text, load_model_spec, multimodal_inputs
 from .ui import UI
 
 # the checks prunekit_core.prune runs, for the other commands (one definition of each)
 __all__ = [
-    "check_heal_texts",
     "check_model",
-    "check_out",
     "check_text",
     "load_model",
     "multimodal",
@@ -32,11 +29,6 @@ if TYPE_CHECKING:
 def check_model(spec: str, *, tokenizer: bool = True) -> Any:
     """:func:`prunekit_core.study.pipeline.check_model_spec`: nothing loaded, a missing path fails at once."""
     return check_model_spec(spec, tokenizer=tokenizer)
-
-
-def check_heal_texts(args: argparse.Namespace) -> tuple[str, ...]:
-    """The --lora-text texts, checked before anything is loaded (never the --eval text)."""
-    return pipeline_check_heal_texts(args.lora_text.split(","), args.eval)
 
 
 def load_model(

@@ -1,10 +1,9 @@
 """Steps that several commands run, each with its progress lines: opening a model for streaming, streaming
-calibration, LoRA healing. Each is :mod:`prunekit_core.study.pipeline`'s, reported through the command's UI;
+calibration. Each is :mod:`prunekit_core.study.pipeline`'s, reported through the command's UI;
 heavy modules are imported inside the functions."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from .ui import UI, UIReporter
@@ -30,27 +29,3 @@ def stream_calibrate(
     from ..study.pipeline import stream_calibration
 
     return stream_calibration(UIReporter(ui), sm, ids, metrics, observers, images=images)
-
-
-def heal_lora(
-    args: argparse.Namespace, ui: UI, model: Any, tok: Any, texts: tuple[str, ...], skip: dict[str, int]
-) -> tuple[Any, dict[str, Any]]:
-    """LoRA healing with the --lora-* options; returns the merged model and the recovery record."""
-    from ..study.pipeline import heal_with_lora
-
-    model, report = heal_with_lora(
-        model,
-        tok,
-        texts=texts,
-        steps=args.lora_steps,
-        lr=args.lora_lr,
-        rank=args.lora_rank,
-        batch_size=args.lora_batch,
-        seq_len=args.lora_seq_len,
-        precision=args.lora_precision,
-        seed=args.seed,
-        eval_text=args.eval,
-        skip=skip,
-        reporter=UIReporter(ui),
-    )
-    return model, report.as_dict()

@@ -14,10 +14,15 @@ policy they share lives here and nowhere else:
 * ``streaming=True`` plans from a pass that holds one block in memory at a time (the model is loaded
   whole only for the surgery, or never with ``plan_only=True``).
 
+:func:`recover` is the second half run on its own (``prunekit recover``): heal an already pruned model with
+LoRA, or re-apply its plan to the unpruned model with the least-squares repair (which comes before any
+LoRA healing), then evaluate and save; it returns a :class:`RecoverResult`. It shares the checks, the
+loading and the LoRA healing (the same rules about texts) with :func:`prune`.
+
 What a caller may rely on: nothing is set on the model (the applied plan, its healing record and every
-measurement are in the :class:`PruneResult`), and the checkpoint is written with the plan passed
-explicitly. Progress and results are reported as they happen through a :class:`Reporter` (silent by
-default; the command line prints through one).
+measurement are in the :class:`PruneResult` or :class:`RecoverResult`), and the checkpoint is written
+with the plan passed explicitly. Progress and results are reported as they happen through a
+:class:`Reporter` (silent by default; the command line prints through one).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PruneResult",
+    "RecoverResult",
     "Reporter",
     "check_heal_texts",
     "check_model_spec",
@@ -61,6 +67,7 @@ __all__ = [
     "load_model_spec",
     "open_streaming_spec",
     "prune",
+    "recover",
     "stream_calibration",
     "write_plan",
 ]
@@ -548,14 +555,7 @@ def prune(
 
     net: nn.Module
     if spec is not None:
-        if allow_pickle:
-            rep.info("--allow-pickle: pickled weights are read with torch.load(weights_only=True)")
-        if trust_remote_code:
-            rep.info("--trust-remote-code: model code shipped with the checkpoint will run")
-        with clock.stage("load", f"load {spec}"):
-            net, tokenizer, _src = load_model_spec(
-                spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-            )
+        net, tokenizer, _src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
     else:
         net = cast("nn.Module", model)
     return _prune_loaded(
@@ -882,6 +882,194 @@ def heal_with_lora(
         f"{report.threads} thread{'s' if report.threads != 1 else ''}); merged into the weights"
     )
     return model, report
+
+
+# --- recover: heal a pruned model afterwards ------------------------------------------------------------
+
+RecoverMethod = Literal["lora", "repair"]
+
+
+@dataclass
+class RecoverResult:
+    """What :func:`recover` did.
+
+    ``model``: the recovered model (LoRA: the pruned model healed, merged into plain weights; repair: the
+    unpruned ``base`` with the plan re-applied under the least-squares repair). ``plan``: the plan the
+    checkpoint records (its ``recovery`` field says how it was healed; ``None`` when a LoRA-healed model
+    had no prunekit plan). ``recovery``: the healing record (:meth:`LoraReport.as_dict` for ``lora``;
+    method and calibration tokens for ``repair``); ``lora``: the full LoRA report. ``report``: the
+    JSON-serialisable summary ``prunekit recover --json`` prints. ``timings``: seconds per stage that ran
+    (``load``, ``recover``, ``perplexity_after``, ``save``). ``out``: the folder written, or ``None``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    plan: PrunePlan | None
+    recovery: dict[str, Any]
+    report: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    lora: LoraReport | None = None
+    perplexity_after: PerplexityResult | None = None
+    out: Path | None = None
+
+
+def recover(
+    model: str | os.PathLike[str],
+    *,
+    method: RecoverMethod = "lora",
+    base: str | os.PathLike[str] | None = None,
+    calib: str | None = None,
+    seq_len: int = 256,
+    windows: int = 32,
+    eval: str | None = None,
+    eval_seq_len: int = 1024,
+    eval_tokens: int | None = 8192,
+    lora_texts: Sequence[str] = DEFAULT_HEAL_TEXTS,
+    lora_steps: int = 110,
+    lora_lr: float = 1e-3,
+    lora_rank: int = 8,
+    lora_batch: int = 4,
+    lora_seq_len: int = 256,
+    lora_precision: str = "auto",
+    seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    reporter: Reporter | None = None,
+) -> RecoverResult:
+    """Recover quality after pruning: what ``prunekit recover`` does, as one call.
+
+    ``method="lora"``: load ``model`` (a pruned model: a prunekit output folder, or any model spec), heal
+    it with LoRA on ``lora_texts`` (never ``eval``; the first ``windows`` x ``seq_len`` tokens of ``calib``
+    are skipped when it is also a healing text) with the ``lora_*`` settings, merged into the weights; a
+    prunekit checkpoint's plan then records the healing. ``method="repair"``: ``model`` must be a prunekit
+    output folder whose plan verifies and was not healed yet; its plan is re-applied to the unpruned
+    ``base`` with ``repair="lsq"``, fitted on ``windows`` x ``seq_len`` tokens of ``calib``. ``eval``: report
+    the perplexity afterwards on ``eval_tokens`` of that text in windows of ``eval_seq_len``. ``out``: the
+    folder to save to (unset, nothing is written); ``overwrite`` replaces a previous prunekit output.
+
+    Raises a :class:`~prunekit_core.ir.errors.PrunekitError` naming the problem and the fix, before anything
+    is loaded or written when the inputs are inconsistent.
+    """
+    from ..io.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, read_plan, save_pruned, verify_checkpoint
+    from ..io.text import load_windows
+    from .evaluate import perplexity
+
+    rep = reporter if reporter is not None else Reporter()
+    clock = _Clock(rep)
+    spec = os.fspath(model)
+    base_spec = os.fspath(base) if base is not None else None
+
+    # cheap checks first: nothing is loaded or written before all of them pass
+    if method not in ("lora", "repair"):
+        raise PlanError(f"the recovery method must be lora or repair; got {method!r}")
+    out_path = Path(out).expanduser() if out is not None else None
+    if out_path is not None:
+        check_out(out_path, plan_only=False, force=overwrite)
+    if eval is not None:
+        check_text(eval)
+    if calib is not None:
+        check_text(calib)
+    plan: PrunePlan | None = None
+    heal_texts: tuple[str, ...] = ()
+    if method == "lora":
+        if base_spec is not None:
+            raise PlanError("--base is for --method repair (it re-applies the plan to the unpruned model)")
+        heal_texts = check_heal_texts(lora_texts, eval)
+        check_model_spec(spec)
+    else:
+        plan_file = Path(spec).expanduser() / PLAN_FILE
+        if not plan_file.is_file():
+            raise PlanError(
+                f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {spec} has none"
+            )
+        if (plan_file.parent / RECORD_FILE).is_file():
+            verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
+        plan = load_plan(plan_file)
+        if plan.recovery:
+            raise PlanError(
+                f"{spec} was already healed ({plan.recovery.get('method')}); the repair comes before "
+                "LoRA: run prunekit prune --recover lora on the unpruned model instead"
+            )
+        if base_spec is None or calib is None:
+            raise PlanError(
+                "--method repair refits from the unpruned model: pass --base MODEL (the model the plan was "
+                "made for) and --calib TEXT (the calibration text)"
+            )
+        check_model_spec(base_spec)
+    report: dict[str, Any] = {
+        "model": spec,
+        "method": method,
+        "out": str(out_path.absolute()) if out_path is not None else None,
+    }
+
+    lora: LoraReport | None = None
+    net: nn.Module
+    if method == "lora":
+        net, tok, src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
+        skip = {calib: windows * seq_len} if calib is not None else {}
+        with clock.stage("recover"):
+            net, lora = heal_with_lora(
+                net,
+                tok,
+                texts=heal_texts,
+                steps=lora_steps,
+                lr=lora_lr,
+                rank=lora_rank,
+                batch_size=lora_batch,
+                seq_len=lora_seq_len,
+                precision=lora_precision,
+                seed=seed,
+                eval_text=eval,
+                skip=skip,
+                reporter=rep,
+            )
+        record = lora.as_dict()
+        if src.path is not None and (src.path / RECORD_FILE).is_file():
+            plan = read_plan(src.path)  # a prunekit checkpoint: the plan load_pruned verified
+        if plan is None:
+            rep.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
+        else:
+            plan = plan.model_copy(update={"recovery": record})
+    else:
+        assert plan is not None and base_spec is not None and calib is not None  # checked above
+        net, tok, _src = _load_timed(rep, clock, base_spec, allow_pickle, trust_remote_code)
+        cal = load_windows(tok, calib, seq_len=seq_len, num_windows=windows)
+        with clock.stage("recover", "apply plan with the least-squares repair"):
+            plan = _apply(net, plan.model_copy(update={"repair": "lsq"}), cal.ids)
+        record = {"method": "repair", "calibration_tokens": cal.num_tokens}
+    report["recovery"] = record
+    result = RecoverResult(
+        model=net, tokenizer=tok, plan=plan, recovery=record, report=report, timings=clock.timings, lora=lora
+    )
+    if eval is not None:
+        eval_windows = load_windows(tok, eval, seq_len=eval_seq_len, num_windows=None, max_tokens=eval_tokens)
+        with clock.stage("perplexity_after", f"perplexity on {eval}"):
+            res = perplexity(net, eval_windows.ids, progress=rep.bars)
+        rep.say(f"perplexity after recovery: {res.perplexity:.3f} on {res.tokens} tokens of {eval}")
+        report["perplexity_after"] = _ppl_dict(res)
+        result.perplexity_after = res
+    if out_path is None:
+        return result
+    with clock.stage("save", f"save {out_path}"):
+        saved = save_pruned(net, out_path, tokenizer=tok, plan=plan, overwrite=overwrite)
+    rep.say(f"saved to {saved}")
+    report["out"] = str(saved)
+    result.out = saved
+    return result
+
+
+def _load_timed(
+    rep: Reporter, clock: _Clock, spec: str, allow_pickle: bool, trust_remote_code: bool
+) -> tuple[nn.Module, Any, Any]:
+    """:func:`load_model_spec` under the ``load`` stage, with the load policy's notes."""
+    if allow_pickle:
+        rep.info("--allow-pickle: pickled weights are read with torch.load(weights_only=True)")
+    if trust_remote_code:
+        rep.info("--trust-remote-code: model code shipped with the checkpoint will run")
+    with clock.stage("load", f"load {spec}"):
+        return load_model_spec(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
 # --- streaming ------------------------------------------------------------------------------------------
