@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from ..ir.defaults import DEFAULT_HEAL_TEXTS, DEFAULT_ROUND_TO, check_ratio
+from ..ir.defaults import DEFAULT_HEAL_TEXTS, DEFAULT_ROUND_TO, DEFAULT_SCORE_METRICS, check_ratio
 from ..ir.errors import CalibrationError, CheckpointError, ModelNotFoundError, PlanError, PrunekitError
 
 if TYPE_CHECKING:
@@ -48,26 +48,31 @@ if TYPE_CHECKING:
     from ..ir.model import ModelIR
     from ..ir.plan import PrunePlan
     from ..scoring.calibration import Calibration
+    from ..scoring.metrics import ImportanceMetric, Scores
     from ..scoring.streaming import StreamingModel
-    from .evaluate import PerplexityResult
+    from .evaluate import ParamCounts, PerplexityResult
     from .recovery import LoraReport
 
     #: a text spec (alias or path), token windows ``[n, seq_len]``, or windows cut from a text
     Windows: TypeAlias = "str | torch.Tensor | TextWindows"
 
 __all__ = [
+    "EvalResult",
     "PruneResult",
     "RecoverResult",
     "Reporter",
+    "ScoreResult",
     "check_heal_texts",
     "check_model_spec",
     "check_out",
     "check_text",
+    "evaluate_model",
     "heal_with_lora",
     "load_model_spec",
     "open_streaming_spec",
     "prune",
     "recover",
+    "score_model",
     "stream_calibration",
     "write_plan",
 ]
@@ -1070,6 +1075,216 @@ def _load_timed(
         rep.info("--trust-remote-code: model code shipped with the checkpoint will run")
     with clock.stage("load", f"load {spec}"):
         return load_model_spec(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+# --- score: importance of every unit, or of every channel group -----------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """What :func:`score_model` measured.
+
+    ``ir``: the model's IR (its unit order). ``windows``: the calibration windows. ``metrics``: the metrics
+    as resolved, in order. ``scores``: unit -> importance per block, sublayer or span metric; ``groups``:
+    channel-group family -> one score per group, per channel metric (one of the two is empty).
+    ``timings``: seconds per stage (``load``, ``calibrate``, ``score``).
+    """
+
+    ir: ModelIR
+    windows: TextWindows
+    metrics: list[ImportanceMetric]
+    scores: dict[str, Scores] = field(default_factory=dict)
+    groups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def score_model(
+    model: str | os.PathLike[str],
+    *,
+    calib: str,
+    metrics: Sequence[str] | None = None,
+    span: int | None = None,
+    seq_len: int = 256,
+    windows: int = 32,
+    streaming: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    reporter: Reporter | None = None,
+) -> ScoreResult:
+    """Score every unit (or channel group) of ``model`` on ``windows`` x ``seq_len`` tokens of ``calib``:
+    what ``prunekit score`` does, as one call.
+
+    ``metrics``: names (default :data:`~prunekit_core.ir.defaults.DEFAULT_SCORE_METRICS`); either all
+    score blocks, sublayers or spans (one calibration pass, with an image per window for a vision-language
+    model; span metrics over spans of ``span`` blocks, default 1) or all score channel groups (read off the
+    text windows, no calibration pass; the metrics share one scoring context). ``streaming``: one block in
+    memory at a time (the metrics must be streaming metrics).
+    """
+    from ..io.text import load_windows
+    from ..registry.plugins import get_metric
+    from ..scoring.metrics import ChannelMetric
+    from ..scoring.streaming import check_streaming_metric
+
+    rep = reporter if reporter is not None else Reporter()
+    clock = _Clock(rep)
+    spec = os.fspath(model)
+
+    # cheap checks first: nothing is loaded before all of them pass
+    names = list(dict.fromkeys(metrics or DEFAULT_SCORE_METRICS))
+    resolved = [get_metric(n) for n in names]
+    channel = [m for m in resolved if isinstance(m, ChannelMetric)]
+    if channel and len(channel) != len(resolved):
+        raise PlanError(
+            f"{channel[0].name} scores channel groups, {next(m for m in resolved if m not in channel).name} "
+            "scores blocks or sublayers: score them in separate runs"
+        )
+    if streaming:
+        for m in resolved:
+            check_streaming_metric(m)
+    check_text(calib)
+    check_model_spec(spec)
+
+    sm: StreamingModel | None = None
+    if streaming:
+        with clock.stage("load"):
+            sm, tok = open_streaming_spec(rep, spec)
+        net, ir = sm.model, sm.ir
+    else:
+        net, tok, _src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
+        ir = _inspect(net)
+    win = load_windows(tok, calib, seq_len=seq_len, num_windows=windows)
+    rep.info(f"calibration: {win.num_windows} windows x {win.seq_len} tokens of {calib}")
+    result = ScoreResult(ir=ir, windows=win, metrics=resolved, timings=clock.timings)
+    if channel:
+        result.groups = _score_channels(rep, clock, sm if sm is not None else net, win, channel)
+        return result
+    if sm is not None:
+        with clock.stage("calibrate"):
+            cal = stream_calibration(rep, sm, win.ids, resolved)
+    else:
+        with clock.stage("calibrate", "calibrate"):
+            ids, extra = multimodal_inputs(net, win.ids)  # a vision-language model: images in every window
+            cal = _calibrate(net, ids, extra)
+    width = span if span is not None else 1
+    for m in resolved:
+        with clock.stage("score", f"score {m.name}"):
+            s = _score_one(sm if sm is not None else net, cal, m.name, width if m.unit == "span" else None)
+            if s.block_forwards is not None:
+                rep.info(f"{m.name}: {s.block_forwards} block forwards (cached removal trials)")
+        result.scores[m.name] = s
+    return result
+
+
+def _inspect(model: nn.Module) -> ModelIR:
+    from ..scoring.api import inspect
+
+    return inspect(model)
+
+
+def _calibrate(model: nn.Module, ids: torch.Tensor, extra: dict[str, Any]) -> Calibration:
+    from ..scoring.api import calibrate
+
+    return calibrate(model, ids, inputs=extra)
+
+
+def _score_one(model: nn.Module | StreamingModel, cal: Calibration, metric: str, span: int | None) -> Scores:
+    """A loaded model's scores, or a streaming model's (block by block)."""
+    from ..scoring.api import score
+    from ..scoring.streaming import StreamingModel, stream_score
+
+    if isinstance(model, StreamingModel):
+        return stream_score(model, cal, metric, span=span)
+    return score(model, cal, metric, span=span)
+
+
+def _score_channels(
+    rep: Reporter,
+    clock: _Clock,
+    model: nn.Module | StreamingModel,
+    windows: TextWindows,
+    metrics: Sequence[ImportanceMetric],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Channel-group scores per metric, read off the text windows (no images): a loaded model's, in one
+    scoring context, or a streaming model's (its statistics gathered in one streaming pass)."""
+    from ..scoring.api import score_groups
+    from ..scoring.calibration import Calibration
+    from ..scoring.streaming import StreamingModel, stream_score_groups
+
+    if isinstance(model, StreamingModel):
+        with clock.stage("calibrate"):
+            cal = stream_calibration(
+                rep, model, windows.ids, list(metrics), images=False
+            )  # as score_groups below
+        return {m.name: stream_score_groups(cal, m.name) for m in metrics}
+    with clock.stage(
+        "score", f"score {', '.join(m.name for m in metrics)}"
+    ):  # one context: shared statistics
+        return score_groups(model, Calibration(windows=windows.ids), [m.name for m in metrics])
+
+
+# --- evaluate: perplexity, parameter counts and size on disk -------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_model` measured: the perplexity on ``windows``, the parameter counts, the size
+    on disk of a Hugging Face folder (``None`` for another source), and ``report``, the JSON-serialisable
+    summary ``prunekit eval --json`` prints."""
+
+    perplexity: PerplexityResult
+    params: ParamCounts
+    size_on_disk: int | None
+    windows: TextWindows
+    report: dict[str, Any]
+
+
+def evaluate_model(
+    model: str | os.PathLike[str],
+    *,
+    text: str,
+    seq_len: int = 1024,
+    max_tokens: int | None = None,
+    windows: int | None = None,
+    batch_size: int = 4,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    reporter: Reporter | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` (a model spec or a prunekit output folder) on ``text`` over non-overlapping
+    windows of ``seq_len`` tokens (the whole text, or at most ``max_tokens`` in whole windows, or at most
+    ``windows`` windows), its parameter counts and, for a folder, its size on disk: what ``prunekit eval``
+    does, as one call."""
+    from ..io.text import load_windows
+    from .evaluate import count_parameters, perplexity, size_on_disk
+
+    rep = reporter if reporter is not None else Reporter()
+    spec = os.fspath(model)
+    # cheap checks first: nothing is loaded before all of them pass
+    if max_tokens is not None and max_tokens < seq_len:
+        raise CalibrationError(f"--max-tokens {max_tokens} is smaller than one window of --seq-len {seq_len}")
+    check_text(text)
+    check_model_spec(spec)
+    net, tok, source = _load_timed(rep, _Clock(rep), spec, allow_pickle, trust_remote_code)
+    win = load_windows(tok, text, seq_len=seq_len, num_windows=windows, max_tokens=max_tokens)
+    rep.info(f"evaluating {win.num_windows} windows x {win.seq_len} tokens of {text}")
+    with rep.step("perplexity"):
+        res = perplexity(net, win.ids, batch_size=batch_size, progress=rep.bars)
+    counts = count_parameters(net)
+    size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
+    report = {
+        "model": spec,
+        "text": text,
+        **_ppl_dict(res),
+        "params": {
+            "total": counts.total,
+            "embeddings": counts.embeddings,
+            "head": counts.head,
+            "body": counts.body,
+            "tied": counts.tied,
+        },
+        "size_on_disk_bytes": size,
+    }
+    return EvalResult(perplexity=res, params=counts, size_on_disk=size, windows=win, report=report)
 
 
 # --- streaming ------------------------------------------------------------------------------------------
