@@ -16,6 +16,8 @@ Ten lines do what ``prunekit prune`` does::
 or one call, with the command's checks and a result that holds the plan, the report and the timings::
 
     res = pk.prune("smollm2-135m", ratio=0.1, calib="c4", eval="wiki", out="out/smollm2-pruned")
+
+and ``pk.recover`` heals a pruned folder afterwards (what ``prunekit recover`` does).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from .scoring.calibration import Calibration, ScoringContext
     from .scoring.metrics import ImportanceMetric, Scores
     from .study.evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
-    from .study.pipeline import PruneResult, prune
+    from .study.pipeline import PruneResult, RecoverResult, prune, recover
     from .surgery.apply import AppliedPlan, apply_plan
 
 # public name -> (submodule, attribute). Importing prunekit_core imports none of them, so that the
@@ -134,6 +136,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "plan_pruning": ("planning.planner", "plan_pruning"),
     "PruneResult": ("study.pipeline", "PruneResult"),
     "prune": ("study.pipeline", "prune"),
+    "RecoverResult": ("study.pipeline", "RecoverResult"),
+    "recover": ("study.pipeline", "recover"),
     "list_adapters": ("registry.plugins", "adapters"),
     "check_pending": ("registry.plugins", "check_pending"),
     "load_failures": ("registry.plugins", "load_failures"),
@@ -185,6 +189,7 @@ __all__ = [
     "PruneResult",
     "PrunekitError",
     "QuantFormat",
+    "RecoverResult",
     "RemovedBranch",
     "ResidualEdge",
     "Scores",
@@ -219,6 +224,7 @@ __all__ = [
     "plan_pruning",
     "prune",
     "read_plan",
+    "recover",
     "list_plugins",
     "list_quant_formats",
     "save_plan",

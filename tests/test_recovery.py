@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 
 import prunekit_core as pk
 from prunekit_core.ir.errors import CalibrationError, PlanError
+from prunekit_core.study.pipeline import Reporter
 from prunekit_core.study.recovery import heal_lora, lora_targets, training_windows
 
 
@@ -361,3 +364,131 @@ def test_failed_healing_leaves_the_model_as_it_was() -> None:
     assert set(after) == set(before), "adapter modules left in the model"
     assert all(torch.equal(after[n], before[n]) for n in before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+# --- prunekit_core.recover: the command's steps as one call ---------------------------------------------
+
+
+class _Said(Reporter):
+    """Keeps the result lines and the stage labels."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.steps: list[str] = []
+
+    def say(self, message: str) -> None:
+        self.lines.append(message)
+
+    @contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        self.steps.append(label)
+        yield
+
+
+def _pruned_by_api(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A saved tiny model, a calibration text, and the model pruned by ``pk.prune`` with no repair."""
+    model, calib = _cli_assets(tmp_path)
+    out = tmp_path / "pruned"
+    pk.prune(model, ratio=0.3, calib=str(calib), metric="bi", recover="none", windows=2, seq_len=16, out=out)
+    return model, calib, out
+
+
+def test_recover_repair_is_apply_plan_with_lsq_on_the_base(tmp_path: Path) -> None:
+    """The repair path is exactly the step-by-step API: the saved plan, ``repair="lsq"``, applied to the
+    unpruned base with the calibration windows: bitwise the same weights and the same plan as applied."""
+    model, calib, pruned = _pruned_by_api(tmp_path)
+    said = _Said()
+    res = pk.recover(
+        pruned, method="repair", base=model, calib=str(calib), windows=2, seq_len=16, reporter=said
+    )
+
+    base, tok, _ = pk.load_model(str(model))
+    plan = pk.read_plan(pruned)
+    assert plan.repair == "none" and plan.remove  # the saved plan did not repair: recover adds it
+    cal = pk.load_windows(tok, str(calib), seq_len=16, num_windows=2)
+    applied = pk.apply_plan(base, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids)
+    want, got = base.state_dict(), res.model.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert res.plan == applied.plan and res.plan is not None and res.plan.repair == "lsq"
+    assert res.recovery == {"method": "repair", "calibration_tokens": 32} == res.report["recovery"]
+    assert res.lora is None and res.perplexity_after is None
+    assert res.out is None and res.report["out"] is None  # no out: nothing written
+    assert set(res.timings) == {"load", "recover"}
+    assert said.steps == [f"load {model}", "apply plan with the least-squares repair"]
+    # and it differs from the pruned model without the repair
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert (
+            res.model(input_ids=ids).logits - pk.load_pruned(pruned)(input_ids=ids).logits
+        ).abs().max() > 0
+
+
+def test_recover_lora_records_the_healing_in_the_plan(tmp_path: Path) -> None:
+    """The LoRA path heals the pruned folder as ``heal_lora`` on the same windows does, evaluates, and saves
+    a checkpoint whose plan records the healing; a model with no prunekit plan is healed with a note."""
+    _model, calib, pruned = _pruned_by_api(tmp_path)
+    heal = tmp_path / "heal.txt"
+    heal.write_text(words(600, seed=2))
+    out = tmp_path / "healed"
+    lora = dict(lora_texts=[str(heal)], lora_steps=2, lora_seq_len=16, lora_precision="fp32", lora_rank=4)
+    res = pk.recover(pruned, eval=str(calib), eval_seq_len=16, eval_tokens=64, out=out, **lora)  # type: ignore[arg-type]
+
+    direct = pk.load_pruned(pruned)
+    tok = tiny_tokenizer()
+    windows = training_windows(tok, seq_len=16, texts=(str(heal),), exclude=(str(calib),))
+    direct, report = heal_lora(direct, windows, rank=4, steps=2, batch_size=4, seed=0, precision="fp32")
+    want, got = direct.state_dict(), res.model.state_dict()
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert res.lora is not None and res.lora.tokens == report.tokens == 2 * 4 * 16
+    assert res.recovery == res.lora.as_dict() == res.report["recovery"]
+    assert res.plan is not None and res.plan.recovery == res.recovery
+    assert res.plan.remove == pk.read_plan(pruned).remove
+    assert res.out == out and pk.read_plan(out).recovery == res.recovery
+    assert (
+        res.perplexity_after is not None
+        and res.perplexity_after.tokens == res.report["perplexity_after"]["tokens"]
+    )
+    assert {"load", "recover", "perplexity_after", "save"} == set(res.timings)
+
+    # a model prunekit did not write: healed, but there is no plan to record it in
+    plain = tmp_path / "plain"
+    from helpers import save_tiny_model
+
+    save_tiny_model(plain, layers=2)
+    said = _Said()
+    res = pk.recover(plain, reporter=said, **lora)  # type: ignore[arg-type]
+    assert res.plan is None and res.lora is not None
+    assert "note: the model has no prunekit plan, so the checkpoint does not record the healing" in said.lines
+
+
+def test_recover_refuses_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An already healed plan, a missing --base and --base with LoRA fail before anything is loaded or
+    written, with the errors ``prunekit recover`` prints."""
+    from prunekit_core.cli import main
+
+    model, calib, pruned = _pruned_by_api(tmp_path)
+    healed = tmp_path / "healed"
+    net = pk.load_pruned(pruned)
+    pk.save_pruned(
+        net,
+        healed,
+        tokenizer=tiny_tokenizer(),
+        plan=pk.read_plan(pruned).model_copy(update={"recovery": {"method": "lora"}}),
+    )
+    out = tmp_path / "x"
+    with pytest.raises(PlanError, match=r"already healed \(lora\); the repair comes before LoRA") as err:
+        pk.recover(healed, method="repair", base=model, calib=str(calib), out=out)
+    argv = ["recover", healed, "--method", "repair", "--base", model, "--calib", calib, "--out", out]
+    assert main([str(a) for a in argv]) == 2
+    assert f"error: {err.value}" in " ".join(capsys.readouterr().err.split())
+
+    with pytest.raises(PlanError, match="pass --base MODEL"):
+        pk.recover(pruned, method="repair", calib=str(calib), out=out)
+    with pytest.raises(PlanError, match="--base is for --method repair"):
+        pk.recover(pruned, base=model, out=out)
+    with pytest.raises(PlanError, match="needs a prunekit output folder holding plan.json"):
+        pk.recover(model, method="repair", base=model, calib=str(calib), out=out)
+    with pytest.raises(PlanError, match="must be lora or repair"):
+        pk.recover(pruned, method="qlora", out=out)  # type: ignore[arg-type]
+    assert not out.exists()

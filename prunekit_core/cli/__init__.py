@@ -11,8 +11,9 @@ Every command is a thin layer over the Python API (:mod:`prunekit_core`). What c
 
 Layout: one module per command (``cmd_<name>.py``: its parser, ``add_parser``, next to its ``cmd_<name>``
 function), the option groups several commands share in :mod:`.options` (declared once), the checks and
-loading every command runs first in :mod:`.inputs`, steps several commands run in :mod:`.steps`, and the
-output and logging quiet in :mod:`.ui`. ``cli`` is the top layer: it may import anything of prunekit_core,
+loading of the commands that load a model themselves in :mod:`.inputs`, and the output and logging quiet
+in :mod:`.ui`. ``prune``, ``recover``, ``score`` and ``eval`` only parse, call their function of
+:mod:`prunekit_core.study.pipeline` (which holds the checks and the policy) and print what it reports. ``cli`` is the top layer: it may import anything of prunekit_core,
 and nothing below it imports ``cli``. At module level it imports only argparse, ``defaults`` and ``errors``
 (and the registry while a command runs): ``prunekit --help`` and ``prunekit plugins`` import no torch, so
 the heavy imports live inside the command functions.

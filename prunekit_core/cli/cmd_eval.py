@@ -1,14 +1,16 @@
-"""``prunekit eval``: perplexity, parameter counts and size on disk of a model or pruned folder."""
+"""``prunekit eval``: perplexity, parameter counts and size on disk of a model or pruned folder.
+
+The options and the printing only: the checks and the measurements are
+:func:`prunekit_core.study.pipeline.evaluate_model`'s.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..ir.errors import CalibrationError
-from .inputs import check_model, check_text, load_model, text_windows
 from .options import MODEL_HELP, TEXT_HELP, HelpFormatter, add_load_args, epilog, positive, seq_len
-from .ui import EXIT_OK, UI, bars, fmt_params, ppl_dict
+from .ui import EXIT_OK, UI, UIReporter, fmt_params
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -54,39 +56,24 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
-    from ..study.evaluate import count_parameters, perplexity, size_on_disk
+    """Parse nothing more, measure with :func:`prunekit_core.study.pipeline.evaluate_model` and print."""
+    from ..study.pipeline import evaluate_model
 
-    if args.max_tokens is not None and args.max_tokens < args.seq_len:
-        raise CalibrationError(
-            f"--max-tokens {args.max_tokens} is smaller than one window of --seq-len {args.seq_len}"
-        )
-    check_text(args.text)
-    source = check_model(args.model)
-    model, tok, source = load_model(ui, args.model, args)
-    windows = text_windows(
-        tok, args.text, seq_len=args.seq_len, num_windows=args.windows, max_tokens=args.max_tokens
+    ev = evaluate_model(
+        args.model,
+        text=args.text,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        windows=args.windows,
+        batch_size=args.batch_size,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        reporter=UIReporter(ui),
     )
-    ui.info(f"evaluating {windows.num_windows} windows x {windows.seq_len} tokens of {args.text}")
-    with ui.step("perplexity"):
-        res = perplexity(model, windows.ids, batch_size=args.batch_size, progress=bars())
-    counts = count_parameters(model)
-    size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
-    result = {
-        "model": args.model,
-        "text": args.text,
-        **ppl_dict(res),
-        "params": {
-            "total": counts.total,
-            "embeddings": counts.embeddings,
-            "head": counts.head,
-            "body": counts.body,
-            "tied": counts.tied,
-        },
-        "size_on_disk_bytes": size,
-    }
     if ui.json_mode:
-        ui.emit_json(result)
+        ui.emit_json(ev.report)
         return EXIT_OK
+    res, counts = ev.perplexity, ev.params
     ui.say(f"perplexity: {res.perplexity:.4f} (nll {res.nll:.4f})")
     ui.say(
         f"text: {args.text}; seq_len {res.seq_len}; {res.windows} windows; {res.tokens} predicted tokens "
@@ -96,6 +83,6 @@ def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
         f"params: total {fmt_params(counts.total)}, embeddings {fmt_params(counts.embeddings)}, "
         f"head {fmt_params(counts.head)}{' (tied)' if counts.tied else ''}, body {fmt_params(counts.body)}"
     )
-    if size is not None:
-        ui.say(f"size on disk: {size / 2**20:.1f} MiB")
+    if ev.size_on_disk is not None:
+        ui.say(f"size on disk: {ev.size_on_disk / 2**20:.1f} MiB")
     return EXIT_OK

@@ -1,14 +1,15 @@
-"""``prunekit recover``: heal a pruned model with LoRA, or redo its plan with the least-squares repair."""
+"""``prunekit recover``: heal a pruned model with LoRA, or redo its plan with the least-squares repair.
+
+The options only: the checks, the policy and every step are :func:`prunekit_core.recover`'s
+(:mod:`prunekit_core.study.pipeline`), which reports through the command's :class:`~.ui.UIReporter`.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..ir.defaults import DEFAULT_HEAL_TEXTS
-from ..ir.errors import PlanError
-from .inputs import check_heal_texts, check_model, check_out, check_text, load_model, text_windows
 from .options import (
     MODEL_HELP,
     TEXT_HELP,
@@ -20,8 +21,7 @@ from .options import (
     add_lora_args,
     epilog,
 )
-from .steps import heal_lora
-from .ui import EXIT_OK, UI, bars, ppl_dict
+from .ui import EXIT_OK, UI, UIReporter
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -66,78 +66,34 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    from ..io.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, save_pruned
-    from ..study.evaluate import perplexity
-    from ..surgery.apply import apply_plan
+    """Parse nothing more, recover with :func:`prunekit_core.study.pipeline.recover` (the checks and the
+    policy live there), print as it goes, and with ``--json`` print its report."""
+    from ..study.pipeline import recover
 
-    # cheap checks first: nothing is loaded or written before all of them pass
-    out = Path(args.out).expanduser()
-    check_out(out, plan_only=False, force=args.force)
-    if args.eval is not None:
-        check_text(args.eval)
-    if args.calib is not None:
-        check_text(args.calib)
-    plan = None
-    if args.method == "lora":
-        if args.base is not None:
-            raise PlanError("--base is for --method repair (it re-applies the plan to the unpruned model)")
-        heal_texts = check_heal_texts(args)
-        check_model(args.model)
-    else:
-        plan_file = Path(args.model).expanduser() / PLAN_FILE
-        if not plan_file.is_file():
-            raise PlanError(
-                f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {args.model} has none"
-            )
-        from ..io.checkpoint import verify_checkpoint
-
-        if (plan_file.parent / RECORD_FILE).is_file():
-            verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
-        plan = load_plan(plan_file)
-        if plan.recovery:
-            raise PlanError(
-                f"{args.model} was already healed ({plan.recovery.get('method')}); the repair comes before "
-                "LoRA: run prunekit prune --recover lora on the unpruned model instead"
-            )
-        if args.base is None or args.calib is None:
-            raise PlanError(
-                "--method repair refits from the unpruned model: pass --base MODEL (the model the plan was "
-                "made for) and --calib TEXT (the calibration text)"
-            )
-        check_model(args.base)
-
-    result: dict[str, Any] = {"model": args.model, "method": args.method, "out": str(out.absolute())}
-    if args.method == "lora":
-        model, tok, src = load_model(ui, args.model, args)
-        skip = {args.calib: args.windows * args.seq_len} if args.calib is not None else {}
-        model, result["recovery"] = heal_lora(args, ui, model, tok, heal_texts, skip)
-        from ..io.checkpoint import read_plan
-
-        if src.path is not None and (src.path / RECORD_FILE).is_file():
-            plan = read_plan(src.path)  # a prunekit checkpoint: the plan load_pruned verified
-        if plan is None:
-            ui.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
-        else:
-            plan = plan.model_copy(update={"recovery": result["recovery"]})
-    else:
-        assert plan is not None and args.base is not None
-        model, tok, _src = load_model(ui, args.base, args)
-        cal = text_windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
-        with ui.step("apply plan with the least-squares repair"):
-            plan = apply_plan(model, plan.model_copy(update={"repair": "lsq"}), repair_windows=cal.ids).plan
-        result["recovery"] = {"method": "repair", "calibration_tokens": cal.num_tokens}
-    if args.eval is not None:
-        windows = text_windows(
-            tok, args.eval, seq_len=args.eval_seq_len, num_windows=None, max_tokens=args.eval_tokens
-        )
-        with ui.step(f"perplexity on {args.eval}"):
-            res = perplexity(model, windows.ids, progress=bars())
-        ui.say(f"perplexity after recovery: {res.perplexity:.3f} on {res.tokens} tokens of {args.eval}")
-        result["perplexity_after"] = ppl_dict(res)
-    with ui.step(f"save {out}"):
-        saved = save_pruned(model, out, tokenizer=tok, plan=plan, overwrite=args.force)
-    ui.say(f"saved to {saved}")
-    result["out"] = str(saved)
+    res = recover(
+        args.model,
+        method=args.method,
+        base=args.base,
+        calib=args.calib,
+        seq_len=args.seq_len,
+        windows=args.windows,
+        eval=args.eval,
+        eval_seq_len=args.eval_seq_len,
+        eval_tokens=args.eval_tokens,
+        lora_texts=args.lora_text.split(","),
+        lora_steps=args.lora_steps,
+        lora_lr=args.lora_lr,
+        lora_rank=args.lora_rank,
+        lora_batch=args.lora_batch,
+        lora_seq_len=args.lora_seq_len,
+        lora_precision=args.lora_precision,
+        seed=args.seed,
+        out=args.out,
+        overwrite=args.force,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        reporter=UIReporter(ui),
+    )
     if ui.json_mode:
-        ui.emit_json(result)
+        ui.emit_json(res.report)
     return EXIT_OK

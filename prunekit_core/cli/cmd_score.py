@@ -1,12 +1,15 @@
-"""``prunekit score``: importance of every unit (or channel group) for one or more metrics."""
+"""``prunekit score``: importance of every unit (or channel group) for one or more metrics.
+
+The options and the tables only: the checks and the choice of calibration (streaming or in memory, with
+images or the text windows alone) are :func:`prunekit_core.study.pipeline.score_model`'s.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..ir.errors import PlanError
-from .inputs import check_model, check_text, load_model, multimodal, text_windows
+from ..ir.defaults import DEFAULT_SCORE_METRICS
 from .options import (
     MODEL_HELP,
     STREAMING_HELP,
@@ -17,10 +20,7 @@ from .options import (
     epilog,
     positive,
 )
-from .steps import open_streaming, stream_calibrate
-from .ui import EXIT_OK, UI
-
-DEFAULT_SCORE_METRICS = ("bi", "sublayer_drop", "angular")
+from .ui import EXIT_OK, UI, UIReporter
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -70,107 +70,65 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace, ui: UI) -> int:
+    """Parse nothing more, score with :func:`prunekit_core.study.pipeline.score_model` (the checks and the
+    choice of calibration live there) and print the scores: a table, or with ``--json`` one object."""
+    from ..study.pipeline import score_model
+
+    res = score_model(
+        args.model,
+        calib=args.calib,
+        metrics=args.metric,
+        span=args.span,
+        seq_len=args.seq_len,
+        windows=args.windows,
+        streaming=args.streaming,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        reporter=UIReporter(ui),
+    )
+    if res.groups:
+        _print_channels(ui, res.groups, res.windows.num_tokens, args.calib)
+    elif ui.json_mode:
+        ui.emit_json({name: dict(s.values) for name, s in res.scores.items()})
+    else:
+        _print_units(ui, res, args.calib)
+    if not ui.json_mode:
+        for m in res.metrics:
+            ui.say(f"{m.name}: {m.description}")
+    return EXIT_OK
+
+
+def _print_units(ui: UI, res: Any, text: str) -> None:
+    """One row per unit in the IR's order, one column per metric."""
     from rich.table import Table
 
-    from ..registry.plugins import get_metric
-    from ..scoring.api import calibrate, inspect, score
-    from ..scoring.metrics import ChannelMetric
-
-    names = list(dict.fromkeys(args.metric or DEFAULT_SCORE_METRICS))
-    metrics = [get_metric(n) for n in names]
-    channel = [m for m in metrics if isinstance(m, ChannelMetric)]
-    if channel and len(channel) != len(metrics):
-        raise PlanError(
-            f"{channel[0].name} scores channel groups, {next(m for m in metrics if m not in channel).name} "
-            "scores blocks or sublayers: score them in separate runs"
-        )
-    span = args.span if args.span is not None else 1
-    if args.streaming:
-        from ..scoring.streaming import check_streaming_metric
-
-        for m in metrics:
-            check_streaming_metric(m)
-    check_text(args.calib)
-    check_model(args.model)
-    if args.streaming:
-        sm, tok = open_streaming(ui, args.model)
-        model, ir = sm.model, sm.ir
-    else:
-        model, tok, _src = load_model(ui, args.model, args)
-        ir = inspect(model)
-    windows = text_windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.windows)
-    ui.info(f"calibration: {windows.num_windows} windows x {windows.seq_len} tokens of {args.calib}")
-    if channel:
-        return _score_channels(ui, sm if args.streaming else model, windows, channel, args.calib)
-    if args.streaming:
-        cal = stream_calibrate(ui, sm, windows.ids, metrics)
-    else:
-        with ui.step("calibrate"):
-            ids, extra = multimodal(model, windows.ids)
-            cal = calibrate(model, ids, inputs=extra)
-    results: dict[str, Any] = {}
-    labels: dict[str, str] = {}
-    for m in metrics:
-        with ui.step(f"score {m.name}"):
-            if args.streaming:
-                from ..scoring.streaming import stream_score
-
-                s = stream_score(sm, cal, m.name, span=span if m.unit == "span" else None)
-            else:
-                s = score(model, cal, m.name, span=span if m.unit == "span" else None)
-            if s.block_forwards is not None:
-                ui.info(f"{m.name}: {s.block_forwards} block forwards (cached removal trials)")
-        results[m.name] = s
-        labels[m.name] = f"{m.name} (span {s.span})" if s.span else m.name
-    if ui.json_mode:
-        ui.emit_json({name: dict(s.values) for name, s in results.items()})
-        return EXIT_OK
-    table = Table(title=f"importance scores (higher = keep) on {windows.num_tokens} tokens of {args.calib}")
+    table = Table(title=f"importance scores (higher = keep) on {res.windows.num_tokens} tokens of {text}")
     table.add_column("unit")
-    for name in results:
-        table.add_column(labels[name], justify="right")
-    order = [u for b in ir.blocks() for u in [b.id, *(s.id for s in b.sublayers)]]
+    for name, s in res.scores.items():
+        table.add_column(f"{name} (span {s.span})" if s.span else name, justify="right")
+    order = [u for b in res.ir.blocks() for u in [b.id, *(s.id for s in b.sublayers)]]
     for uid in order:
         cells = []
-        for s in results.values():
+        for s in res.scores.values():
             v = s.values.get(uid)
             cells.append("" if v is None else f"{v:.4g}")
         if any(cells):
             table.add_row(uid, *cells)
     ui.table(table)
-    for m in metrics:
-        ui.say(f"{m.name}: {m.description}")
-    return EXIT_OK
 
 
-def _score_channels(ui: UI, model: Any, windows: Any, metrics: list[Any], text: str) -> int:
-    """``model``: a loaded model, or a :class:`~prunekit_core.scoring.streaming.StreamingModel` (block by block)."""
+def _print_channels(ui: UI, results: dict[str, Any], tokens: int, text: str) -> None:
+    """Per channel metric: each family summarised, with its least important groups."""
     from rich.table import Table
 
-    from ..scoring.api import score_groups
-    from ..scoring.calibration import Calibration
-    from ..scoring.streaming import StreamingModel, stream_score_groups
-
-    if isinstance(model, StreamingModel):
-        cal = stream_calibrate(ui, model, windows.ids, metrics, images=False)  # as score_groups below
-        results = {m.name: stream_score_groups(cal, m.name) for m in metrics}
-    else:
-        cal = Calibration(windows=windows.ids)
-        with ui.step(f"score {', '.join(m.name for m in metrics)}"):  # one context: shared statistics
-            results = score_groups(model, cal, [m.name for m in metrics])
     if ui.json_mode:
         ui.emit_json({n: {f: [float(v) for v in t] for f, t in r.items()} for n, r in results.items()})
-        return EXIT_OK
+        return
     for name, res in results.items():
-        table = Table(
-            title=f"{name}: channel-group importance (higher = keep) on {windows.num_tokens} tokens of {text}"
-        )
+        table = Table(title=f"{name}: channel-group importance (higher = keep) on {tokens} tokens of {text}")
         for col in ("family", "groups", "min", "median", "max", "least important"):
             table.add_column(col, justify="left" if col in ("family", "least important") else "right")
         for fid, t in res.items():
             low = ", ".join(str(int(i)) for i in t.argsort()[:5])
             table.add_row(fid, str(len(t)), f"{t.min():.4g}", f"{t.median():.4g}", f"{t.max():.4g}", low)
         ui.table(table)
-    for m in metrics:
-        ui.say(f"{m.name}: {m.description}")
-    return EXIT_OK

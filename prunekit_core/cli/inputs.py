@@ -1,42 +1,25 @@
-"""The checks every command runs before any expensive work, and the loading of models and texts.
+"""The model check and loading of the commands that load a model themselves (``inspect``, ``sweep``).
 
-Cheap checks first (a text is readable, a model path exists, --out can be written): nothing is loaded,
-computed or written before they pass. The checks are :mod:`prunekit_core.study.pipeline`'s (``prunekit prune``
-runs them inside :func:`prunekit_core.prune`); heavy modules are imported inside the functions.
+Cheap checks first (a model path exists): nothing is loaded before they pass. The check and the loading
+are :mod:`prunekit_core.study.pipeline`'s (``prune``, ``recover``, ``score`` and ``eval`` run them inside
+their pipeline functions); heavy modules are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..study.pipeline import check_heal_texts as pipeline_check_heal_texts
-from ..study.pipeline import check_model_spec, check_out, check_text, load_model_spec, multimodal_inputs
+from ..study.pipeline import check_model_spec, load_model_spec
 from .ui import UI
 
-# the checks prunekit_core.prune runs, for the other commands (one definition of each)
-__all__ = [
-    "check_heal_texts",
-    "check_model",
-    "check_out",
-    "check_text",
-    "load_model",
-    "multimodal",
-]
-multimodal = multimodal_inputs
-
-if TYPE_CHECKING:
-    from ..io.text import TextWindows
+# the checks prunekit_core.prune runs, for the commands that load a model themselves (inspect, sweep)
+__all__ = ["check_model", "load_model"]
 
 
 def check_model(spec: str, *, tokenizer: bool = True) -> Any:
     """:func:`prunekit_core.study.pipeline.check_model_spec`: nothing loaded, a missing path fails at once."""
     return check_model_spec(spec, tokenizer=tokenizer)
-
-
-def check_heal_texts(args: argparse.Namespace) -> tuple[str, ...]:
-    """The --lora-text texts, checked before anything is loaded (never the --eval text)."""
-    return pipeline_check_heal_texts(args.lora_text.split(","), args.eval)
 
 
 def load_model(
@@ -54,11 +37,3 @@ def load_model(
         return load_model_spec(
             spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, tokenizer=tokenizer
         )
-
-
-def text_windows(
-    tok: Any, spec: str, *, seq_len: int, num_windows: int | None, max_tokens: int | None = None
-) -> TextWindows:
-    from ..io.text import load_windows
-
-    return load_windows(tok, spec, seq_len=seq_len, num_windows=num_windows, max_tokens=max_tokens)

@@ -5,7 +5,6 @@ Imports nothing heavy at module level: ``prunekit --help`` and ``prunekit plugin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -117,10 +116,6 @@ def bars() -> bool:
 
 def fmt_params(n: int) -> str:
     return f"{n:,}"
-
-
-def ppl_dict(res: Any) -> dict[str, Any]:
-    return dataclasses.asdict(res)
 
 
 # --- logging and third-party noise -------------------------------------------------------------------

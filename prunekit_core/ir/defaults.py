@@ -74,6 +74,9 @@ LORA_PRECISIONS = ("auto", "fp32", "bf16")
 #: Packaged texts used for healing by default: English prose the evaluation text (wiki) is not part of.
 DEFAULT_HEAL_TEXTS = ("c4", "technical", "tiny")
 
+#: The metrics `prunekit score` (prunekit_core.study.pipeline.score_model) runs when none is named.
+DEFAULT_SCORE_METRICS = ("bi", "sublayer_drop", "angular")
+
 
 def check_ratio(ratio: float) -> None:
     """Raise :class:`~prunekit_core.ir.errors.PlanError` unless ``0 < ratio < 1`` (a fraction of block
