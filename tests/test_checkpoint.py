@@ -275,6 +275,16 @@ def test_load_with_weights_for_a_removed_branch(saved: Path) -> None:
         load_pruned(saved)
 
 
+def test_read_plan_refuses_a_plan_that_is_not_the_one_saved(saved: Path) -> None:
+    """read_plan hands back only the plan the checkpoint was saved with (its record's digest), as
+    load_pruned did when it attached the plan: an edited or swapped plan.json is refused by name."""
+    plan = read_plan(saved)
+    assert plan is not None
+    (saved / "plan.json").write_text(plan.model_copy(update={"remove": ["text.blocks.0"]}).to_json())
+    with pytest.raises(CheckpointError, match="not the plan these weights were made with"):
+        read_plan(saved)
+
+
 def test_load_restores_plan_and_cache_indices(saved: Path) -> None:
     model = load_pruned(saved)
     plan = read_plan(saved)

@@ -147,3 +147,29 @@ def test_cli_inspect_and_eval_read_a_guarded_checkpoint(tmp_path: Path, capsys) 
     assert main(["eval", str(out), "--text", str(text), "--seq-len", "16", "--windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["params"]["total"] == count_parameters(model).total
+
+
+def test_a_block_plan_on_a_reloaded_narrowed_model_is_not_called_uniform(tmp_path: Path) -> None:
+    """A later block removal on a model narrowed per layer earlier (reloaded with load_pruned) cuts no width,
+    but the config still does not describe the narrowed tensors: the applied plan must not claim plain
+    reloads (it agrees with the checkpoint's record), while the same plan on an unnarrowed model does."""
+    first = save_pruned(per_layer_width(), tmp_path / "narrowed", tokenizer=tiny_tokenizer())
+    reloaded = load_pruned(first)
+    plan = PrunePlan(fingerprint=fingerprint(reloaded, pk.inspect(reloaded)), remove=["text.blocks.1"])
+    applied = pk.apply_plan(reloaded, plan)
+    assert not applied.plan.is_uniform and not applied.plan.width_uniform
+    assert not structure_record(applied.model)["uniform"]
+    plain = tiny_llama(layers=3, tied=False)
+    plan = PrunePlan(fingerprint=fingerprint(plain, pk.inspect(plain)), remove=["text.blocks.1"])
+    assert pk.apply_plan(plain, plan).plan.is_uniform
+
+
+def test_config_describes_shapes_needs_no_optional_attention_kernel() -> None:
+    """The check builds the model class on the meta device: an attention implementation whose library is
+    absent (flash-attn) must not make saving or cutting fail."""
+    from prunekit_core.surgery.width import config_describes_shapes
+
+    model = tiny_llama(layers=2, tied=False)
+    model.config._attn_implementation = "flash_attention_2"
+    assert config_describes_shapes(model)
+    assert not config_describes_shapes(per_layer_width())

@@ -111,6 +111,25 @@ def test_streaming_refuses_metrics_it_cannot_compute(tmp_path: Path) -> None:
             stream_score_groups(cal, metric)
 
 
+def test_a_skeleton_without_its_streaming_pass_is_refused_by_name(tmp_path: Path) -> None:
+    """Scoring or planning the meta-device skeleton with a calibration its streaming pass did not make
+    (no trial runner, no weights) is a clear PlanError, not a torch device error deep in a metric."""
+    from prunekit_core.scoring.calibration import Calibration
+
+    folder = tmp_path / "m"
+    tiny_llama(layers=3).save_pretrained(folder)
+    sm = open_streaming(folder)
+    plain = Calibration(windows=torch.randint(3, 100, (2, 8)))
+    for metric in ("nri", "magnitude"):
+        granularity = "width" if metric == "magnitude" else "block"
+        with pytest.raises(PlanError, match="streaming pass"):
+            plan_pruning(
+                sm.model, plain, ratio=0.3, metric=metric, granularity=granularity, adapter=sm.adapter
+            )
+    with pytest.raises(PlanError, match="streaming pass"):
+        ScoringContext(model=sm.model, adapter=sm.adapter, ir=sm.ir, calibration=plain)
+
+
 def test_streaming_needs_safetensors(tmp_path: Path) -> None:
     folder = tmp_path / "bin"
     tiny_llama(layers=2).save_pretrained(folder)

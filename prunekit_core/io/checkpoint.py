@@ -343,6 +343,12 @@ def verify_checkpoint(path: str | Path, record: dict[str, Any] | None = None) ->
                 "edited after saving. Restore the original files, or re-run prunekit prune to write a new "
                 "checkpoint"
             )
+    _check_plan_file(path, record)
+    return record
+
+
+def _check_plan_file(path: Path, record: dict[str, Any]) -> None:
+    """``plan.json`` is the plan the record was saved with (when the record names one)."""
     plan_file = path / PLAN_FILE
     if "plan_sha256" in record:
         if not plan_file.is_file():
@@ -353,7 +359,6 @@ def verify_checkpoint(path: str | Path, record: dict[str, Any] | None = None) ->
                 f"the one in {RECORD_FILE}): it was edited or copied from another checkpoint. Restore the "
                 "original plan.json, or re-run prunekit prune"
             )
-    return record
 
 
 def _load_narrowed(model: nn.Module, path: Path, keys: list[str]) -> None:
@@ -522,7 +527,14 @@ def load_plan(path: str | Path) -> PrunePlan:
 def read_plan(path: str | Path) -> PrunePlan | None:
     """The plan a checkpoint folder was saved with (its ``plan.json``), or ``None`` when it has none.
 
-    Only the file is read; :func:`load_pruned` checks it against the weights (:func:`verify_checkpoint`).
+    When the folder has a prunekit record, the plan must be the one it was saved with (the record's
+    digest of ``plan.json``; :class:`CheckpointError` otherwise). The weights are checked by
+    :func:`verify_checkpoint` (and :func:`load_pruned`), not here.
     """
-    plan_file = Path(path) / PLAN_FILE
-    return load_plan(plan_file) if plan_file.is_file() else None
+    path = Path(path)
+    plan_file = path / PLAN_FILE
+    if not plan_file.is_file():
+        return None
+    if (path / RECORD_FILE).is_file():
+        _check_plan_file(path, read_record(path))
+    return load_plan(plan_file)

@@ -86,10 +86,11 @@ class PrunePlan(BaseModel):
     def is_uniform(self) -> bool:
         """True when the config alone describes the result: plain ``from_pretrained`` reloads it.
 
-        That holds when only whole blocks are removed and every narrowed family of a kind keeps the same
-        number of groups.
+        That holds when only whole blocks are removed and the config describes every tensor's shape
+        (``width_uniform``: every narrowed family of a kind keeps the same number of groups, and no earlier
+        cut of a reloaded model left other shapes).
         """
-        return all(_is_block_id(u) for u in self.remove) and (not self.remove_groups or self.width_uniform)
+        return all(_is_block_id(u) for u in self.remove) and self.width_uniform
 
     def to_json(self) -> str:
         """The plan as the JSON text of a plan file (indented, one trailing newline)."""

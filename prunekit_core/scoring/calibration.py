@@ -568,6 +568,16 @@ class ScoringContext:
     _taylor: dict[str, torch.Tensor] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.frozen or self.calibration.trial_factory is not None:
+            return
+        if any(p.is_meta for p in self.model.parameters()):
+            raise PlanError(
+                "the model's weights are on the meta device (a streaming skeleton from open_streaming): score "
+                "or plan it with the calibration of its streaming pass (stream_calibrate; --streaming on the "
+                "command line), not with one made without it"
+            )
+
     def cached(self, key: str, compute: Any) -> Any:
         """``compute()``, run once per context and shared by every metric that asks for ``key``.
 

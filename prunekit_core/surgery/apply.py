@@ -21,7 +21,7 @@ from ..ir.errors import PlanError
 from ..ir.model import ModelIR, Sublayer
 from ..ir.plan import PrunePlan, check_fingerprint, fingerprint
 from .repair import RepairStep, lsq_repair, refit_narrowed
-from .width import apply_width, resolve_width
+from .width import apply_width, config_describes_shapes, resolve_width
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,10 @@ def apply_plan(
             assert repair_windows is not None  # checked above
             steps = lsq_repair(model, ir_now, resolved, repair_windows, masked=branches_masked)
         kept = apply_removals(model, adapter, ir_now, resolved)
+    if not cuts:
+        # no cut now, but an earlier one (a model reloaded with load_pruned) may leave shapes the config
+        # does not describe: the plan as applied says so, as the checkpoint will (save_pruned)
+        plan = plan.model_copy(update={"width_uniform": config_describes_shapes(model)})
     return AppliedPlan(
         model=model,
         plan=plan,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from collections.abc import Mapping
 from typing import Literal
 
@@ -37,6 +38,8 @@ from ..ir.model import ChannelGroup, GroupMember, ModelIR, Stage, Sublayer
 
 TopKPolicy = Literal["error", "clamp"]
 _GROUP_NOUN = {"kv_group": "head", "expert": "expert"}
+
+log = logging.getLogger(__name__)
 
 
 def width_families(ir: ModelIR) -> dict[str, tuple[Sublayer, ChannelGroup]]:
@@ -364,7 +367,13 @@ def config_describes_shapes(model: nn.Module) -> bool:
     if not hasattr(type(hf), "_from_config") or getattr(hf, "config", None) is None:
         return True
     config = copy.deepcopy(hf.config)
-    with torch.device("meta"):
-        fresh = type(hf)._from_config(config)
+    try:
+        # shapes do not depend on the attention kernel: eager needs no optional library (flash-attn)
+        config._attn_implementation = "eager"
+        with torch.device("meta"):
+            fresh = type(hf)._from_config(config)
+    except Exception as exc:  # a config its own class cannot build: nothing vouches for plain reloads
+        log.debug("config_describes_shapes: %s cannot be built from its config (%s)", type(hf).__name__, exc)
+        return False
     want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
     return all(want.get(n, tuple(t.shape)) == tuple(t.shape) for n, t in model.state_dict().items())
