@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
     from .adapters.base import ArchitectureAdapter, DecoderAdapter, RemovedBranch
     from .adapters.compose import ComposedAdapter, map_submodel
-    from .adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
+    from .adapters.declared import BranchSpec, DeclaredDecoderAdapter, GroupFactory, LayoutSpec
+    from .adapters.groups import ffn_channels, kv_groups
     from .adapters.vision import feature_fidelity, image_features
     from .io.checkpoint import load_plan, load_pruned, read_plan, save_plan, save_pruned, verify_checkpoint
     from .io.loading import MODEL_ALIASES, load_model
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
         UnsupportedModelError,
         UnsupportedPatternError,
     )
+    from .ir.kinds import register_group_kind, register_sublayer_kind
     from .ir.model import (
         Block,
         ChannelGroup,
@@ -98,6 +100,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "BranchSpec": ("adapters.declared", "BranchSpec"),
     "DeclaredDecoderAdapter": ("adapters.declared", "DeclaredDecoderAdapter"),
     "LayoutSpec": ("adapters.declared", "LayoutSpec"),
+    "GroupFactory": ("adapters.declared", "GroupFactory"),
+    "ffn_channels": ("adapters.groups", "ffn_channels"),
+    "kv_groups": ("adapters.groups", "kv_groups"),
+    "register_group_kind": ("ir.kinds", "register_group_kind"),
+    "register_sublayer_kind": ("ir.kinds", "register_sublayer_kind"),
     "AmbiguousAdapterError": ("ir.errors", "AmbiguousAdapterError"),
     "CalibrationError": ("ir.errors", "CalibrationError"),
     "CheckpointError": ("ir.errors", "CheckpointError"),
@@ -160,6 +167,11 @@ _LAZY: dict[str, tuple[str, str]] = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupFactory",
+    "ffn_channels",
+    "kv_groups",
+    "register_group_kind",
+    "register_sublayer_kind",
     "AmbiguousAdapterError",
     "AppliedPlan",
     "ArchitectureAdapter",

@@ -285,7 +285,7 @@ Branches with the same ``edge`` are added to the same stream value (parallel att
 
 from __future__ import annotations
 
-from prunekit_core.adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
+from prunekit_core import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
 
 
 class {adapter_class}(DeclaredDecoderAdapter):

@@ -9,8 +9,7 @@ group family (``groups=``), so width pruning works too.
 
 from __future__ import annotations
 
-from prunekit_core.adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
-from prunekit_core.adapters.groups import ffn_channels
+from prunekit_core import BranchSpec, DeclaredDecoderAdapter, LayoutSpec, ffn_channels
 
 
 class GptjAdapter(DeclaredDecoderAdapter):

@@ -14,8 +14,7 @@ library's subclass) matches with score 10.
 
 from __future__ import annotations
 
-from prunekit_core.adapters.declared import BranchSpec, DeclaredDecoderAdapter, LayoutSpec
-from prunekit_core.adapters.groups import ffn_channels, kv_groups
+from prunekit_core import BranchSpec, DeclaredDecoderAdapter, LayoutSpec, ffn_channels, kv_groups
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
