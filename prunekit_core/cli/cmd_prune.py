@@ -29,6 +29,7 @@ from .options import (
     add_load_args,
     add_lora_args,
     epilog,
+    lora_kwargs,
     positive,
 )
 from .ui import EXIT_OK, UI, UIReporter
@@ -208,13 +209,7 @@ def cmd_prune(args: argparse.Namespace, ui: UI) -> int:
         expert_allocation=args.expert_allocation,
         top_k=args.top_k,
         streaming=args.streaming,
-        lora_texts=args.lora_text.split(","),
-        lora_steps=args.lora_steps,
-        lora_lr=args.lora_lr,
-        lora_rank=args.lora_rank,
-        lora_batch=args.lora_batch,
-        lora_seq_len=args.lora_seq_len,
-        lora_precision=args.lora_precision,
+        **lora_kwargs(args),
         seed=args.seed,
         out=args.out,
         plan_only=args.plan_only,

@@ -20,6 +20,7 @@ from .options import (
     add_load_args,
     add_lora_args,
     epilog,
+    lora_kwargs,
 )
 from .ui import EXIT_OK, UI, UIReporter
 
@@ -80,13 +81,7 @@ def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
         eval=args.eval,
         eval_seq_len=args.eval_seq_len,
         eval_tokens=args.eval_tokens,
-        lora_texts=args.lora_text.split(","),
-        lora_steps=args.lora_steps,
-        lora_lr=args.lora_lr,
-        lora_rank=args.lora_rank,
-        lora_batch=args.lora_batch,
-        lora_seq_len=args.lora_seq_len,
-        lora_precision=args.lora_precision,
+        **lora_kwargs(args),
         seed=args.seed,
         out=args.out,
         overwrite=args.force,

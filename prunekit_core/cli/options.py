@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 from ..ir.defaults import LORA_PRECISIONS, MODEL_ALIASES, TEXT_ALIASES
 
@@ -159,6 +160,19 @@ def add_eval_args(
         metavar="N",
         help="tokens per evaluation window (default 1024)",
     )
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`add_lora_args` as the keyword arguments of ``prune``/``recover``."""
+    return {
+        "lora_texts": args.lora_text.split(","),
+        "lora_steps": args.lora_steps,
+        "lora_lr": args.lora_lr,
+        "lora_rank": args.lora_rank,
+        "lora_batch": args.lora_batch,
+        "lora_seq_len": args.lora_seq_len,
+        "lora_precision": args.lora_precision,
+    }
 
 
 def add_lora_args(p: argparse.ArgumentParser, default_texts: tuple[str, ...]) -> None:
