@@ -432,7 +432,7 @@ def test_recover_lora_records_the_healing_in_the_plan(tmp_path: Path) -> None:
     heal.write_text(words(600, seed=2))
     out = tmp_path / "healed"
     lora = dict(lora_texts=[str(heal)], lora_steps=2, lora_seq_len=16, lora_precision="fp32", lora_rank=4)
-    res = pk.recover(pruned, eval=str(calib), eval_seq_len=16, eval_tokens=64, out=out, **lora)  # type: ignore[arg-type]
+    res = pk.recover(pruned, eval=str(calib), eval_seq_len=16, eval_tokens=64, out=out, **lora)  # type: ignore[arg-type]  # **lora: option values of several types
 
     direct = pk.load_pruned(pruned)
     tok = tiny_tokenizer()
@@ -457,7 +457,7 @@ def test_recover_lora_records_the_healing_in_the_plan(tmp_path: Path) -> None:
 
     save_tiny_model(plain, layers=2)
     said = _Said()
-    res = pk.recover(plain, reporter=said, **lora)  # type: ignore[arg-type]
+    res = pk.recover(plain, reporter=said, **lora)  # type: ignore[arg-type]  # **lora: option values of several types
     assert res.plan is None and res.lora is not None
     assert "note: the model has no prunekit plan, so the checkpoint does not record the healing" in said.lines
 
@@ -490,5 +490,5 @@ def test_recover_refuses_before_loading(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(PlanError, match="needs a prunekit output folder holding plan.json"):
         pk.recover(model, method="repair", base=model, calib=str(calib), out=out)
     with pytest.raises(PlanError, match="must be lora or repair"):
-        pk.recover(pruned, method="qlora", out=out)  # type: ignore[arg-type]
+        pk.recover(pruned, method="qlora", out=out)  # type: ignore[arg-type]  # the unknown method is the point
     assert not out.exists()
