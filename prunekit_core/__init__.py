@@ -78,7 +78,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from .scoring.calibration import Calibration, ScoringContext
     from .scoring.metrics import ImportanceMetric, Scores
     from .study.evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
-    from .study.pipeline import PruneResult, RecoverResult, prune, recover
+    from .study.pipeline import PruneResult, RecoverResult, Reporter, prune, recover
     from .surgery.apply import AppliedPlan, apply_plan
 
 # public name -> (submodule, attribute). Importing prunekit_core imports none of them, so that the
@@ -142,6 +142,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "fingerprint": ("ir.plan", "fingerprint"),
     "plan_pruning": ("planning.planner", "plan_pruning"),
     "PruneResult": ("study.pipeline", "PruneResult"),
+    "Reporter": ("study.pipeline", "Reporter"),
     "prune": ("study.pipeline", "prune"),
     "RecoverResult": ("study.pipeline", "RecoverResult"),
     "recover": ("study.pipeline", "recover"),
@@ -199,6 +200,7 @@ __all__ = [
     "PluginError",
     "PrunePlan",
     "PruneResult",
+    "Reporter",
     "PrunekitError",
     "QuantFormat",
     "RecoverResult",
