@@ -901,8 +901,9 @@ class RecoverResult:
     ``model``: the recovered model (LoRA: the pruned model healed, merged into plain weights; repair: the
     unpruned ``base`` with the plan re-applied under the least-squares repair). ``plan``: the plan the
     checkpoint records (LoRA: its ``recovery`` field says how it was healed; repair: the plan with
-    ``repair="lsq"``, which is what says so; ``None`` when a LoRA-healed model had no prunekit plan). ``recovery``: the healing record (:meth:`LoraReport.as_dict` for ``lora``;
-    method and calibration tokens for ``repair``); ``lora``: the full LoRA report. ``report``: the
+    ``repair="lsq"``, which is what says so; ``None`` when a LoRA-healed model had no prunekit plan).
+    ``recovery``: the healing record (:meth:`LoraReport.as_dict` for ``lora``; method and calibration
+    tokens for ``repair``); ``lora``: the full LoRA report. ``report``: the
     JSON-serialisable summary ``prunekit recover --json`` prints. ``timings``: seconds per stage that ran
     (``load``, ``recover``, ``perplexity_after``, ``save``). ``out``: the folder written, or ``None``.
     """
