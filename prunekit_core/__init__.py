@@ -77,8 +77,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from .scoring.api import calibrate, inspect, score
     from .scoring.calibration import Calibration, ScoringContext
     from .scoring.metrics import ImportanceMetric, Scores
+    from .study.commands import RecoverResult, recover
     from .study.evaluate import PerplexityResult, count_parameters, perplexity, size_on_disk
-    from .study.pipeline import PruneResult, RecoverResult, Reporter, prune, recover
+    from .study.pipeline import PruneResult, Reporter, prune
     from .surgery.apply import AppliedPlan, apply_plan
 
 # public name -> (submodule, attribute). Importing prunekit_core imports none of them, so that the
@@ -144,8 +145,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PruneResult": ("study.pipeline", "PruneResult"),
     "Reporter": ("study.pipeline", "Reporter"),
     "prune": ("study.pipeline", "prune"),
-    "RecoverResult": ("study.pipeline", "RecoverResult"),
-    "recover": ("study.pipeline", "recover"),
+    "RecoverResult": ("study.commands", "RecoverResult"),
+    "recover": ("study.commands", "recover"),
     "list_adapters": ("registry.plugins", "adapters"),
     "check_pending": ("registry.plugins", "check_pending"),
     "load_failures": ("registry.plugins", "load_failures"),

@@ -13,7 +13,7 @@ import prunekit_core as pk
 from prunekit_core.ir.defaults import DEFAULT_SCORE_METRICS
 from prunekit_core.ir.errors import CalibrationError, PlanError
 from prunekit_core.scoring.calibration import Calibration
-from prunekit_core.study.pipeline import evaluate_model, score_model
+from prunekit_core.study.commands import evaluate_model, score_model
 
 SEQ, N = 16, 4
 

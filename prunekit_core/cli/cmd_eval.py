@@ -1,7 +1,7 @@
 """``prunekit eval``: perplexity, parameter counts and size on disk of a model or pruned folder.
 
 The options and the printing only: the checks and the measurements are
-:func:`prunekit_core.study.pipeline.evaluate_model`'s.
+:func:`prunekit_core.study.commands.evaluate_model`'s.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, ui: UI) -> int:
-    """Parse nothing more, measure with :func:`prunekit_core.study.pipeline.evaluate_model` and print."""
-    from ..study.pipeline import evaluate_model
+    """Parse nothing more, measure with :func:`prunekit_core.study.commands.evaluate_model` and print."""
+    from ..study.commands import evaluate_model
 
     ev = evaluate_model(
         args.model,

@@ -67,9 +67,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, ui: UI) -> int:
-    """Parse nothing more, recover with :func:`prunekit_core.study.pipeline.recover` (the checks and the
+    """Parse nothing more, recover with :func:`prunekit_core.study.commands.recover` (the checks and the
     policy live there), print as it goes, and with ``--json`` print its report."""
-    from ..study.pipeline import recover
+    from ..study.commands import recover
 
     res = recover(
         args.model,

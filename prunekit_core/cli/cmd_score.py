@@ -1,7 +1,7 @@
 """``prunekit score``: importance of every unit (or channel group) for one or more metrics.
 
 The options and the tables only: the checks and the choice of calibration (streaming or in memory, with
-images or the text windows alone) are :func:`prunekit_core.study.pipeline.score_model`'s.
+images or the text windows alone) are :func:`prunekit_core.study.commands.score_model`'s.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace, ui: UI) -> int:
-    """Parse nothing more, score with :func:`prunekit_core.study.pipeline.score_model` (the checks and the
+    """Parse nothing more, score with :func:`prunekit_core.study.commands.score_model` (the checks and the
     choice of calibration live there) and print the scores: a table, or with ``--json`` one object."""
-    from ..study.pipeline import score_model
+    from ..study.commands import score_model
 
     res = score_model(
         args.model,

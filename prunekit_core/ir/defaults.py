@@ -74,7 +74,7 @@ LORA_PRECISIONS = ("auto", "fp32", "bf16")
 #: Packaged texts used for healing by default: English prose the evaluation text (wiki) is not part of.
 DEFAULT_HEAL_TEXTS = ("c4", "technical", "tiny")
 
-#: The metrics `prunekit score` (prunekit_core.study.pipeline.score_model) runs when none is named.
+#: The metrics `prunekit score` (prunekit_core.study.commands.score_model) runs when none is named.
 DEFAULT_SCORE_METRICS = ("bi", "sublayer_drop", "angular")
 
 

@@ -14,13 +14,13 @@ policy they share lives here and nowhere else:
 * ``streaming=True`` plans from a pass that holds one block in memory at a time (the model is loaded
   whole only for the surgery, or never with ``plan_only=True``).
 
-:func:`recover` is the second half run on its own (``prunekit recover``): heal an already pruned model with
+:func:`~prunekit_core.study.commands.recover` is the second half run on its own (``prunekit recover``): heal an already pruned model with
 LoRA, or re-apply its plan to the unpruned model with the least-squares repair (which comes before any
 LoRA healing), then evaluate and save; it returns a :class:`RecoverResult`. It shares the checks, the
 loading and the LoRA healing (the same rules about texts) with :func:`prune`.
 
 What a caller may rely on: nothing is set on the model (the applied plan, its healing record and every
-measurement are in the :class:`PruneResult` or :class:`RecoverResult`), and the checkpoint is written
+measurement are in the :class:`PruneResult`), and the checkpoint is written
 with the plan passed explicitly. Progress and results are reported as they happen through a
 :class:`Reporter` (silent by default; the command line prints through one).
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from ..ir.defaults import DEFAULT_HEAL_TEXTS, DEFAULT_ROUND_TO, DEFAULT_SCORE_METRICS, check_ratio
+from ..ir.defaults import DEFAULT_HEAL_TEXTS, DEFAULT_ROUND_TO, check_ratio
 from ..ir.errors import CalibrationError, CheckpointError, ModelNotFoundError, PlanError, PrunekitError
 
 if TYPE_CHECKING:
@@ -48,31 +48,28 @@ if TYPE_CHECKING:
     from ..ir.model import ModelIR
     from ..ir.plan import PrunePlan
     from ..scoring.calibration import Calibration
-    from ..scoring.metrics import ImportanceMetric, Scores
     from ..scoring.streaming import StreamingModel
-    from .evaluate import ParamCounts, PerplexityResult
+    from .evaluate import PerplexityResult
     from .recovery import LoraReport
 
     #: a text spec (alias or path), token windows ``[n, seq_len]``, or windows cut from a text
     Windows: TypeAlias = "str | torch.Tensor | TextWindows"
 
 __all__ = [
-    "EvalResult",
+    "Clock",
+    "apply_as_applied",
+    "load_timed",
+    "ppl_dict",
     "PruneResult",
-    "RecoverResult",
     "Reporter",
-    "ScoreResult",
     "check_heal_texts",
     "check_model_spec",
     "check_out",
     "check_text",
-    "evaluate_model",
     "heal_with_lora",
     "load_model_spec",
     "open_streaming_spec",
     "prune",
-    "recover",
-    "score_model",
     "stream_calibration",
     "write_plan",
 ]
@@ -261,7 +258,7 @@ def fmt_params(n: int) -> str:
     return f"{n:,}"
 
 
-def _ppl_dict(res: PerplexityResult) -> dict[str, Any]:
+def ppl_dict(res: PerplexityResult) -> dict[str, Any]:
     return dataclasses.asdict(res)
 
 
@@ -303,7 +300,7 @@ def plan_table(plan: PrunePlan, ir: ModelIR) -> tuple[str, list[str], list[list[
     return title, ["unit", "kind", "params", "score"], rows
 
 
-class _Clock:
+class Clock:
     """Per-stage timings; a labelled stage also goes through the reporter's ``step``."""
 
     def __init__(self, reporter: Reporter) -> None:
@@ -428,7 +425,7 @@ def prune(
     from ..planning.planner import resolve_method
 
     rep = reporter if reporter is not None else Reporter()
-    clock = _Clock(rep)
+    clock = Clock(rep)
 
     # cheap checks first: nothing is loaded, computed or written before all of them pass
     spec = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
@@ -560,7 +557,7 @@ def prune(
 
     net: nn.Module
     if spec is not None:
-        net, tokenizer, _src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
+        net, tokenizer, _src = load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
     else:
         net = cast("nn.Module", model)
     return _prune_loaded(
@@ -624,7 +621,7 @@ def _prune_loaded(
     model: nn.Module,
     tok: Any,
     rep: Reporter,
-    clock: _Clock,
+    clock: Clock,
     report: dict[str, Any],
     *,
     given_plan: PrunePlan | None,
@@ -788,7 +785,9 @@ def _prune_loaded(
     images = sample_images(model)
     feats_before = image_features(model, images) if images is not None else None
     with clock.stage("apply", "apply plan" + (f" (repair {plan.repair})" if plan.repair != "none" else "")):
-        plan = _apply(model, plan, cal_ids)  # as applied: says whether the config alone describes the result
+        plan = apply_as_applied(
+            model, plan, cal_ids
+        )  # as applied: says whether the config alone describes the result
     report["uniform"] = plan.is_uniform
     if recover == "lora":
         calib_spec = _text_spec(calib)
@@ -822,8 +821,8 @@ def _prune_loaded(
             f"(seq_len {ppl_after.seq_len})"
         )
     result.perplexity_after = ppl_after
-    report["perplexity_before"] = _ppl_dict(ppl_before) if ppl_before else None
-    report["perplexity_after"] = _ppl_dict(ppl_after) if ppl_after else None
+    report["perplexity_before"] = ppl_dict(ppl_before) if ppl_before else None
+    report["perplexity_after"] = ppl_dict(ppl_after) if ppl_after else None
     if out is None:
         report["written"] = None
         return result
@@ -838,7 +837,7 @@ def _prune_loaded(
     return result
 
 
-def _apply(model: nn.Module, plan: PrunePlan, repair_windows: torch.Tensor | None) -> PrunePlan:
+def apply_as_applied(model: nn.Module, plan: PrunePlan, repair_windows: torch.Tensor | None) -> PrunePlan:
     """Apply ``plan`` in place; returns the plan as applied (``width_uniform`` as the surgery found it)."""
     from ..surgery.apply import apply_plan
 
@@ -889,185 +888,8 @@ def heal_with_lora(
     return model, report
 
 
-# --- recover: heal a pruned model afterwards ------------------------------------------------------------
-
-RecoverMethod = Literal["lora", "repair"]
-
-
-@dataclass
-class RecoverResult:
-    """What :func:`recover` did.
-
-    ``model``: the recovered model (LoRA: the pruned model healed, merged into plain weights; repair: the
-    unpruned ``base`` with the plan re-applied under the least-squares repair). ``plan``: the plan the
-    checkpoint records (LoRA: its ``recovery`` field says how it was healed; repair: the plan with
-    ``repair="lsq"``, which is what says so; ``None`` when a LoRA-healed model had no prunekit plan).
-    ``recovery``: the healing record (:meth:`LoraReport.as_dict` for ``lora``; method and calibration
-    tokens for ``repair``); ``lora``: the full LoRA report. ``report``: the
-    JSON-serialisable summary ``prunekit recover --json`` prints. ``timings``: seconds per stage that ran
-    (``load``, ``recover``, ``perplexity_after``, ``save``). ``out``: the folder written, or ``None``.
-    """
-
-    model: nn.Module
-    tokenizer: Any
-    plan: PrunePlan | None
-    recovery: dict[str, Any]
-    report: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-    lora: LoraReport | None = None
-    perplexity_after: PerplexityResult | None = None
-    out: Path | None = None
-
-
-def recover(
-    model: str | os.PathLike[str],
-    *,
-    method: RecoverMethod = "lora",
-    base: str | os.PathLike[str] | None = None,
-    calib: str | None = None,
-    seq_len: int = 256,
-    windows: int = 32,
-    eval: str | None = None,
-    eval_seq_len: int = 1024,
-    eval_tokens: int | None = 8192,
-    lora_texts: Sequence[str] = DEFAULT_HEAL_TEXTS,
-    lora_steps: int = 110,
-    lora_lr: float = 1e-3,
-    lora_rank: int = 8,
-    lora_batch: int = 4,
-    lora_seq_len: int = 256,
-    lora_precision: str = "auto",
-    seed: int = 0,
-    out: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    reporter: Reporter | None = None,
-) -> RecoverResult:
-    """Recover quality after pruning: what ``prunekit recover`` does, as one call.
-
-    ``method="lora"``: load ``model`` (a pruned model: a prunekit output folder, or any model spec), heal
-    it with LoRA on ``lora_texts`` (never ``eval``; the first ``windows`` x ``seq_len`` tokens of ``calib``
-    are skipped when it is also a healing text) with the ``lora_*`` settings, merged into the weights; a
-    prunekit checkpoint's plan then records the healing. ``method="repair"``: ``model`` must be a prunekit
-    output folder whose plan verifies and was not healed yet; its plan is re-applied to the unpruned
-    ``base`` with ``repair="lsq"``, fitted on ``windows`` x ``seq_len`` tokens of ``calib``. ``eval``: report
-    the perplexity afterwards on ``eval_tokens`` of that text in windows of ``eval_seq_len``. ``out``: the
-    folder to save to (unset, nothing is written); ``overwrite`` replaces a previous prunekit output.
-
-    Raises a :class:`~prunekit_core.ir.errors.PrunekitError` naming the problem and the fix, before anything
-    is loaded or written when the inputs are inconsistent.
-    """
-    from ..io.checkpoint import PLAN_FILE, RECORD_FILE, load_plan, read_plan, save_pruned, verify_checkpoint
-    from ..io.text import load_windows
-    from .evaluate import perplexity
-
-    rep = reporter if reporter is not None else Reporter()
-    clock = _Clock(rep)
-    spec = os.fspath(model)
-    base_spec = os.fspath(base) if base is not None else None
-
-    # cheap checks first: nothing is loaded or written before all of them pass
-    if method not in ("lora", "repair"):
-        raise PlanError(f"the recovery method must be lora or repair; got {method!r}")
-    out_path = Path(out).expanduser() if out is not None else None
-    if out_path is not None:
-        check_out(out_path, plan_only=False, force=overwrite)
-    if eval is not None:
-        check_text(eval)
-    if calib is not None:
-        check_text(calib)
-    plan: PrunePlan | None = None
-    heal_texts: tuple[str, ...] = ()
-    if method == "lora":
-        if base_spec is not None:
-            raise PlanError("--base is for --method repair (it re-applies the plan to the unpruned model)")
-        heal_texts = check_heal_texts(lora_texts, eval)
-        check_model_spec(spec)
-    else:
-        plan_file = Path(spec).expanduser() / PLAN_FILE
-        if not plan_file.is_file():
-            raise PlanError(
-                f"--method repair needs a prunekit output folder holding {PLAN_FILE}; {spec} has none"
-            )
-        if (plan_file.parent / RECORD_FILE).is_file():
-            verify_checkpoint(plan_file.parent)  # the plan must be the one saved with these weights
-        plan = load_plan(plan_file)
-        if plan.recovery:
-            raise PlanError(
-                f"{spec} was already healed ({plan.recovery.get('method')}); the repair comes before "
-                "LoRA: run prunekit prune --recover lora on the unpruned model instead"
-            )
-        if base_spec is None or calib is None:
-            raise PlanError(
-                "--method repair refits from the unpruned model: pass --base MODEL (the model the plan was "
-                "made for) and --calib TEXT (the calibration text)"
-            )
-        check_model_spec(base_spec)
-    report: dict[str, Any] = {
-        "model": spec,
-        "method": method,
-        "out": str(out_path.absolute()) if out_path is not None else None,
-    }
-
-    lora: LoraReport | None = None
-    net: nn.Module
-    if method == "lora":
-        net, tok, src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
-        skip = {calib: windows * seq_len} if calib is not None else {}
-        with clock.stage("recover"):
-            net, lora = heal_with_lora(
-                net,
-                tok,
-                texts=heal_texts,
-                steps=lora_steps,
-                lr=lora_lr,
-                rank=lora_rank,
-                batch_size=lora_batch,
-                seq_len=lora_seq_len,
-                precision=lora_precision,
-                seed=seed,
-                eval_text=eval,
-                skip=skip,
-                reporter=rep,
-            )
-        record = lora.as_dict()
-        if src.path is not None and (src.path / RECORD_FILE).is_file():
-            plan = read_plan(src.path)  # a prunekit checkpoint: the plan load_pruned verified
-        if plan is None:
-            rep.say("note: the model has no prunekit plan, so the checkpoint does not record the healing")
-        else:
-            plan = plan.model_copy(update={"recovery": record})
-    else:
-        assert plan is not None and base_spec is not None and calib is not None  # checked above
-        net, tok, _src = _load_timed(rep, clock, base_spec, allow_pickle, trust_remote_code)
-        cal = load_windows(tok, calib, seq_len=seq_len, num_windows=windows)
-        with clock.stage("recover", "apply plan with the least-squares repair"):
-            plan = _apply(net, plan.model_copy(update={"repair": "lsq"}), cal.ids)
-        record = {"method": "repair", "calibration_tokens": cal.num_tokens}
-    report["recovery"] = record
-    result = RecoverResult(
-        model=net, tokenizer=tok, plan=plan, recovery=record, report=report, timings=clock.timings, lora=lora
-    )
-    if eval is not None:
-        eval_windows = load_windows(tok, eval, seq_len=eval_seq_len, num_windows=None, max_tokens=eval_tokens)
-        with clock.stage("perplexity_after", f"perplexity on {eval}"):
-            res = perplexity(net, eval_windows.ids, progress=rep.bars)
-        rep.say(f"perplexity after recovery: {res.perplexity:.3f} on {res.tokens} tokens of {eval}")
-        report["perplexity_after"] = _ppl_dict(res)
-        result.perplexity_after = res
-    if out_path is None:
-        return result
-    with clock.stage("save", f"save {out_path}"):
-        saved = save_pruned(net, out_path, tokenizer=tok, plan=plan, overwrite=overwrite)
-    rep.say(f"saved to {saved}")
-    report["out"] = str(saved)
-    result.out = saved
-    return result
-
-
-def _load_timed(
-    rep: Reporter, clock: _Clock, spec: str, allow_pickle: bool, trust_remote_code: bool
+def load_timed(
+    rep: Reporter, clock: Clock, spec: str, allow_pickle: bool, trust_remote_code: bool
 ) -> tuple[nn.Module, Any, Any]:
     """:func:`load_model_spec` under the ``load`` stage, with the load policy's notes."""
     if allow_pickle:
@@ -1076,216 +898,6 @@ def _load_timed(
         rep.info("--trust-remote-code: model code shipped with the checkpoint will run")
     with clock.stage("load", f"load {spec}"):
         return load_model_spec(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-
-
-# --- score: importance of every unit, or of every channel group -----------------------------------------
-
-
-@dataclass
-class ScoreResult:
-    """What :func:`score_model` measured.
-
-    ``ir``: the model's IR (its unit order). ``windows``: the calibration windows. ``metrics``: the metrics
-    as resolved, in order. ``scores``: unit -> importance per block, sublayer or span metric; ``groups``:
-    channel-group family -> one score per group, per channel metric (one of the two is empty).
-    ``timings``: seconds per stage (``load``, ``calibrate``, ``score``).
-    """
-
-    ir: ModelIR
-    windows: TextWindows
-    metrics: list[ImportanceMetric]
-    scores: dict[str, Scores] = field(default_factory=dict)
-    groups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def score_model(
-    model: str | os.PathLike[str],
-    *,
-    calib: str,
-    metrics: Sequence[str] | None = None,
-    span: int | None = None,
-    seq_len: int = 256,
-    windows: int = 32,
-    streaming: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    reporter: Reporter | None = None,
-) -> ScoreResult:
-    """Score every unit (or channel group) of ``model`` on ``windows`` x ``seq_len`` tokens of ``calib``:
-    what ``prunekit score`` does, as one call.
-
-    ``metrics``: names (default :data:`~prunekit_core.ir.defaults.DEFAULT_SCORE_METRICS`); either all
-    score blocks, sublayers or spans (one calibration pass, with an image per window for a vision-language
-    model; span metrics over spans of ``span`` blocks, default 1) or all score channel groups (read off the
-    text windows, no calibration pass; the metrics share one scoring context). ``streaming``: one block in
-    memory at a time (the metrics must be streaming metrics).
-    """
-    from ..io.text import load_windows
-    from ..registry.plugins import get_metric
-    from ..scoring.metrics import ChannelMetric
-    from ..scoring.streaming import check_streaming_metric
-
-    rep = reporter if reporter is not None else Reporter()
-    clock = _Clock(rep)
-    spec = os.fspath(model)
-
-    # cheap checks first: nothing is loaded before all of them pass
-    names = list(dict.fromkeys(metrics or DEFAULT_SCORE_METRICS))
-    resolved = [get_metric(n) for n in names]
-    channel = [m for m in resolved if isinstance(m, ChannelMetric)]
-    if channel and len(channel) != len(resolved):
-        raise PlanError(
-            f"{channel[0].name} scores channel groups, {next(m for m in resolved if m not in channel).name} "
-            "scores blocks or sublayers: score them in separate runs"
-        )
-    if streaming:
-        for m in resolved:
-            check_streaming_metric(m)
-    check_text(calib)
-    check_model_spec(spec)
-
-    sm: StreamingModel | None = None
-    if streaming:
-        with clock.stage("load"):
-            sm, tok = open_streaming_spec(rep, spec)
-        net, ir = sm.model, sm.ir
-    else:
-        net, tok, _src = _load_timed(rep, clock, spec, allow_pickle, trust_remote_code)
-        ir = _inspect(net)
-    win = load_windows(tok, calib, seq_len=seq_len, num_windows=windows)
-    rep.info(f"calibration: {win.num_windows} windows x {win.seq_len} tokens of {calib}")
-    result = ScoreResult(ir=ir, windows=win, metrics=resolved, timings=clock.timings)
-    if channel:
-        result.groups = _score_channels(rep, clock, sm if sm is not None else net, win, channel)
-        return result
-    if sm is not None:
-        with clock.stage("calibrate"):
-            cal = stream_calibration(rep, sm, win.ids, resolved)
-    else:
-        with clock.stage("calibrate", "calibrate"):
-            ids, extra = multimodal_inputs(net, win.ids)  # a vision-language model: images in every window
-            cal = _calibrate(net, ids, extra)
-    width = span if span is not None else 1
-    for m in resolved:
-        with clock.stage("score", f"score {m.name}"):
-            s = _score_one(sm if sm is not None else net, cal, m.name, width if m.unit == "span" else None)
-            if s.block_forwards is not None:
-                rep.info(f"{m.name}: {s.block_forwards} block forwards (cached removal trials)")
-        result.scores[m.name] = s
-    return result
-
-
-def _inspect(model: nn.Module) -> ModelIR:
-    from ..scoring.api import inspect
-
-    return inspect(model)
-
-
-def _calibrate(model: nn.Module, ids: torch.Tensor, extra: dict[str, Any]) -> Calibration:
-    from ..scoring.api import calibrate
-
-    return calibrate(model, ids, inputs=extra)
-
-
-def _score_one(model: nn.Module | StreamingModel, cal: Calibration, metric: str, span: int | None) -> Scores:
-    """A loaded model's scores, or a streaming model's (block by block)."""
-    from ..scoring.api import score
-    from ..scoring.streaming import StreamingModel, stream_score
-
-    if isinstance(model, StreamingModel):
-        return stream_score(model, cal, metric, span=span)
-    return score(model, cal, metric, span=span)
-
-
-def _score_channels(
-    rep: Reporter,
-    clock: _Clock,
-    model: nn.Module | StreamingModel,
-    windows: TextWindows,
-    metrics: Sequence[ImportanceMetric],
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Channel-group scores per metric, read off the text windows (no images): a loaded model's, in one
-    scoring context, or a streaming model's (its statistics gathered in one streaming pass)."""
-    from ..scoring.api import score_groups
-    from ..scoring.calibration import Calibration
-    from ..scoring.streaming import StreamingModel, stream_score_groups
-
-    if isinstance(model, StreamingModel):
-        with clock.stage("calibrate"):
-            cal = stream_calibration(
-                rep, model, windows.ids, list(metrics), images=False
-            )  # as score_groups below
-        return {m.name: stream_score_groups(cal, m.name) for m in metrics}
-    with clock.stage(
-        "score", f"score {', '.join(m.name for m in metrics)}"
-    ):  # one context: shared statistics
-        return score_groups(model, Calibration(windows=windows.ids), [m.name for m in metrics])
-
-
-# --- evaluate: perplexity, parameter counts and size on disk -------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    """What :func:`evaluate_model` measured: the perplexity on ``windows``, the parameter counts, the size
-    on disk of a Hugging Face folder (``None`` for another source), and ``report``, the JSON-serialisable
-    summary ``prunekit eval --json`` prints."""
-
-    perplexity: PerplexityResult
-    params: ParamCounts
-    size_on_disk: int | None
-    windows: TextWindows
-    report: dict[str, Any]
-
-
-def evaluate_model(
-    model: str | os.PathLike[str],
-    *,
-    text: str,
-    seq_len: int = 1024,
-    max_tokens: int | None = None,
-    windows: int | None = None,
-    batch_size: int = 4,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    reporter: Reporter | None = None,
-) -> EvalResult:
-    """Perplexity of ``model`` (a model spec or a prunekit output folder) on ``text`` over non-overlapping
-    windows of ``seq_len`` tokens (the whole text, or at most ``max_tokens`` in whole windows, or at most
-    ``windows`` windows), its parameter counts and, for a folder, its size on disk: what ``prunekit eval``
-    does, as one call."""
-    from ..io.text import load_windows
-    from .evaluate import count_parameters, perplexity, size_on_disk
-
-    rep = reporter if reporter is not None else Reporter()
-    spec = os.fspath(model)
-    # cheap checks first: nothing is loaded before all of them pass
-    if max_tokens is not None and max_tokens < seq_len:
-        raise CalibrationError(f"--max-tokens {max_tokens} is smaller than one window of --seq-len {seq_len}")
-    check_text(text)
-    check_model_spec(spec)
-    net, tok, source = _load_timed(rep, _Clock(rep), spec, allow_pickle, trust_remote_code)
-    win = load_windows(tok, text, seq_len=seq_len, num_windows=windows, max_tokens=max_tokens)
-    rep.info(f"evaluating {win.num_windows} windows x {win.seq_len} tokens of {text}")
-    with rep.step("perplexity"):
-        res = perplexity(net, win.ids, batch_size=batch_size, progress=rep.bars)
-    counts = count_parameters(net)
-    size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
-    report = {
-        "model": spec,
-        "text": text,
-        **_ppl_dict(res),
-        "params": {
-            "total": counts.total,
-            "embeddings": counts.embeddings,
-            "head": counts.head,
-            "body": counts.body,
-            "tied": counts.tied,
-        },
-        "size_on_disk_bytes": size,
-    }
-    return EvalResult(perplexity=res, params=counts, size_on_disk=size, windows=win, report=report)
 
 
 # --- streaming ------------------------------------------------------------------------------------------
@@ -1331,7 +943,7 @@ def stream_calibration(
 def _plan_streaming(
     spec: str,
     rep: Reporter,
-    clock: _Clock,
+    clock: Clock,
     *,
     ratio: float,
     calib: str,
