@@ -15,28 +15,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..ir.defaults import DEFAULT_HEAL_TEXTS, DEFAULT_SCORE_METRICS
 from ..ir.errors import CalibrationError, PlanError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from ..io.text import TextWindows
-    from ..ir.model import ModelIR
-    from ..ir.plan import PrunePlan
-    from ..scoring.calibration import Calibration
-    from ..scoring.metrics import ImportanceMetric, Scores
-    from ..scoring.streaming import StreamingModel
-    from .evaluate import ParamCounts, PerplexityResult
-    from .recovery import LoraReport
-
-    #: a text spec (alias or path), token windows ``[n, seq_len]``, or windows cut from a text
-    Windows: TypeAlias = "str | torch.Tensor | TextWindows"
-
-
 from .pipeline import (
     Clock,
     Reporter,
@@ -52,6 +34,20 @@ from .pipeline import (
     ppl_dict,
     stream_calibration,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..io.text import TextWindows
+    from ..ir.model import ModelIR
+    from ..ir.plan import PrunePlan
+    from ..scoring.calibration import Calibration
+    from ..scoring.metrics import ImportanceMetric, Scores
+    from ..scoring.streaming import StreamingModel
+    from .evaluate import ParamCounts, PerplexityResult
+    from .recovery import LoraReport
+
 
 __all__ = [
     "EvalResult",
