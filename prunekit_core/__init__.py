@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
         Tower,
     )
     from .ir.plan import Fingerprint, PrunePlan, fingerprint
+    from .ir.stream import StreamWrite
     from .planning.planner import plan_pruning
 
     # (the list_* names keep prunekit_core.registry.plugins and prunekit_core.scoring.metrics naming the modules)
@@ -131,6 +132,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "GroupMember": ("ir.model", "GroupMember"),
     "ModelIR": ("ir.model", "ModelIR"),
     "ResidualEdge": ("ir.model", "ResidualEdge"),
+    "StreamWrite": ("ir.stream", "StreamWrite"),
     "Stage": ("ir.model", "Stage"),
     "Sublayer": ("ir.model", "Sublayer"),
     "Tower": ("ir.model", "Tower"),
@@ -207,6 +209,7 @@ __all__ = [
     "RecoverResult",
     "RemovedBranch",
     "ResidualEdge",
+    "StreamWrite",
     "Scores",
     "ScoringContext",
     "Stage",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import PlanError
 from .kinds import GroupKind, SublayerKind  # registered names; plugins add their own there
+from .stream import StreamWrite
 
 BranchOutput = Literal["tensor", "tuple"]
 
@@ -131,6 +132,7 @@ class Sublayer(_Frozen):
     params: int = Field(description="parameters of the branch and its pre-norm")
     #: dotted path of the nn.Linear whose output is the branch's contribution (repair)
     out_proj: str | None = None
+    write: StreamWrite = StreamWrite()  # what stands between out_proj's output and the add (ir/stream.py)
     #: further modules whose output only feeds this branch (fc1 when the branch ends in fc2): their
     #: parameters count with the branch and they are removed with it
     parts: tuple[str, ...] = ()
