@@ -14,8 +14,10 @@ import transformers as T
 from prunekit_llama import LlamaFamilyAdapter
 from torch import nn
 
+from prunekit_core.adapters.base import RemovedBranch
 from prunekit_core.adapters.generic import MATCH_SCORE, GenericAdapter
 from prunekit_core.ir.errors import UnsupportedPatternError
+from prunekit_core.ir.stream import StreamWrite
 from prunekit_core.registry import plugins
 from prunekit_core.testing import AdapterConformance
 
@@ -144,7 +146,112 @@ class TestLlamaThroughGeneric(GenericConformance):
         return tiny_llama()
 
 
+class TestOLMo2(GenericConformance):
+    """Post-norms only: x + post_attention_layernorm(self_attn(x)), x + post_feedforward_layernorm(mlp(x))."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.Olmo2ForCausalLM, T.Olmo2Config, num_key_value_heads=2, **COMMON)
+
+
+class TestGranite(GenericConformance):
+    """A constant multiplier on every branch: x + attn(ln(x)) * residual_multiplier."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(
+            T.GraniteForCausalLM, T.GraniteConfig, num_key_value_heads=2, residual_multiplier=0.22, **COMMON
+        )
+
+
+class TestGemma2(GenericConformance):
+    """Sandwich norms (a pre-norm and a post-norm on each branch), sliding-window and global attention."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.Gemma2ForCausalLM, T.Gemma2Config, num_key_value_heads=2, head_dim=16, **COMMON)
+
+
+class TestGemma3(GenericConformance):
+    """Sandwich norms, q/k norms, sliding-window and global attention."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.Gemma3ForCausalLM, T.Gemma3TextConfig, num_key_value_heads=2, head_dim=16, **COMMON)
+
+
+class TestCohere(GenericConformance):
+    """Parallel attention and MLP sharing one pre-norm (a LayerNorm without bias)."""
+
+    def make_model(self) -> nn.Module:
+        return _tiny(T.CohereForCausalLM, T.CohereConfig, num_key_value_heads=2, **COMMON)
+
+
 # --- the discovered IR --------------------------------------------------------------------------------
+
+
+def _branches(ir) -> list[tuple]:  # noqa: ANN001
+    return [(s.id, s.kind, s.module, s.norm, s.output, s.uses_cache, s.out_proj, s.write) for s in ir.sublayers()]
+
+
+def test_post_norms_belong_to_the_branch_they_follow() -> None:
+    """OLMo2 and Gemma 2 put a norm between each branch and its residual add: the branch is the attention
+    (or MLP) module, the norm its post module, not a branch named after the norm."""
+    olmo = TestOLMo2().make_model()
+    ir = GenericAdapter().build_ir(olmo)
+    p = "model.layers.0"
+    assert _branches(ir)[:2] == [
+        (
+            "text.blocks.0.attn",
+            "attention",
+            f"{p}.self_attn",
+            None,
+            "tuple",
+            True,
+            f"{p}.self_attn.o_proj",
+            StreamWrite(post="norm", modules=(f"{p}.post_attention_layernorm",)),
+        ),
+        (
+            "text.blocks.0.mlp",
+            "mlp",
+            f"{p}.mlp",
+            None,
+            "tensor",
+            False,
+            f"{p}.mlp.down_proj",
+            StreamWrite(post="norm", modules=(f"{p}.post_feedforward_layernorm",)),
+        ),
+    ]
+    layer = olmo.model.layers[0]
+    attn = ir.blocks()[0].sublayers[0]
+    own = sum(p.numel() for m in (layer.self_attn, layer.post_attention_layernorm) for p in m.parameters())
+    assert attn.params == own
+    gemma = GenericAdapter().build_ir(TestGemma2().make_model())
+    attn, mlp = gemma.blocks()[0].sublayers
+    assert (attn.module, attn.norm, attn.write.modules) == (
+        f"{p}.self_attn",
+        f"{p}.input_layernorm",
+        (f"{p}.post_attention_layernorm",),
+    )
+    assert (mlp.module, mlp.norm, mlp.write.modules) == (
+        f"{p}.mlp",
+        f"{p}.pre_feedforward_layernorm",
+        (f"{p}.post_feedforward_layernorm",),
+    )
+
+
+def test_constant_branch_multiplier_is_the_write_scale() -> None:
+    """Granite adds ``branch * residual_multiplier``: understood, and recorded as the write's scale."""
+    ir = GenericAdapter().build_ir(TestGranite().make_model())
+    assert {s.write for s in ir.sublayers()} == {StreamWrite(scale=0.22)}
+    assert all(s.out_proj for s in ir.sublayers())
+
+
+def test_removing_a_post_normed_branch_removes_its_post_norm() -> None:
+    model = TestOLMo2().make_model()
+    total = sum(p.numel() for p in model.parameters())
+    ir = GenericAdapter().build_ir(model)
+    attn = ir.blocks()[1].sublayers[0]
+    TestOLMo2().prune(model, [attn.id])
+    layer = model.model.layers[1]
+    assert isinstance(layer.post_attention_layernorm, RemovedBranch)
+    assert sum(p.numel() for p in model.parameters()) == total - attn.params
 
 
 def _units(ir) -> list[tuple]:  # noqa: ANN001
@@ -156,7 +263,7 @@ def _units(ir) -> list[tuple]:  # noqa: ANN001
             out.append((b.id, b.index, b.module, b.params))
             out += [
                 (s.id, s.kind, s.module, s.norm, s.output, s.residual, s.params, s.uses_cache, s.removable)
-                + (s.out_proj,)
+                + (s.out_proj, s.write)
                 for s in b.sublayers
             ]
     return out

@@ -33,6 +33,7 @@ from ..ir.model import (
     Sublayer,
     Tower,
 )
+from ..ir.stream import PostKind, StreamWrite
 from .base import DecoderAdapter, RemovedBranch, count_params, get_module, iter_modules
 
 __all__ = [
@@ -85,10 +86,17 @@ class BranchSpec:
 
     ``edge`` numbers the block's residual additions: branches with the same ``edge`` are added to the
     same stream value (parallel attention and MLP); ``None`` gives the branch an addition of its own.
-    ``parts`` are further modules whose output only feeds this branch (removed with it); ``full_zero``
-    makes the stand-in return zeros shaped like its input, for callers that add into the output in place.
-    ``groups`` build the branch's channel-group families (width pruning); ``experts`` lists an MoE
-    branch's experts.
+    ``parts`` are further modules *before* the branch whose output only feeds it (OPT's ``fc1``), ``post``
+    the modules *after* it, between its output and the residual add (Gemma 2/3 and OLMo2 post-norms:
+    ``post=("post_attention_layernorm",)``); both belong to the branch: their parameters count with it and
+    they are removed with it. ``post_kind`` says what the ``post`` modules are (``"norm"`` when ``post`` is
+    given, ``"none"`` otherwise; ``"gate"`` or ``"opaque"`` for anything else between ``out_proj`` and the
+    add), and ``scale`` is a constant the block multiplies the branch output by before the add: a number,
+    or the name of the text-config field holding it (Granite: ``scale="residual_multiplier"``); ``None``
+    is no multiplier. Together they make the sublayer's :class:`~prunekit_core.ir.stream.StreamWrite`.
+    ``full_zero`` makes the stand-in return zeros shaped like its input, for callers that add into the
+    output in place. ``groups`` build the branch's channel-group families (width pruning); ``experts``
+    lists an MoE branch's experts.
     """
 
     name: str
@@ -103,6 +111,27 @@ class BranchSpec:
     out_proj: str | None = None
     groups: tuple[GroupFactory, ...] = ()
     experts: Callable[[Branch], tuple[Expert, ...]] | None = None
+    post: tuple[str, ...] = ()
+    post_kind: PostKind | None = None
+    scale: float | str | None = None
+
+    def write(self, block_path: str, config: Any) -> StreamWrite:
+        """The branch's :class:`StreamWrite` in the block at ``block_path``; ``config`` holds a named scale."""
+        scale = self.scale
+        if isinstance(scale, str):
+            value = getattr(config, scale, None)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(
+                    f"branch {self.name!r} reads its scale from the config field {scale!r}, which the text "
+                    f"config {type(config).__name__} does not hold as a number ({value!r}): name the field "
+                    "that holds the multiplier, or give the number itself (BranchSpec(scale=...))"
+                )
+            scale = value
+        return StreamWrite(
+            post=self.post_kind or ("norm" if self.post else "none"),
+            modules=tuple(f"{block_path}.{p}" for p in self.post),
+            scale=1.0 if scale is None else float(scale),
+        )
 
 
 @dataclass(frozen=True)
@@ -158,7 +187,7 @@ def build_blocks(
                     edge_point[spec.edge] = source
             else:
                 source = edge_point[spec.edge]
-            others = [block.get_submodule(p) for p in (*spec.parts, spec.norm) if p]
+            others = [block.get_submodule(p) for p in (*spec.parts, *spec.post, spec.norm) if p]
             branch = Branch(f"{bid}.{spec.name}", f"{bpath}.{spec.module}", module, config)
             subs.append(
                 Sublayer(
@@ -170,6 +199,7 @@ def build_blocks(
                     residual=ResidualEdge(stream=tower, source=source, target=source + 1),
                     params=count_params([module, *others]),
                     out_proj=f"{bpath}.{spec.out_proj}" if spec.out_proj else None,
+                    write=spec.write(bpath, config),
                     parts=tuple(f"{bpath}.{p}" for p in spec.parts),
                     full_zero=spec.full_zero,
                     uses_cache=spec.uses_cache,
@@ -270,7 +300,7 @@ class DeclaredDecoderAdapter(DecoderAdapter):
     def has_layout(self, model: nn.Module) -> bool:
         """Whether ``model`` is laid out as declared: ``config.num_hidden_layers``, the layout's modules, a
         non-empty ``nn.ModuleList`` of blocks, and in every block each declared branch (or its stand-in)
-        with its pre-norm and parts, and everything its channel-group factories read."""
+        with its pre-norm, parts and post modules, and everything its channel-group factories read."""
         layout = self.layout
         paths = [layout.blocks, layout.embed, layout.final_norm, layout.head]
         if not hasattr(getattr(model, "config", None), "num_hidden_layers") or not all(
@@ -282,7 +312,7 @@ class DeclaredDecoderAdapter(DecoderAdapter):
             return False
         for i, block in enumerate(iter_modules(container)):
             for spec in self.block_branches(model, i, block):
-                if not all(has_path(block, p) for p in (spec.module, *spec.parts, spec.norm) if p):
+                if not all(has_path(block, p) for p in (spec.module, *spec.parts, *spec.post, spec.norm) if p):
                     return False
                 module = get_module(block, spec.module)
                 reads = [r for g in spec.groups if not g.optional for r in g.reads]

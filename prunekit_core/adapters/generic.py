@@ -186,6 +186,7 @@ class _Term:
     node: fx.Node
     child: str  # the child module of the adding module that produces it
     in_place: bool  # the caller adds into this value in place
+    scale: float | None = None  # a constant the adding module multiplies the child's output by
 
 
 @dataclass
@@ -422,8 +423,8 @@ def _residual_additions(g: _Graph, model: nn.Module, cls: str) -> list[_Addition
                 raise UnsupportedPatternError(
                     cls,
                     f"the residual addition `{n.name}` in {owner or 'the top-level model'} adds a value that "
-                    f"{owner or 'the model'} computes itself with `{t.node.target}` (e.g. a gate or scale on "
-                    "the branch), not the output of a child module",
+                    f"{owner or 'the model'} computes itself with `{t.node.target}` (a gate or a learned "
+                    "scale on the branch; a constant multiplier is understood), not the output of a child module",
                 )
         terms = [t for t in terms if not isinstance(get_module(model, t.child), RemovedBranch)]
         if extended is not None:
@@ -456,8 +457,37 @@ def _terms(
         return _terms(g, model, r.args[0], owner, residual, in_place=inplace) + _terms(
             g, model, r.args[1], owner, residual, in_place=False
         )
+    r, scale = _peel_scale(g, r, owner)
     # child is None where owner computes the value itself: _residual_additions refuses such a term at once
-    return [_Term(node=r, child=_child_of(owner, r), in_place=in_place)]  # type: ignore[arg-type]  # see above
+    return [
+        _Term(node=r, child=_child_of(owner, r), in_place=in_place, scale=scale)  # type: ignore[arg-type]  # see above
+    ]
+
+
+def _peel_scale(g: _Graph, node: fx.Node, owner: str) -> tuple[fx.Node, float | None]:
+    """``node`` without the constant multipliers ``owner`` applies to it (Granite's ``residual_multiplier``:
+    ``residual + out * 0.22``), and their product (``None``: there were none)."""
+    scale: float | None = None
+    while node.op == "call_function" and _op_name(node) in ("mul", "div") and _deepest(node) == owner:
+        if len(node.args) != 2:
+            break
+        a, b = node.args
+        if _op_name(node) == "mul" and _is_number(a) and isinstance(b, fx.Node):
+            a, b = b, a
+        if not (isinstance(a, fx.Node) and g.is_stream(a) and _is_number(b)):
+            break
+        c = float(b)  # type: ignore[arg-type]  # _is_number above
+        if _op_name(node) == "div":
+            if c == 0:
+                break
+            c = 1.0 / c
+        scale = c if scale is None else scale * c
+        node = g.root(a)
+    return node, scale
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _group_blocks(
@@ -515,7 +545,7 @@ def _block_branches(
             if p.startswith(block_path + "."):
                 module_nodes.setdefault(p, set()).add(n)
     rel = len(block_path) + 1
-    raw: list[tuple[int, _Term, str | None, tuple[str, ...]]] = []
+    raw: list[tuple[int, _Term, str, str | None, tuple[str, ...], tuple[str, ...], fx.Node]] = []
     for edge, add in enumerate(additions):
         for term in add.terms:
             on_path = g.path(add.residual, term.node)
@@ -537,57 +567,74 @@ def _block_branches(
                     f"the branch added by `{add.node.name}` in {add.owner} ends in {main}, which holds no "
                     "parameters; there is nothing to remove",
                 )
+            # a norm that ends the branch is its post-norm (Gemma 2/3, OLMo2): the branch is the module
+            # before it, and the norm belongs to the branch (counted and removed with it)
+            post: list[str] = []
+            while order.index(main) > 0 and _is_norm(get_module(model, main)):
+                post.insert(0, main)
+                main = order[order.index(main) - 1]
 
-            def exclusive(c: str, path_set: set[fx.Node] = path_set) -> bool:
+            # nodes of the post modules read the branch's output (a dtype check) without being on the path
+            inside = path_set.union(*(module_nodes.get(p, set()) for p in post))
+
+            def exclusive(c: str, inside: set[fx.Node] = inside) -> bool:
                 own = module_nodes.get(c, set())
-                return all(u in path_set or u in own for n in own for u in n.users)
+                return all(u in inside or u in own for n in own for u in n.users)
 
-            if not exclusive(main):
-                raise UnsupportedPatternError(
-                    cls,
-                    f"the output of {main} is read outside the branch that `{add.node.name}` adds, so a "
-                    "zero stand-in would change more than that branch",
-                )
-            others = [c for c in order if c != main and exclusive(c)]
+            for m in (main, *post):
+                if not exclusive(m):
+                    raise UnsupportedPatternError(
+                        cls,
+                        f"the output of {m} is read outside the branch that `{add.node.name}` adds, so a "
+                        "zero stand-in would change more than that branch",
+                    )
+            others = [c for c in order if c != main and c not in post and exclusive(c)]
             norm = None
             if others and others[0] == order[0] and _is_norm(get_module(model, others[0])):
                 norm = others.pop(0)
-            raw.append((edge, term, norm, tuple(others)))
+            # the branch module's own output: the last node on the path that it computed
+            last = [n for n in on_path if _child_of(add.owner, n) == main][-1] if post else term.node
+            raw.append((edge, term, main, norm, tuple(others), tuple(post), last))
     raw.sort(key=lambda r: (r[0], g.index[r[1].node]))  # parallel branches in the order they run
-    kinds = [_kind(get_module(model, t.child)) for _e, t, _n, _p in raw]
+    kinds = [_kind(get_module(model, r[2])) for r in raw]
     branches = []
-    for (edge, term, norm, parts), kind in zip(raw, kinds, strict=True):
-        module = get_module(model, term.child)
+    for (edge, term, main, norm, parts, post, last), kind in zip(raw, kinds, strict=True):
+        module = get_module(model, main)
         name = "attn" if kind == "attention" else "mlp"
         if kinds.count(kind) > 1:
-            name = term.child.rpartition(".")[2]
-        is_tuple, same_shape = outputs.get(term.child, (False, False))
+            name = main.rpartition(".")[2]
+        is_tuple, same_shape = outputs.get(main, (False, False))
         if term.in_place and not same_shape:
             raise UnsupportedPatternError(
                 cls,
                 f"{term.child}'s output is added into in place, but its output shape differs from its input "
                 "shape, so no zero stand-in can take its place",
             )
+        out_proj = _out_proj(model, main, last)
         spec = BranchSpec(
             name=name,
             kind=kind,
-            module=term.child[rel:],
+            module=main[rel:],
             norm=norm[rel:] if norm else None,
             output="tuple" if is_tuple else "tensor",
             uses_cache=_has_cache_slot(module),
             edge=edge,
             parts=tuple(p[rel:] for p in parts),
             full_zero=term.in_place,
-            out_proj=op[rel:] if (op := _out_proj(model, term)) else None,
+            out_proj=out_proj[rel:] if out_proj else None,
+            post=tuple(p[rel:] for p in post),
+            # no writer found: what stands between the branch's last linear map and the add is unknown
+            post_kind=None if out_proj or post else "opaque",
+            scale=term.scale,
         )
         branches.append((spec, type(module).__name__))
     return tuple(branches)
 
 
-def _out_proj(model: nn.Module, term: _Term) -> str | None:
-    """The nn.Linear inside the branch module that computes the branch's value, if one does."""
-    path = _deepest(term.node)
-    inside = path == term.child or path.startswith(term.child + ".")
+def _out_proj(model: nn.Module, main: str, node: fx.Node) -> str | None:
+    """The nn.Linear inside the branch module ``main`` that computes its output ``node``, if one does."""
+    path = _deepest(node)
+    inside = path == main or path.startswith(main + ".")
     return path if inside and isinstance(_get_or_none(model, path), nn.Linear) else None
 
 

@@ -111,17 +111,20 @@ def removed_params(ir: ModelIR, resolved: Resolved) -> int:
 
 
 def remove_branch(model: nn.Module, sub: Sublayer) -> None:
-    """Replace one branch (its module, its parts and its pre-norm) by parameter-free stand-ins."""
+    """Replace one branch (its module, its parts, its post modules and its pre-norm) by parameter-free
+    stand-ins."""
     set_module(model, sub.module, RemovedBranch(sub.kind, sub.output, sub.norm, full=sub.full_zero))
     for part in sub.parts:  # their output only fed the branch, which now ignores its input
         set_module(model, part, RemovedBranch(sub.kind, "tensor"))
+    for post in sub.write.modules:  # post-norms only carried the branch's output to the add: pass a zero on
+        set_module(model, post, RemovedBranch(sub.kind, "tensor", full=sub.full_zero))
     if sub.norm:
         set_module(model, sub.norm, nn.Identity())
 
 
 def branch_paths(sub: Sublayer) -> list[str]:
-    """Every module path a branch removal replaces: the branch, its parts and its pre-norm."""
-    return [sub.module, *sub.parts, *([sub.norm] if sub.norm else [])]
+    """Every module path a branch removal replaces: the branch, its parts, post modules and pre-norm."""
+    return [sub.module, *sub.parts, *sub.write.modules, *([sub.norm] if sub.norm else [])]
 
 
 def apply_removals(

@@ -590,6 +590,138 @@ class AdapterConformance:
                 f"{g.id} declares {g.params_per_group} params per group, its members hold {per_group}"
             )
 
+    def test_branches_own_their_modules(self) -> None:
+        """Every attention of a block (a module holding a KV-cache slot, ``layer_idx``) is inside a declared
+        branch that says ``uses_cache=True``, and no branch is a bare norm: a norm is a branch's ``norm``
+        (before it) or ``post`` module (after it). A post-norm declared as the branch passes every
+        removal check (zeroing it removes the branch) while the attention it follows goes undeclared."""
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        problems: list[str] = []
+        for b in ir.blocks():
+            block = get_module(model, b.module)
+            owned = [(s, branch_paths(s)) for s in b.sublayers]
+            seen: list[str] = []
+            for name, module in block.named_modules():
+                idx = getattr(module, "layer_idx", None)
+                if not name or not isinstance(idx, int) or isinstance(idx, bool):
+                    continue
+                path = f"{b.module}.{name}"
+                if any(path.startswith(p + ".") for p in seen):
+                    continue  # inside an attention already looked at
+                seen.append(path)
+                owners = [s for s, paths in owned if any(path == p or path.startswith(p + ".") for p in paths)]
+                n = sum(p.numel() for p in module.parameters())
+                if not owners:
+                    problems.append(
+                        f"block {b.id}: {path} ({type(module).__name__}, {n} parameters) holds a KV-cache slot "
+                        f"(layer_idx) but is in no declared branch (the block declares "
+                        f"{[f'{s.id} ({s.params} params)' for s in b.sublayers]}): declare it as a branch, "
+                        f'BranchSpec(module="{name}", kind="attention", output="tuple", uses_cache=True), '
+                        "with a norm after it in post=(...)"
+                    )
+                elif not any(s.uses_cache for s in owners):
+                    problems.append(
+                        f"branch {owners[0].id} holds {path}, which owns a KV-cache slot (layer_idx), but does "
+                        "not declare uses_cache=True: declare it, or removing the branch leaves the cache "
+                        "indices of later layers wrong"
+                    )
+            for s in b.sublayers:
+                weights = [p for path in branch_paths(s) for p in get_module(model, path).parameters()]
+                if weights and all(p.dim() == 1 for p in weights) and 10 * s.params < b.params:
+                    problems.append(
+                        f"branch {s.id} ({s.module}) holds only norm weights ({s.params} of the block's "
+                        f"{b.params} parameters): a norm is not a branch. Declare the module it normalises "
+                        "as the branch, with this norm as its norm= (a pre-norm, before it) or post= (a "
+                        "post-norm, after it)"
+                    )
+        assert not problems, "\n".join(problems)
+
+    def test_stream_write_matches_the_forward(self) -> None:
+        """Each branch's ``write`` (what stands between its ``out_proj`` and the residual add, see
+        :mod:`prunekit_core.ir.stream`) holds in the model's real forward: with the block's other branches
+        zeroed, a change ``d`` added to ``out_proj``'s output moves the block's output by exactly
+        ``scale * d`` where nothing is declared between them (``post == "none"``), and not so where a
+        post-norm is declared (``"norm"``). ``"gate"`` and ``"opaque"`` are not checked."""
+        model = self.make_model()
+        ir = self.adapter.build_ir(model)
+        ids = self.input_ids(model)
+        problems: list[str] = []
+        for b in ir.blocks():
+            for s in b.sublayers:
+                if s.out_proj is None or s.write.post not in ("none", "norm"):
+                    continue
+                moved, d = self._write_response(model, ids, b.module, s, [o for o in b.sublayers if o != s])
+                want = s.write.scale * d
+                err = float((moved - want).norm() / want.norm().clamp_min(1e-30))
+                if s.write.post == "norm":
+                    if err < 1e-2:
+                        problems.append(
+                            f"branch {s.id} declares a post-norm {list(s.write.modules)} between {s.out_proj} "
+                            f"and the stream, but its output reaches the stream linearly ({s.write.scale} times "
+                            f"the change, relative error {err:.1e}): declare no post modules (post=(), "
+                            "post_kind=None)"
+                        )
+                    continue
+                if err <= 1e-3:
+                    continue
+                ratio = float((moved * d).sum() / (d * d).sum().clamp_min(1e-30))
+                fit = float((moved - ratio * d).norm() / (ratio * d).norm().clamp_min(1e-30))
+                if fit <= 1e-3:
+                    problems.append(
+                        f"branch {s.id}: its output reaches the stream multiplied by {ratio:.6g}, but it "
+                        f"declares scale={s.write.scale}: declare the multiplier, BranchSpec(scale=NAME) with "
+                        f"NAME the text-config field that holds {ratio:.6g} (Granite: "
+                        '"residual_multiplier"), or the number itself'
+                    )
+                else:
+                    problems.append(
+                        f"branch {s.id}: a change to the output of {s.out_proj} does not move the block's "
+                        f"output linearly (relative error {err:.2g} against {s.write.scale} times the change): "
+                        "something stands between out_proj and the residual add. Declare it: a post-norm "
+                        'as BranchSpec(post=("NORM",)) (e.g. post_attention_layernorm after self_attn in '
+                        "Gemma 2/3 and OLMo2), anything else as post_kind=\"gate\" or \"opaque\""
+                    )
+        assert not problems, "\n".join(problems)
+
+    def _write_response(
+        self, model: nn.Module, ids: torch.Tensor, block: str, sub: Any, others: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(how much the output of ``block`` moves, the change added to ``sub.out_proj``'s output), with
+        the block's ``others`` branches zeroed."""
+        outs: list[torch.Tensor] = []
+        added: list[torch.Tensor] = []
+        perturb = [False]
+
+        def capture(_m: nn.Module, _a: Any, out: Any) -> None:
+            outs.append((out[0] if isinstance(out, tuple) else out).detach().double())
+
+        def shift(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor | None:
+            if not perturb[0]:
+                return None
+            gen = torch.Generator().manual_seed(len(added))
+            d = torch.randn(out.shape, generator=gen).to(out.dtype) * out.detach().float().std().clamp_min(1e-3)
+            added.append(d.double())
+            return out + d
+
+        handles = [
+            get_module(model, block).register_forward_hook(capture),
+            get_module(model, sub.out_proj).register_forward_hook(shift),
+        ]
+        try:
+            with _zeroed(model, [_contribution(o) for o in others]):
+                self._logits(model, ids)
+                perturb[0] = True
+                self._logits(model, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(outs) == 2 and len(added) == 1, (
+            f"{block} ran {len(outs) // 2} times and {sub.out_proj} {len(added)} times in one forward; the kit "
+            "checks a branch's write where each runs once"
+        )
+        return (outs[1] - outs[0]).reshape(added[0].shape), added[0]
+
     def test_prune_nothing_changes_nothing(self) -> None:
         model = self.make_model()
         ids = self.input_ids(model)
@@ -612,7 +744,7 @@ class AdapterConformance:
         total = _numel(dict(model.named_parameters()))
         for case in cases:
             reference = copy.deepcopy(model)
-            with _zeroed(reference, [subs[u].module for u in case]):
+            with _zeroed(reference, [_contribution(subs[u]) for u in case]):
                 want = self._logits(reference, ids)
             pruned = copy.deepcopy(model)
             self.prune(pruned, case)
@@ -1251,6 +1383,12 @@ def _skipped(model: nn.Module, paths: list[str]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _contribution(sub: Any) -> str:
+    """The module whose output is what a branch adds to the stream: its last post module, else itself."""
+    modules: tuple[str, ...] = sub.write.modules
+    return modules[-1] if modules else str(sub.module)
 
 
 def _prefixed(prefix: str) -> Callable[[str], str]:
