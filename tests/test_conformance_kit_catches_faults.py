@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit_core.ir.errors import CalibrationError, CheckpointError
 from prunekit_core.ir.model import ModelIR
+from prunekit_core.ir.stream import StreamWrite
 from prunekit_core.testing import AdapterConformance, check_needs
 
 
@@ -177,6 +178,30 @@ class AttentionOnly(LlamaFamilyAdapter):
         )
 
 
+class DeclaresNormAsAttention(LlamaFamilyAdapter):
+    """Declares the attention's pre-norm as the branch (the old generic description of OLMo2: a branch
+    named after a norm, the attention it wraps undeclared)."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _map_sublayers(
+            super().build_ir(model),
+            lambda s: s
+            if s.kind != "attention"
+            else s.model_copy(
+                update={"module": s.norm, "norm": None, "kind": "mlp", "uses_cache": False, "params": 64}
+            ),
+        )
+
+
+class HalvesTheScale(LlamaFamilyAdapter):
+    """Declares that every branch's output reaches the stream multiplied by 0.5 (Llama multiplies by 1)."""
+
+    def build_ir(self, model: torch.nn.Module) -> ModelIR:
+        return _map_sublayers(
+            super().build_ir(model), lambda s: s.model_copy(update={"write": StreamWrite(scale=0.5)})
+        )
+
+
 def _map_sublayers(ir: ModelIR, fn) -> ModelIR:  # noqa: ANN001
     tower = ir.towers[0]
     blocks = tuple(
@@ -302,6 +327,21 @@ FAULTS = [
         "test_width_save_reload_roundtrip",
         AssertionError,
         "plain from_pretrained cannot load uniform, whose config claims to describe the pruned model",
+    ),
+    (
+        DeclaresNormAsAttention,
+        "test_branches_own_their_modules",
+        AssertionError,
+        r"block text\.blocks\.0: model\.layers\.0\.self_attn \(LlamaAttention, 12288 parameters\) holds a "
+        r"KV-cache slot \(layer_idx\) but is in no declared branch .* declare it as a branch, "
+        r'BranchSpec\(module="self_attn", kind="attention", output="tuple", uses_cache=True\)',
+    ),
+    (
+        HalvesTheScale,
+        "test_stream_write_matches_the_forward",
+        AssertionError,
+        r"branch text\.blocks\.0\.attn: its output reaches the stream multiplied by 1, but it declares "
+        r"scale=0\.5: declare the multiplier",
     ),
     (
         DropsChannelGroups,

@@ -187,7 +187,9 @@ class TestCohere(GenericConformance):
 
 
 def _branches(ir) -> list[tuple]:  # noqa: ANN001
-    return [(s.id, s.kind, s.module, s.norm, s.output, s.uses_cache, s.out_proj, s.write) for s in ir.sublayers()]
+    return [
+        (s.id, s.kind, s.module, s.norm, s.output, s.uses_cache, s.out_proj, s.write) for s in ir.sublayers()
+    ]
 
 
 def test_post_norms_belong_to_the_branch_they_follow() -> None:
@@ -457,3 +459,89 @@ def test_discovery_is_remembered_without_an_attribute_on_the_model(monkeypatch: 
     monkeypatch.setattr(generic, "_discover", no_export)
     monkeypatch.setattr(generic, "_CACHE", type(generic._CACHE)())  # not recalled by signature either
     assert _units(GenericAdapter().build_ir(model)) == _units(LlamaFamilyAdapter().build_ir(model))
+
+
+# --- the kit catches wrong declarations of these families ------------------------------------------------
+
+
+def _with_branches(kit: GenericConformance, fn) -> GenericConformance:  # noqa: ANN001
+    """``kit`` with an adapter whose IR has every sublayer mapped by ``fn``."""
+
+    class Wrong(GenericAdapter):
+        def build_ir(self, model: nn.Module):  # noqa: ANN202
+            ir = super().build_ir(model)
+            tower = ir.towers[0]
+            blocks = tuple(
+                b.model_copy(update={"sublayers": tuple(fn(s) for s in b.sublayers)}) for b in tower.blocks
+            )
+            return ir.model_copy(update={"towers": (tower.model_copy(update={"blocks": blocks}),)})
+
+    kit.adapter = Wrong()
+    return kit
+
+
+def _as_post_norm_branches(s):  # noqa: ANN001, ANN202
+    """OLMo2 as the generic adapter described it before: two branches named after the post-norms."""
+    norm = s.write.modules[-1]
+    return s.model_copy(
+        update={
+            "id": s.id.rpartition(".")[0] + "." + norm.rpartition(".")[2],
+            "kind": "mlp",
+            "module": norm,
+            "output": "tensor",
+            "uses_cache": False,
+            "out_proj": None,
+            "write": StreamWrite(),
+            "params": 64,
+        }
+    )
+
+
+def test_kit_catches_olmo2_described_by_its_post_norms() -> None:
+    kit = _with_branches(TestOLMo2(), _as_post_norm_branches)
+    kit.test_branch_removal_equals_zeroed_branch()  # zeroing a post-norm removes its branch: silent
+    with pytest.raises(AssertionError) as err:
+        kit.test_branches_own_their_modules()
+    message = str(err.value)
+    assert (
+        "block text.blocks.0: model.layers.0.self_attn (Olmo2Attention, 12384 parameters) holds a KV-cache slot"
+        in message
+    )
+    assert 'BranchSpec(module="self_attn", kind="attention", output="tuple", uses_cache=True)' in message
+    assert (
+        "branch text.blocks.0.post_attention_layernorm (model.layers.0.post_attention_layernorm) holds only norm "
+        "weights (64 of the block's" in message
+    )
+
+
+def test_kit_catches_an_undeclared_multiplier() -> None:
+    kit = _with_branches(TestGranite(), lambda s: s.model_copy(update={"write": StreamWrite()}))
+    with pytest.raises(
+        AssertionError,
+        match=r"branch text\.blocks\.0\.attn: its output reaches the stream "
+        r"multiplied by 0\.22, but it declares scale=1\.0: declare the multiplier",
+    ):
+        kit.test_stream_write_matches_the_forward()
+
+
+def test_kit_catches_an_undeclared_post_norm() -> None:
+    kit = _with_branches(TestGemma2(), lambda s: s.model_copy(update={"write": StreamWrite()}))
+    with pytest.raises(
+        AssertionError,
+        match=r"branch text\.blocks\.0\.attn: a change to the output of model\.layers\.0\.self_attn\.o_proj does "
+        r"not move the block's output linearly .* a post-norm as BranchSpec\(post=\(\"NORM\",\)\)",
+    ):
+        kit.test_stream_write_matches_the_forward()
+
+
+def test_kit_catches_a_post_norm_that_is_not_there() -> None:
+    kit = _with_branches(
+        TestLlamaThroughGeneric(),
+        lambda s: s.model_copy(update={"write": StreamWrite(post="norm", modules=(s.norm,))}),
+    )
+    with pytest.raises(
+        AssertionError,
+        match=r"branch text\.blocks\.0\.attn declares a post-norm .* reaches "
+        r"the stream linearly",
+    ):
+        kit.test_stream_write_matches_the_forward()

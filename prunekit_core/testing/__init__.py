@@ -618,7 +618,7 @@ class AdapterConformance:
                         f"(layer_idx) but is in no declared branch (the block declares "
                         f"{[f'{s.id} ({s.params} params)' for s in b.sublayers]}): declare it as a branch, "
                         f'BranchSpec(module="{name}", kind="attention", output="tuple", uses_cache=True), '
-                        "with a norm after it in post=(...)"
+                        "and a norm between it and the residual add in post=(...)"
                     )
                 elif not any(s.uses_cache for s in owners):
                     problems.append(
