@@ -185,10 +185,12 @@ class DeclaresNormAsAttention(LlamaFamilyAdapter):
     def build_ir(self, model: torch.nn.Module) -> ModelIR:
         return _map_sublayers(
             super().build_ir(model),
-            lambda s: s
-            if s.kind != "attention"
-            else s.model_copy(
-                update={"module": s.norm, "norm": None, "kind": "mlp", "uses_cache": False, "params": 64}
+            lambda s: (
+                s
+                if s.kind != "attention"
+                else s.model_copy(
+                    update={"module": s.norm, "norm": None, "kind": "mlp", "uses_cache": False, "params": 64}
+                )
             ),
         )
 

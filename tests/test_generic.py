@@ -529,7 +529,7 @@ def test_kit_catches_an_undeclared_post_norm() -> None:
     with pytest.raises(
         AssertionError,
         match=r"branch text\.blocks\.0\.attn: a change to the output of model\.layers\.0\.self_attn\.o_proj does "
-        r"not move the block's output linearly .* a post-norm as BranchSpec\(post=\(\"NORM\",\)\)",
+        r"not reach the residual add linearly .* a post-norm as BranchSpec\(post=\(\"NORM\",\)\)",
     ):
         kit.test_stream_write_matches_the_forward()
 
@@ -541,7 +541,6 @@ def test_kit_catches_a_post_norm_that_is_not_there() -> None:
     )
     with pytest.raises(
         AssertionError,
-        match=r"branch text\.blocks\.0\.attn declares a post-norm .* reaches "
-        r"the stream linearly",
+        match=r"branch text\.blocks\.0\.attn declares a post-norm .* reaches the residual add unchanged",
     ):
         kit.test_stream_write_matches_the_forward()

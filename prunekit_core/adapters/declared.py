@@ -312,7 +312,9 @@ class DeclaredDecoderAdapter(DecoderAdapter):
             return False
         for i, block in enumerate(iter_modules(container)):
             for spec in self.block_branches(model, i, block):
-                if not all(has_path(block, p) for p in (spec.module, *spec.parts, *spec.post, spec.norm) if p):
+                if not all(
+                    has_path(block, p) for p in (spec.module, *spec.parts, *spec.post, spec.norm) if p
+                ):
                     return False
                 module = get_module(block, spec.module)
                 reads = [r for g in spec.groups if not g.optional for r in g.reads]

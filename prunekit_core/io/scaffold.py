@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.declared import BranchSpec, LayoutSpec
-from ..ir.errors import PrunekitError
+from ..ir.errors import PrunekitError, UnsupportedPatternError
 from .atomic import write_text
 
 __all__ = ["ScaffoldError", "Skeleton", "new_plugin", "tiny_config_kwargs"]
@@ -122,7 +122,15 @@ def new_plugin(
             f"could not build a tiny {model_class} from {kwargs}: {type(exc).__name__}: {exc}. "
             "Fix the config with --config KEY=VALUE."
         ) from exc
-    layout, found = discover_layout(model)
+    try:
+        layout, found = discover_layout(model)
+    except UnsupportedPatternError as exc:
+        raise ScaffoldError(
+            f"new-plugin writes its tables from what the generic adapter discovers, and {exc.pattern}; so "
+            f"the {name} plugin must be declared by hand: copy examples/prunekit-gptj, set model_classes, "
+            "layout and branches (a BranchSpec per branch, docs/plugins/writing-a-plugin.md, section 2) and "
+            "run its conformance test"
+        ) from exc
     tables = {tuple(spec for spec, _ in block) for block in found}
     if len(tables) != 1:
         raise ScaffoldError(
@@ -131,6 +139,7 @@ def new_plugin(
             "docs/plugins/writing-a-plugin.md)"
         )
     (branches,) = tables
+    branches, kwargs = _named_scales(model_cls, config_cls, kwargs, branches)
     package = f"prunekit_{name}"
     adapter_class = "".join(p.capitalize() for p in name.split("_")) + "Adapter"
     files = {
@@ -156,6 +165,47 @@ def new_plugin(
         adapter_class=adapter_class,
         model_class=model_class,
     )
+
+
+def _named_scales(
+    model_cls: type[Any], config_cls: type[Any], kwargs: dict[str, Any], branches: tuple[BranchSpec, ...]
+) -> tuple[tuple[BranchSpec, ...], dict[str, Any]]:
+    """``branches`` with each constant multiplier (``scale``, Granite's ``residual_multiplier``) named by
+    the config field that holds it, so the plugin reads a real model's value rather than the tiny one's.
+
+    The fields holding the value are found by building the tiny model again with each candidate field
+    (a float config field equal to a discovered scale) set to a distinct value and discovering it again:
+    the field whose value then appears is the multiplier. A scale no field explains stays a number. The
+    tiny test model keeps the probe value of each named field, so the conformance kit checks that the
+    plugin reads it (a multiplier of 1 would pass unread).
+    """
+    import dataclasses
+
+    import torch
+
+    from ..adapters.generic import discover_layout
+
+    scales = {b.scale for b in branches if isinstance(b.scale, float)}
+    if not scales:
+        return branches, kwargs
+    text = config_cls(**kwargs).get_text_config(decoder=True)
+    fields_ = [
+        k for k, v in vars(text).items() if isinstance(v, float) and v in scales and not k.startswith("_")
+    ]
+    probe = {k: 1.0 + (i + 1) / 64 for i, k in enumerate(fields_)}  # distinct, exact in binary
+    try:
+        torch.manual_seed(0)
+        probed = model_cls(config_cls(**{**kwargs, **probe})).eval()
+        (found, *_rest) = discover_layout(probed)[1]
+    except Exception:  # noqa: BLE001 - a config that refuses the probe values keeps the numbers
+        return branches, kwargs
+    by_value = {v: k for k, v in probe.items()}
+    out = []
+    for spec, (seen, _type) in zip(branches, found, strict=True):
+        name = by_value.get(seen.scale) if isinstance(seen.scale, float) else None
+        out.append(dataclasses.replace(spec, scale=name) if name else spec)
+    named = {b.scale for b in out if isinstance(b.scale, str)}
+    return tuple(out), {**kwargs, **{k: v for k, v in probe.items() if k in named}}
 
 
 # --- templates ---------------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ class UnsupportedPatternError(PrunekitError):
         self.model_class = model_class
         self.pattern = pattern
         super().__init__(
-            f"the generic adapter cannot describe {model_class}: {pattern}. Write a plugin for this family "
-            "(`prunekit new-plugin NAME`, see docs/plugins/writing-a-plugin.md)."
+            f"the generic adapter cannot describe {model_class}: {pattern}. Declare this family in a plugin "
+            "written by hand (`prunekit new-plugin` reads models the same way, so it cannot write this one): "
+            "copy examples/prunekit-gptj and set its layout and branches (docs/plugins/writing-a-plugin.md, "
+            "section 2)."
         )
