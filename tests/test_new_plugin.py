@@ -143,3 +143,50 @@ def test_the_example_plugin_is_what_new_plugin_writes(
             )
         else:
             assert ours == path.read_text(), f"{rel} differs from what new-plugin writes"
+
+
+@pytest.mark.parametrize(
+    ("family", "model_class", "declared"),
+    [
+        ("olmo2", "Olmo2ForCausalLM", 'post=("post_attention_layernorm",)'),
+        ("granite", "GraniteForCausalLM", 'scale="residual_multiplier"'),
+    ],
+)
+def test_skeleton_declares_post_norms_and_multipliers(
+    family: str, model_class: str, declared: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OLMo2's post-norms ride with the branch they follow, Granite's multiplier is read from its config
+    field; the skeleton's adapter passes the kit's checks of those declarations as written."""
+    import importlib.util
+
+    out = tmp_path / family
+    assert main(["new-plugin", family, "--model-class", model_class, "--out", str(out), "--json"]) == 0
+    adapter_py = (out / f"prunekit_{family}/adapter.py").read_text()
+    assert declared in adapter_py
+    monkeypatch.syspath_prepend(str(out))
+    path = out / f"tests/test_{family}_conformance.py"
+    spec = importlib.util.spec_from_file_location(f"skeleton_{family}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kit = getattr(module, f"Test{family.capitalize()}")()
+    kit.test_branches_own_their_modules()
+    kit.test_stream_write_matches_the_forward()
+    kit.test_branch_removal_equals_zeroed_branch()
+    kit.test_cached_generation_matches_full_forward()
+    sys.modules.pop(f"prunekit_{family}", None)
+    sys.modules.pop(f"prunekit_{family}.adapter", None)
+
+
+def test_a_family_it_cannot_read_is_refused_with_a_path_that_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bloom adds the residual inside its branch modules: new-plugin cannot write it, and says what can."""
+    argv = ["new-plugin", "bloom", "--model-class", "BloomForCausalLM", "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "declared by hand: copy examples/prunekit-gptj" in err and "Traceback" not in err
+    assert "new-plugin NAME" not in err
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "examples/prunekit-gptj").is_dir()
+    assert "## 2." in (root / "docs/plugins/writing-a-plugin.md").read_text()
