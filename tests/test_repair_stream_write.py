@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import transformers as T
+from helpers import sampled_windows
 from torch import nn
 
 from prunekit_core import BranchSpec, DeclaredDecoderAdapter, LayoutSpec, PrunePlan, apply_plan, fingerprint
@@ -27,9 +28,8 @@ from prunekit_core.ir.stream import StreamWrite
 from prunekit_core.surgery.apply import AppliedPlan, branches_masked, resolve_removals
 from prunekit_core.surgery.repair import _runs, fit_fold, lm_loss, lsq_repair, split_windows
 
-VOCAB = 64
 SMALL = dict(
-    vocab_size=VOCAB,
+    vocab_size=64,
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=4,
@@ -138,15 +138,8 @@ def _sharpen(model: nn.Module) -> None:
         head.weight.mul_(8.0)
 
 
-@torch.no_grad()
-def _sample_windows(model: nn.Module, n: int = 16, seq: int = 24, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, 1), generator=g)
-    for _ in range(seq - 1):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1].double()
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
+def _sample_windows(model: nn.Module, n: int = 16, seq: int = 24) -> torch.Tensor:
+    return sampled_windows(model, n, seq)
 
 
 def _apply(

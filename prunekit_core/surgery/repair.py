@@ -298,8 +298,8 @@ def lsq_repair(
         done.extend(r.subs)
         if not bool(dw.any()):
             note = (
-                f"repair: {r.label()} not folded into {out_proj}: the fit explains none of the held-out "
-                f"residual (gain {gain:.3f}); left unrepaired"
+                f"repair: {r.label()} not folded into {out_proj}: the fit explains none of the run's "
+                f"contribution on the windows that choose its ridge (gain {gain:.3f}); left unrepaired"
             )
             steps.append(RepairStep(r.ids, out_proj, ridge, gain, "undone", current, current, note))
             log.info(note)
