@@ -213,10 +213,11 @@ def lm_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8) -> 
 
 def split_windows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index masks (fit, ridge, held) over ``n`` windows: every fourth window is held out for the
-    end-to-end loss test and nothing else; of the others every fourth chooses the ridge strength, and the
-    fit uses the rest. So the loss that accepts a fold is measured on windows no part of the fit has seen."""
+    end-to-end loss test and nothing else (the last one of 2 or 3 windows; none of 1); of the others every
+    fourth chooses the ridge strength, and the fit uses the rest. So the loss that accepts a fold is measured
+    on windows no part of the fit has seen."""
     idx = torch.arange(n)
-    held = idx % 4 == 3
+    held = (idx % 4 == 3) if n >= 4 else (idx == n - 1) & (idx > 0)
     rest = (~held).nonzero().flatten()
     ridge = torch.zeros(n, dtype=torch.bool)
     ridge[rest[torch.arange(len(rest)) % 4 == 3]] = True
@@ -260,8 +261,8 @@ def lsq_repair(
     if held.shape[0] == 0:
         for r in runs:
             note = (
-                f"repair: {r.label()} declined: {windows.shape[0]} calibration window(s) leave none to test a "
-                "fold on (every fourth is held out); pass at least 4 windows (--windows)"
+                f"repair: {r.label()} declined: {windows.shape[0]} calibration window leaves none to test a "
+                "fold on (one is held out); pass at least 2 windows (--windows), better 32"
             )
             steps.append(RepairStep(r.ids, "", DEFAULT_RIDGE, float("nan"), "declined", note=note))
         return steps
