@@ -790,6 +790,7 @@ def _prune_loaded(
         )  # as applied: says whether the config alone describes the result
     for note in plan.notes[len(result.plan.notes) :]:
         rep.say(note)  # what the repair did with each run: folded, undone or declined, and why
+    report["plan"] = plan.model_dump(mode="json")  # as applied: with the repair's notes
     report["uniform"] = plan.is_uniform
     if recover == "lora":
         calib_spec = _text_spec(calib)

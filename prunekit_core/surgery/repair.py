@@ -1,16 +1,23 @@
 """Least-squares repair: fold what removed branches contributed into a surviving output projection.
 
 For every run of consecutive removed branches on a residual stream, the nearest surviving branch before
-the run that declares an ``out_proj`` (an ``nn.Linear`` writing into the stream, e.g. ``mlp.down_proj``)
-absorbs the run's contribution: with ``A`` the inputs of that projection and ``D = x_after_run -
-x_before_run`` on the calibration tokens, its weight gets ``dW = argmin ||A dW^T - D||^2 + lam ||dW||^2``.
-Shapes never change, so a uniform plan still reloads with plain ``from_pretrained``.
+the run whose ``out_proj`` (an ``nn.Linear``, e.g. ``mlp.down_proj``) reaches the stream linearly
+(``Sublayer.write.linear``: no post-norm, gate or unknown operation between it and the residual add)
+absorbs the run's contribution: with ``A`` the inputs of that projection, ``D = x_after_run - x_before_run``
+on the calibration tokens and ``s`` the writer's constant multiplier (``write.scale``, Granite's
+``residual_multiplier``), its weight gets ``dW = argmin ||s A dW^T - D||^2 + lam ||dW||^2``. A nearer writer
+with a post-norm after it (Gemma 2/3, OLMo2) is passed over: a correction folded into it would be
+renormalised before it reaches the stream. With no linear writer left the run is declined. Shapes never
+change, so a uniform plan still reloads with plain ``from_pretrained``.
 
 Runs are processed front to back on the model with earlier runs already masked, so each fit sees the
-stream its projection will really receive. The ridge strength is chosen per run on held-out calibration
-tokens (every fourth window; with fewer than four windows a default strength) from a small grid, then refit on all tokens. Statistics are accumulated
-batch by batch (``A^T A`` and ``A^T D``), so memory does not grow with the number of windows, and each
-forward stops as soon as the run's end is observed.
+stream its projection will really receive. The windows split three ways (:func:`split_windows`): every
+fourth is held out for the end-to-end test only; of the others every fourth chooses the ridge strength from
+a small grid (a default strength when there are none) and the rest fit. A fold is kept only if the language
+model's loss on the held-out windows (:func:`lm_loss`, with every removal masked) is lower with it than
+without it; otherwise it is undone. Statistics are accumulated batch by batch (``A^T A`` and ``A^T D``), so
+memory does not grow with the number of windows, and each fitting forward stops as soon as the run's end is
+observed.
 
 Narrowing a sublayer (removing channel groups) can be repaired the same way: :func:`refit_narrowed` refits
 the output projection on the kept input channels, from the input Grams one calibration pass collects
