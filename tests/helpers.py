@@ -136,3 +136,20 @@ def write_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@torch.no_grad()
+def sampled_windows(model: torch.nn.Module, n: int = 16, seq: int = 24, seed: int = 1) -> torch.Tensor:
+    """``n`` token windows sampled from ``model`` itself (a first token drawn uniformly from its vocabulary).
+
+    On its own samples the unpruned model has the lowest expected loss, so a repair that restores what a
+    removal took has a loss to win on them, as on real text (the repair keeps a fold only where it lowers
+    the held-out loss); on uniform random tokens a random model has nothing to win.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (n, 1), generator=g)
+    for _ in range(seq - 1):
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1].double()
+        ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)], dim=1)
+    return ids

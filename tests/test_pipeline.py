@@ -33,8 +33,7 @@ def step_by_step(model: torch.nn.Module, text: Path, *, stats: bool = True, **kw
     ids = pk.load_windows(tiny_tokenizer(), str(text), seq_len=SEQ, num_windows=N).ids
     cal = pk.calibrate(model, ids) if stats else Calibration(windows=ids)
     plan = pk.plan_pruning(model, cal, **kw)  # type: ignore[arg-type]  # **kw: option values of several types
-    pk.apply_plan(model, plan, repair_windows=ids)
-    return plan
+    return pk.apply_plan(model, plan, repair_windows=ids).plan  # as applied: with the repair's notes
 
 
 def comparable(plan: pk.PrunePlan) -> dict[str, object]:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import sampled_windows, tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prunekit_core import PlanError, PrunePlan, apply_plan, fingerprint, inspect, load_pruned, save_pruned
@@ -33,15 +33,18 @@ def _stream_after(model, windows, block: int) -> torch.Tensor:
 
 def test_repair_reduces_reconstruction_error() -> None:
     ref = _model()
-    w = _windows(16)
+    w = sampled_windows(ref, 32, 32)  # the unpruned model's own text: the fold has a held-out loss to win
     target = _stream_after(ref, w, 3).detach()  # stream after block 2 in the unpruned model
     plain, fixed = copy.deepcopy(ref), copy.deepcopy(ref)
     apply_plan(plain, _plan(plain, ["text.blocks.2"], repair="none"))
-    apply_plan(fixed, _plan(fixed, ["text.blocks.2"]), repair_windows=w)
+    applied = apply_plan(fixed, _plan(fixed, ["text.blocks.2"]), repair_windows=w)
+    assert [st.status for st in applied.repair_steps] == ["folded"], applied.plan.notes
     with torch.no_grad():
         err_plain = (_stream_after(plain, w, 2) - target).pow(2).sum()
         err_fixed = (_stream_after(fixed, w, 2) - target).pow(2).sum()
-    assert err_fixed < 0.9 * err_plain
+    # a random block is mostly unpredictable from its writer's input: the fold (fitted on 3/4 of the windows,
+    # its ridge on a part of those) explains about 8% of it here
+    assert err_fixed < 0.95 * err_plain
     # only the writer (block 1's down_proj) changed
     changed = [n for n, p in fixed.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
@@ -66,8 +69,10 @@ def test_sublayer_run_uses_attention_writer_and_first_run_is_skipped() -> None:
     ir = inspect(model)
     removals = resolve_removals(ir, ["text.blocks.0.attn", "text.blocks.2.mlp"])
     steps = lsq_repair(model, ir, removals, _windows(8), masked=branches_masked)
-    # block 0's attention has no surviving writer before it; block 2's MLP folds into its attention
-    assert [s.writer for s in steps] == ["model.layers.2.self_attn.o_proj"]
+    # block 0's attention has no surviving writer before it (declined); block 2's MLP folds into its attention
+    assert [(s.status, s.writer) for s in steps][0] == ("declined", "")
+    assert "no surviving branch with an output projection before it" in steps[0].note
+    assert [s.writer for s in steps[1:]] == ["model.layers.2.self_attn.o_proj"]
 
 
 def test_repair_plan_needs_windows_and_leaves_model_untouched() -> None:

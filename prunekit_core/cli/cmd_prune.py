@@ -139,8 +139,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repair",
         choices=("none", "lsq"),
-        help="lsq: fold what removed branches contributed into surviving output projections, fitted by least "
-        f"squares on the calibration text (default {BEST.get('repair', 'none')} with the default metric, none "
+        help="lsq: fold what removed branches contributed into surviving output projections that add linearly "
+        "into the stream (none where a post-norm follows), fitted by least squares on the calibration text and "
+        "kept only where it lowers the loss on held-out calibration windows; prints what each run got (default {BEST.get('repair', 'none')} with the default metric, none "
         "when --metric is given)",
     )
     p.add_argument(

@@ -788,6 +788,9 @@ def _prune_loaded(
         plan = apply_as_applied(
             model, plan, cal_ids
         )  # as applied: says whether the config alone describes the result
+    for note in plan.notes[len(result.plan.notes) :]:
+        rep.say(note)  # what the repair did with each run: folded, undone or declined, and why
+    report["plan"] = plan.model_dump(mode="json")  # as applied: with the repair's notes
     report["uniform"] = plan.is_uniform
     if recover == "lora":
         calib_spec = _text_spec(calib)

@@ -178,7 +178,8 @@ class AppliedPlan:
     removed_sublayers: tuple[str, ...] = ()
     #: the kept block indices per tower (of the model before surgery)
     kept_blocks: dict[str, list[int]] = field(default_factory=dict)
-    #: ``repair="lsq"``: the runs of removed branches folded into a surviving projection
+    #: ``repair="lsq"``: each run of removed branches, folded into a surviving projection, undone (it did
+    #: not lower the held-out language-model loss) or declined (no writer adds linearly), with its note
     repair_steps: tuple[RepairStep, ...] = ()
     #: ``repair="lsq"``: the held-out share of each narrowed family's output error the refit removed
     refit_gains: dict[str, float] = field(default_factory=dict)
@@ -200,7 +201,9 @@ def apply_plan(
 
     Checks the plan's fingerprint first; nothing is modified when validation fails. A plan with
     ``repair="lsq"`` first folds the removed branches into surviving projections, fitted on
-    ``repair_windows`` (token ids [n, seq_len], e.g. the calibration windows). Afterwards the removed
+    ``repair_windows`` (token ids [n, seq_len], e.g. the calibration windows); a fold is kept only where it
+    lowers the language-model loss on held-out windows (:func:`~prunekit_core.surgery.repair.lsq_repair`),
+    and the plan's notes say what each run got. Afterwards the removed
     weights are gone from the module tree and the config describes the new shape. Nothing is recorded on
     the model: save the result with ``save_pruned(applied.model, out, plan=applied.plan)``.
     """
@@ -232,6 +235,8 @@ def apply_plan(
         if plan.repair == "lsq":
             assert repair_windows is not None  # checked above
             steps = lsq_repair(model, ir_now, resolved, repair_windows, masked=branches_masked)
+            # what the repair did with each run (folded, undone, declined, and why): the plan as applied says
+            plan = plan.model_copy(update={"notes": [*plan.notes, *(s.note for s in steps)]})
         kept = apply_removals(model, adapter, ir_now, resolved)
     if not cuts:
         # no cut now, but an earlier one (a model reloaded with load_pruned) may leave shapes the config

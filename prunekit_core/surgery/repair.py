@@ -1,16 +1,23 @@
 """Least-squares repair: fold what removed branches contributed into a surviving output projection.
 
 For every run of consecutive removed branches on a residual stream, the nearest surviving branch before
-the run that declares an ``out_proj`` (an ``nn.Linear`` writing into the stream, e.g. ``mlp.down_proj``)
-absorbs the run's contribution: with ``A`` the inputs of that projection and ``D = x_after_run -
-x_before_run`` on the calibration tokens, its weight gets ``dW = argmin ||A dW^T - D||^2 + lam ||dW||^2``.
-Shapes never change, so a uniform plan still reloads with plain ``from_pretrained``.
+the run whose ``out_proj`` (an ``nn.Linear``, e.g. ``mlp.down_proj``) reaches the stream linearly
+(``Sublayer.write.linear``: no post-norm, gate or unknown operation between it and the residual add)
+absorbs the run's contribution: with ``A`` the inputs of that projection, ``D = x_after_run - x_before_run``
+on the calibration tokens and ``s`` the writer's constant multiplier (``write.scale``, Granite's
+``residual_multiplier``), its weight gets ``dW = argmin ||s A dW^T - D||^2 + lam ||dW||^2``. A nearer writer
+with a post-norm after it (Gemma 2/3, OLMo2) is passed over: a correction folded into it would be
+renormalised before it reaches the stream. With no linear writer left the run is declined. Shapes never
+change, so a uniform plan still reloads with plain ``from_pretrained``.
 
 Runs are processed front to back on the model with earlier runs already masked, so each fit sees the
-stream its projection will really receive. The ridge strength is chosen per run on held-out calibration
-tokens (every fourth window; with fewer than four windows a default strength) from a small grid, then refit on all tokens. Statistics are accumulated
-batch by batch (``A^T A`` and ``A^T D``), so memory does not grow with the number of windows, and each
-forward stops as soon as the run's end is observed.
+stream its projection will really receive. The windows split three ways (:func:`split_windows`): every
+fourth is held out for the end-to-end test only; of the others every fourth chooses the ridge strength from
+a small grid (a default strength when there are none) and the rest fit. A fold is kept only if the language
+model's loss on the held-out windows (:func:`lm_loss`, with every removal masked) is lower with it than
+without it; otherwise it is undone. Statistics are accumulated batch by batch (``A^T A`` and ``A^T D``), so
+memory does not grow with the number of windows, and each fitting forward stops as soon as the run's end is
+observed.
 
 Narrowing a sublayer (removing channel groups) can be repaired the same way: :func:`refit_narrowed` refits
 the output projection on the kept input channels, from the input Grams one calibration pass collects
@@ -26,7 +33,7 @@ import logging
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -58,14 +65,30 @@ class Removals(Protocol):
 BranchMask = Callable[[nn.Module, list[Sublayer]], AbstractContextManager[None]]
 
 
+RepairStatus = Literal["folded", "undone", "declined"]
+
+
 @dataclass(frozen=True)
 class RepairStep:
-    """One run of removed branches and the projection that absorbed it."""
+    """One run of removed branches: the projection it was folded into, or why it was not.
+
+    ``status``: ``folded`` (the fold lowered the held-out language-model loss and was kept), ``undone`` (it
+    was fitted, and taken back because it did not lower that loss or did not generalise), ``declined`` (no
+    fit: no writer before the run adds linearly into the stream, or no held-out window to test a fold on).
+    """
 
     removed: tuple[str, ...]
-    writer: str
+    writer: str  # the out_proj folded into (or tried); "" when no writer was found
     ridge: float
     holdout_gain: float  # fraction of the held-out residual energy the fit explains
+    status: RepairStatus = "folded"
+    loss_without: float = float("nan")  # held-out LM loss of the pruned model without this fold
+    loss_with: float = float("nan")  # ... and with it (nan when not fitted)
+    note: str = ""  # one line for the plan's notes and the CLI output
+
+    @property
+    def folded(self) -> bool:
+        return self.status == "folded"
 
 
 class _Stop(Exception):
@@ -104,8 +127,42 @@ class NormalEquations:
         return (dw @ self.G * dw).sum() - 2 * (dw * self.C.T).sum() + self.dd
 
 
-def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Sublayer], str]]:
-    """(writer, removed run, path whose input is the stream after the run) per run, per tower."""
+@dataclass(frozen=True)
+class _Run:
+    """A run of consecutive removed branches, where the stream after it is read, and its writer choice."""
+
+    subs: list[Sublayer]
+    end_path: str  # the module whose input is the stream after the run
+    writer: Sublayer | None  # the nearest earlier writer that adds linearly into the run's stream
+    passed: list[Sublayer]  # nearer writers passed over: something nonlinear stands after them
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.subs)
+
+    def label(self) -> str:
+        return ", ".join(self.ids)
+
+    def why_declined(self) -> str:
+        if not self.passed:
+            return "no surviving branch with an output projection before it on its stream"
+        near = self.passed[0]
+        after = ", ".join(near.write.modules) or "undeclared modules"
+        return (
+            f"the nearest writer {near.out_proj} is followed by a {near.write.post} ({after}) before the "
+            f"residual add, so a correction folded into it would not reach the stream linearly, and no "
+            f"earlier writer on stream {self.subs[0].residual.stream} adds linearly"
+        )
+
+
+def _runs(ir: ModelIR, removed: set[str]) -> list[_Run]:
+    """Every run of consecutive removed branches, per tower, front to back, with its writer.
+
+    The writer is the nearest surviving branch before the run, on the same stream, whose ``out_proj`` output
+    reaches the stream linearly (``Sublayer.write.linear``: no norm, gate or unknown operation between it and
+    the residual add; a constant ``write.scale`` is allowed). Nearer writers with a post-norm (Gemma 2/3,
+    OLMo2) are passed over; with none left the run is declined.
+    """
     out = []
     for tower in ir.towers:
         subs = [s for b in tower.blocks for s in b.sublayers]
@@ -123,13 +180,55 @@ def _runs(ir: ModelIR, removed: set[str]) -> list[tuple[Sublayer | None, list[Su
             j = i
             while j < len(subs) and subs[j].id in removed:
                 j += 1
-            writer = next((s for s in reversed(subs[:i]) if s.out_proj and s.id not in removed), None)
+            stream = subs[i].residual.stream
+            candidates = [
+                s
+                for s in reversed(subs[:i])
+                if s.out_proj and s.id not in removed and s.residual.stream == stream
+            ]
+            writer = next((s for s in candidates if s.write.linear and s.write.scale != 0), None)
+            passed = candidates[: candidates.index(writer)] if writer is not None else candidates
             end_path = (subs[j].norm or subs[j].module) if j < len(subs) else tower.final_norm
             if end_path is None:
                 raise PlanError(f"tower {tower.name} declares no final_norm; cannot repair its last branches")
-            out.append((writer, subs[i:j], end_path))
+            out.append(_Run(subs[i:j], end_path, writer, passed))
             i = j
     return out
+
+
+#: ``loss(model, windows)``: the mean next-token loss of the language model on token windows
+LossFn = Callable[[nn.Module, torch.Tensor], float]
+
+
+@torch.inference_mode()
+def lm_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``windows`` (token ids ``[n, seq_len]``), every token
+    weighted alike: a plain forward (``model(input_ids=...).logits``), the language model's own loss."""
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].double()
+        target = ids[:, 1:]
+        total += float(
+            nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+            )
+        )
+        count += target.numel()
+    return total / count
+
+
+def split_windows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index masks (fit, ridge, held) over ``n`` windows: every fourth window is held out for the
+    end-to-end loss test and nothing else (the last one of 2 or 3 windows; none of 1); of the others every
+    fourth chooses the ridge strength, and the fit uses the rest. So the loss that accepts a fold is measured
+    on windows no part of the fit has seen."""
+    idx = torch.arange(n)
+    held = (idx % 4 == 3) if n >= 4 else (idx == n - 1) & (idx > 0)
+    rest = (~held).nonzero().flatten()
+    ridge = torch.zeros(n, dtype=torch.bool)
+    ridge[rest[torch.arange(len(rest)) % 4 == 3]] = True
+    return ~held & ~ridge, ridge, held
 
 
 @torch.inference_mode()
@@ -141,42 +240,121 @@ def lsq_repair(
     *,
     masked: BranchMask,
     batch_size: int = 8,
+    loss: LossFn | None = None,
 ) -> list[RepairStep]:
     """Update surviving output projections in place so they absorb the removed branches' contribution.
 
     ``resolved`` are the removals (blocks count as all their sublayers). Call before the surgery.
     ``masked`` removes branches for the duration of a context (:func:`prunekit_core.surgery.apply.branches_masked`,
     which :func:`~prunekit_core.apply_plan` passes): later runs are fitted with earlier ones removed.
+
+    Every fold is tested end to end: the language-model loss (``loss``, default :func:`lm_loss`) of the
+    pruned model (every removal masked) on the held-out windows (every fourth, :func:`split_windows`), with
+    and without it. A fold that does not lower that loss is undone. Runs without a writer that adds linearly
+    into the stream are declined. Returns one step per run, each with a one-line ``note`` saying which.
     """
     blocks = ir.block_map()
     removed: set[str] = set(resolved.sublayers)
     for bid in resolved.blocks:
         removed |= {s.id for s in blocks[bid].sublayers}
+    runs = _runs(ir, removed)
+    loss_fn: LossFn = loss or (lambda m, w: lm_loss(m, w, batch_size=batch_size))
+    fit_mask, ridge_mask, held_mask = split_windows(windows.shape[0])
+    held = windows[held_mask]
+    every = [s for r in runs for s in r.subs]
     steps: list[RepairStep] = []
+    if not runs:
+        return steps
+    if held.shape[0] == 0:
+        for r in runs:
+            note = (
+                f"repair: {r.label()} declined: {windows.shape[0]} calibration window leaves none to test a "
+                "fold on (one is held out); pass at least 2 windows (--windows), better 32"
+            )
+            steps.append(RepairStep(r.ids, "", DEFAULT_RIDGE, float("nan"), "declined", note=note))
+        return steps
+    with masked(model, every):
+        current = loss_fn(model, held)
+    n_held = held.shape[0]
     done: list[Sublayer] = []
-    for writer, run, end_path in _runs(ir, removed):
+    for r in runs:
+        writer = r.writer
         if writer is None:
-            log.info("no surviving projection before %s; left unrepaired", run[0].id)
-            done.extend(run)
+            note = f"repair: {r.label()} declined: {r.why_declined()}; left unrepaired"
+            steps.append(RepairStep(r.ids, "", DEFAULT_RIDGE, float("nan"), "declined", current, note=note))
+            log.info(note)
+            done.extend(r.subs)
             continue
-        proj = get_module(model, writer.out_proj or "")
+        out_proj = writer.out_proj or ""
+        proj = get_module(model, out_proj)
         if not isinstance(proj, nn.Linear):
-            raise PlanError(f"{writer.out_proj} is a {type(proj).__name__}; repair needs an nn.Linear")
-        start_path = run[0].norm or run[0].module
-        held = torch.arange(windows.shape[0]) % 4 == 3
-        stats = {
-            part: _accumulate(model, masked, done, proj, start_path, end_path, windows[mask], batch_size)
-            for part, mask in (("fit", ~held), ("hold", held))
-        }
-        ridge, gain, dw = solve_ridge(stats["fit"], stats["hold"])
-        with torch.no_grad():
-            proj.weight += dw.to(proj.weight.dtype)
-        steps.append(RepairStep(tuple(s.id for s in run), writer.out_proj or "", ridge, gain))
-        log.info(
-            "repaired %s into %s (ridge %g, held-out gain %.3f)", run[0].id, writer.out_proj, ridge, gain
+            raise PlanError(f"{out_proj} is a {type(proj).__name__}; repair needs an nn.Linear")
+        via = ""
+        if r.passed:
+            via = f" (passed over {', '.join(s.out_proj or s.id for s in r.passed)}: a {r.passed[0].write.post} follows)"
+        ridge, gain, dw = fit_fold(
+            model,
+            masked,
+            done,
+            proj,
+            r,
+            windows[fit_mask],
+            windows[ridge_mask],
+            writer.write.scale,
+            batch_size,
         )
-        done.extend(run)
+        done.extend(r.subs)
+        if not bool(dw.any()):
+            note = (
+                f"repair: {r.label()} not folded into {out_proj}: the fit explains none of the run's "
+                f"contribution on the windows that choose its ridge (gain {gain:.3f}); left unrepaired"
+            )
+            steps.append(RepairStep(r.ids, out_proj, ridge, gain, "undone", current, current, note))
+            log.info(note)
+            continue
+        before = proj.weight.detach().clone()
+        proj.weight += dw.to(proj.weight.dtype)
+        with masked(model, every):
+            after = loss_fn(model, held)
+        if after < current:
+            note = (
+                f"repair: {r.label()} folded into {out_proj}{via} (ridge {ridge:g}): held-out loss "
+                f"{current:.4f} -> {after:.4f} on {n_held} windows"
+            )
+            steps.append(RepairStep(r.ids, out_proj, ridge, gain, "folded", current, after, note))
+            current = after
+        else:
+            proj.weight.copy_(before)
+            note = (
+                f"repair: {r.label()} fold into {out_proj}{via} undone: held-out loss {current:.4f} -> "
+                f"{after:.4f} on {n_held} windows (not lower)"
+            )
+            steps.append(RepairStep(r.ids, out_proj, ridge, gain, "undone", current, after, note))
+        log.info(note)
     return steps
+
+
+@torch.inference_mode()
+def fit_fold(
+    model: nn.Module,
+    masked: BranchMask,
+    done: list[Sublayer],
+    proj: nn.Linear,
+    run: _Run,
+    fit: torch.Tensor,
+    ridge: torch.Tensor,
+    scale: float,
+    batch_size: int,
+) -> tuple[float, float, torch.Tensor]:
+    """The fold of ``run`` into ``proj`` (float64 ``dW``, ``[out, in]``), fitted on the ``fit`` windows with
+    ``done`` masked, the ridge strength chosen on the ``ridge`` windows: ``scale * A dW^T ~ D``, ``D`` the
+    run's contribution to the stream and ``scale`` the writer's constant multiplier before the add."""
+    start_path = run.subs[0].norm or run.subs[0].module
+    fit_eq, ridge_eq = (
+        _accumulate(model, masked, done, proj, start_path, run.end_path, w, batch_size, scale)
+        for w in (fit, ridge)
+    )
+    return solve_ridge(fit_eq, ridge_eq, refit=False)
 
 
 def _accumulate(
@@ -188,6 +366,7 @@ def _accumulate(
     end_path: str,
     windows: torch.Tensor,
     batch_size: int,
+    scale: float = 1.0,
 ) -> NormalEquations:
     stats = NormalEquations.zeros(proj.in_features, proj.out_features)
     cur: dict[str, Any] = {}
@@ -215,7 +394,7 @@ def _accumulate(
                     model(input_ids=windows[start : start + batch_size], use_cache=False)
                 except _Stop:
                     pass
-                stats.add(cur["A"], cur["x1"] - cur["x0"])
+                stats.add(cur["A"], (cur["x1"] - cur["x0"]) / scale)
         finally:
             for h in handles:
                 h.remove()
@@ -230,8 +409,11 @@ def _ridge_fit(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     return solved.T  # [out, in]
 
 
-def solve_ridge(fit: NormalEquations, hold: NormalEquations) -> tuple[float, float, torch.Tensor]:
-    """Ridge strength chosen on ``hold``, then the fit on both; returns (ridge, held-out gain, dW)."""
+def solve_ridge(
+    fit: NormalEquations, hold: NormalEquations, *, refit: bool = True
+) -> tuple[float, float, torch.Tensor]:
+    """Ridge strength chosen on ``hold``, then the fit on both (on ``fit`` alone with ``refit=False``);
+    returns (ridge, held-out gain, dW)."""
     best = (DEFAULT_RIDGE, float("nan"))  # too few windows to hold any out: default strength
     if hold.dd > 0:
         best = (RIDGE_GRID[-1], float("-inf"))
@@ -240,7 +422,7 @@ def solve_ridge(fit: NormalEquations, hold: NormalEquations) -> tuple[float, flo
             if gain > best[1]:
                 best = (lam, gain)
     lam, gain = best
-    both = fit + hold
+    both = fit + hold if refit else fit
     if gain <= 0:  # (False for nan) the fit does not generalise: leave the weights alone
         return lam, gain, torch.zeros(both.C.shape[1], both.C.shape[0], dtype=torch.float64)
     return lam, gain, _ridge_fit(both.G, both.C, lam)
