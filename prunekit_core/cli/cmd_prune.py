@@ -17,6 +17,7 @@ from ..ir.defaults import (
     DEFAULT_HEAL_TEXTS,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
+    REPAIRS,
 )
 from .options import (
     MODEL_HELP,
@@ -138,9 +139,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--repair",
-        choices=("none", "lsq"),
+        choices=REPAIRS,
         help="lsq: fold what removed branches contributed into surviving output projections, fitted by least "
-        f"squares on the calibration text (default {BEST.get('repair', 'none')} with the default metric, none "
+        "squares on the calibration text; refit: also refit the next surviving writers after each gap so the "
+        "stream after each matches the unpruned model's (refit_cosine: per-token relative error)"
+        f" (default {BEST.get('repair', 'none')} with the default metric, none "
         "when --metric is given)",
     )
     p.add_argument(
