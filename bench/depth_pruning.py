@@ -58,6 +58,19 @@ METHODS: dict[str, tuple[str, dict]] = {
         "ShortGPT BI + LSQ repair",
         {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "lsq"},
     ),
+    # the stream refit (prunekit_core/surgery/refit.py): the writers around each gap matched to the unpruned stream
+    "angular+refit": (
+        "Angular distance span + stream refit",
+        {"metric": "angular", "granularity": "block", "planner": "rank", "repair": "refit"},
+    ),
+    "angular+refit_cosine": (
+        "Angular distance span + stream refit (cosine)",
+        {"metric": "angular", "granularity": "block", "planner": "rank", "repair": "refit_cosine"},
+    ),
+    "bi+refit": (
+        "ShortGPT BI + stream refit",
+        {"metric": "bi", "granularity": "block", "planner": "rank", "repair": "refit"},
+    ),
     "best": (
         "prunekit best: " + ", ".join(f"{k} {v}" for k, v in BEST.items()),
         dict(BEST),

@@ -17,6 +17,7 @@ from ..ir.defaults import (
     DEFAULT_HEAL_TEXTS,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
+    REPAIRS,
 )
 from .options import (
     MODEL_HELP,
@@ -138,10 +139,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--repair",
-        choices=("none", "lsq"),
+        choices=REPAIRS,
         help="lsq: fold what removed branches contributed into surviving output projections that add linearly "
         "into the stream (none where a post-norm follows), fitted by least squares on the calibration text and "
-        "kept only where it lowers the loss on held-out calibration windows; prints what each run got (default {BEST.get('repair', 'none')} with the default metric, none "
+        "kept only where it lowers the loss on held-out calibration windows; prints what each run got; refit: "
+        "also refit the next surviving writers after each gap so the stream after each matches the unpruned "
+        "model's (refit_cosine: per-token relative error)"
+        f" (default {BEST.get('repair', 'none')} with the default metric, none "
         "when --metric is given)",
     )
     p.add_argument(

@@ -33,8 +33,11 @@ TEXT_ALIASES: dict[str, str] = {
 Granularity = Literal["block", "sublayer", "width", "mixed", "expert"]
 #: how a plan is chosen: rank units by one scoring pass, or remove one at a time re-measuring
 PlannerName = Literal["rank", "greedy"]
-#: what is done about a removal's error: nothing, or the least-squares fold
-RepairName = Literal["none", "lsq"]
+#: what is done about a removal's error: nothing, the least-squares fold into the writer before each gap,
+#: or the stream refit (surgery/refit.py: the writers around each gap matched to the unpruned stream, by
+#: least squares or by the per-token relative error)
+RepairName = Literal["none", "lsq", "refit", "refit_cosine"]
+REPAIRS: tuple[RepairName, ...] = ("none", "lsq", "refit", "refit_cosine")
 
 
 class BestMethod(TypedDict):

@@ -67,7 +67,8 @@ class PrunePlan(BaseModel):
     repair: RepairName = Field(
         "none",
         description="lsq: fold removed branches into surviving projections and refit narrowed output "
-        "projections on their kept channels, when applied (needs windows)",
+        "projections on their kept channels, when applied (needs windows); refit, refit_cosine: as lsq, and "
+        "the writers around each gap are refitted to the unpruned stream (surgery/refit.py)",
     )
     removed_params: int = 0
     block_params: int = Field(0, description="parameters of all blocks before pruning (the budget base)")

@@ -32,6 +32,7 @@ from ..ir.defaults import (
     BEST_WIDTH,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
+    REPAIRS,
     Granularity,
     PlannerName,
     RepairName,
@@ -211,8 +212,8 @@ def resolve_method(
     if granularity is None:
         granularity = BEST["granularity"] if trials else ("sublayer" if m.unit == "sublayer" else "block")
     repair = repair or "none"
-    if repair not in ("none", "lsq"):
-        raise PlanError(f"unknown repair {repair!r}; choose none or lsq")
+    if repair not in REPAIRS:
+        raise PlanError(f"unknown repair {repair!r}; choose one of {', '.join(REPAIRS)}")
     if planner not in ("rank", "greedy"):
         raise PlanError(f"unknown planner {planner!r}; choose rank or greedy")
     if planner == "greedy" and not trials:
@@ -223,7 +224,7 @@ def resolve_method(
         raise PlanError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     _check_metric_fits(m, granularity)
     # each choice was checked against its literals above
-    return metric, cast(PlannerName, planner), granularity, cast(RepairName, repair)
+    return metric, cast(PlannerName, planner), granularity, repair
 
 
 def plan_pruning(
@@ -284,7 +285,7 @@ def plan_pruning(
     notes = [*plan.notes, *budget_notes(full_ir, plan)]
     update: dict[str, object] = {"notes": notes}
     unrepaired = _unrepairable_towers(full_ir, plan)
-    if plan.repair == "lsq" and unrepaired:
+    if plan.repair != "none" and unrepaired:
         if explicit_lsq:
             raise PlanError(
                 f"repair=lsq was asked for, but the plan removes units of tower(s) {unrepaired}, which are read "
@@ -437,7 +438,7 @@ def _plan_width(
         m,
         target=target,
         mixed=granularity == "mixed",
-        repair=repair == "lsq",
+        repair=repair != "none",
         round_to=round_to,
         allocation=allocation,
     )

@@ -20,6 +20,7 @@ from ..adapters.base import ArchitectureAdapter, RemovedBranch, get_module, set_
 from ..ir.errors import PlanError
 from ..ir.model import ModelIR, Sublayer
 from ..ir.plan import PrunePlan, check_fingerprint, fingerprint
+from .refit import RefitStep, stream_refit
 from .repair import RepairStep, lsq_repair, refit_narrowed
 from .width import apply_width, config_describes_shapes, resolve_width
 
@@ -183,6 +184,8 @@ class AppliedPlan:
     repair_steps: tuple[RepairStep, ...] = ()
     #: ``repair="lsq"``: the held-out share of each narrowed family's output error the refit removed
     refit_gains: dict[str, float] = field(default_factory=dict)
+    #: ``repair="refit"``/``"refit_cosine"``: the writers around each gap the stream refit considered
+    refit_steps: tuple[RefitStep, ...] = ()
 
     @property
     def is_uniform(self) -> bool:
@@ -216,16 +219,17 @@ def apply_plan(
     whole = resolved.blocks | resolved.sublayers
     cuts = resolve_width(ir, plan.remove_groups, removed_units=whole, top_k_policy=plan.top_k_policy)
     adapter.validate_removals(model, ir, set(resolved.blocks), set(resolved.sublayers))
-    if plan.repair == "lsq" and repair_windows is None:
+    if plan.repair != "none" and repair_windows is None:
         raise PlanError(
-            "this plan repairs weights by least squares (repair=lsq): pass repair_windows "
+            f"this plan repairs weights by least squares (repair={plan.repair}): pass repair_windows "
             "(calibration token windows) to apply_plan, or --calib on the command line"
         )
     gains: dict[str, float] = {}
     steps: list[RepairStep] = []
+    refits: list[RefitStep] = []
     kept: dict[str, list[int]] = {}
     if cuts:
-        if plan.repair == "lsq":
+        if plan.repair != "none":
             assert repair_windows is not None  # checked above
             gains = refit_narrowed(model, ir, cuts, repair_windows)
         uniform = apply_width(model, adapter, ir, cuts, skip=whole)
@@ -237,6 +241,16 @@ def apply_plan(
             steps = lsq_repair(model, ir_now, resolved, repair_windows, masked=branches_masked)
             # what the repair did with each run (folded, undone, declined, and why): the plan as applied says
             plan = plan.model_copy(update={"notes": [*plan.notes, *(s.note for s in steps)]})
+        elif plan.repair in ("refit", "refit_cosine"):
+            assert repair_windows is not None  # checked above
+            refits = stream_refit(
+                model,
+                ir_now,
+                resolved,
+                repair_windows,
+                masked=branches_masked,
+                objective="cosine" if plan.repair == "refit_cosine" else "lsq",
+            )
         kept = apply_removals(model, adapter, ir_now, resolved)
     if not cuts:
         # no cut now, but an earlier one (a model reloaded with load_pruned) may leave shapes the config
@@ -250,6 +264,7 @@ def apply_plan(
         kept_blocks=kept,
         repair_steps=tuple(steps),
         refit_gains=gains,
+        refit_steps=tuple(refits),
     )
 
 
