@@ -119,7 +119,8 @@ def heartbeat(ui: UI, label: str, every: float = HEARTBEAT_S) -> Iterator[None]:
 class UIReporter(Reporter):
     """What :func:`prunekit_core.prune` reports, printed as the command prints it: results on stdout,
     progress and step timings on stderr, the plan as a table; progress bars only on a terminal, LoRA
-    healing's progress always (a bar on a terminal, else a line every 10 s: training is never silent)."""
+    healing's progress always (a bar on a terminal, else a line every 10 s: training is never silent), and
+    off a terminal every long step's line every :data:`HEARTBEAT_S` s (:func:`heartbeat`)."""
 
     training_progress = True
 
