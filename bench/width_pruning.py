@@ -96,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "width_pruning.md"))
     ap.add_argument("--timing", action="store_true", help="planner speed, old vs new path (see above)")
     ap.add_argument("--holdout-windows", type=int, default=8, help="--timing: held-out calibration windows")
+    ap.add_argument("--planners", default="depth,width,mixed", help="--timing: which planners to run")
+    ap.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="--timing: time planning alone (no surgery, no held-out loss)",
+    )
+    ap.add_argument(
+        "--trial-windows", type=int, default=8, help="--timing --plan-only: removal-trial windows"
+    )
     args = ap.parse_args(argv)
     if args.timing:
         return timing(args)
@@ -187,8 +196,9 @@ def timing(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines), flush=True)
     original = width_mod.plan_width
-    runs = [("depth", "new", BEST)]
-    for gran in ("width", "mixed"):
+    wanted = args.planners.split(",")
+    runs = [("depth", "new", BEST)] if "depth" in wanted else []
+    for gran in [g for g in ("width", "mixed") if g in wanted]:
         kwargs = (
             {"granularity": gran}
             if gran == "width"
@@ -202,36 +212,44 @@ def timing(args: argparse.Namespace) -> int:
             width_mod.plan_width = functools.partial(original, estimate=path == "old")  # type: ignore[assignment]  # the planner reads it at call time
             try:
                 t = time.perf_counter()
-                res = pk.prune(pruned, ratio=ratio, calib=calib, **kwargs)
+                if args.plan_only:
+                    from prunekit_core.scoring.calibration import Calibration
+
+                    plan = pk.plan_pruning(
+                        pruned,
+                        Calibration(windows=calib),
+                        ratio=ratio,
+                        trial_windows=args.trial_windows,
+                        **kwargs,
+                    )
+                    plan_s = time.perf_counter() - t
+                else:
+                    res = pk.prune(pruned, ratio=ratio, calib=calib, **kwargs)
+                    plan, plan_s = res.plan, res.timings.get("plan", 0.0)
                 wall = time.perf_counter() - t
             finally:
                 width_mod.plan_width = original  # type: ignore[assignment]  # restored
-            with torch.inference_mode():
-                loss = float(pruned(input_ids=hold, labels=hold, use_cache=False).loss)
-            plan = res.plan
-            seen[f"{gran}:{path}"] = {
-                "plan": (plan.remove, plan.remove_groups),
-                "s": res.timings.get("plan", 0.0),
-                "total": wall,
-            }
+            loss_text = "-"
+            if not args.plan_only:
+                with torch.inference_mode():
+                    loss_text = f"{float(pruned(input_ids=hold, labels=hold, use_cache=False).loss):.4f}"
+            seen[f"{gran}:{path}"] = {"plan": (plan.remove, plan.remove_groups), "s": plan_s, "total": wall}
             print("\n".join(plan.notes), file=sys.stderr, flush=True)
-            line = (
-                f"| {ratio:.0%} | {gran} | {path} | {res.timings.get('plan', 0.0):.1f} | {wall:.1f} | {loss:.4f} | "
-                f"{_describe(plan)} |"
-            )
+            line = f"| {ratio:.0%} | {gran} | {path} | {plan_s:.1f} | {wall:.1f} | {loss_text} | {_describe(plan)} |"
             lines.append(line)
             print(line, flush=True)
             del pruned
         lines += ["", f"At {ratio:.0%}:"]
-        for gran in ("width", "mixed"):
+        for gran in [g for g in ("width", "mixed") if f"{g}:old" in seen]:
             old, new = seen[f"{gran}:old"], seen[f"{gran}:new"]
             lines.append(
                 f"- {gran}: old/new planning {old['s'] / max(new['s'], 1e-9):.2f}x, total "  # type: ignore[operator]  # floats
                 f"{old['total'] / max(new['total'], 1e-9):.2f}x; plans "  # type: ignore[operator]  # floats
                 + ("the same" if old["plan"] == new["plan"] else "differ")
             )
-        d, w, m = (seen[k]["total"] for k in ("depth:new", "width:new", "mixed:new"))
-        lines.append(f"- new mixed / (depth + width): {m / (d + w):.2f}x (goal: at most 2x)")  # type: ignore[operator]  # floats
+        if all(k in seen for k in ("depth:new", "width:new", "mixed:new")):
+            d, w, m = (seen[k]["total"] for k in ("depth:new", "width:new", "mixed:new"))
+            lines.append(f"- new mixed / (depth + width): {m / (d + w):.2f}x (goal: at most 2x)")  # type: ignore[operator]  # floats
         print("\n".join(lines[-3:]), flush=True)
     lines.append(
         f"\nTotal {(time.perf_counter() - t0) / 60:.1f} min; 1-min load at the end {os.getloadavg()[0]:.1f}."
