@@ -145,3 +145,30 @@ def test_a_long_step_prints_progress_when_stderr_is_not_a_terminal() -> None:
     assert any(
         line.startswith("plan: ") and "so far; width: sublayer removal trial 3/60" in line for line in lines
     )
+
+
+@pytest.mark.parametrize("kv", [2, 4])
+def test_obs_scores_all_groups_at_once_equal_the_per_group_formula(kv: int) -> None:
+    from prunekit_core.adapters.base import get_module, module_tensor
+    from prunekit_core.scoring.builtin_metrics import obs_scores
+    from prunekit_core.surgery.repair import out_member, out_proj_path
+    from prunekit_core.surgery.width import width_families
+
+    model = model_(heads=4, kv=kv)
+    ir = pk.inspect(model)
+    stats = collect_width_stats(model, ir, windows())
+    for fid, (sub, fam) in width_families(ir).items():
+        member = out_member(sub, fam)
+        assert member is not None
+        path = out_proj_path(sub)
+        W = module_tensor(get_module(model, path), "weight").detach().double()
+        G = stats.gram[path] + stats.gram_hold.get(path, 0)
+        G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
+        Gi = torch.linalg.inv(G)
+        ref = []
+        for g in range(fam.count):
+            s = slice(member.offset + g * member.width, member.offset + (g + 1) * member.width)
+            ref.append((W[:, s] @ torch.linalg.inv(Gi[s, s]) * W[:, s]).sum())
+        got = obs_scores(model, sub, fam, stats)
+        torch.testing.assert_close(got, torch.stack(ref), rtol=1e-9, atol=0)
+        assert torch.equal(torch.argsort(got, stable=True), torch.argsort(torch.stack(ref), stable=True)), fid
