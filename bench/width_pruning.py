@@ -15,6 +15,15 @@ and channel groups under one budget, on one loss-per-parameter scale).
     python bench/width_pruning.py                          # full protocol (Torch-Pruning needs .[bench])
     python bench/width_pruning.py --eval-windows 4         # quicker, noisier
     python bench/width_pruning.py --methods pk:wanda,mixed --ratios 0.1
+    python bench/width_pruning.py --timing --ratios 0.1     # planner speed: old (estimated) vs new path
+
+``--timing`` runs prunekit's default width planner, the mixed planner and the default depth planner, the
+width and mixed ones both ways in one run: the new path (the few least uniform widths measured cut in
+place, mixed splits left out when their width part alone cannot win) and the old one (``estimate=True``:
+a removal trial of every sublayer feeds the cost model; mixed also measures its one-scale and global
+candidates). It prints each run's planning and total wall time (scoring, planning, surgery and refit; no
+evaluation), the old/new ratios, whether the plans are the same, and the loss on held-out calibration
+windows (``--holdout-windows`` further windows of ``--calib`` that neither run saw).
 
 Writes the Markdown table to stdout and to ``--out`` (default bench/results/width_pruning.md).
 """
@@ -23,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "width_pruning.md"))
+    ap.add_argument("--timing", action="store_true", help="planner speed, old vs new path (see above)")
+    ap.add_argument("--holdout-windows", type=int, default=8, help="--timing: held-out calibration windows")
+    ap.add_argument("--planners", default="depth,width,mixed", help="--timing: which planners to run")
+    ap.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="--timing: time planning alone (no surgery, no held-out loss)",
+    )
+    ap.add_argument(
+        "--trial-windows", type=int, default=8, help="--timing --plan-only: removal-trial windows"
+    )
     args = ap.parse_args(argv)
+    if args.timing:
+        return timing(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in PK_METHODS and m not in TP_METHODS]
     if unknown:
@@ -148,6 +172,97 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
+    return 0
+
+
+def timing(args: argparse.Namespace) -> int:
+    """Old vs new planner path, side by side in one run (see the module docstring)."""
+    import prunekit_core.planning.width as width_mod
+
+    t0 = time.perf_counter()
+    model, tok, _ = pk.load_model(args.model)
+    n, hold_n = args.calib_windows, args.holdout_windows
+    ids = pk.load_windows(tok, args.calib, seq_len=args.calib_seq_len, num_windows=n + hold_n).ids
+    calib, hold = ids[:n], ids[n:]
+    load = os.getloadavg()[0]
+    lines = [
+        f"# Planner speed on {args.model}, old (estimated) vs new path",
+        "",
+        f"Calibration {n} x {args.calib_seq_len} tokens of `{args.calib}`, held-out loss on the next {hold_n} "
+        f"windows; torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load {load:.1f} at start.",
+        "",
+        "| budget | planner | path | plan s | total s | held-out loss | plan |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    original = width_mod.plan_width
+    wanted = args.planners.split(",")
+    runs = [("depth", "new", BEST)] if "depth" in wanted else []
+    for gran in [g for g in ("width", "mixed") if g in wanted]:
+        kwargs = (
+            {"granularity": gran}
+            if gran == "width"
+            else {"metric": "obs", "granularity": "mixed", "repair": "lsq"}
+        )
+        runs += [(gran, "new", kwargs), (gran, "old", kwargs)]
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        seen: dict[str, dict[str, object]] = {}
+        for gran, path, kwargs in runs:
+            pruned = copy.deepcopy(model)
+            width_mod.plan_width = functools.partial(original, estimate=path == "old")  # type: ignore[assignment]  # the planner reads it at call time
+            try:
+                t = time.perf_counter()
+                if args.plan_only:
+                    from prunekit_core.scoring.calibration import Calibration
+
+                    plan = pk.plan_pruning(
+                        pruned,
+                        Calibration(windows=calib),
+                        ratio=ratio,
+                        trial_windows=args.trial_windows,
+                        **kwargs,
+                    )
+                    plan_s = time.perf_counter() - t
+                else:
+                    res = pk.prune(pruned, ratio=ratio, calib=calib, **kwargs)
+                    plan, plan_s = res.plan, res.timings.get("plan", 0.0)
+                wall = time.perf_counter() - t
+            finally:
+                width_mod.plan_width = original  # type: ignore[assignment]  # restored
+            loss_text = "-"
+            if not args.plan_only:
+                with torch.inference_mode():
+                    loss_text = f"{float(pruned(input_ids=hold, labels=hold, use_cache=False).loss):.4f}"
+            seen[f"{gran}:{path}"] = {"plan": (plan.remove, plan.remove_groups), "s": plan_s, "total": wall}
+            print("\n".join(plan.notes), file=sys.stderr, flush=True)
+            line = f"| {ratio:.0%} | {gran} | {path} | {plan_s:.1f} | {wall:.1f} | {loss_text} | {_describe(plan)} |"
+            lines.append(line)
+            print(line, flush=True)
+            del pruned
+        lines += ["", f"At {ratio:.0%}:"]
+        for gran in [g for g in ("width", "mixed") if f"{g}:old" in seen]:
+            old, new = seen[f"{gran}:old"], seen[f"{gran}:new"]
+            lines.append(
+                f"- {gran}: old/new planning {old['s'] / max(new['s'], 1e-9):.2f}x, total "  # type: ignore[operator]  # floats
+                f"{old['total'] / max(new['total'], 1e-9):.2f}x; plans "  # type: ignore[operator]  # floats
+                + ("the same" if old["plan"] == new["plan"] else "differ")
+            )
+        if all(k in seen for k in ("depth:new", "width:new", "mixed:new")):
+            d, w, m = (seen[k]["total"] for k in ("depth:new", "width:new", "mixed:new"))
+            lines.append(f"- new mixed / (depth + width): {m / (d + w):.2f}x (goal: at most 2x)")  # type: ignore[operator]  # floats
+        print("\n".join(lines[-3:]), flush=True)
+    lines.append(
+        f"\nTotal {(time.perf_counter() - t0) / 60:.1f} min; 1-min load at the end {os.getloadavg()[0]:.1f}."
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = (
+        Path(args.out).with_name("planning_speed.md")
+        if args.out.endswith("width_pruning.md")
+        else Path(args.out)
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     return 0
 
 

@@ -56,19 +56,71 @@ class UI:
 
     @contextmanager
     def step(self, label: str) -> Iterator[dict[str, float]]:
-        """Run one step under a spinner and report how long it took (``timing['s']``)."""
+        """Run one step under a spinner and report how long it took (``timing['s']``). When stderr is not
+        a terminal (a logged run), a line every :data:`HEARTBEAT_S` seconds instead of the spinner."""
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        with self.err.status(label + " ..."):
-            yield timing
+        if self.err.is_terminal:
+            with self.err.status(label + " ..."):
+                yield timing
+        else:
+            with heartbeat(self, label):
+                yield timing
         timing["s"] = time.perf_counter() - t0
         self.info(f"{label}: {timing['s']:.1f} s")
+
+
+#: seconds between the progress lines of a long step whose stderr is not a terminal
+HEARTBEAT_S = 5.0
+
+
+class _LastMessage(logging.Handler):
+    """Keeps the latest INFO message of prunekit's loggers (what a long step is doing now)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+@contextmanager
+def heartbeat(ui: UI, label: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the block runs, a line on stderr every ``every`` seconds: the step, the time so far and the
+    latest progress message of prunekit's loggers (``plan: 35 s so far; width: uniform width 2/3 measured
+    ...``), so a logged run never sits silent. A thread, because the step's own work (a torch forward)
+    cannot be interrupted to print."""
+    import threading
+
+    last = _LastMessage()
+    loggers = [logging.getLogger(name) for name in our_loggers()]
+    for lg in loggers:
+        lg.addHandler(last)
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            now = f"; {last.message}" if last.message else ""
+            ui.info(f"{label}: {time.perf_counter() - t0:.0f} s so far{now}")
+
+    thread = threading.Thread(target=beat, name="prunekit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for lg in loggers:
+            lg.removeHandler(last)
 
 
 class UIReporter(Reporter):
     """What :func:`prunekit_core.prune` reports, printed as the command prints it: results on stdout,
     progress and step timings on stderr, the plan as a table; progress bars only on a terminal, LoRA
-    healing's progress always (a bar on a terminal, else a line every 10 s: training is never silent)."""
+    healing's progress always (a bar on a terminal, else a line every 10 s: training is never silent), and
+    off a terminal every long step's line every :data:`HEARTBEAT_S` s (:func:`heartbeat`)."""
 
     training_progress = True
 
@@ -169,11 +221,13 @@ def quiet_libraries(verbose: bool) -> Iterator[None]:
 
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # INFO records are made always (a long step's heartbeat line shows the latest); stderr gets them with -v
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     saved_levels = []
     for name in our_loggers():
         lg = logging.getLogger(name)
         saved_levels.append((lg, lg.level))
-        lg.setLevel(logging.INFO if verbose else logging.WARNING)
+        lg.setLevel(logging.INFO)
         lg.addHandler(handler)
     saved_env: dict[str, str | None] = {}
     if not verbose:

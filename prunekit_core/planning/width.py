@@ -28,6 +28,7 @@ head_dim 64 with ``round_to`` 32: any number of groups).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -51,7 +52,7 @@ from ..surgery.repair import (
     refit_columns,
     width_collector,
 )
-from ..surgery.width import group_slices, member_index, width_families
+from ..surgery.width import group_slices, member_index, removed_positions, width_families
 
 if TYPE_CHECKING:
     from ..scoring.metrics import ImportanceMetric
@@ -390,6 +391,44 @@ def allocate_global(costs: list[FamilyCost], target: int) -> dict[str, int]:
     )
 
 
+def _uniform_space(
+    costs: list[FamilyCost], ir: ModelIR
+) -> tuple[dict[tuple[str, int], list[FamilyCost]], list[tuple[str, int]], dict[tuple[str, int], list[int]]]:
+    """Families by (kind, group count), the kinds in order, and the cuts every family of a kind allows."""
+    fams = ir.channel_groups()
+    kinds: dict[tuple[str, int], list[FamilyCost]] = {}
+    for fc in costs:
+        fam = fams[fc.family][1]
+        kinds.setdefault((fam.kind, fam.count), []).append(fc)
+    keys = sorted(kinds)
+    common: dict[tuple[str, int], list[int]] = {}
+    for key in keys:
+        sets = [set(fc.ks) - {fams[fc.family][1].count} for fc in kinds[key]]
+        common[key] = sorted(set.intersection(*sets))
+    if math.prod(len(v) for v in common.values()) > 200_000:
+        raise PlanError("too many uniform width combinations to search; use --width-allocation global")
+    return kinds, keys, common
+
+
+def _uniform_fields(
+    ir: ModelIR, kinds: dict[tuple[str, int], list[FamilyCost]], chosen: dict[tuple[str, int], int]
+) -> dict[str, int]:
+    """The config fields a uniform choice (groups removed per kind) implies."""
+    fams = ir.channel_groups()
+    fields: dict[str, int] = {}
+    for (kind, count), k in chosen.items():
+        fam = fams[kinds[(kind, count)][0].family][1]
+        fields.update({f: per * (count - k) for f, per in fam.config_fields.items()})
+    return fields
+
+
+def _no_uniform_plan(target: int) -> PlanError:
+    return PlanError(
+        f"no uniform width plan removes {target} parameters (every layer keeping at least one rounding "
+        "step per family); lower --ratio or --round-to, or use --width-allocation global"
+    )
+
+
 def allocate_uniform(
     costs: list[FamilyCost],
     ir: ModelIR,
@@ -401,16 +440,7 @@ def allocate_uniform(
     ``describable(fields)`` says whether the model's config accepts the config fields such a plan implies
     (e.g. ``LlamaConfig`` wants ``hidden_size % num_attention_heads == 0``); rejected choices are skipped.
     """
-    fams = ir.channel_groups()
-    kinds: dict[tuple[str, int], list[FamilyCost]] = {}
-    for fc in costs:
-        fam = fams[fc.family][1]
-        kinds.setdefault((fam.kind, fam.count), []).append(fc)
-    keys = sorted(kinds)
-    common: dict[tuple[str, int], list[int]] = {}
-    for key in keys:
-        sets = [set(fc.ks) - {fams[fc.family][1].count} for fc in kinds[key]]
-        common[key] = sorted(set.intersection(*sets))
+    kinds, keys, common = _uniform_space(costs, ir)
     best: tuple[float, dict[tuple[str, int], int]] | None = None
 
     def visit(i: int, chosen: dict[tuple[str, int], int]) -> None:
@@ -423,11 +453,7 @@ def allocate_uniform(
                     params += fc.params[j]
                     cost += fc.cost[j]
             if params >= target and (best is None or cost < best[0]):
-                fields: dict[str, int] = {}
-                for (kind, count), k in chosen.items():
-                    fam = fams[kinds[(kind, count)][0].family][1]
-                    fields.update({f: per * (count - k) for f, per in fam.config_fields.items()})
-                if describable is None or describable(fields):
+                if describable is None or describable(_uniform_fields(ir, kinds, chosen)):
                     best = (cost, dict(chosen))
             return
         for k in common[keys[i]]:
@@ -435,17 +461,152 @@ def allocate_uniform(
             visit(i + 1, chosen)
         chosen.pop(keys[i], None)
 
-    if math.prod(len(v) for v in common.values()) > 200_000:
-        raise PlanError("too many uniform width combinations to search; use --width-allocation global")
     visit(0, {})
     if best is None:
-        raise PlanError(
-            f"no uniform width plan removes {target} parameters (every layer keeping at least one rounding "
-            "step per family); lower --ratio or --round-to, or use --width-allocation global"
-        )
+        raise _no_uniform_plan(target)
+    return _uniform_positions(costs, ir, best[1])
+
+
+def _uniform_positions(
+    costs: list[FamilyCost], ir: ModelIR, chosen: dict[tuple[str, int], int]
+) -> dict[str, int]:
+    fams = ir.channel_groups()
     return {
-        fc.family: fc.ks.index(best[1][(fams[fc.family][1].kind, fams[fc.family][1].count)]) for fc in costs
+        fc.family: fc.ks.index(chosen[(fams[fc.family][1].kind, fams[fc.family][1].count)]) for fc in costs
     }
+
+
+#: uniform widths the planner measures at most; a model with more least widths that meet the budget gets
+#: the cost model's choice (from a removal trial of every sublayer) instead
+MAX_MEASURED = 8
+
+
+def uniform_frontier(
+    costs: list[FamilyCost],
+    ir: ModelIR,
+    target: int,
+    describable: Callable[[dict[str, int]], bool] | None = None,
+    *,
+    limit: int = MAX_MEASURED,
+) -> tuple[list[dict[str, int]], bool]:
+    """The least uniform widths that remove at least ``target`` parameters: every choice of groups removed
+    per kind that meets the budget and the config, except those that remove at least as much of every kind
+    as another such choice (removing more of every kind never lowers the loss, so they cannot win).
+
+    Needs only the families' cuts and parameter counts (``costs``' ``cost`` is not read). Returns at most
+    ``limit`` choices (allocator positions, fewest groups removed first) and whether more were left out.
+    """
+    kinds, keys, common = _uniform_space(costs, ir)
+    per_param = {
+        key: {k: sum(fc.params[fc.ks.index(k)] for fc in kinds[key]) for k in common[key]} for key in keys
+    }
+    feasible = [
+        c
+        for c in itertools.product(*(common[key] for key in keys))
+        if sum(per_param[key][k] for key, k in zip(keys, c, strict=True)) >= target
+    ]
+    # a choice that removes no more of any kind than another has a smaller sum of levels: it comes first
+    feasible.sort(key=lambda c: (sum(common[key].index(k) for key, k in zip(keys, c, strict=True)), c))
+    kept: list[tuple[int, ...]] = []
+    for c in feasible:
+        if any(all(a <= b for a, b in zip(d, c, strict=True)) for d in kept):
+            continue
+        chosen = dict(zip(keys, c, strict=True))
+        if describable is not None and not describable(_uniform_fields(ir, kinds, chosen)):
+            continue
+        if len(kept) == limit:
+            return [_uniform_positions(costs, ir, dict(zip(keys, d, strict=True))) for d in kept], True
+        kept.append(c)
+    if not kept:
+        raise _no_uniform_plan(target)
+    return [_uniform_positions(costs, ir, dict(zip(keys, d, strict=True))) for d in kept], False
+
+
+def shape_costs(
+    fams: dict[str, tuple[Sublayer, ChannelGroup]], orders: dict[str, list[int]], round_to: int
+) -> list[FamilyCost]:
+    """Every family's allowed cuts and their parameter counts, with no loss estimate (all zero)."""
+    out = []
+    for fid, order in orders.items():
+        sub, fam = fams[fid]
+        ks = allowed_cuts(fam, round_to, allow_all=False)
+        out.append(
+            FamilyCost(
+                fid, sub.id, order, ks, [k * fam.params_per_group for k in ks], [0.0] * len(ks), fam.count
+            )
+        )
+    return out
+
+
+@contextmanager
+def width_cut(
+    model: nn.Module, ir: ModelIR, groups: dict[str, list[int]], stats: WidthStats | None
+) -> Iterator[list[str]]:
+    """Within the block, the groups ``groups`` (family id -> group indices) are cut from their sublayers'
+    output projections in place: their input columns zeroed (exactly what removing them does to the branch
+    output) and, with ``stats`` (repair), the kept columns refit by least squares on the calibration Gram
+    (ridge ``REFIT_RIDGE_GRID[1]``, as :func:`_probe`). Yields the edited sublayers' ids; restores the weights."""
+    fams = ir.channel_groups()
+    gone: dict[str, tuple[str, set[int]]] = {}
+    for fid, cut in groups.items():
+        if not cut:
+            continue
+        sub, fam = fams[fid]
+        member = out_member(sub, fam)
+        if member is None:
+            raise PlanError(
+                f"{fid}: an in-place cut needs the sublayer's out_proj among the family's members"
+            )
+        path = out_proj_path(sub)
+        size = module_tensor(get_module(model, path), "weight").shape[1]
+        kept = sorted(set(range(fam.count)) - set(cut))
+        gone.setdefault(path, (sub.id, set()))[1].update(removed_positions(member, fam.count, kept, size))
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for path, (_sid, cols) in gone.items():
+                weight = module_tensor(get_module(model, path), "weight")
+                saved.append((weight, weight.detach().clone()))
+                W = weight.detach().double()
+                keep = torch.tensor([i for i in range(W.shape[1]) if i not in cols], dtype=torch.long)
+                new = torch.zeros_like(W)
+                if stats is not None:
+                    G = stats.gram[path] + stats.gram_hold.get(path, 0)
+                    new[:, keep] = refit_columns(W, G, keep, REFIT_RIDGE_GRID[1])
+                else:
+                    new[:, keep] = W[:, keep]
+                weight.copy_(new.to(weight.dtype))
+        yield [sid for sid, _ in gone.values()]
+    finally:
+        with torch.no_grad():
+            for weight, copy in saved:
+                weight.copy_(copy)
+
+
+def measure_uniform(
+    ctx: Any,
+    runner: Any,
+    costs: list[FamilyCost],
+    options: list[dict[str, int]],
+    *,
+    repair: bool,
+    what: str = "width",
+) -> list[float]:
+    """The measured calibration-loss increase (removal trials' windows) of each uniform width in ``options``,
+    cut in place (:func:`width_cut`) on the model as it is."""
+    ir: ModelIR = ctx.ir
+    order = {s.id: i for i, s in enumerate(ir.sublayers())}
+    stats = ctx.width_stats() if repair else None
+    base = runner.current_loss
+    out = []
+    for i, pos in enumerate(options, 1):
+        groups = {fc.family: sorted(fc.order[: fc.ks[pos[fc.family]]]) for fc in costs}
+        with width_cut(ctx.model, ir, groups, stats) as edited:
+            start = min(edited, key=lambda sid: order[sid]) if edited else None
+            loss = runner.loss(start=start) - base if start else 0.0
+        out.append(loss)
+        log.info("%s: uniform width %d/%d measured, calibration loss %+.4f", what, i, len(options), loss)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -591,6 +752,143 @@ def _choose_mixed(
     return WidthPlan(remove, groups, loss, measured, notes)
 
 
+def _uniform_label(ir: ModelIR, costs: list[FamilyCost], pos: dict[str, int]) -> str:
+    """``mlp.channels 224/1536, attn.kv_groups 0/3``: groups removed per family of each kind."""
+    fams = ir.channel_groups()
+    seen: dict[str, str] = {}
+    for fc in costs:
+        fam = fams[fc.family][1]
+        name = fc.family.rsplit(".", 2)[-2:]
+        seen.setdefault(".".join(name) + f"/{fam.count}", f"{fc.ks[pos[fc.family]]}")
+    return ", ".join(f"{key.split('/')[0]} {k}/{key.split('/')[1]}" for key, k in seen.items())
+
+
+def _plan_uniform_measured(
+    ctx: Any,
+    runner: Any,
+    shapes: list[FamilyCost],
+    options: list[dict[str, int]],
+    repair: bool,
+    round_to: int,
+) -> WidthPlan:
+    """The least uniform widths that meet the budget, each measured cut in place; the lowest loss wins."""
+    ir: ModelIR = ctx.ir
+    head = f"width planner (uniform allocation, round to {round_to} channels): "
+    if len(options) == 1:
+        remove, groups, _ = _to_plan(ir, shapes, options[0])
+        note = head + f"one least uniform width meets the budget ({_uniform_label(ir, shapes, options[0])})"
+        return WidthPlan(remove, groups, 0.0, {}, [note])
+    losses = measure_uniform(ctx, runner, shapes, options, repair=repair)
+    j = min(range(len(options)), key=lambda i: losses[i])
+    remove, groups, _ = _to_plan(ir, shapes, options[j])
+    note = head + (
+        f"{len(options)} least uniform widths meet the budget; each cut in place"
+        + (" with its least-squares refit" if repair else "")
+        + f", calibration loss increase over {runner.current_loss:.4f} on {runner.windows.numel()} tokens: "
+        + "; ".join(
+            f"{_uniform_label(ir, shapes, p)} {lo:+.4f}" for p, lo in zip(options, losses, strict=True)
+        )
+        + f"; chosen: {_uniform_label(ir, shapes, options[j])}"
+    )
+    return WidthPlan(remove, groups, losses[j], {}, [note])
+
+
+def _plan_mixed(
+    ctx: Any, runner: Any, shapes: list[FamilyCost], target: int, repair: bool, round_to: int
+) -> WidthPlan:
+    """Candidates under the same budget, applied to a copy and measured; the lowest calibration loss wins.
+    Candidates it cannot win with are left out before they are measured.
+
+    Candidates: depth only (prunekit's depth choice: the least angular-distance span that meets the budget)
+    and every split "span of n blocks + the least uniform width for the rest of the budget" (n = 0: width
+    only). Each split's width part alone is first measured cut in place on the trial windows (a handful of
+    trials); that increase bounds the split's from below (removing blocks as well does not lower the
+    loss). Depth only is measured first, then the splits from the lowest bound up, and a split whose bound
+    already reaches the best measured increase is not measured (no copy, surgery or refit).
+    """
+    import copy
+
+    from ..ir.plan import PrunePlan
+    from ..surgery.apply import apply_plan
+
+    ir: ModelIR = ctx.ir
+    units = ir.units()
+    describable = _describable(ctx)
+    depth: tuple[str, list[str]] | None = None
+    splits: list[tuple[float, str, list[str], dict[str, list[int]]]] = []
+    for span in [[], *_depth_spans(ctx, target)]:
+        got = sum(units[u].params for u in span)
+        if got >= target:
+            depth = (f"depth only ({len(span)} blocks)", span)
+            continue
+        gone = set(span)
+        rest = [fc for fc in shapes if not any(fc.sublayer.startswith(b + ".") for b in gone)]
+        try:
+            options, _more = uniform_frontier(rest, ir, target - got, describable)
+        except PlanError:
+            continue
+        losses = measure_uniform(ctx, runner, rest, options, repair=repair, what=f"mixed, {len(span)} blocks")
+        j = min(range(len(options)), key=lambda i: losses[i])
+        _, groups, _ = _to_plan(ir, rest, options[j])
+        label = f"{len(span)} blocks + uniform width" if span else "uniform width only"
+        splits.append((losses[j], label, span, groups))
+    if depth is None and not splits:
+        raise PlanError(
+            f"the budget ({target} parameters) cannot be met by blocks or uniform widths; lower --ratio"
+        )
+    windows = ctx.calibration.windows
+    select = windows[-min(8, windows.shape[0]) :]
+    fp = ctx.fingerprint(ir)
+
+    def measure(remove: list[str], groups: dict[str, list[int]]) -> float:
+        plan = PrunePlan(
+            fingerprint=fp, remove=remove, remove_groups=groups, repair="lsq" if repair else "none"
+        )
+        trial = copy.deepcopy(ctx.model)
+        apply_plan(trial, plan, adapter=ctx.adapter, repair_windows=windows)
+        with torch.inference_mode():
+            loss = float(trial(input_ids=select, labels=select, use_cache=False).loss)
+        del trial
+        return loss
+
+    with torch.inference_mode():
+        base_sel = float(ctx.model(input_ids=select, labels=select, use_cache=False).loss)
+    results: list[tuple[float, str, list[str], dict[str, list[int]]]] = []
+    skipped: list[tuple[str, float]] = []
+    best = math.inf
+    if depth is not None:
+        loss = measure(depth[1], {})
+        results.append((loss, depth[0], depth[1], {}))
+        best = loss - base_sel
+        log.info("mixed candidate %s: calibration loss %.4f", depth[0], loss)
+    for bound, label, remove, groups in sorted(splits, key=lambda c: c[0]):
+        if bound >= best:
+            skipped.append((label, bound))
+            log.info("mixed candidate %s left out: its width part alone costs %+.4f", label, bound)
+            continue
+        loss = measure(remove, groups)
+        results.append((loss, label, remove, groups))
+        best = min(best, loss - base_sel)
+        log.info("mixed candidate %s: calibration loss %.4f", label, loss)
+    loss, label, remove, groups = min(results, key=lambda r: r[0])
+    notes = [
+        f"mixed planner (uniform widths, round to {round_to} channels): candidates measured on the last "
+        f"{select.shape[0]} calibration windows after surgery"
+        + (" and repair" if repair else "")
+        + f" (unpruned {base_sel:.4f}): "
+        + "; ".join(f"{lab} {lo:.4f}" for lo, lab, _, _ in results)
+        + (
+            "; left out unmeasured, their width part alone (cut in place on "
+            f"{runner.windows.numel()} trial tokens) already costs at least the best increase "
+            f"({best:+.4f}): " + "; ".join(f"{lab} {b:+.4f}" for lab, b in skipped)
+            if skipped
+            else ""
+        )
+        + f"; chosen: {label}"
+    ]
+    return WidthPlan(remove, groups, loss, {}, notes)
+
+
 def _without_whole(fc: FamilyCost) -> FamilyCost:
     """The same cost curve without the "remove the whole branch" level (width-only moves)."""
     keep = [i for i, k in enumerate(fc.ks) if k != fc.count]
@@ -632,11 +930,16 @@ def plan_width(
     round_to: int,
     allocation: Allocation = "global",
     probe_fractions: tuple[float, ...] = (),
+    estimate: bool = False,
 ) -> WidthPlan:
     """Choose groups (and, when ``mixed``, whole sublayers/blocks) to remove ``target`` parameters.
 
     ``ctx`` is a :class:`~prunekit_core.scoring.calibration.ScoringContext`, ``metric`` a
     :class:`~prunekit_core.scoring.metrics.ChannelMetric` that orders the groups inside each family.
+    Uniform and mixed plans measure their few least uniform widths cut in place; ``estimate`` chooses them
+    from the cost model instead (a removal trial of every sublayer, and for mixed also the one-scale and
+    global-width candidates, every candidate measured after surgery): the planner before 2026-12, kept
+    for comparison (tests, ``bench/width_pruning.py --timing``).
     """
     ir: ModelIR = ctx.ir
     # the cost model reads a family's cut off its sublayer's output projection; families without one
@@ -680,14 +983,25 @@ def plan_width(
         )
     runner = ctx.trials()
     base = runner.base_loss
+    # uniform and mixed plans with every family cut off its output projection: the few least uniform widths
+    # are measured cut in place (a handful of trials), not estimated from a removal trial of every sublayer
+    fast = not (estimate or ctx.streaming or trial_only or probe_fractions)
+    if fast and (mixed or allocation == "uniform"):
+        shapes = shape_costs(fams, orders, round_to)
+        if mixed:
+            return _plan_mixed(ctx, runner, shapes, target, repair, round_to)
+        options, more = uniform_frontier(shapes, ir, target, _describable(ctx))
+        if not more:
+            return _plan_uniform_measured(ctx, runner, shapes, options, repair, round_to)
     subs_with = {fams[fid][0].id for fid in orders}
     per_sub: dict[str, int] = {}
     for sub, _ in ir.channel_groups().values():  # a family whose full cut removes its sublayer: alone there
         per_sub[sub.id] = per_sub.get(sub.id, 0) + 1
     measured: dict[str, float] = {}
-    for sub in ir.sublayers():
-        if sub.removable and (sub.id in subs_with or mixed):
-            measured[sub.id] = runner.loss([sub.id]) - base
+    trial_subs = [s for s in ir.sublayers() if s.removable and (s.id in subs_with or mixed)]
+    for i, sub in enumerate(trial_subs, 1):
+        measured[sub.id] = runner.loss([sub.id]) - base
+        log.info("width: sublayer removal trial %d/%d (%s)", i, len(trial_subs), sub.id)
     curves = ctx.calibration.observed.get(curve_key(metric.name, repair))  # a streaming pass's, per block
     stats = ctx.width_stats() if curves is None else WidthStats()
     probes = (

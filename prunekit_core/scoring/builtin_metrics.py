@@ -96,13 +96,14 @@ def obs_scores(model: nn.Module, sub: Sublayer, fam: ChannelGroup, stats: WidthS
     W = module_tensor(get_module(model, out_proj), "weight").detach().double()
     G = stats.gram[out_proj] + stats.gram_hold.get(out_proj, 0)
     G = G + 1e-6 * G.diagonal().mean().clamp_min(1e-12) * torch.eye(G.shape[0], dtype=G.dtype)
-    Ginv = torch.linalg.inv(G)
+    L, info = torch.linalg.cholesky_ex(G)  # G is a Gram plus a ridge: Cholesky, half the work of an LU
+    Ginv = torch.cholesky_inverse(L) if int(info) == 0 else torch.linalg.inv(G)
     w, off = member.width, member.offset
-    out = torch.empty(fam.count, dtype=torch.float64)
-    for g in range(fam.count):
-        idx = slice(off + g * w, off + (g + 1) * w)
-        Ws = W[:, idx]
-        out[g] = (Ws @ torch.linalg.inv(Ginv[idx, idx]) * Ws).sum()
+    # every group at once (a Python loop over 1536 FFN channels x 30 layers was a large part of planning)
+    idx = off + torch.arange(fam.count).unsqueeze(1) * w + torch.arange(w)  # [count, w]
+    blocks = torch.linalg.inv(Ginv[idx.unsqueeze(2), idx.unsqueeze(1)])  # [count, w, w]
+    Ws = W[:, idx].permute(1, 0, 2)  # [count, out, w]
+    out: torch.Tensor = torch.einsum("cov,cvu,cou->c", Ws, blocks, Ws)
     return out
 
 

@@ -399,17 +399,21 @@ class TrialRunner:
         logits = logits.float()
         return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.labels.reshape(-1)))
 
-    def loss(self, remove: Iterable[str] = ()) -> float:
-        """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids)."""
+    def loss(self, remove: Iterable[str] = (), *, start: str | None = None) -> float:
+        """Calibration loss with the committed removals plus ``remove`` (block or sublayer ids).
+
+        ``start``: a unit from whose block on the caller edited weights in place; the replay starts there
+        (or at the first removal, whichever comes first)."""
         extra = set(remove)
-        if not extra:
+        if not extra and start is None:
             return self.current_loss
         self.trials += 1
-        if self.foreign or not all(self._local(u) for u in extra):
+        firsts = [*extra, *([start] if start else [])]
+        if self.foreign or not all(self._local(u) for u in firsts):
             return self._full_loss(self.skipped | self.masked | extra)
         blocks, subs = self._split(extra)
-        start = min(self.block_index(u) for u in extra)
-        return self._run_from(start, self.skipped | blocks, self.masked | subs)
+        first = min(self.block_index(u) for u in firsts)
+        return self._run_from(first, self.skipped | blocks, self.masked | subs)
 
     def replay(self, unit_id: str) -> float:
         """Calibration loss after an in-place change inside ``unit_id``'s block (e.g. a weight temporarily
@@ -531,9 +535,9 @@ class NaiveTrialRunner:
         blocks = {u for u in ids if u in {b.id for b in self.tower.blocks}}
         return blocks, ids - blocks
 
-    def loss(self, remove: Iterable[str] = ()) -> float:
+    def loss(self, remove: Iterable[str] = (), *, start: str | None = None) -> float:
         extra = set(remove)
-        if not extra:
+        if not extra and start is None:
             return self._current
         self.trials += 1
         blocks, subs = self._split(extra)
