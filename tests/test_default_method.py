@@ -49,9 +49,7 @@ def test_the_default_is_never_worse_than_bi_on_held_out_loss(family: str) -> Non
     chosen = [c for c in plan.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].heldout_loss is not None
     assert chosen[0].heldout_loss <= _bi(plan)
-    assert all(
-        c.heldout_loss is None or chosen[0].heldout_loss <= c.heldout_loss for c in plan.candidates
-    )
+    assert all(c.heldout_loss is None or chosen[0].heldout_loss <= c.heldout_loss for c in plan.candidates)
     assert (plan.remove, plan.repair, plan.method) == (chosen[0].remove, chosen[0].repair, chosen[0].method)
     assert plan.selection is not None and plan.selection.heldout_windows == HELD
     assert plan.selection.fit_windows == FIT
@@ -126,7 +124,9 @@ def test_prune_prints_the_candidates_and_holds_out_windows_after_the_calibration
     res = pk.prune(
         model, tokenizer=tiny_tokenizer(), ratio=0.3, calib=str(text), seq_len=16, windows=4, reporter=rec
     )
-    every = pk.load_windows(tiny_tokenizer(), str(text), seq_len=16, num_windows=4 + DEFAULT_HELDOUT_WINDOWS).ids
+    every = pk.load_windows(
+        tiny_tokenizer(), str(text), seq_len=16, num_windows=4 + DEFAULT_HELDOUT_WINDOWS
+    ).ids
     # the calibration (scores and repair) read the first 4 windows, the candidates were compared on the next 8
     assert res.calibration is not None and torch.equal(res.calibration.windows, every[:4])
     sel = res.plan.selection

@@ -44,7 +44,9 @@ def comparable(plan: pk.PrunePlan) -> dict[str, object]:
     """A plan's fields, less how long planning took (a note) and what the surgery found (width_uniform)."""
     data = plan.model_dump(exclude={"width_uniform"})
     # timings, and how the held-out windows are described (the same windows: checked by the weights)
-    data["notes"] = [n for n in data["notes"] if not n.startswith(("planning took", "comparing", "held out:"))]
+    data["notes"] = [
+        n for n in data["notes"] if not n.startswith(("planning took", "comparing", "held out:"))
+    ]
     if data["selection"]:
         data["selection"].pop("heldout")
     return data

@@ -33,8 +33,8 @@ from ..ir.defaults import (
     DEFAULT_CANDIDATES,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
-    Granularity,
     Candidate,
+    Granularity,
     PlannerName,
     RepairName,
     check_ratio,
@@ -371,7 +371,9 @@ def _plan_default(
         fit, held = windows[: n - k], windows[n - k :]
         held_inputs = {key: v[n - k :] for key, v in calibration.inputs.items()}
         # the given pass read the held-out windows too: score on the others only
-        cal = calibrate(model, full_ir, fit, inputs={key: v[: n - k] for key, v in calibration.inputs.items()})
+        cal = calibrate(
+            model, full_ir, fit, inputs={key: v[: n - k] for key, v in calibration.inputs.items()}
+        )
         repair_windows = fit if repair_windows is None else repair_windows[: n - k]
         split = heldout_split or (
             f"the last {k} of the {n} calibration windows; the first {n - k} scored the units and fitted the "
@@ -379,7 +381,11 @@ def _plan_default(
         )
     else:
         held, held_inputs = adapter.calibration_inputs(model, heldout)
-        cal = calibration if calibration.towers else calibrate(model, full_ir, windows, inputs=calibration.inputs)
+        cal = (
+            calibration
+            if calibration.towers
+            else calibrate(model, full_ir, windows, inputs=calibration.inputs)
+        )
         repair_windows = windows if repair_windows is None else repair_windows
         split = heldout_split or f"{heldout.shape[0]} windows given apart from the {n} calibration windows"
     planned: list[Planned] = []
@@ -403,7 +409,13 @@ def _plan_default(
     )
     chosen = planned[best].plan
     assert chosen is not None  # compare picks a measured candidate
-    sel = selection(rows, best, heldout=heldout if heldout is not None else held, fit_windows=int(cal.windows.shape[0]), split=split)
+    sel = selection(
+        rows,
+        best,
+        heldout=heldout if heldout is not None else held,
+        fit_windows=int(cal.windows.shape[0]),
+        split=split,
+    )
     notes = [
         *chosen.notes,
         f"default method: {sel.reason}",

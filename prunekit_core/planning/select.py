@@ -149,7 +149,9 @@ def compare(
                 del pruned
             if on_step:
                 loss = "-" if row.heldout_loss is None else f"{row.heldout_loss:.4f}"
-                on_step(f"candidate {label(row)}: held-out loss {loss}" + (f" ({row.note})" if row.note else ""))
+                on_step(
+                    f"candidate {label(row)}: held-out loss {loss}" + (f" ({row.note})" if row.note else "")
+                )
         rows.append(row)
     measured = [i for i, r in enumerate(rows) if r.heldout_loss is not None and math.isfinite(r.heldout_loss)]
     if not measured:
@@ -168,7 +170,9 @@ def reason(rows: Sequence[CandidatePlan], best: int, heldout: str) -> str:
     win = rows[best]
     assert win.heldout_loss is not None  # compare picks a measured row
     text = f"{label(win)}: the lowest held-out loss ({win.heldout_loss:.4f}) of {len(rows)} candidates on {heldout}"
-    ref = next((r for r in rows if r.method == "rank:bi" and r.repair == "none" and r.granularity == "block"), None)
+    ref = next(
+        (r for r in rows if r.method == "rank:bi" and r.repair == "none" and r.granularity == "block"), None
+    )
     if ref is not None and ref.heldout_loss is not None and ref is not win:
         text += f"; ShortGPT BI {ref.heldout_loss:.4f} (ratio {win.heldout_loss / ref.heldout_loss:.3f})"
     elif ref is win:

@@ -640,7 +640,7 @@ def prune(
         calib=calib,
         calibration=calibration,
         heldout=heldout,
-        auto=given_plan is None and self_validating(metric, planner, granularity),
+        self_validate=given_plan is None and self_validating(metric, planner, granularity),
         asked_granularity=granularity,
         seq_len=seq_len,
         windows=windows,
@@ -701,7 +701,7 @@ def _prune_loaded(
     calib: Windows | None,
     calibration: Calibration | None,
     heldout: torch.Tensor | TextWindows | None,
-    auto: bool,
+    self_validate: bool,
     asked_granularity: Granularity | None,
     seq_len: int,
     windows: int,
@@ -738,7 +738,7 @@ def _prune_loaded(
     cal_ids = None
     held_ids: torch.Tensor | None = None
     split = ""
-    if auto:
+    if self_validate:
         assert calib is not None  # checked in prune
         cal_ids, held_ids, split = _heldout_split(calib, heldout, tok, seq_len=seq_len, windows=windows)
         if calibration is not None and calibration.windows.shape[0] != cal_ids.shape[0]:
@@ -782,10 +782,12 @@ def _prune_loaded(
             )
         how = (
             f"planner {planner}, metric {metric}, granularity {granularity}, repair {repair}"
-            if not auto
+            if not self_validate
             else f"the default method: candidate plans compared on held-out windows ({split})"
         )
-        rep.info(f"calibration: {cal_ids.shape[0]} windows x {cal_ids.shape[1]} tokens of {calib_name}; {how}")
+        rep.info(
+            f"calibration: {cal_ids.shape[0]} windows x {cal_ids.shape[1]} tokens of {calib_name}; {how}"
+        )
         if cal is None:
             ids, extra = multimodal_inputs(model, cal_ids)  # a vision-language model: images in every window
             if uses_width(metric, granularity) or granularity == "expert":
@@ -794,15 +796,15 @@ def _prune_loaded(
             else:
                 with clock.stage("calibrate", "calibrate"):
                     cal = calibrate(model, ids, inputs=extra)
-        label = "the default method's candidates" if auto else f"{planner}:{metric}, {granularity}"
+        label = "the default method's candidates" if self_validate else f"{planner}:{metric}, {granularity}"
         with clock.stage("plan", f"plan ({label})"):
             plan = plan_pruning(
                 model,
                 cal,
                 ratio=ratio,
-                metric=None if auto else metric,
-                granularity=asked_granularity if auto else granularity,
-                planner=None if auto else planner,
+                metric=None if self_validate else metric,
+                granularity=asked_granularity if self_validate else granularity,
+                planner=None if self_validate else planner,
                 repair=repair,
                 heldout=held_ids,
                 heldout_split=split or None,

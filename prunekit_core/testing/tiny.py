@@ -40,31 +40,53 @@ def llama() -> nn.Module:
 def mixtral() -> nn.Module:
     kw = dict(_COMMON, hidden_size=32, intermediate_size=48)
     return _tiny(
-        T.MixtralForCausalLM, T.MixtralConfig, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **kw
+        T.MixtralForCausalLM,
+        T.MixtralConfig,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        **kw,
     )
 
 
 def llava() -> nn.Module:
     """LLaVA with a CLIP tower and a Llama language model (the last token id is the image placeholder)."""
     vision = T.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=16, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
     )
     config = T.LlavaConfig(
         vision_config=vision,
         text_config=T.LlamaConfig(num_key_value_heads=2, **_COMMON),
-        image_token_id=VOCAB - 1,
+        image_token_index=VOCAB - 1,
         image_seq_length=4,
     )
     torch.manual_seed(0)
-    return T.LlavaForConditionalGeneration(config).eval()
+    model: nn.Module = T.LlavaForConditionalGeneration(config).eval()
+    return model
 
 
 def gptj() -> nn.Module:
-    return _tiny(T.GPTJForCausalLM, T.GPTJConfig, vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128)
+    return _tiny(
+        T.GPTJForCausalLM,
+        T.GPTJConfig,
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        rotary_dim=8,
+        n_positions=128,
+    )
 
 
 def gpt2() -> nn.Module:
-    return _tiny(T.GPT2LMHeadModel, T.GPT2Config, vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=128)
+    return _tiny(
+        T.GPT2LMHeadModel, T.GPT2Config, vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=128
+    )
 
 
 def opt() -> nn.Module:
@@ -88,7 +110,12 @@ def phi3() -> nn.Module:
 
 def falcon() -> nn.Module:
     return _tiny(
-        T.FalconForCausalLM, T.FalconConfig, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
     )
 
 
@@ -108,13 +135,30 @@ def olmo2() -> nn.Module:
 
 def granite() -> nn.Module:
     """A scalar multiplier (residual_multiplier) between each branch and the residual add."""
-    return _tiny(T.GraniteForCausalLM, T.GraniteConfig, num_key_value_heads=2, residual_multiplier=0.5, **_COMMON)
+    return _tiny(
+        T.GraniteForCausalLM, T.GraniteConfig, num_key_value_heads=2, residual_multiplier=0.5, **_COMMON
+    )
 
 
 #: name -> builder of every tiny family
 TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     f.__name__: f
-    for f in (llama, mixtral, llava, gptj, gpt2, opt, qwen3, gptneox, phi3, falcon, gemma2, gemma3, olmo2, granite)
+    for f in (
+        llama,
+        mixtral,
+        llava,
+        gptj,
+        gpt2,
+        opt,
+        qwen3,
+        gptneox,
+        phi3,
+        falcon,
+        gemma2,
+        gemma3,
+        olmo2,
+        granite,
+    )
 }
 #: families whose windows carry images (pruned in the text tower: scope ["text"])
 VISION_LANGUAGE = frozenset({"llava"})
