@@ -85,7 +85,7 @@ def test_without_held_out_windows_the_last_quarter_of_the_calibration_is_held_ou
     # the candidates were scored on the first 6 windows only: the same plan as calibrating on those
     again = pk.plan_pruning(model, pk.calibrate(model, ids[:6]), ratio=0.3, heldout=ids[6:])
     assert [c.heldout_loss for c in again.candidates] == [c.heldout_loss for c in plan.candidates]
-    with pytest.raises(CalibrationError, match="--calib-windows"):
+    with pytest.raises(CalibrationError, match="--windows"):
         pk.plan_pruning(model, pk.calibrate(model, ids[:1]), ratio=0.3)
 
 

@@ -241,7 +241,8 @@ def test_the_reporter_hears_the_budget_the_plan_and_the_perplexities(text: Path)
         reporter=rec,
     )
     firsts = [line.split(":")[0] for line in rec.lines]
-    assert firsts[:3] == ["perplexity before", "budget", "plan"]
+    # the default method's candidates and its choice come between the budget and the plan
+    assert firsts[:5] == ["perplexity before", "budget", "default method", "chosen", "plan"]
     assert "achieved" in firsts and "perplexity after" in firsts
 
 

@@ -36,7 +36,7 @@ def heldout_count(n: int) -> int:
     if n < 2:
         raise CalibrationError(
             f"the default method holds out calibration windows to compare its candidate plans, and {n} "
-            "window cannot be split: pass at least 2 calibration windows (--calib-windows), or name a "
+            "window cannot be split: pass at least 2 calibration windows (--windows), or name a "
             "method (--metric bi)"
         )
     return min(DEFAULT_HELDOUT_WINDOWS, max(1, n // 4))
