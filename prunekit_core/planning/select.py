@@ -130,10 +130,13 @@ def compare(
             remove=list(plan.remove),
             removed_params=plan.removed_params,
         )
+        if plan.repair != c.repair:  # a repair the plan's towers cannot take was dropped (plan_pruning)
+            row.note = next((n for n in plan.notes if "repair" in n), f"repair {c.repair} dropped")
         key = (tuple(sorted(plan.remove)), plan.repair, tuple(sorted(plan.remove_groups.items())))
         if key in seen:
             same = rows[seen[key]]
-            row.heldout_loss, row.note = same.heldout_loss, f"the same plan as {label(same)}"
+            row.heldout_loss = same.heldout_loss
+            row.note = "; ".join(filter(None, (row.note, f"the same plan as {label(same)}")))
         else:
             seen[key] = len(rows)
             # the real surgery on a copy: what is measured is the model prune would save

@@ -819,6 +819,9 @@ def _prune_loaded(
             )
         if plan.candidates:  # the default method: every candidate and its held-out loss
             rep.table(*candidates_table(plan))
+            for dropped in dict.fromkeys(c.note.split("; ")[0] for c in plan.candidates):
+                if dropped.startswith("no least-squares repair"):  # the repair a tower cannot take
+                    rep.say(dropped)
             assert plan.selection is not None  # recorded with the candidates
             rep.say(f"chosen: {plan.selection.reason}")
         elif plan.repair != repair:  # a defaulted repair the plan's towers cannot take
