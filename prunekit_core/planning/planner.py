@@ -184,6 +184,7 @@ def resolve_method(
 ) -> tuple[str, PlannerName, Granularity, RepairName]:
     """Fill unset planning choices and validate the combination (the CLI and the API share this).
 
+    (:func:`plan_pruning` runs the self-validating default instead where :func:`self_validating` says so.)
     With no metric named, every unset choice comes from :data:`BEST`, except the metric of a granularity
     BEST's metric does not score (sublayer: :data:`BEST_SUBLAYER`; width and mixed: :data:`BEST_WIDTH`;
     expert: :data:`BEST_EXPERT`). With a metric named, it runs as
@@ -277,9 +278,9 @@ def plan_pruning(
     caller resolved the default itself) is dropped, with a note, for a plan that removes units of a tower
     read from its hidden states (a vision tower); asked for explicitly, it is an error there.
 
-    Unset choices are filled by :func:`resolve_method`: with no metric named, :data:`BEST` (and the
-    granularity's own default metric for sublayer, width, mixed and expert plans), the metric's own
-    setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
+    Otherwise unset choices are filled by :func:`resolve_method`: with no metric named, the granularity's
+    own default metric for sublayer, width, mixed and expert plans (:data:`BEST` for a streaming block
+    plan), the metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
     calibration windows again when it is applied (``apply_plan(model, plan, repair_windows=...)``).
 
     ``granularity="expert"`` reads ``ratio`` differently: at least ``ratio`` of the experts of every MoE
