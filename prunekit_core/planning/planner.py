@@ -394,7 +394,7 @@ def _plan_default(
         try:
             p = plan_pruning(
                 model, cal, ratio=ratio, metric=c.metric, granularity=c.granularity, planner="rank",
-                adapter=adapter, repair=c.repair, repair_optional=True, scope=scope, round_to=round_to,
+                adapter=adapter, repair=c.repair, repair_optional=repair is None, scope=scope, round_to=round_to,
             )  # fmt: skip
             planned.append(Planned(c, p))
         except PlanError as exc:  # e.g. a granularity that cannot meet this budget

@@ -159,9 +159,9 @@ def compare(
     measured = [i for i, r in enumerate(rows) if r.heldout_loss is not None and math.isfinite(r.heldout_loss)]
     if not measured:
         raise PlanError(
-            "no candidate of the default method could be planned at this budget: "
+            "no candidate of the default method could be planned and measured: "
             + "; ".join(f"{label(r)}: {r.note}" for r in rows)
-            + ". Lower --ratio, or name a method (--metric)"
+            + ". Follow the fix each names, or name one method (--metric bi)"
         )
     best = min(measured, key=lambda i: (rows[i].heldout_loss, i))
     rows[best].chosen = True
