@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from prunekit_core import Scores, load_pruned, read_plan
 from prunekit_core.cli import main, subcommand_parsers
-from prunekit_core.planning.planner import BEST
+from prunekit_core.ir.defaults import DEFAULT_CANDIDATES
 from prunekit_core.study.demo import run_demo
 from prunekit_core.study.plots import plot_scores
 
@@ -209,11 +209,18 @@ def test_prune_defaults_and_human_output(
     if BEST.get("repair", "none") != "none":  # what the repair did with each run, and why
         assert "repair: text.blocks." in out, out
     saved = json.loads((tmp_path / "o" / "plan.json").read_text())
-    assert (
-        saved["method"] == f"{BEST['planner']}:{BEST['metric']}"
-        and saved["granularity"] == BEST["granularity"]
+    # the default method: every candidate, with its held-out loss, and the one chosen is the plan
+    assert [(c["method"], c["granularity"], c["repair"]) for c in saved["candidates"]] == [
+        (f"rank:{c.metric}", c.granularity, c.repair) for c in DEFAULT_CANDIDATES
+    ]
+    (chosen,) = [c for c in saved["candidates"] if c["chosen"]]
+    assert (saved["method"], saved["repair"], saved["remove"]) == (
+        chosen["method"],
+        chosen["repair"],
+        chosen["remove"],
     )
-    assert saved["repair"] == BEST.get("repair", "none")
+    assert "default method: candidate plans" in out and "chosen: " in out
+    assert saved["selection"]["heldout_windows"] >= 1
 
 
 def test_metric_without_planner_picks_rank(

@@ -29,9 +29,12 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def step_by_step(model: torch.nn.Module, text: Path, *, stats: bool = True, **kw: object) -> pk.PrunePlan:
-    """What prune does, written out with the public API (``stats``: run the calibration pass)."""
+    """What prune does, written out with the public API (``stats``: run the calibration pass). The default
+    method (no metric) compares its candidates on the windows of the text that follow the calibration's."""
     ids = pk.load_windows(tiny_tokenizer(), str(text), seq_len=SEQ, num_windows=N).ids
     cal = pk.calibrate(model, ids) if stats else Calibration(windows=ids)
+    if "metric" not in kw and kw.get("granularity", "block") == "block":
+        kw["heldout"] = heldout_windows(text)
     plan = pk.plan_pruning(model, cal, **kw)  # type: ignore[arg-type]  # **kw: option values of several types
     return pk.apply_plan(model, plan, repair_windows=ids).plan  # as applied: with the repair's notes
 
@@ -39,7 +42,12 @@ def step_by_step(model: torch.nn.Module, text: Path, *, stats: bool = True, **kw
 def comparable(plan: pk.PrunePlan) -> dict[str, object]:
     """A plan's fields, less how long planning took (a note) and what the surgery found (width_uniform)."""
     data = plan.model_dump(exclude={"width_uniform"})
-    data["notes"] = [n for n in data["notes"] if not n.startswith("planning took")]
+    # timings, and how the held-out windows are described (the same windows: checked by the weights)
+    data["notes"] = [
+        n for n in data["notes"] if not n.startswith(("planning took", "comparing", "held out:"))
+    ]
+    if data["selection"]:
+        data["selection"].pop("heldout")
     return data
 
 
@@ -77,6 +85,11 @@ def test_prune_matches_the_step_by_step_api(text: Path, kw: dict[str, object], s
 
 def plan_windows(text: Path) -> torch.Tensor:
     return pk.load_windows(tiny_tokenizer(), str(text), seq_len=SEQ, num_windows=N).ids
+
+
+def heldout_windows(text: Path) -> torch.Tensor:
+    """The 8 windows after the calibration windows: where the default method compares its candidates."""
+    return pk.load_windows(tiny_tokenizer(), str(text), seq_len=SEQ, num_windows=N + 8).ids[N:]
 
 
 def test_every_stage_lands_in_the_result(text: Path, tmp_path: Path) -> None:
@@ -131,6 +144,8 @@ def test_a_given_plan_and_plan_only(text: Path, tmp_path: Path) -> None:
         calib=str(text),
         seq_len=SEQ,
         windows=N,
+        metric="angular",  # a plan that repairs, whatever the default method would choose here
+        repair="lsq",
         plan_only=True,
         out=tmp_path / "plan.json",
     )
@@ -158,7 +173,7 @@ def test_a_model_spec_is_loaded_with_its_tokenizer(text: Path, tmp_path: Path) -
 def test_a_calibration_made_before_is_reused(text: Path) -> None:
     model = tiny_llama(layers=4, seed=3)
     cal = pk.calibrate(model, plan_windows(text))
-    res = pk.prune(model, ratio=0.3, calib=plan_windows(text), calibration=cal)
+    res = pk.prune(model, ratio=0.3, calib=plan_windows(text), calibration=cal, heldout=heldout_windows(text))
     assert res.calibration is cal and "calibrate" not in res.timings
     want = tiny_llama(layers=4, seed=3)
     step_by_step(want, text, ratio=0.3)
@@ -225,7 +240,8 @@ def test_the_reporter_hears_the_budget_the_plan_and_the_perplexities(text: Path)
         reporter=rec,
     )
     firsts = [line.split(":")[0] for line in rec.lines]
-    assert firsts[:3] == ["perplexity before", "budget", "plan"]
+    # the default method's candidates and its choice come between the budget and the plan
+    assert firsts[:5] == ["perplexity before", "budget", "default method", "chosen", "plan"]
     assert "achieved" in firsts and "perplexity after" in firsts
 
 

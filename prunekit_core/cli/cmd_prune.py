@@ -10,14 +10,16 @@ import argparse
 from typing import Any
 
 from ..ir.defaults import (
-    BEST,
     BEST_EXPERT,
     BEST_SUBLAYER,
     BEST_WIDTH,
+    DEFAULT_CANDIDATES,
     DEFAULT_HEAL_TEXTS,
+    DEFAULT_HELDOUT_WINDOWS,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
     REPAIRS,
+    Candidate,
 )
 from .options import (
     MODEL_HELP,
@@ -47,10 +49,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
             "choosing units with a metric and a planner, and save the pruned model to --out (safetensors, "
             "config, tokenizer, plan.json, prunekit.json). Plans that remove whole blocks only reload with "
             "plain transformers; any plan reloads with prunekit_core.load_pruned.\n\n"
-            f"Defaults: metric {BEST['metric']}, planner {BEST['planner']}, granularity {BEST['granularity']}, "
-            f"repair {BEST.get('repair', 'none')} (prunekit's best planner). With another --metric the planner defaults to greedy for trial "
+            "Default (no --metric): a self-validating choice. Candidate plans at the budget ("
+            + ", ".join(_candidate(c) for c in DEFAULT_CANDIDATES)
+            + ") are made from one calibration pass, each applied to a copy with its repair, and the one "
+            f"with the lowest language-model loss on {DEFAULT_HELDOUT_WINDOWS} held-out windows of the "
+            "calibration text (the ones after the --windows calibration windows; never the evaluation text) is kept. ShortGPT "
+            "BI is a candidate, so the default is never worse than BI on that loss. prune prints every "
+            "candidate and its loss; plan.json records them (candidates, selection). --repair or "
+            "--recover none|repair keeps only the candidates with that repair, --granularity block only "
+            "block candidates. With --metric the planner defaults to greedy for trial "
             "metrics (nri, sleb) and rank otherwise, and the granularity to what the metric scores (block for "
-            "bi/angular, sublayer for sublayer_drop).\n\n"
+            "bi/angular, sublayer for sublayer_drop), with no repair.\n\n"
             "Inputs are checked before anything is loaded; nothing is written when a command fails."
         ),
         epilog=epilog(
@@ -131,7 +140,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "model has vision and text; see prunekit inspect). --ratio is then a fraction of those towers' "
         "block parameters; the budget is reported per tower",
     )
-    p.add_argument("--metric", metavar="M", help=f"importance metric (default {BEST['metric']})")
+    p.add_argument(
+        "--metric",
+        metavar="M",
+        help="importance metric (default: none; the candidates above are compared on held-out windows)",
+    )
     p.add_argument(
         "--planner",
         choices=("rank", "greedy"),
@@ -144,9 +157,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "into the stream (none where a post-norm follows), fitted by least squares on the calibration text and "
         "kept only where it lowers the loss on held-out calibration windows; prints what each run got; refit: "
         "also refit the next surviving writers after each gap so the stream after each matches the unpruned "
-        "model's (refit_cosine: per-token relative error)"
-        f" (default {BEST.get('repair', 'none')} with the default metric, none "
-        "when --metric is given)",
+        "model's (refit_cosine: per-token relative error) (default: each candidate of the default method with "
+        "and without repair; none when --metric is given)",
     )
     p.add_argument(
         "--recover",
@@ -178,6 +190,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_force_arg(p)
     add_load_args(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _candidate(c: Candidate) -> str:
+    gran = "" if c.granularity == "block" else f" {c.granularity}"
+    return f"{c.metric}{gran}" + ("" if c.repair == "none" else f" + {c.repair}")
 
 
 def _scope(value: str) -> tuple[str, ...]:

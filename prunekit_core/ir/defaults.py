@@ -8,7 +8,7 @@ objects are the same.
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NamedTuple, TypedDict
 
 #: Alias -> human-readable description. Every alias resolves to a file shipped by a pip package.
 MODEL_ALIASES: dict[str, str] = {
@@ -49,8 +49,34 @@ class BestMethod(TypedDict):
     repair: RepairName
 
 
-#: prunekit's best planner on the depth-pruning benchmark (bench/depth_pruning.py); the CLI default
+#: the single method the self-validating default falls back to where it cannot compare candidates (a
+#: streaming calibration); its first lsq candidate on the depth-pruning benchmark (bench/depth_pruning.py)
 BEST: BestMethod = {"planner": "rank", "metric": "angular", "granularity": "block", "repair": "lsq"}
+
+
+class Candidate(NamedTuple):
+    """One candidate of the self-validating default: a rank-planner metric, a granularity and a repair."""
+
+    metric: str
+    granularity: Granularity
+    repair: RepairName
+
+
+#: The self-validating default (no --metric; planning.select): every candidate is planned at the budget
+#: from one calibration pass, applied to a copy with its repair, and the one with the lowest language-model
+#: loss on held-out calibration windows wins. ShortGPT BI without repair comes first, so a tie keeps it and
+#: the default is never worse than BI on that loss. A new repair or metric becomes a candidate by one line.
+DEFAULT_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("bi", "block", "none"),  # ShortGPT Block Influence, as published: the reference
+    Candidate("bi", "block", "lsq"),
+    Candidate("angular", "block", "none"),  # Gromov et al.'s angular span
+    Candidate("angular", "block", "lsq"),
+    Candidate("sublayer_drop", "mixed", "none"),  # blocks and single sublayers ("What Matters"), same pass
+    Candidate("sublayer_drop", "mixed", "lsq"),
+)
+#: held-out windows the default compares candidates on, taken after the calibration windows of the text
+#: (or, where the text or the given windows hold no more, the last quarter of them, at most this many)
+DEFAULT_HELDOUT_WINDOWS = 8
 #: the default for --granularity sublayer without --metric: the metric that scores sublayers from the one
 #: calibration pass ("What Matters", bench/depth_pruning.py), with BEST's planner and repair
 BEST_SUBLAYER: dict[str, str] = {"metric": "sublayer_drop", "repair": "lsq"}

@@ -38,6 +38,35 @@ class Fingerprint(BaseModel):
     weights: str = Field(description="sha256 over a fixed sample of every parameter's values")
 
 
+class CandidatePlan(BaseModel):
+    """One candidate the self-validating default compared (:attr:`PrunePlan.candidates`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="planner:metric, as PrunePlan.method")
+    granularity: Granularity = "block"
+    repair: RepairName = "none"
+    remove: list[str] = Field(default_factory=list)
+    removed_params: int = 0
+    heldout_loss: float | None = Field(
+        None, description="mean next-token loss on the held-out calibration windows after surgery and repair"
+    )
+    chosen: bool = False
+    note: str = Field("", description="why it was not measured, or which candidate made the same plan")
+
+
+class Selection(BaseModel):
+    """How the self-validating default chose among its candidates (:attr:`PrunePlan.selection`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heldout: str = Field(description="which windows were held out, and how they were split from the rest")
+    heldout_windows: int
+    heldout_tokens: int
+    fit_windows: int = Field(description="windows the candidates were scored and repaired on")
+    reason: str = Field(description="why the chosen candidate won")
+
+
 class PrunePlan(BaseModel):
     """Units to remove from one specific model."""
 
@@ -78,6 +107,12 @@ class PrunePlan(BaseModel):
         default_factory=dict,
         description="what healed the model after surgery (e.g. LoRA: rank, steps, lr, seed, tokens, wall time)",
     )
+    candidates: list[CandidatePlan] = Field(
+        default_factory=list,
+        description="the self-validating default (no metric named): every candidate plan it compared, with "
+        "its held-out calibration loss; empty for a plan made with a named metric",
+    )
+    selection: Selection | None = Field(None, description="how the held-out windows were split; why it won")
 
     @property
     def achieved_ratio(self) -> float:

@@ -30,9 +30,11 @@ from ..ir.defaults import (
     BEST_EXPERT,
     BEST_SUBLAYER,
     BEST_WIDTH,
+    DEFAULT_CANDIDATES,
     DEFAULT_ROUND_TO,
     GRANULARITIES,
     REPAIRS,
+    Candidate,
     Granularity,
     PlannerName,
     RepairName,
@@ -42,7 +44,7 @@ from ..ir.errors import PlanError
 from ..ir.model import Block, ModelIR, Sublayer
 from ..ir.plan import PrunePlan
 from ..registry.plugins import get_metric, metrics, select_adapter
-from ..scoring.calibration import Calibration, ScoringContext
+from ..scoring.calibration import Calibration, ScoringContext, calibrate
 from ..scoring.metrics import ChannelMetric, ExpertMetric, ImportanceMetric, Scores
 from ..surgery.apply import removed_params, resolve_removals
 
@@ -183,6 +185,7 @@ def resolve_method(
 ) -> tuple[str, PlannerName, Granularity, RepairName]:
     """Fill unset planning choices and validate the combination (the CLI and the API share this).
 
+    (:func:`plan_pruning` runs the self-validating default instead where :func:`self_validating` says so.)
     With no metric named, every unset choice comes from :data:`BEST`, except the metric of a granularity
     BEST's metric does not score (sublayer: :data:`BEST_SUBLAYER`; width and mixed: :data:`BEST_WIDTH`;
     expert: :data:`BEST_EXPERT`). With a metric named, it runs as
@@ -248,8 +251,27 @@ def plan_pruning(
     scope: Sequence[str] | None = None,
     repair_optional: bool = False,
     naive_trials: bool = False,
+    heldout: torch.Tensor | None = None,
+    heldout_split: str | None = None,
+    repair_windows: torch.Tensor | None = None,
+    candidates: Sequence[Candidate] | None = None,
 ) -> PrunePlan:
     """Make a :class:`PrunePlan` removing at least ``ratio`` of the block parameters of ``model``.
+
+    **The self-validating default.** With no metric named (and ``planner`` and ``granularity`` unset, or
+    rank and block), every candidate of ``candidates`` (default
+    :data:`~prunekit_core.ir.defaults.DEFAULT_CANDIDATES`: ShortGPT BI, the angular span and a mixed
+    sublayer-drop plan, each with and without the least-squares repair) is planned at the budget from the
+    one calibration pass, applied to a copy of the model with its repair (fitted on ``repair_windows``,
+    default the calibration windows), and measured by its language-model loss on ``heldout`` windows; the
+    lowest loss wins (:mod:`prunekit_core.planning.select`). ``heldout`` must be disjoint from the
+    calibration windows (more windows of the calibration text; ``heldout_split`` says how they were cut,
+    for the plan). Unset, the last quarter of the calibration windows (at most 8) is held out and the
+    others are calibrated again: apply such a plan with ``repair_windows=windows[:plan.selection.fit_windows]``
+    to get the model that was measured. The plan lists every candidate (``plan.candidates``, with its
+    loss) and why the winner won (``plan.selection``). ``repair`` given keeps only candidates with that
+    repair, ``granularity="block"`` only block candidates. A streaming calibration cannot copy the model:
+    there the default is :data:`BEST`.
 
     ``scope`` names the towers the plan may touch (``["vision"]``, ``["text"]``; default all): the budget
     is then ``ratio`` of those towers' block parameters. The plan's notes give the budget per tower.
@@ -257,9 +279,9 @@ def plan_pruning(
     caller resolved the default itself) is dropped, with a note, for a plan that removes units of a tower
     read from its hidden states (a vision tower); asked for explicitly, it is an error there.
 
-    Unset choices are filled by :func:`resolve_method`: with no metric named, :data:`BEST` (and the
-    granularity's own default metric for sublayer, width, mixed and expert plans), the metric's own
-    setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
+    Otherwise unset choices are filled by :func:`resolve_method`: with no metric named, the granularity's
+    own default metric for sublayer, width, mixed and expert plans (:data:`BEST` for a streaming block
+    plan), the metric's own setting (as published, no repair) otherwise. A plan with ``repair="lsq"`` needs the
     calibration windows again when it is applied (``apply_plan(model, plan, repair_windows=...)``).
 
     ``granularity="expert"`` reads ``ratio`` differently: at least ``ratio`` of the experts of every MoE
@@ -271,6 +293,13 @@ def plan_pruning(
     (:class:`~prunekit_core.scoring.calibration.NaiveTrialRunner`): the reference the cached trials are checked and
     benchmarked against; same plan, more block forwards.
     """
+    if self_validating(metric, planner, granularity) and not _streamed(calibration):
+        return _plan_default(
+            model, calibration, ratio=ratio, granularity=granularity, repair=None if repair_optional else repair,
+            adapter=adapter or select_adapter(model), heldout=heldout, heldout_split=heldout_split,
+            repair_windows=repair_windows, candidates=candidates, scope=scope, round_to=round_to,
+            on_step=on_step,
+        )  # fmt: skip
     explicit_lsq = repair == "lsq" and not repair_optional
     metric, planner, granularity, repair = resolve_method(metric, planner, granularity, repair)
     adapter = adapter or select_adapter(model)
@@ -295,6 +324,107 @@ def plan_pruning(
         update["repair"] = "none"
         notes.append(f"no least-squares repair: the plan removes units of tower(s) {unrepaired}")
     return plan.model_copy(update=update)
+
+
+def self_validating(metric: str | None, planner: str | None, granularity: str | None) -> bool:
+    """Whether these choices run the self-validating default (no metric named; rank, block or unset)."""
+    return metric is None and planner in (None, "rank") and granularity in (None, "block")
+
+
+def _streamed(calibration: Calibration) -> bool:
+    """A streaming pass's calibration: its model is a skeleton whose weights stay on disk."""
+    return calibration.trial_factory is not None or calibration.weights_digest is not None
+
+
+def _plan_default(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    ratio: float,
+    granularity: Granularity | None,
+    repair: RepairName | None,
+    adapter: ArchitectureAdapter,
+    heldout: torch.Tensor | None,
+    heldout_split: str | None,
+    repair_windows: torch.Tensor | None,
+    candidates: Sequence[Candidate] | None,
+    scope: Sequence[str] | None,
+    round_to: int,
+    on_step: Callable[[str], None] | None,
+) -> PrunePlan:
+    """The self-validating default (:func:`plan_pruning`, :mod:`prunekit_core.planning.select`)."""
+    from .select import Planned, compare, heldout_count, selection
+
+    t0 = time.perf_counter()
+    pool = list(DEFAULT_CANDIDATES if candidates is None else candidates)
+    if granularity is not None:
+        pool = [c for c in pool if c.granularity == granularity]
+    if repair is not None:
+        pool = [c for c in pool if c.repair == repair]
+    if not pool:
+        raise PlanError(
+            f"no candidate of the default method has granularity {granularity or 'any'} and repair "
+            f"{repair or 'any'}: name a method (--metric bi, --metric angular) instead"
+        )
+    full_ir = adapter.build_ir(model)
+    windows, n = calibration.windows, int(calibration.windows.shape[0])
+    if heldout is None:
+        k = heldout_count(n)
+        fit, held = windows[: n - k], windows[n - k :]
+        held_inputs = {key: v[n - k :] for key, v in calibration.inputs.items()}
+        # the given pass read the held-out windows too: score on the others only
+        cal = calibrate(
+            model, full_ir, fit, inputs={key: v[: n - k] for key, v in calibration.inputs.items()}
+        )
+        repair_windows = fit if repair_windows is None else repair_windows[: n - k]
+        split = heldout_split or (
+            f"the last {k} of the {n} calibration windows; the first {n - k} scored the units and fitted the "
+            f"repair (apply the plan with repair_windows=windows[:{n - k}] for the model measured here)"
+        )
+    else:
+        held, held_inputs = adapter.calibration_inputs(model, heldout)
+        cal = (
+            calibration
+            if calibration.towers
+            else calibrate(model, full_ir, windows, inputs=calibration.inputs)
+        )
+        repair_windows = windows if repair_windows is None else repair_windows
+        split = heldout_split or f"{heldout.shape[0]} windows given apart from the {n} calibration windows"
+    planned: list[Planned] = []
+    for c in pool:
+        try:
+            p = plan_pruning(
+                model, cal, ratio=ratio, metric=c.metric, granularity=c.granularity, planner="rank",
+                adapter=adapter, repair=c.repair, repair_optional=repair is None, scope=scope, round_to=round_to,
+            )  # fmt: skip
+            planned.append(Planned(c, p))
+        except PlanError as exc:  # e.g. a granularity that cannot meet this budget
+            planned.append(Planned(c, None, str(exc)))
+    rows, best = compare(
+        model,
+        planned,
+        adapter=adapter,
+        repair_windows=repair_windows,
+        heldout=held,
+        heldout_inputs=held_inputs,
+        on_step=on_step,
+    )
+    chosen = planned[best].plan
+    assert chosen is not None  # compare picks a measured candidate
+    sel = selection(
+        rows,
+        best,
+        heldout=heldout if heldout is not None else held,
+        fit_windows=int(cal.windows.shape[0]),
+        split=split,
+    )
+    notes = [
+        *chosen.notes,
+        f"default method: {sel.reason}",
+        f"held out: {split}",
+        f"comparing {len(rows)} candidates took {time.perf_counter() - t0:.1f} s",
+    ]
+    return chosen.model_copy(update={"candidates": rows, "selection": sel, "notes": notes})
 
 
 def _unrepairable_towers(ir: ModelIR, plan: PrunePlan) -> list[str]:

@@ -300,6 +300,68 @@ def plan_table(plan: PrunePlan, ir: ModelIR) -> tuple[str, list[str], list[list[
     return title, ["unit", "kind", "params", "score"], rows
 
 
+def candidates_table(plan: PrunePlan) -> tuple[str, list[str], list[list[str]]]:
+    """Title, columns and rows of the default method's candidates: what each removes, its held-out loss,
+    its ratio to ShortGPT BI's, and which one was chosen."""
+    from ..planning.select import label
+
+    bi = next((c.heldout_loss for c in plan.candidates if label(c) == "bi"), None)
+    rows: list[list[str]] = []
+    for c in plan.candidates:
+        loss = c.heldout_loss
+        removed = ", ".join(u.replace("text.blocks.", "") for u in c.remove) or "-"
+        rows.append(
+            [
+                label(c),
+                removed,
+                fmt_params(c.removed_params),
+                "-" if loss is None else f"{loss:.4f}",
+                "-" if loss is None or not bi else f"{loss / bi:.3f}",
+                "chosen" if c.chosen else c.note,
+            ]
+        )
+    sel = plan.selection
+    where = f" ({sel.heldout_windows} windows, {sel.heldout_tokens} tokens)" if sel else ""
+    title = f"default method: candidate plans at the budget, loss on held-out calibration windows{where}"
+    return title, ["candidate", "removes", "params", "held-out loss", "vs BI", ""], rows
+
+
+def _heldout_split(
+    calib: Windows, heldout: torch.Tensor | TextWindows | None, tok: Any, *, seq_len: int, windows: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The calibration windows (they score the units and fit the repair), the held-out windows the default
+    method compares its candidates on (disjoint from them), and how they were split, for the plan."""
+    from ..io.text import TextWindows
+    from ..ir.defaults import DEFAULT_HELDOUT_WINDOWS
+    from ..planning.select import heldout_count
+
+    name = _text_name(calib)
+    if heldout is not None:
+        held = heldout.ids if isinstance(heldout, TextWindows) else heldout
+        ids = _windows_of(calib, tok, seq_len=seq_len, num_windows=windows)
+        return ids, held, f"{held.shape[0]} windows given apart from the {ids.shape[0]} calibration windows"
+    if isinstance(calib, str):
+        ids = _windows_of(calib, tok, seq_len=seq_len, num_windows=windows + DEFAULT_HELDOUT_WINDOWS)
+        if ids.shape[0] > windows:
+            m = int(ids.shape[0])
+            return (
+                ids[:windows],
+                ids[windows:],
+                f"windows {windows}-{m - 1} of {name} (tokens {windows * seq_len}-{m * seq_len - 1}), after the "
+                f"{windows} calibration windows that scored the units and fitted the repair",
+            )
+    else:
+        ids = calib.ids if isinstance(calib, TextWindows) else calib
+    n = int(ids.shape[0])
+    k = heldout_count(n)
+    return (
+        ids[: n - k],
+        ids[n - k :],
+        f"the last {k} of the {n} calibration windows of {name}; the first {n - k} scored the units and "
+        "fitted the repair",
+    )
+
+
 class Clock:
     """Per-stage timings; a labelled stage also goes through the reporter's ``step``."""
 
@@ -373,6 +435,7 @@ def prune(
     repair: RepairName | None = None,
     recover: Recover | None = None,
     calibration: Calibration | None = None,
+    heldout: torch.Tensor | TextWindows | None = None,
     seq_len: int = 256,
     windows: int = 32,
     eval: Windows | None = None,
@@ -411,6 +474,11 @@ def prune(
     as in :func:`~prunekit_core.plan_pruning`; unset, prunekit's best) or ``plan`` (a
     :class:`~prunekit_core.PrunePlan` or its JSON file; ``calib`` only when it repairs). ``calibration``:
     a calibration pass already made on ``calib``'s windows (reused instead of running another).
+    With no metric named, the self-validating default compares candidate plans on held-out windows of the
+    calibration text: ``heldout`` (token windows disjoint from ``calib``'s), or else the
+    :data:`~prunekit_core.ir.defaults.DEFAULT_HELDOUT_WINDOWS` windows that follow the calibration windows
+    in a ``calib`` text, or else the last quarter of the given windows (the calibration and the repair
+    then use the others).
     ``recover``: ``none`` (no repair), ``repair`` (the least-squares repair), ``lora`` (the plan's
     repair, then LoRA healing on ``lora_texts`` with the ``lora_*`` settings, merged into the weights);
     unset, as ``repair``. ``streaming``: plan block by block from the model's safetensors (a spec, a named
@@ -422,7 +490,7 @@ def prune(
     """
     from ..io.checkpoint import load_plan
     from ..ir.plan import PrunePlan
-    from ..planning.planner import resolve_method
+    from ..planning.planner import resolve_method, self_validating
 
     rep = reporter if reporter is not None else Reporter()
     clock = Clock(rep)
@@ -571,6 +639,9 @@ def prune(
         ratio=ratio,
         calib=calib,
         calibration=calibration,
+        heldout=heldout,
+        self_validate=given_plan is None and self_validating(metric, planner, granularity),
+        asked_granularity=granularity,
         seq_len=seq_len,
         windows=windows,
         eval_data=eval,
@@ -629,6 +700,9 @@ def _prune_loaded(
     ratio: float | None,
     calib: Windows | None,
     calibration: Calibration | None,
+    heldout: torch.Tensor | TextWindows | None,
+    self_validate: bool,
+    asked_granularity: Granularity | None,
     seq_len: int,
     windows: int,
     eval_data: Windows | None,
@@ -662,7 +736,15 @@ def _prune_loaded(
         assert ratio is not None  # checked in prune
         check_budget(ir.restricted(scope), ratio, granularity)  # parameter counts: before calibration
     cal_ids = None
-    if calib is not None and (given_plan is None or given_plan.repair != "none"):
+    held_ids: torch.Tensor | None = None
+    split = ""
+    if self_validate:
+        assert calib is not None  # checked in prune
+        cal_ids, held_ids, split = _heldout_split(calib, heldout, tok, seq_len=seq_len, windows=windows)
+        if calibration is not None and calibration.windows.shape[0] != cal_ids.shape[0]:
+            rep.info("the given calibration pass read the held-out windows: calibrating again without them")
+            calibration = None
+    elif calib is not None and (given_plan is None or given_plan.repair != "none"):
         cal_ids = _windows_of(calib, tok, seq_len=seq_len, num_windows=windows)
     eval_ids = None
     if eval_data is not None:
@@ -698,9 +780,13 @@ def _prune_loaded(
                 f"budget: at least {ratio:g} of the {fmt_params(scoped.block_params())} block parameters"
                 f"{where} (embeddings and head excluded) = {fmt_params(target)} parameters"
             )
-        rep.info(
-            f"calibration: {cal_ids.shape[0]} windows x {cal_ids.shape[1]} tokens of {calib_name}; "
+        how = (
             f"planner {planner}, metric {metric}, granularity {granularity}, repair {repair}"
+            if not self_validate
+            else f"the default method: candidate plans compared on held-out windows ({split})"
+        )
+        rep.info(
+            f"calibration: {cal_ids.shape[0]} windows x {cal_ids.shape[1]} tokens of {calib_name}; {how}"
         )
         if cal is None:
             ids, extra = multimodal_inputs(model, cal_ids)  # a vision-language model: images in every window
@@ -710,15 +796,19 @@ def _prune_loaded(
             else:
                 with clock.stage("calibrate", "calibrate"):
                     cal = calibrate(model, ids, inputs=extra)
-        with clock.stage("plan", f"plan ({planner}:{metric}, {granularity})"):
+        label = "the default method's candidates" if self_validate else f"{planner}:{metric}, {granularity}"
+        with clock.stage("plan", f"plan ({label})"):
             plan = plan_pruning(
                 model,
                 cal,
                 ratio=ratio,
-                metric=metric,
-                granularity=granularity,
-                planner=planner,
+                metric=None if self_validate else metric,
+                granularity=asked_granularity if self_validate else granularity,
+                planner=None if self_validate else planner,
                 repair=repair,
+                heldout=held_ids,
+                heldout_split=split or None,
+                repair_windows=cal_ids,
                 on_step=lambda msg: rep.info("  " + msg),
                 round_to=round_to,
                 width_allocation=width_allocation,
@@ -727,7 +817,14 @@ def _prune_loaded(
                 scope=scope,
                 repair_optional=repair_optional,
             )
-        if plan.repair != repair:  # a defaulted repair the plan's towers cannot take
+        if plan.candidates:  # the default method: every candidate and its held-out loss
+            rep.table(*candidates_table(plan))
+            for dropped in dict.fromkeys(c.note.split("; ")[0] for c in plan.candidates):
+                if dropped.startswith("no least-squares repair"):  # the repair a tower cannot take
+                    rep.say(dropped)
+            assert plan.selection is not None  # recorded with the candidates
+            rep.say(f"chosen: {plan.selection.reason}")
+        elif plan.repair != repair:  # a defaulted repair the plan's towers cannot take
             rep.say(next((n for n in plan.notes if "repair" in n), f"repair: {plan.repair}"))
         report["budget"] = {
             "ratio": ratio,
