@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ def main() -> None:
     prompt = wiki.ids[0, : args.prompt].tolist()
     work = Path(tempfile.mkdtemp(prefix="engine-speed-"))
 
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for gran in ["none", *grans]:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
@@ -88,7 +89,7 @@ def main() -> None:
                 tokenizer=tok,
                 ratio=args.ratio,
                 calib=calib,
-                granularity=gran,  # type: ignore[arg-type]
+                granularity=gran,
                 round_to=args.round_to,
                 out=folder,
                 eval_tokens=None,
@@ -135,14 +136,14 @@ def main() -> None:
     ]
     for r in rows:
         b = ref[r["type"]]
-        ideal = float(b["params"]) / float(r["params"])  # type: ignore[arg-type]
-        px = float(r["prefill"]) / float(b["prefill"])  # type: ignore[arg-type]
-        dx = float(r["decode"]) / float(b["decode"])  # type: ignore[arg-type]
-        pe, pt = float(r["ppl_engine"]), float(r["ppl_torch"])  # type: ignore[arg-type]
+        ideal = float(b["params"]) / float(r["params"])
+        px = float(r["prefill"]) / float(b["prefill"])
+        dx = float(r["decode"]) / float(b["decode"])
+        pe, pt = float(r["ppl_engine"]), float(r["ppl_torch"])
         lines.append(
-            f"| {r['gran']} | {r['type']} | {r['arch']} | {float(r['params']) / 1e6:.1f}M | {ideal:.3f} | "  # type: ignore[arg-type]
-            f"{float(r['prefill']):.0f} | {px:.3f} | {px / ideal:.2f} | {float(r['decode']):.1f} | {dx:.3f} | "  # type: ignore[arg-type]
-            f"{dx / ideal:.2f} | {float(r['mib']):.1f} | {pe:.3f} | {pt:.3f} | {100 * (pe / pt - 1):+.2f}% |"  # type: ignore[arg-type]
+            f"| {r['gran']} | {r['type']} | {r['arch']} | {float(r['params']) / 1e6:.1f}M | {ideal:.3f} | "
+            f"{float(r['prefill']):.0f} | {px:.3f} | {px / ideal:.2f} | {float(r['decode']):.1f} | {dx:.3f} | "
+            f"{dx / ideal:.2f} | {float(r['mib']):.1f} | {pe:.3f} | {pt:.3f} | {100 * (pe / pt - 1):+.2f}% |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

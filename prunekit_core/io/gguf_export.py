@@ -206,7 +206,7 @@ def _layers(model: nn.Module, layout: GGUFLayout, head_dim: int) -> tuple[list[_
     out: list[_Layer] = []
     standins: list[str] = []
     for i, block in enumerate(blocks):
-        params = {n: p for n, p in block.named_parameters()}
+        params: dict[str, torch.Tensor] = dict(block.named_parameters())
         attn_gone = isinstance(get_module(block, layout.attention), RemovedBranch)
         mlp_gone = isinstance(get_module(block, layout.mlp), RemovedBranch)
         unit = f"{layout.blocks}.{i}"
