@@ -1,5 +1,5 @@
 """The ``prunekit`` command line: ``plugins``, ``inspect``, ``new-plugin``, ``score``, ``prune``, ``recover``,
-``eval``, ``demo``, ``sweep``, ``report``.
+``eval``, ``export``, ``demo``, ``sweep``, ``report``.
 
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
@@ -29,6 +29,7 @@ from ..ir.errors import PrunekitError
 from . import (
     cmd_demo,
     cmd_eval,
+    cmd_export,
     cmd_inspect,
     cmd_new_plugin,
     cmd_plugins,
@@ -52,6 +53,7 @@ COMMANDS = (
     cmd_prune,
     cmd_recover,
     cmd_eval,
+    cmd_export,
     cmd_demo,
     cmd_sweep,
     cmd_report,

@@ -7,6 +7,8 @@
   per row, ``int8_g<N>``, ``int4_g<N>``; ``int4a_g<N>``/``int8a_g<N>`` add a zero point per group.
 * FP6-LLM: E3M2 elements with one fp16 scale per row (row max / 28); torchao's kernel for it is gone, its
   element rounding (``custom_fp_utils``) remains and is used here.
+* llama.cpp's GGUF types (``gguf_f16``, ``gguf_q8_0``, ``gguf_q4_0``, ...): counted and quantized exactly as
+  ``prunekit export --format gguf`` stores them (:mod:`prunekit_core.quant.ggml`).
 
 Rows whose length is not a multiple of the block (or group) size are padded with zeros to the next
 multiple: padding cannot change a block's max, and the padded elements are counted in :meth:`bits`.
@@ -23,9 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from prunekit_core.quant.base import QuantFormat
+from prunekit_core.quant.ggml import dequantize, quantize, tensor_nbytes, tensor_type
 from prunekit_core.registry.hookspecs import hookimpl
 
 MX_BLOCK = 32
+#: the GGUF types registered as ``gguf_<type>`` formats (f32 is the unquantized base, not a format)
+GGUF_FORMAT_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 SCALE_BITS_E8M0 = 8
 SCALE_BITS_FP16 = 16
 
@@ -256,6 +261,32 @@ class SplitQuantFormat(QuantFormat):
         return out.to(weight.dtype)
 
 
+class GGUFFormat(QuantFormat):
+    """A llama.cpp GGUF weight type (``gguf_q8_0``, ``gguf_q4_0``, ...), counted as ``prunekit export
+    --format gguf --type TYPE`` writes it: by :func:`prunekit_core.quant.ggml.tensor_type`'s rule (a matrix
+    whose rows are not a whole number of 32-element blocks is stored f16) and the ``gguf`` package's block
+    sizes, and quantized with the ``gguf`` package's quantizers (llama.cpp's own reference code, in numpy).
+
+    For the accountant's total to equal the file's tensor bytes, count every part in the format and the
+    rest (norms) at 32 bits: ``size_report(model, fmt, scope=QuantScope(True, True, True), base_bits=32)``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = f"gguf_{kind}"
+        self.description = f"llama.cpp GGUF {kind.upper()} (rows not a multiple of the block: f16)"
+
+    def bits(self, shape: tuple[int, ...]) -> int:
+        stored = tensor_type(self.kind, shape)
+        return 8 * tensor_nbytes(stored, shape)
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        stored = tensor_type(self.kind, tuple(weight.shape))
+        arr = weight.detach().to(torch.float32).cpu().numpy()
+        back = dequantize(quantize(arr, stored), stored).reshape(arr.shape)
+        return torch.from_numpy(back).to(weight.dtype)
+
+
 def builtin_formats() -> list[QuantFormat]:
     # torchao's names for its FP6 element types (mx_formats.constants); spelled here so that registering
     # the formats does not import torchao (which is slow and noisy): only quantizing does
@@ -286,6 +317,7 @@ def builtin_formats() -> list[QuantFormat]:
         FP6LLMFormat(),
         SplitQuantFormat(IntFormat(bits=4, group=128), k=3),
         SplitQuantFormat(IntFormat(bits=4, group=128), k=3, encoding="indexed"),
+        *(GGUFFormat(kind) for kind in GGUF_FORMAT_TYPES),
     ]
 
 

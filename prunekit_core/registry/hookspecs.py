@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..adapters.base import ArchitectureAdapter
+    from ..io.gguf_export import GGUFLayout
     from ..quant.base import QuantFormat
     from ..scoring.metrics import ImportanceMetric
 
@@ -75,4 +78,18 @@ def prunekit_register_quant_formats(register: Callable[[QuantFormat], Any]) -> N
 
     Call ``register(fmt)`` once for each :class:`QuantFormat` instance: its name, its exact bit accounting
     and a function that quantizes (or fake-quantizes) a weight tensor.
+    """
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+
+@hookspec
+def prunekit_gguf_layout(model: nn.Module) -> GGUFLayout | None:
+    """Optional: say how ``model`` is written as GGUF for llama.cpp, or return ``None``.
+
+    Return a :class:`~prunekit_core.io.gguf_export.GGUFLayout` (declared tables: which parameter becomes
+    which llama.cpp tensor) for a model of a family the plugin knows. ``prunekit export --format gguf``
+    (:func:`~prunekit_core.io.gguf_export.export_gguf`) uses the first layout a plugin returns, and raises
+    a clear error when none does.
     """

@@ -89,6 +89,13 @@ BUILTIN_CATALOGS: dict[str, dict[str, list[str]]] = {
             "fp6_llm",
             "splitquant3_int4_g128",
             "splitquant3_int4_g128_idx",
+            "gguf_f16",
+            "gguf_bf16",
+            "gguf_q8_0",
+            "gguf_q4_0",
+            "gguf_q4_1",
+            "gguf_q5_0",
+            "gguf_q5_1",
         ]
     },
 }
@@ -299,7 +306,7 @@ class _Registry:
 def _check_marked(pm: pluggy.PluginManager, module: ModuleType, module_name: str) -> None:
     """Raise :class:`PluginError` for a function named like a hook but not marked with ``hookimpl``:
     pluggy would never call it, and the plugin would load registering nothing."""
-    for hook_name in (*(k.hook for k in KINDS), "prunekit_catalog"):
+    for hook_name in (*(k.hook for k in KINDS), "prunekit_catalog", "prunekit_gguf_layout"):
         if callable(getattr(module, hook_name, None)) and pm.parse_hookimpl_opts(module, hook_name) is None:
             raise PluginError(
                 f"{module_name}.{hook_name} is not a hook implementation: decorate it with "
@@ -507,6 +514,12 @@ def metrics() -> dict[str, ImportanceMetric]:
 
 def quant_formats() -> dict[str, QuantFormat]:
     return {k: v for k, (v, _) in _registry().formats.items()}
+
+
+def gguf_layouts(model: nn.Module) -> list[Any]:
+    """What each loaded plugin's ``prunekit_gguf_layout`` hook returns for ``model`` (``None`` left out), in
+    pluggy's call order (the last registered plugin first)."""
+    return [x for x in _registry().pm.hook.prunekit_gguf_layout(model=model) if x is not None]
 
 
 def get_metric(name: str) -> ImportanceMetric:

@@ -39,3 +39,24 @@ def prunekit_register_metrics(register: Callable[[Any], Any]) -> None:
 
     for cls in EXPERT_METRICS:
         register(cls())
+
+
+@hookimpl
+def prunekit_gguf_layout(model: Any) -> Any:
+    """Mixtral as llama.cpp writes it: the ``llama`` graph with experts (one expert count and width for
+    every layer; llama.cpp has no per-layer MoE form, so no ``deci``)."""
+    from prunekit_core.adapters.base import hf_model
+    from prunekit_core.io.gguf_export import GGUFLayout
+
+    if type(hf_model(model)).__name__ != "MixtralForCausalLM":
+        return None
+    return GGUFLayout(
+        name="mixtral",
+        heterogeneous_arch=None,
+        gate=None,
+        up=None,
+        down=None,
+        router="mlp.gate.weight",
+        experts_gate_up="mlp.experts.gate_up_proj",
+        experts_down="mlp.experts.down_proj",
+    )
