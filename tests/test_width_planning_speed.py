@@ -3,6 +3,7 @@ out before they are measured, and a long step's progress lines when stderr is no
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -172,3 +173,22 @@ def test_obs_scores_all_groups_at_once_equal_the_per_group_formula(kv: int) -> N
         got = obs_scores(model, sub, fam, stats)
         torch.testing.assert_close(got, torch.stack(ref), rtol=1e-9, atol=0)
         assert torch.equal(torch.argsort(got, stable=True), torch.argsort(torch.stack(ref), stable=True)), fid
+
+
+def test_an_in_place_cut_computes_what_the_surgery_does() -> None:
+    from prunekit_core.ir.plan import PrunePlan, fingerprint
+
+    model = model_(heads=4, kv=2)
+    ids = windows()
+    ir = pk.inspect(model)
+    groups = {"text.blocks.1.attn.kv_groups": [1], "text.blocks.2.mlp.channels": list(range(0, 64, 3))}
+    runner = TrialRunner(model, select_adapter(model), ids[:8], loss_stride=4)
+    with width_mod.width_cut(model, ir, groups, None):
+        cut = runner.loss(start="text.blocks.1")
+    pruned = copy.deepcopy(model)
+    pk.apply_plan(
+        pruned, PrunePlan(fingerprint=fingerprint(model, ir), remove=[], remove_groups=groups, repair="none")
+    )
+    after = TrialRunner(pruned, select_adapter(pruned), ids[:8], loss_stride=4).base_loss
+    assert cut != runner.base_loss
+    torch.testing.assert_close(cut, after, rtol=1e-6, atol=1e-6)
