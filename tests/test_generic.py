@@ -163,10 +163,32 @@ class TestGranite(GenericConformance):
 
 
 class TestGemma2(GenericConformance):
-    """Sandwich norms (a pre-norm and a post-norm on each branch), sliding-window and global attention."""
+    """Sandwich norms (a pre-norm and a post-norm on each branch), sliding-window attention narrower than
+    the kit's inputs. Every layer slides: removing an attention sublayer from a stack of mixed layer types
+    is refused by the core (its KV-cache slots would change type), so the kit's sublayer plans need one
+    type; the mixed stack's block removal is checked below."""
 
     def make_model(self) -> nn.Module:
-        return _tiny(T.Gemma2ForCausalLM, T.Gemma2Config, num_key_value_heads=2, head_dim=16, **COMMON)
+        return _tiny(
+            T.Gemma2ForCausalLM,
+            T.Gemma2Config,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * 4,
+            **COMMON,
+        )
+
+
+def test_gemma2_mixed_layer_types_block_removal() -> None:
+    """Gemma 2 as configured by default (sliding and global layers alternating): blocks are removable."""
+    kit = TestGemma2()
+    kit.make_model = lambda: _tiny(  # type: ignore[method-assign]  # the default config, not the kit's
+        T.Gemma2ForCausalLM, T.Gemma2Config, num_key_value_heads=2, head_dim=16, sliding_window=8, **COMMON
+    )
+    assert len(set(kit.make_model().config.layer_types)) == 2
+    kit.test_block_removal_equals_skipped_block()
+    kit.test_stream_write_matches_the_forward()
 
 
 class TestGemma3(GenericConformance):

@@ -598,7 +598,7 @@ def _block_branches(
     raw.sort(key=lambda r: (r[0], g.index[r[1].node]))  # parallel branches in the order they run
     kinds = [_kind(get_module(model, r[2])) for r in raw]
     branches = []
-    for (edge, term, main, norm, parts, post, last), kind in zip(raw, kinds, strict=True):
+    for (edge, term, main, norm, parts, posts, last), kind in zip(raw, kinds, strict=True):
         module = get_module(model, main)
         name = "attn" if kind == "attention" else "mlp"
         if kinds.count(kind) > 1:
@@ -622,9 +622,9 @@ def _block_branches(
             parts=tuple(p[rel:] for p in parts),
             full_zero=term.in_place,
             out_proj=out_proj[rel:] if out_proj else None,
-            post=tuple(p[rel:] for p in post),
+            post=tuple(p[rel:] for p in posts),
             # no writer found: what stands between the branch's last linear map and the add is unknown
-            post_kind=None if out_proj or post else "opaque",
+            post_kind=None if out_proj or posts else "opaque",
             scale=term.scale,
         )
         branches.append((spec, type(module).__name__))

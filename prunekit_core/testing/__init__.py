@@ -644,7 +644,7 @@ class AdapterConformance:
         """Each branch's ``write`` (what stands between its ``out_proj`` and the residual add, see
         :mod:`prunekit_core.ir.stream`) holds in the model's real forward. With the block's other branches
         zeroed, a change ``d`` is added to ``out_proj``'s output and the block's additions of stream-shaped
-        tensors are recorded: where nothing is declared between them (``post == "none"``) one of them moves
+        tensors are recorded (values compared sorted, so a writer in window order counts): where nothing is declared between them (``post == "none"``) one of them moves
         by exactly ``scale * d`` (the residual add); where a post-norm is declared (``"norm"``) none does.
         ``"gate"`` and ``"opaque"`` are not checked."""
         model = self.make_model()
@@ -655,7 +655,10 @@ class AdapterConformance:
             for s in b.sublayers:
                 if s.out_proj is None or s.write.post not in ("none", "norm"):
                     continue
-                moves, d = self._write_response(model, ids, b.module, s, [o for o in b.sublayers if o != s])
+                response = self._write_response(model, ids, b.module, s, [o for o in b.sublayers if o != s])
+                if response is None:
+                    continue  # the writer's output is not shaped like the stream (windowed attention)
+                moves, d = response
                 want = s.write.scale * d
                 errs = [float((m - want).norm() / want.norm().clamp_min(1e-30)) for m in moves]
                 linear = any(e <= 1e-3 for e in errs)
@@ -698,9 +701,10 @@ class AdapterConformance:
 
     def _write_response(
         self, model: nn.Module, ids: torch.Tensor, block: str, sub: Any, others: list[Any]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """(how much each stream-shaped addition inside ``block`` moves, the change added to
-        ``sub.out_proj``'s output), with the block's ``others`` branches zeroed."""
+        ``sub.out_proj``'s output), with the block's ``others`` branches zeroed; ``None`` where the writer's
+        output has another size than the block's (windows padded before the writer, cropped after it)."""
         added: list[torch.Tensor] = []
         perturb = [False]
         mode = _Additions()
@@ -722,8 +726,9 @@ class AdapterConformance:
         def enter(_m: nn.Module, _a: Any) -> None:
             mode.recording = True
 
-        def leave(_m: nn.Module, _a: Any, _out: Any) -> None:
+        def leave(_m: nn.Module, _a: Any, out: Any) -> None:
             mode.recording = False
+            streams.append((out[0] if isinstance(out, tuple) else out).numel())
 
         target = get_module(model, block)
         handles = [
@@ -732,6 +737,7 @@ class AdapterConformance:
             get_module(model, sub.out_proj).register_forward_hook(shift),
         ]
         runs: list[list[torch.Tensor]] = []
+        streams: list[int] = []
         try:
             with _zeroed(model, [_contribution(o) for o in others]):
                 for _ in range(2):
@@ -748,10 +754,15 @@ class AdapterConformance:
             "its out_proj runs once"
         )
         d = added[0]
+        if streams[0] != d.numel():
+            return None
         # additions before the change was first made were recorded whatever their size: keep the stream's
         before, after = ([t for t in run if t.numel() == d.numel()] for run in runs)
         assert len(before) == len(after), f"{block} made different additions with and without the change"
-        return [(b1 - b0).reshape(d.shape) for b0, b1 in zip(before, after, strict=True)], d
+        # compared as sorted values: a writer in window order (windowed attention) reaches the stream
+        # rearranged, which changes no value
+        flat = d.flatten().sort().values
+        return [(b1 - b0).flatten().sort().values for b0, b1 in zip(before, after, strict=True)], flat
 
     def test_prune_nothing_changes_nothing(self) -> None:
         model = self.make_model()
