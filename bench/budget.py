@@ -59,15 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--calib", default="c4")
-    ap.add_argument("--calib-windows", type=int, default=32, help="pruning calibration (and compress's local errors)")
-    ap.add_argument("--heldout-windows", type=int, default=4, help="compress's objective: c4 windows after those")
+    ap.add_argument(
+        "--calib-windows", type=int, default=32, help="pruning calibration (and compress's local errors)"
+    )
+    ap.add_argument(
+        "--heldout-windows", type=int, default=4, help="compress's objective: c4 windows after those"
+    )
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--ratios", default="0.1,0.2,0.3", help="the pruning grid (ratio 0 is the uniform column)")
+    ap.add_argument(
+        "--ratios", default="0.1,0.2,0.3", help="the pruning grid (ratio 0 is the uniform column)"
+    )
     ap.add_argument("--uniform-formats", default=UNIFORM)
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help="compress's candidate formats")
     ap.add_argument("--reference-format", default="int4_g64")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--candidates", type=int, default=2, help="formats tried per (ratio, embeddings): the largest that fit")
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=2,
+        help="formats tried per (ratio, embeddings): the largest that fit",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -78,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, _ = load_model(args.model, dtype=torch.float32)
     ref = sum(p.numel() for p in dict(model.named_parameters()).values())
     evalw = load_windows(tok, args.eval_text, seq_len=args.eval_seq_len, num_windows=args.eval_windows).ids
-    cw = load_windows(tok, args.calib, seq_len=args.seq_len, num_windows=args.calib_windows + args.heldout_windows).ids
+    cw = load_windows(
+        tok, args.calib, seq_len=args.seq_len, num_windows=args.calib_windows + args.heldout_windows
+    ).ids
     calib, heldout = cw[: args.calib_windows], cw[args.calib_windows :]
-    log(f"model {args.model}: {ref} parameters; eval {tuple(evalw.shape)} {args.eval_text}; calib {tuple(calib.shape)}")
+    log(
+        f"model {args.model}: {ref} parameters; eval {tuple(evalw.shape)} {args.eval_text}; calib {tuple(calib.shape)}"
+    )
     ppl_cache: dict[str, float] = {}
 
     def evaluate(key: str, build: Any) -> float:
@@ -102,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             for emb in (True, False):
                 scope = QuantScope(blocks=True, embeddings=emb, head=emb)
                 rep = size_report(m, get_quant_format(q), scope=scope, reference_params=ref)
-                cells.append({"ratio": r, "format": q, "embeddings": emb, "bits_per_param": rep.bits_per_param})
+                cells.append(
+                    {"ratio": r, "format": q, "embeddings": emb, "bits_per_param": rep.bits_per_param}
+                )
 
     def build_cell(c: dict[str, Any]) -> Any:
         def make() -> Any:
@@ -122,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         for r in ratios:
             for emb in (True, False):
-                fits = [c for c in cells if c["ratio"] == r and c["embeddings"] == emb and c["bits_per_param"] <= budget]
+                fits = [
+                    c
+                    for c in cells
+                    if c["ratio"] == r and c["embeddings"] == emb and c["bits_per_param"] <= budget
+                ]
                 fits.sort(key=lambda c: -c["bits_per_param"])
                 for c in fits[: args.candidates]:
                     ppl = evaluate(cell_key(c), build_cell(c))
@@ -165,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             }
         except Exception as exc:  # a budget below compress's smallest: reported, not fatal
             cres = {"error": str(exc)}
-        log(f"budget {b}: uniform {uni and uni['perplexity']}, prune+uniform {pq and pq['perplexity']}, compress {cres.get('perplexity')}")
+        log(
+            f"budget {b}: uniform {uni and uni['perplexity']}, prune+uniform {pq and pq['perplexity']}, compress {cres.get('perplexity')}"
+        )
         rows.append({"budget": b, "uniform": uni, "prune_uniform": pq, "compress": cres})
-        (out / "budget.json").write_text(json.dumps({"args": vars(args), "rows": rows, "cells": ppl_cache}, indent=2))
+        (out / "budget.json").write_text(
+            json.dumps({"args": vars(args), "rows": rows, "cells": ppl_cache}, indent=2)
+        )
     write_report(args, rows, comp, out, time.perf_counter() - t_start)
     return 0
 
@@ -186,7 +211,9 @@ def _what(c: dict[str, Any] | None) -> str:
     return f"{pr}{c['format']}, {emb} ({c['bits_per_param']:.3f} b)"
 
 
-def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], comp: Compressor, out: Path, wall: float) -> None:
+def write_report(
+    args: argparse.Namespace, rows: list[dict[str, Any]], comp: Compressor, out: Path, wall: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +261,11 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], comp: Com
     ]
     (out / "budget.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("uniform", "uniform quantization"), ("prune_uniform", "prune + uniform"), ("compress", "compress")):
+    for key, label in (
+        ("uniform", "uniform quantization"),
+        ("prune_uniform", "prune + uniform"),
+        ("compress", "compress"),
+    ):
         pts = [(r["budget"], r[key]["perplexity"]) for r in rows if r[key] and "perplexity" in r[key]]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)

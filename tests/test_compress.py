@@ -75,7 +75,9 @@ def test_parse_size():
 
 def test_space_bits_equal_the_accountant_after_real_surgery():
     model = tiny_llama(layers=4, tied=False)
-    comp = Compressor(model, calib=windows(), heldout=windows(seed=1), formats=[*FORMATS, "ternary_g16", "none"])
+    comp = Compressor(
+        model, calib=windows(), heldout=windows(seed=1), formats=[*FORMATS, "ternary_g16", "none"]
+    )
     rng = random.Random(0)
     for _ in range(5):
         choice = random_choice(comp.space, rng, comp.max_removed)
@@ -242,6 +244,19 @@ def test_cli_compress(texts, tmp_path, capsys):
     assert "achieved:" in said and "compress.json" in said
     _, rec = load_compressed(out)
     assert rec["achieved"]["bits_per_param"] <= 5.0
-    rc = main(["compress", str(folder), "--target-bits", "0.1", "--formats", "int8", "--calib", str(calib), "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "compress",
+            str(folder),
+            "--target-bits",
+            "0.1",
+            "--formats",
+            "int8",
+            "--calib",
+            str(calib),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "smallest this search reaches" in err

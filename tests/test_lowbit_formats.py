@@ -8,7 +8,6 @@ from helpers import tiny_llama
 
 import prunekit_core as pk
 from prunekit_core.ir.errors import PrunekitError
-from prunekit_core.quant.builtin_formats import IntFormat
 from prunekit_core.quant.base import (
     QuantScope,
     get_quant_format,
@@ -17,8 +16,19 @@ from prunekit_core.quant.base import (
     size_report,
     size_report_mixed,
 )
+from prunekit_core.quant.builtin_formats import IntFormat
 
-LOW = ["int3_g32", "int3_g64", "int3_g128", "int2_g32", "int2_g64", "int2a_g32", "int2a_g64", "ternary", "ternary_g64"]
+LOW = [
+    "int3_g32",
+    "int3_g64",
+    "int3_g128",
+    "int2_g32",
+    "int2_g64",
+    "int2a_g32",
+    "int2a_g64",
+    "ternary",
+    "ternary_g64",
+]
 
 
 def test_low_end_formats_are_registered_and_variants_build():
@@ -118,12 +128,17 @@ def test_mixed_accountant_hand_computed():
     q = "model.layers.0.self_attn.q_proj.weight"  # 32 x 32
     down = "model.layers.1.mlp.down_proj.weight"  # 32 x 64
     emb = "model.embed_tokens.weight"  # 128 x 32
-    formats = {q: get_quant_format("int3_g32"), down: get_quant_format("ternary"), emb: get_quant_format("int2a_g32")}
+    formats = {
+        q: get_quant_format("int3_g32"),
+        down: get_quant_format("ternary"),
+        emb: get_quant_format("int2a_g32"),
+    }
     rep = size_report_mixed(model, formats)
     expect = (
         (total - 32 * 32 - 32 * 64 - 128 * 32) * 16
         + 32 * (32 * 3 + 16)
-        + (32 * 64 // 5 + 1) * 8 + 16  # 2048 trits: 410 bytes
+        + (32 * 64 // 5 + 1) * 8
+        + 16  # 2048 trits: 410 bytes
         + 128 * (32 * 2 + 16 + 2)
     )
     assert rep.total_bits == expect

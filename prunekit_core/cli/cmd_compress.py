@@ -87,7 +87,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="held-out windows of the calibration text, after the calibration ones: the objective (default 4)",
     )
     p.add_argument(
-        "--seq-len", type=seq_len, default=256, metavar="N", help="tokens per calibration window (default 256)"
+        "--seq-len",
+        type=seq_len,
+        default=256,
+        metavar="N",
+        help="tokens per calibration window (default 256)",
     )
     p.add_argument(
         "--eval",
@@ -103,7 +107,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="evaluation windows (default 16)",
     )
     p.add_argument(
-        "--eval-seq-len", type=seq_len, default=1024, metavar="N", help="tokens per evaluation window (default 1024)"
+        "--eval-seq-len",
+        type=seq_len,
+        default=1024,
+        metavar="N",
+        help="tokens per evaluation window (default 1024)",
     )
     p.add_argument(
         "--steps",

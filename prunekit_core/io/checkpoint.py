@@ -239,7 +239,9 @@ def save_pruned(
                 save_plan(plan, tmp / PLAN_FILE)
             for name, text in (extra_files or {}).items():
                 if Path(name).name != name or name in (RECORD_FILE, PLAN_FILE):
-                    raise CheckpointError(f"extra file name {name!r} must be a plain file name, not a prunekit one")
+                    raise CheckpointError(
+                        f"extra file name {name!r} must be a plain file name, not a prunekit one"
+                    )
                 write_text(tmp / name, text)
             record = structure_record(model, width_uniform=width_uniform)
             if not record["uniform"]:

@@ -62,7 +62,16 @@ RECORD_FORMAT = "prunekit-compress"
 RECORD_VERSION = 1
 
 #: The format ladder the search picks from by default: 8.03 to 2.56 bits per element (scales counted).
-DEFAULT_FORMATS = ("int8", "int6_g128", "int5_g128", "int4_g64", "int4_g32", "int3_g64", "int3_g32", "int2a_g32")
+DEFAULT_FORMATS = (
+    "int8",
+    "int6_g128",
+    "int5_g128",
+    "int4_g64",
+    "int4_g32",
+    "int3_g64",
+    "int3_g32",
+    "int2a_g32",
+)
 
 Sensitivity = Literal["scaled", "measured"]
 
@@ -92,7 +101,9 @@ def budget_bits(
 ) -> tuple[int, str]:
     """The budget in bits and how it was given; exactly one of ``target_size`` and ``target_bits``."""
     if (target_size is None) == (target_bits is None):
-        raise CompressBudgetError("give exactly one budget: --target-size (e.g. 60MB) or --target-bits (e.g. 4.5)")
+        raise CompressBudgetError(
+            "give exactly one budget: --target-size (e.g. 60MB) or --target-bits (e.g. 4.5)"
+        )
     if target_size is not None:
         size = target_size if isinstance(target_size, int) else parse_size(target_size)
         if size <= 0:
@@ -227,7 +238,9 @@ def build_space(
         if names:
             families.append(Family(part, None, tuple(names), bits_of(names)))
             in_family |= set(names)
-    fixed = sum(p.numel() * base_bits for n, p in params.items() if n not in in_family and n not in in_removal)
+    fixed = sum(
+        p.numel() * base_bits for n, p in params.items() if n not in in_family and n not in in_removal
+    )
     reference = sum(p.numel() for p in params.values())
     space = Space(
         families=families,
@@ -524,7 +537,9 @@ def measure_sensitivities(
                     got[q] = ref_delta * (local[f.key][q] / ref_err if ref_err > 0 else 0.0)
         sens.quant[f.key] = got
         sens.measured[f.key] = todo
-    on_step(f"quantization trials: {sum(len(v) for v in sens.measured.values())} on {len(space.families)} families")
+    on_step(
+        f"quantization trials: {sum(len(v) for v in sens.measured.values())} on {len(space.families)} families"
+    )
     runner.restore()
     return sens
 
@@ -590,7 +605,9 @@ def _moves_down(space: Space, choice: Choice, max_removed: int) -> list[Choice]:
     return out
 
 
-def fill(space: Space, sens: Sensitivities, choice: Choice, budget: int, *, exclude: Choice | None = None) -> Choice:
+def fill(
+    space: Space, sens: Sensitivities, choice: Choice, budget: int, *, exclude: Choice | None = None
+) -> Choice:
     """Greedy: take the upgrade with the largest estimated loss drop per bit while it fits the budget."""
     while True:
         bits, est = space.total_bits(choice), _additive(space, sens, choice)
@@ -677,7 +694,9 @@ def evolve(
         log.append({"step": step, "loss": value, "accepted": ok, "move": _describe(best, down)})
         if ok:
             best, best_loss = cand, runner.loss(cand, anchor=True)
-        on_step(f"search step {step}/{steps}: loss {value:.4f} ({'kept' if ok else 'dropped'}; best {best_loss:.4f})")
+        on_step(
+            f"search step {step}/{steps}: loss {value:.4f} ({'kept' if ok else 'dropped'}; best {best_loss:.4f})"
+        )
     return best, best_loss, log
 
 
@@ -731,7 +750,9 @@ class Compressor:
                 get_quant_format(q)  # an unknown name fails here, with near-miss hints
         self.model, self.calib, self.heldout = model, calib, heldout
         self.formats, self.base_bits, self.on_step = formats, base_bits, on_step
-        self.space, self.max_removed = build_space(model, formats, base_bits=base_bits, max_removed=max_removed)
+        self.space, self.max_removed = build_space(
+            model, formats, base_bits=base_bits, max_removed=max_removed
+        )
         self.sensitivity: Sensitivity = sensitivity
         self.reference = reference
         self.sens: Sensitivities | None = None
@@ -793,7 +814,14 @@ class Compressor:
         start = additive_solution(self.space, sens, budget, self.max_removed)
         estimate = sens.base_loss + _additive(self.space, sens, start)
         best, loss, log = evolve(
-            self.runner, sens, start, budget, steps=steps, max_removed=self.max_removed, seed=seed, on_step=self.on_step
+            self.runner,
+            sens,
+            start,
+            budget,
+            steps=steps,
+            max_removed=self.max_removed,
+            seed=seed,
+            on_step=self.on_step,
         )
         self.runner.restore()
         self.timings["search"] = time.perf_counter() - t0
@@ -924,7 +952,12 @@ def compress(
     if eval is not None:
         ew = load_windows(tokenizer, eval, seq_len=eval_seq_len, num_windows=eval_windows).ids
         res = perplexity(work, ew)
-        ppl = {"text": eval, "windows": int(ew.shape[0]), "seq_len": int(ew.shape[1]), "perplexity": res.perplexity}
+        ppl = {
+            "text": eval,
+            "windows": int(ew.shape[0]),
+            "seq_len": int(ew.shape[1]),
+            "perplexity": res.perplexity,
+        }
     fmts = choice.fmt()
     record = {
         "format": RECORD_FORMAT,
