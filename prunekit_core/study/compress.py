@@ -260,7 +260,7 @@ def build_space(
 
 def smallest_choice(space: Space, max_removed: int) -> Choice:
     """The choice with the fewest bits: every family in its smallest format, the largest blocks removed."""
-    fmts = tuple((f.key, min(space.formats, key=lambda q, f=f: f.bits[q])) for f in space.families)
+    fmts = tuple((f.key, min(space.formats, key=f.bits.__getitem__)) for f in space.families)
     kept = Choice(frozenset(), fmts)
 
     def block_bits(i: int) -> int:
@@ -560,8 +560,9 @@ def _lagrangian(space: Space, sens: Sensitivities, lam: float, max_removed: int)
     best: dict[str, str] = {}
     cost: dict[str, float] = {}
     for f in space.families:
-        q = min(space.formats, key=lambda q, f=f: (sens.quant[f.key][q] + lam * f.bits[q], f.bits[q]))
-        best[f.key], cost[f.key] = q, sens.quant[f.key][q] + lam * f.bits[q]
+        delta = sens.quant[f.key]
+        q = min(space.formats, key=lambda q: (delta[q] + lam * f.bits[q], f.bits[q]))  # noqa: B023  # used at once
+        best[f.key], cost[f.key] = q, delta[q] + lam * f.bits[q]
     gains = []
     for i, keys in enumerate(space.block_family_keys):
         if i in sens.removal:
