@@ -80,7 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         help="formats tried per (ratio, embeddings): the largest that fit",
     )
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="write the report from a budget.json this script wrote (e.g. of a run stopped early) and exit",
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        run_args = argparse.Namespace(**data["args"])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(run_args, data["rows"], None, out, data.get("wall_s", 0.0), cmd=data.get("command"))
+        return 0
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append({"budget": b, "uniform": uni, "prune_uniform": pq, "compress": cres})
         (out / "budget.json").write_text(
-            json.dumps({"args": vars(args), "rows": rows, "cells": ppl_cache}, indent=2)
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "command": "python bench/budget.py " + " ".join(sys.argv[1:]),
+                    "wall_s": time.perf_counter() - t_start,
+                    "rows": rows,
+                    "cells": ppl_cache,
+                },
+                indent=2,
+            )
         )
     write_report(args, rows, comp, out, time.perf_counter() - t_start)
     return 0
@@ -212,14 +234,20 @@ def _what(c: dict[str, Any] | None) -> str:
 
 
 def write_report(
-    args: argparse.Namespace, rows: list[dict[str, Any]], comp: Compressor, out: Path, wall: float
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    comp: Compressor | None,
+    out: Path,
+    wall: float,
+    cmd: str | None = None,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmd = "python bench/budget.py " + " ".join(sys.argv[1:])
+    cmd = cmd or "python bench/budget.py " + " ".join(sys.argv[1:])
+    sens_s = comp.timings.get("sensitivities", 0.0) if comp else 0.0
     lines = [
         "# The best model under a size budget: uniform quantization, pruning + uniform, compress",
         "",
@@ -234,7 +262,7 @@ def write_report(
         "",
         f"    {cmd}",
         "",
-        f"Wall time {wall / 60:.0f} min. Sensitivities: {comp.timings.get('sensitivities', 0):.0f} s "
+        f"Wall time {wall / 60:.0f} min. Sensitivities: {sens_s:.0f} s "
         f"(reference format {args.reference_format}, shared by every budget).",
         "",
         "| bits/param | uniform | (which) | prune + uniform | (which) | compress | (bits, removed blocks, embeddings) |",
