@@ -260,3 +260,27 @@ def test_cli_compress(texts, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc != 0 and "smallest this search reaches" in err
+
+
+def test_scaled_sensitivities_are_never_negative_and_follow_the_local_error(monkeypatch):
+    model = tiny_llama(layers=3)
+    comp = Compressor(model, calib=windows(), heldout=windows(seed=1), formats=FORMATS, reference="int4_g16")
+    runner = HeldOutLoss(model, comp.space, comp.heldout)
+    runner.detect_output()
+    real_loss = HeldOutLoss.loss
+
+    def noisy(self, choice, *, anchor=False):  # quantizing at the reference "lowers" the loss: noise
+        value = real_loss(self, choice, anchor=anchor)
+        return value if anchor or choice.removed else value - 0.5
+
+    monkeypatch.setattr(HeldOutLoss, "loss", noisy)
+    local = cz.local_errors(model, comp.space, comp.calib)
+    sens = cz.measure_sensitivities(
+        runner, max_removed=0, sensitivity="scaled", reference="int4_g16", local=local
+    )
+    for key, deltas in sens.quant.items():
+        if key not in local:
+            continue
+        assert all(deltas[q] >= 0 for q in FORMATS)
+        by_error = sorted(FORMATS, key=lambda q, key=key: local[key][q])
+        assert [deltas[q] for q in by_error] == sorted(deltas[q] for q in FORMATS)
