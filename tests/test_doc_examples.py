@@ -36,6 +36,14 @@ FAST = {
     "prune": {"--seq-len": "16", "--windows": "2", "--eval-tokens": "64", "--eval-seq-len": "16"},
     "recover": {"--seq-len": "16", "--windows": "2", "--eval-tokens": "64", "--eval-seq-len": "16"},
     "eval": {"--seq-len": "16", "--max-tokens": "64"},
+    "compress": {
+        "--seq-len": "16",
+        "--calib-windows": "2",
+        "--heldout-windows": "2",
+        "--eval-windows": "2",
+        "--eval-seq-len": "16",
+        "--steps": "2",
+    },
 }
 LORA = {"--lora-steps": "2", "--lora-seq-len": "16", "--lora-batch": "2"}
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from ..ir.errors import PrunekitError
 from . import (
+    cmd_compress,
     cmd_demo,
     cmd_eval,
     cmd_export,
@@ -57,6 +58,7 @@ COMMANDS = (
     cmd_demo,
     cmd_sweep,
     cmd_report,
+    cmd_compress,
 )
 
 

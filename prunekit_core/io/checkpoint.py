@@ -200,8 +200,12 @@ def save_pruned(
     plan: PrunePlan | None = None,
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (and tokenizer, plan) to ``out_dir`` atomically; returns the folder.
+
+    ``extra_files`` (file name -> text) are written into the folder with the rest, and counted in its
+    manifest (``prunekit compress`` keeps its record of choices there).
 
     ``plan`` (the plan as applied: ``apply_plan(...).plan``) is written as ``plan.json`` and read back with
     :func:`read_plan`; without it the folder has no plan. Whether the config describes every narrowed
@@ -233,6 +237,12 @@ def save_pruned(
                 tokenizer.save_pretrained(tmp)
             if plan is not None:
                 save_plan(plan, tmp / PLAN_FILE)
+            for name, text in (extra_files or {}).items():
+                if Path(name).name != name or name in (RECORD_FILE, PLAN_FILE):
+                    raise CheckpointError(
+                        f"extra file name {name!r} must be a plain file name, not a prunekit one"
+                    )
+                write_text(tmp / name, text)
             record = structure_record(model, width_uniform=width_uniform)
             if not record["uniform"]:
                 _guard_plain_load(tmp / "config.json")

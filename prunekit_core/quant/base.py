@@ -7,6 +7,8 @@ What callers may rely on:
   weight (quantize, then dequantize back to the weight's dtype, same shape).
 * :func:`quantize_model` fake-quantizes, in place, the 2-D weights of the chosen parts of a model (decoder
   blocks by default; embeddings and head only when asked) and returns a :class:`SizeReport`.
+* :func:`size_report_mixed` and :func:`quantize_model_mixed` do the same for a format per tensor (by
+  parameter name), the accounting of a mixed-precision model (``prunekit compress``).
 * :func:`size_report` counts bits without touching weights. Unquantized tensors count at ``base_bits``
   (16: a bf16/fp16 checkpoint). ``bits_per_param`` divides by the *reference* parameter count (the
   unpruned model's, when given), so removed structure lowers it exactly.
@@ -32,8 +34,11 @@ __all__ = [
     "SizeReport",
     "UnknownQuantFormatError",
     "get_quant_format",
+    "model_parts",
     "quantize_model",
+    "quantize_model_mixed",
     "size_report",
+    "size_report_mixed",
 ]
 
 
@@ -146,6 +151,13 @@ def _parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return parts
 
 
+def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every distinct parameter of ``model`` by part: ``embeddings``, ``head`` (empty when tied to the
+    embeddings), ``blocks`` (every other 2-D weight) and ``other`` (norms, biases), as the accountant splits
+    them."""
+    return _parts(model)
+
+
 def _selected(scope: QuantScope, part: str) -> bool:
     return {"blocks": scope.blocks, "embeddings": scope.embeddings, "head": scope.head}.get(part, False)
 
@@ -164,6 +176,8 @@ class SizeReport:
 
     format: str
     base_bits: int
+    #: per-tensor formats of a mixed report (parameter name -> format name); empty for one format
+    tensor_formats: dict[str, str] = field(default_factory=dict)
     bits: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     quantized: list[str] = field(default_factory=list)
@@ -239,3 +253,70 @@ def quantize_model(
 
 def _two_d(tensors: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in tensors if p.dim() == 2]
+
+
+# --- a format per tensor ------------------------------------------------------------------------------
+
+
+def _check_assignment(model: nn.Module, formats: dict[str, QuantFormat]) -> dict[str, str]:
+    """Parameter name -> part, for the 2-D parameters ``formats`` names; raises on names it cannot use."""
+    where: dict[str, str] = {}
+    known: dict[str, nn.Parameter] = {}
+    for part, tensors in _parts(model).items():
+        for name, p in tensors:
+            where[name] = part
+            known[name] = p
+    bad = [n for n in formats if n not in known]
+    if bad:
+        raise PrunekitError(
+            f"the format assignment names parameters the model does not have: {bad[:5]}; name parameters "
+            "as model.named_parameters() does (a tied head is its embedding's name)"
+        )
+    flat = [n for n in formats if known[n].dim() != 2]
+    if flat:
+        raise PrunekitError(
+            f"only 2-D weights are quantized; {flat[:5]} are not 2-D: leave them out of the assignment"
+        )
+    return where
+
+
+def size_report_mixed(
+    model: nn.Module,
+    formats: dict[str, QuantFormat],
+    *,
+    base_bits: int = 16,
+    reference_params: int | None = None,
+) -> SizeReport:
+    """Exact bits of ``model`` with each named 2-D parameter in its own format (``formats``: parameter name
+    -> format); every other parameter counts ``base_bits`` per element. Parts holding at least one
+    quantized tensor are listed in ``quantized``."""
+    where = _check_assignment(model, formats)
+    rep = SizeReport(
+        format="mixed", base_bits=base_bits, tensor_formats={n: f.name for n, f in sorted(formats.items())}
+    )
+    for part, tensors in _parts(model).items():
+        rep.params[part] = sum(p.numel() for _, p in tensors)
+        rep.bits[part] = sum(
+            formats[n].bits(tuple(p.shape)) if n in formats else p.numel() * base_bits for n, p in tensors
+        )
+        if any(where[n] == part for n in formats) and tensors:
+            rep.quantized.append(part)
+    rep.reference_params = reference_params or rep.total_params
+    return rep
+
+
+def quantize_model_mixed(
+    model: nn.Module,
+    formats: dict[str, QuantFormat],
+    *,
+    base_bits: int = 16,
+    reference_params: int | None = None,
+) -> SizeReport:
+    """Fake-quantize (in place) each parameter ``formats`` names in its format; return the exact size."""
+    rep = size_report_mixed(model, formats, base_bits=base_bits, reference_params=reference_params)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, fmt in formats.items():
+            p = params[name]
+            p.copy_(fmt.fake_quantize(p.detach()))
+    return rep

@@ -4,7 +4,12 @@
   MXFP4 E2M1 through torchao's ``MXTensor`` (FLOOR scale, the spec's rule); MXINT8, which torchao lacks,
   here.
 * Integer round-to-nearest with one fp16 scale per group of a row (torchao's affine primitives): INT8
-  per row, ``int8_g<N>``, ``int4_g<N>``; ``int4a_g<N>``/``int8a_g<N>`` add a zero point per group.
+  per row, ``int<B>_g<N>`` for B in 2..8 (the low end: ``int3_g<N>``, ``int2_g<N>``);
+  ``int<B>a_g<N>`` adds a zero point of B bits per group (INT2 is better asymmetric: its symmetric grid is
+  {-2, -1, 0, 1}, so the largest positive weight clips to half the largest negative).
+* Ternary absmean (BitNet b1.58, weight-only simulation): elements in {-1, 0, 1} times one fp16 scale (the
+  mean absolute value) per tensor (``ternary``) or per group of a row (``ternary_g<N>``); five ternary
+  digits are packed into one byte (3^5 = 243 <= 256), so an element costs 1.6 bits.
 * FP6-LLM: E3M2 elements with one fp16 scale per row (row max / 28); torchao's kernel for it is gone, its
   element rounding (``custom_fp_utils``) remains and is used here.
 * llama.cpp's GGUF types (``gguf_f16``, ``gguf_q8_0``, ``gguf_q4_0``, ...): counted and quantized exactly as
@@ -117,8 +122,8 @@ class IntFormat(QuantFormat):
     """
 
     def __init__(self, *, bits: int, group: int | None, symmetric: bool = True) -> None:
-        if bits not in (4, 8):
-            raise ValueError(f"integer formats have 4 or 8 bits, not {bits}")
+        if not 2 <= bits <= 8:
+            raise ValueError(f"integer formats have 2 to 8 bits, not {bits}")
         if group is not None and group < 1:
             raise ValueError(f"group size must be >= 1, not {group}")
         self.elem_bits = bits
@@ -135,8 +140,8 @@ class IntFormat(QuantFormat):
         return self.group or n
 
     def variant(self, name: str) -> IntFormat | None:
-        """``int4_g<N>``, ``int4a_g<N>``, ``int8_g<N>``, ``int8a_g<N>`` for any group size ``N`` >= 1."""
-        m = re.fullmatch(r"int([48])(a?)_g(\d+)", name)
+        """``int<B>_g<N>`` and ``int<B>a_g<N>`` for B in 2..8 and any group size ``N`` >= 1."""
+        m = re.fullmatch(r"int([2-8])(a?)_g(\d+)", name)
         if m and int(m.group(3)) > 0:
             return IntFormat(bits=int(m.group(1)), group=int(m.group(3)), symmetric=not m.group(2))
         return None
@@ -202,6 +207,77 @@ class FP6LLMFormat(QuantFormat):
         codes = _f32_to_floatx_unpacked((x / scale).contiguous(), 3, 2)
         y = _floatx_unpacked_to_f32(codes, 3, 2) * scale
         y = torch.where(torch.isnan(x), x, y)
+        return y.to(weight.dtype)
+
+
+TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256: five ternary digits in one byte
+
+
+class TernaryFormat(QuantFormat):
+    """Ternary absmean, as BitNet b1.58 quantizes its weights (arXiv 2402.17764, eq. 1-3), weight-only.
+
+    ``scale = mean(|W|)`` over the tensor (``group=None``) or over each group of ``group`` elements of a row;
+    an element is stored as ``clamp(round(W / scale), -1, 1)`` and read back as that times the scale. The
+    scale is stored in fp16 and the rounding uses the stored value. Elements are packed five to a byte
+    (base 3): a tensor costs ``ceil(numel / 5) * 8 + 16`` bits, a grouped one
+    ``rows * (ceil(padded_row / 5) * 8 + groups * 16)`` (each row packed on its own, so a row starts on a
+    byte). BitNet trains with this quantizer in the loop; applied after training (here) it is a lower
+    bound of what the format can do, not the quality of a BitNet model.
+    """
+
+    def __init__(self, group: int | None = None) -> None:
+        if group is not None and group < 1:
+            raise ValueError(f"group size must be >= 1, not {group}")
+        self.group = group
+        self.name = "ternary" + (f"_g{group}" if group else "")
+        where = f"per group of {group}" if group else "per tensor"
+        self.description = f"Ternary absmean (BitNet b1.58): {{-1,0,1}} x one fp16 scale {where}, 1.6 bits"
+
+    def variant(self, name: str) -> TernaryFormat | None:
+        """``ternary_g<N>`` for any group size ``N`` >= 1."""
+        m = re.fullmatch(r"ternary_g(\d+)", name)
+        if m and int(m.group(1)) > 0:
+            return TernaryFormat(int(m.group(1)))
+        return None
+
+    def bits(self, shape: tuple[int, ...]) -> int:
+        rows, n = _rows(shape)
+        if self.group is None:
+            return -(-(rows * n) // TRITS_PER_BYTE) * 8 + SCALE_BITS_FP16
+        padded = _padded(n, self.group)
+        return rows * (-(-padded // TRITS_PER_BYTE) * 8 + padded // self.group * SCALE_BITS_FP16)
+
+    def codes_and_scale(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ternary codes (same shape as ``weight``, values in {-1, 0, 1}) and the scale they multiply
+        (a 0-d tensor, or ``[..., groups, 1]`` for a grouped format)."""
+        x = weight.detach().to(torch.float32)
+        if self.group is None:
+            blocks = x.reshape(1, -1)
+        else:
+            blocks = _pad_last(x, self.group).reshape(*x.shape[:-1], -1, self.group)
+        # the mean over the real elements only: padding is zeros, so divide by the count of real ones
+        counts = torch.ones_like(x)
+        if self.group is not None:
+            counts = _pad_last(counts, self.group).reshape(blocks.shape)
+        else:
+            counts = counts.reshape(1, -1)
+        absmean = blocks.abs().sum(-1, keepdim=True) / counts.sum(-1, keepdim=True).clamp_min(1)
+        scale = absmean.to(torch.float16).to(torch.float32)  # what is stored
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.clamp(torch.round(blocks / safe), -1, 1)
+        if self.group is None:
+            return codes.reshape(x.shape), scale.reshape(())
+        n = x.shape[-1]
+        return codes.reshape(*x.shape[:-1], -1)[..., :n], scale
+
+    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        codes, scale = self.codes_and_scale(weight)
+        if self.group is None:
+            y = codes * scale
+        else:
+            n = weight.shape[-1]
+            c = _pad_last(codes, self.group).reshape(scale.shape[:-1] + (self.group,))
+            y = (c * scale).reshape(*weight.shape[:-1], -1)[..., :n]
         return y.to(weight.dtype)
 
 
@@ -314,6 +390,17 @@ def builtin_formats() -> list[QuantFormat]:
         IntFormat(bits=4, group=64),
         IntFormat(bits=4, group=128),
         IntFormat(bits=4, group=128, symmetric=False),
+        IntFormat(bits=6, group=128),
+        IntFormat(bits=5, group=128),
+        IntFormat(bits=3, group=32),
+        IntFormat(bits=3, group=64),
+        IntFormat(bits=3, group=128),
+        IntFormat(bits=2, group=32),
+        IntFormat(bits=2, group=64),
+        IntFormat(bits=2, group=32, symmetric=False),
+        IntFormat(bits=2, group=64, symmetric=False),
+        TernaryFormat(),
+        TernaryFormat(group=64),
         FP6LLMFormat(),
         SplitQuantFormat(IntFormat(bits=4, group=128), k=3),
         SplitQuantFormat(IntFormat(bits=4, group=128), k=3, encoding="indexed"),
