@@ -114,7 +114,7 @@ def cmd_study_errors(args: argparse.Namespace, ui: UI) -> int:
         markdown=args.markdown,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
-        reporter=UIReporter(ui),
+        reporter=(rep := UIReporter(ui)),
     )
     if ui.json_mode:
         ui.emit_json(res.to_dict())
@@ -131,14 +131,14 @@ def cmd_study_errors(args: argparse.Namespace, ui: UI) -> int:
             s = round(res.formats[f][1], 4)
             row += [_f(b.quant[f]), _f(b.magnitude[s]), _f(b.obs[s])]
         rows.append(row)
-    ui.table("block output SQNR (dB)", cols, rows)
+    rep.table("block output SQNR (dB)", cols, rows)
     one = res.block_share
     ui.say(
         f"pruning every block at one block's share ({one:.1%}) of the body, errors added: "
         f"OBS {_f(spread_sqnr(res.blocks, one, 'obs'))} dB, magnitude "
         f"{_f(spread_sqnr(res.blocks, one, 'magnitude'))} dB"
     )
-    ui.table(
+    rep.table(
         "ShortGPT removal vs pruning at the same share, end of the stack (dB)",
         ["k", "removed", "share", "removal", "magnitude", "OBS", "Gaussian bound"],
         [

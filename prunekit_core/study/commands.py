@@ -479,7 +479,7 @@ def evaluate_model(
 
         from ..io.atomic import write_text
 
-        write_text(save, json.dumps(report, indent=2) + "\n")
+        write_text(Path(save), json.dumps(report, indent=2) + "\n")
     return EvalResult(perplexity=res, params=counts, size_on_disk=size, windows=win, report=report)
 
 
