@@ -366,6 +366,7 @@ def layer_errors(
 
     results: list[BlockErrors] = []
     hessians: list[dict[nn.Linear, torch.Tensor]] = []
+    cache: dict[tuple[str, float], dict[nn.Linear, torch.Tensor]] = {}
     with torch.inference_mode():
         for i, (blk, info) in enumerate(zip(blocks, tower.blocks, strict=True)):
             if progress is not None:
@@ -392,11 +393,14 @@ def layer_errors(
             for s in sp:
                 be.weight_snr[s] = weight_pruning_snr_db(weights, s)
                 for method, into in (("magnitude", be.magnitude), ("obs", be.obs)):
-                    with _weights_replaced(_pruned(hess, s, method)):
+                    pruned = _pruned(hess, s, method)
+                    if s == round(one_block, 4):  # kept for ShortGPT's one-block point (same sparsity)
+                        cache.setdefault((method, s), {}).update(pruned)
+                    with _weights_replaced(pruned):
                         into[s] = sqnr_db(y, _call(blk, x, kw))
             results.append(be)
 
-        removals = _shortgpt_points(runner, results, hessians, body, max_removed, progress)
+        removals = _shortgpt_points(runner, results, hessians, body, max_removed, progress, cache)
     return ErrorsResult(
         blocks=results,
         removals=removals,
@@ -423,6 +427,7 @@ def _shortgpt_points(
     body: int,
     max_removed: int,
     progress: Any,
+    cache: dict[tuple[str, float], dict[nn.Linear, torch.Tensor]],
 ) -> list[RemovalPoint]:
     """ShortGPT's k lowest-BI blocks removed vs every block pruned at their parameter share, k = 1.."""
     ref = _run_stack(runner, set())
@@ -438,9 +443,11 @@ def _shortgpt_points(
         removed_sq = sum(float(m.weight.data.double().pow(2).sum()) for i in gone for m in hessians[i])
         point = {"removal": sqnr_db(ref, _run_stack(runner, gone))}
         for method in ("magnitude", "obs"):
-            new: dict[nn.Linear, torch.Tensor] = {}
-            for h in hessians:
-                new.update(_pruned(h, ratio, method))
+            new = cache.get((method, round(ratio, 4)))
+            if new is None:
+                new = {}
+                for h in hessians:
+                    new.update(_pruned(h, ratio, method))
             with _weights_replaced(new):
                 point[method] = sqnr_db(ref, _run_stack(runner, set()))
         points.append(
