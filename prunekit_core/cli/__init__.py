@@ -1,5 +1,5 @@
 """The ``prunekit`` command line: ``plugins``, ``inspect``, ``new-plugin``, ``score``, ``prune``, ``recover``,
-``eval``, ``export``, ``demo``, ``sweep``, ``report``.
+``eval``, ``export``, ``demo``, ``sweep``, ``report``, ``compress``, ``study``.
 
 Every command is a thin layer over the Python API (:mod:`prunekit_core`). What callers may rely on:
 
@@ -38,6 +38,7 @@ from . import (
     cmd_recover,
     cmd_report,
     cmd_score,
+    cmd_study,
     cmd_sweep,
 )
 from .options import HelpFormatter, common_parser, epilog
@@ -59,6 +60,7 @@ COMMANDS = (
     cmd_sweep,
     cmd_report,
     cmd_compress,
+    cmd_study,
 )
 
 
@@ -111,6 +113,8 @@ def cli_markdown() -> str:
         parts = ["## prunekit\n", "```text", parser.format_help().rstrip(), "```\n"]
         for name, sp in subcommand_parsers(parser).items():
             parts += [f"## prunekit {name}\n", "```text", sp.format_help().rstrip(), "```\n"]
+            for sub, ssp in subcommand_parsers(sp).items():  # nested commands: `prunekit study errors`
+                parts += [f"## prunekit {name} {sub}\n", "```text", ssp.format_help().rstrip(), "```\n"]
     finally:
         if old is None:
             os.environ.pop("COLUMNS", None)

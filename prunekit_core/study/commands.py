@@ -387,23 +387,28 @@ def _score_channels(
 class EvalResult:
     """What :func:`evaluate_model` measured: the perplexity on ``windows``, the parameter counts, the size
     on disk of a Hugging Face folder (``None`` for another source), and ``report``, the JSON-serialisable
-    summary ``prunekit eval --json`` prints."""
+    summary ``prunekit eval --json`` prints (with the lm-eval results under ``"tasks"`` when tasks ran).
+    ``perplexity`` and ``windows`` are ``None`` when no text was evaluated (tasks only)."""
 
-    perplexity: PerplexityResult
+    perplexity: PerplexityResult | None
     params: ParamCounts
     size_on_disk: int | None
-    windows: TextWindows
+    windows: TextWindows | None
     report: dict[str, Any]
 
 
 def evaluate_model(
     model: str | os.PathLike[str],
     *,
-    text: str,
+    text: str | None,
     seq_len: int = 1024,
     max_tokens: int | None = None,
     windows: int | None = None,
     batch_size: int = 4,
+    tasks: Sequence[str] = (),
+    limit: int | None = None,
+    include_path: str | os.PathLike[str] | None = None,
+    save: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     reporter: Reporter | None = None,
@@ -411,28 +416,50 @@ def evaluate_model(
     """Perplexity of ``model`` (a model spec or a prunekit output folder) on ``text`` over non-overlapping
     windows of ``seq_len`` tokens (the whole text, or at most ``max_tokens`` in whole windows, or at most
     ``windows`` windows), its parameter counts and, for a folder, its size on disk: what ``prunekit eval``
-    does, as one call."""
+    does, as one call.
+
+    ``tasks``: lm-evaluation-harness tasks run on the same in-memory model (``limit`` documents each at
+    most, extra task YAMLs from ``include_path``; :func:`prunekit_core.study.lmeval.run_tasks`); their
+    results go into the report under ``"tasks"``, beside the perplexity. ``text`` may be ``None`` when
+    ``tasks`` are given (no perplexity then). ``save``: write the report as JSON to that file (atomically).
+    """
     from ..io.text import load_windows
     from .evaluate import count_parameters, perplexity, size_on_disk
 
     rep = reporter if reporter is not None else Reporter()
     spec = os.fspath(model)
     # cheap checks first: nothing is loaded before all of them pass
-    if max_tokens is not None and max_tokens < seq_len:
-        raise CalibrationError(f"--max-tokens {max_tokens} is smaller than one window of --seq-len {seq_len}")
-    check_text(text)
+    if text is None and not tasks:
+        raise CalibrationError(
+            "nothing to evaluate: give --text TEXT (perplexity), --tasks T1,T2 (lm-eval), or both"
+        )
+    if text is not None:
+        if max_tokens is not None and max_tokens < seq_len:
+            raise CalibrationError(
+                f"--max-tokens {max_tokens} is smaller than one window of --seq-len {seq_len}"
+            )
+        check_text(text)
+    manager = None
+    if tasks:
+        from .lmeval import check_tasks
+
+        manager = check_tasks(tasks, include_path)
+    if save is not None:
+        check_save_target(save)
     check_model_spec(spec)
     net, tok, source = load_timed(rep, Clock(rep), spec, allow_pickle, trust_remote_code)
-    win = load_windows(tok, text, seq_len=seq_len, num_windows=windows, max_tokens=max_tokens)
-    rep.info(f"evaluating {win.num_windows} windows x {win.seq_len} tokens of {text}")
-    with rep.step("perplexity"):
-        res = perplexity(net, win.ids, batch_size=batch_size, progress=rep.bars)
+    res = win = None
+    if text is not None:
+        win = load_windows(tok, text, seq_len=seq_len, num_windows=windows, max_tokens=max_tokens)
+        rep.info(f"evaluating {win.num_windows} windows x {win.seq_len} tokens of {text}")
+        with rep.step("perplexity"):
+            res = perplexity(net, win.ids, batch_size=batch_size, progress=rep.bars)
     counts = count_parameters(net)
     size = size_on_disk(source.path) if source.kind == "hf_dir" and source.path is not None else None
-    report = {
+    report: dict[str, Any] = {
         "model": spec,
         "text": text,
-        **ppl_dict(res),
+        **(ppl_dict(res) if res is not None else {}),
         "params": {
             "total": counts.total,
             "embeddings": counts.embeddings,
@@ -442,4 +469,26 @@ def evaluate_model(
         },
         "size_on_disk_bytes": size,
     }
+    if tasks:
+        from .lmeval import run_tasks
+
+        with rep.step(f"lm-eval {','.join(tasks)}"):
+            report["tasks"] = run_tasks(net, tok, tasks, limit=limit, batch_size=batch_size, manager=manager)
+    if save is not None:
+        import json
+
+        from ..io.atomic import write_text
+
+        write_text(Path(save), json.dumps(report, indent=2) + "\n")
     return EvalResult(perplexity=res, params=counts, size_on_disk=size, windows=win, report=report)
+
+
+def check_save_target(path: str | os.PathLike[str]) -> None:
+    """``--save FILE`` must name a file in an existing folder (checked before anything is loaded)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CalibrationError(f"--save {p} is a folder: give a file name, e.g. {p / 'eval.json'}")
+    if not p.absolute().parent.is_dir():
+        raise CalibrationError(
+            f"--save {p}: its folder {p.absolute().parent} does not exist; create it first"
+        )
