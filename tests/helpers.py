@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
@@ -153,3 +153,16 @@ def sampled_windows(model: torch.nn.Module, n: int = 16, seq: int = 24, seed: in
         logits = model(input_ids=ids, use_cache=False).logits[:, -1].double()
         ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, -1), 1, generator=g)], dim=1)
     return ids
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the kind GGUF carries) with a few merges; ids below the model's vocab."""
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghĠ")}}
+    vocab.update({"ab": 11, "cd": 12, "abcd": 13, "Ġa": 14})
+    merges = [("a", "b"), ("c", "d"), ("ab", "cd"), ("Ġ", "a")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return fast

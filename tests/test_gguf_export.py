@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from helpers import bpe_tokenizer, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prunekit_core.io.checkpoint import save_pruned
@@ -41,19 +40,6 @@ except ImportError:  # the optional extra
 
 needs_engine = pytest.mark.skipif(llama_cpp is None, reason=LLAMA_CPP_ABSENT)
 IDS = [1, 5, 9, 17, 33, 65, 100, 3, 4, 120, 7, 60]
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (the kind GGUF carries) with a few merges; ids below the model's vocab."""
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghĠ")}}
-    vocab.update({"ab": 11, "cd": 12, "abcd": 13, "Ġa": 14})
-    merges = [("a", "b"), ("c", "d"), ("ab", "cd"), ("Ġ", "a")]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return fast
 
 
 def tiny(layers: int = 4, *, tied: bool = True, seed: int = 0) -> LlamaForCausalLM:

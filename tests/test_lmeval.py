@@ -18,7 +18,7 @@ from prunekit_core.cli import main
 
 needs_lmeval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
-    reason="the lmeval extra is not installed: pip install -e '.[lmeval]' (scripts/setup.sh does)",
+    reason="lm-eval absent: install it with pip install -e '.[lmeval]' (scripts/setup.sh does)",
 )
 
 TASK = "prunekit_tiny_mc"
