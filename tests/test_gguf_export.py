@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import bpe_tokenizer, tiny_llama
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit_core.io.checkpoint import save_pruned
 from prunekit_core.io.gguf_export import GGUFExportError, export_gguf, write_gguf
