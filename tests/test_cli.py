@@ -453,10 +453,15 @@ def test_bad_inputs_other_commands(
     assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["prune", "m", "--ratio", "x", "--out", "o"], ["eval", "m"], ["nope"]])
+@pytest.mark.parametrize("argv", [["prune", "m", "--ratio", "x", "--out", "o"], ["nope"]])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, stdout, err = run(capsys, *argv)
     assert code == 2 and stdout == "" and "usage:" in err
+
+
+def test_eval_with_nothing_to_evaluate_names_both_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, err = run(capsys, "eval", "m")
+    assert code == 2 and stdout == "" and "--text TEXT" in err and "--tasks" in err
 
 
 def test_demo_refuses_a_foreign_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -250,7 +250,8 @@ def lsq_repair(
 
     Every fold is tested end to end: the language-model loss (``loss``, default :func:`lm_loss`) of the
     pruned model (every removal masked) on the held-out windows (every fourth, :func:`split_windows`), with
-    and without it. A fold that does not lower that loss is undone. Runs without a writer that adds linearly
+    and without it (the fold tested is fitted without them). A fold that does not lower that loss is undone; one
+    that does is kept refit on every window at its ridge. Runs without a writer that adds linearly
     into the stream are declined. Returns one step per run, each with a one-line ``note`` saying which.
     """
     blocks = ir.block_map()
@@ -317,9 +318,18 @@ def lsq_repair(
         with masked(model, every):
             after = loss_fn(model, held)
         if after < current:
+            # accepted: the fold kept is refit at the chosen ridge on every window (fit, ridge and held-out),
+            # as an estimate checked on held-out data is then refit on all of it; statistics read with the
+            # writer as it was, since the writer's own output feeds the run's input
+            proj.weight.copy_(before)
+            start = r.subs[0].norm or r.subs[0].module
+            eq = _accumulate(model, masked, done[: -len(r.subs)], proj, start, r.end_path, windows, batch_size,
+                             writer.write.scale)  # fmt: skip
+            proj.weight += _ridge_fit(eq.G, eq.C, ridge).to(proj.weight.dtype)
             note = (
                 f"repair: {r.label()} folded into {out_proj}{via} (ridge {ridge:g}): held-out loss "
-                f"{current:.4f} -> {after:.4f} on {n_held} windows"
+                f"{current:.4f} -> {after:.4f} on {n_held} windows (fitted without them; the fold kept is "
+                f"refit on all {windows.shape[0]} windows)"
             )
             steps.append(RepairStep(r.ids, out_proj, ridge, gain, "folded", current, after, note))
             current = after
