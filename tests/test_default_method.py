@@ -95,6 +95,9 @@ def test_a_named_repair_or_granularity_narrows_the_candidates() -> None:
     cal = pk.calibrate(model, ids[:8])
     plan = pk.plan_pruning(model, cal, ratio=0.3, heldout=ids[8:], repair="none", granularity="block")
     assert [label(c) for c in plan.candidates] == ["bi", "angular"]
+    # a repair no default candidate names: every candidate plan with it
+    refit = pk.plan_pruning(model, cal, ratio=0.3, heldout=ids[8:], repair="refit", granularity="block")
+    assert len(refit.candidates) == 2 and {c.repair for c in refit.candidates} == {"refit"}
     with pytest.raises(PlanError, match="--metric"):
         pk.plan_pruning(model, cal, ratio=0.3, heldout=ids[8:], candidates=[Candidate("bi", "mixed", "none")])
     named = pk.plan_pruning(model, cal, ratio=0.3, metric="bi")

@@ -146,7 +146,8 @@ def test_refit_beats_the_one_writer_fold_on_the_final_stream() -> None:
         m = copy.deepcopy(model)
         apply_plan(m, _plan(m, ["text.blocks.2"], repair=repair), repair_windows=w)
         errs[repair] = float((_final_stream(m, w) - target).norm())
-    assert errs["refit"] < errs["lsq"] < errs["none"], errs
+    # lsq keeps its fold only where it lowers the held-out loss (on random tokens it may be undone)
+    assert errs["refit"] < errs["lsq"] <= errs["none"], errs
     assert errs["refit_cosine"] < errs["none"], errs
 
 
@@ -175,3 +176,17 @@ def test_refitted_model_decodes_with_its_cache_and_reloads_with_plain_transforme
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         torch.testing.assert_close(plain(w).logits, m2(w).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_a_gap_before_the_first_writer_is_fitted_on_the_pruned_stream() -> None:
+    """Removing block 0 leaves no writer before the gap: the pruned stream starts at the gap, not at the
+    first writer (which would inject the unpruned stream, the removed block's output still in it)."""
+    model = _model()
+    w = _windows(32)
+    target = _final_stream(model, w)
+    errs = {}
+    for repair in ("none", "refit"):
+        m = copy.deepcopy(model)
+        apply_plan(m, _plan(m, ["text.blocks.0"], repair=repair), repair_windows=w)
+        errs[repair] = float((_final_stream(m, w) - target).norm())
+    assert errs["refit"] < errs["none"], errs

@@ -360,7 +360,9 @@ def _plan_default(
     if granularity is not None:
         pool = [c for c in pool if c.granularity == granularity]
     if repair is not None:
-        pool = [c for c in pool if c.repair == repair]
+        named = [c for c in pool if c.repair == repair]
+        # a repair no candidate uses (refit): each candidate plan with that repair instead
+        pool = named or list(dict.fromkeys(c._replace(repair=repair) for c in pool))
     if not pool:
         raise PlanError(
             f"no candidate of the default method has granularity {granularity or 'any'} and repair "

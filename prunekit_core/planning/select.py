@@ -132,7 +132,11 @@ def compare(
         )
         if plan.repair != c.repair:  # a repair the plan's towers cannot take was dropped (plan_pruning)
             row.note = next((n for n in plan.notes if "repair" in n), f"repair {c.repair} dropped")
-        key = (tuple(sorted(plan.remove)), plan.repair, tuple(sorted(plan.remove_groups.items())))
+        key = (
+            tuple(sorted(plan.remove)),
+            plan.repair,
+            tuple(sorted((k, tuple(v)) for k, v in plan.remove_groups.items())),
+        )
         if key in seen:
             same = rows[seen[key]]
             row.heldout_loss = same.heldout_loss

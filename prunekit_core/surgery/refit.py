@@ -309,12 +309,16 @@ def _refit_tower(
         return []
     # teacher: the unpruned model's stream at every writer's end point, from one pass (the blocks are run
     # whole here, not from injected streams, so a block may read anything its forward reads)
-    need = sorted({w.end for w in writers} | {block_input(writers[0].block)})
+    # the pruned stream starts at the first block that differs from the unpruned one: the first gap, or the
+    # first writer if that comes earlier (a writer before the gap may be unfoldable: an MoE, a post-norm)
+    first_gone = min(bi for bi, b in enumerate(tower.blocks) for x in b.sublayers if x.id in removed)
+    start_block = min(writers[0].block, first_gone)
+    need = sorted({w.end for w in writers} | {block_input(start_block)})
     paths = {str(p): run.point_path(p) for p in need}
     got_t = run.run(0, None, [], paths, run.point_path(need[-1]))
     teacher = {int(k): v for k, v in got_t.items()}
     # the pruned model's stream at block s_block's input: equal to the teacher's up to the first writer
-    s_block = writers[0].block
+    s_block = start_block
     s_stream: torch.Tensor | None = teacher.pop(block_input(s_block)) if s_block > 0 else None
     steps: list[RefitStep] = []
     held = (

@@ -14,7 +14,7 @@ Runs are processed front to back on the model with earlier runs already masked, 
 stream its projection will really receive. The windows split two ways (:func:`split_windows`): every
 fourth is held out, the rest fit. The held-out windows choose the ridge strength from a small grid (a
 default strength when there are none) and then test the fold end to end; a fold kept is refit on every
-window at that strength. A fold is kept only if the language
+window at that strength where the refit lowers the held-out loss too. A fold is kept only if the language
 model's loss on the held-out windows (:func:`lm_loss`, with every removal masked) is lower with it than
 without it; otherwise it is undone. Statistics are accumulated batch by batch (``A^T A`` and ``A^T D``), so
 memory does not grow with the number of windows, and each fitting forward stops as soon as the run's end is
@@ -254,7 +254,7 @@ def lsq_repair(
     Every fold is tested end to end: the language-model loss (``loss``, default :func:`lm_loss`) of the
     pruned model (every removal masked) on the held-out windows (every fourth, :func:`split_windows`), with
     and without it (the fold tested is fitted without them). A fold that does not lower that loss is undone; one
-    that does is kept refit on every window at its ridge. Runs without a writer that adds linearly
+    that does is kept, refit on every window at its ridge where the refit lowers that loss too. Runs without a writer that adds linearly
     into the stream are declined. Returns one step per run, each with a one-line ``note`` saying which.
     """
     blocks = ir.block_map()
@@ -321,18 +321,26 @@ def lsq_repair(
         with masked(model, every):
             after = loss_fn(model, held)
         if after < current:
-            # accepted: the fold kept is refit at the chosen ridge on every window (fit, ridge and held-out),
-            # as an estimate checked on held-out data is then refit on all of it; statistics read with the
-            # writer as it was, since the writer's own output feeds the run's input
+            # accepted. The fold is refit at the chosen ridge on every window (fit and held-out), as an
+            # estimate checked on held-out data is then refit on all of it; that refit is kept only if the
+            # held-out loss with it is lower still than without any fold, else the fold as tested is kept.
+            # Statistics are read with the writer as it was: its output feeds the run's input
+            tested = proj.weight.detach().clone()
             proj.weight.copy_(before)
             start = r.subs[0].norm or r.subs[0].module
             eq = _accumulate(model, masked, done[: -len(r.subs)], proj, start, r.end_path, windows, batch_size,
                              writer.write.scale)  # fmt: skip
             proj.weight += _ridge_fit(eq.G, eq.C, ridge).to(proj.weight.dtype)
+            with masked(model, every):
+                after_all = loss_fn(model, held)
+            if after_all < current:
+                after, kept = after_all, f"the fold kept is refit on all {windows.shape[0]} windows"
+            else:
+                proj.weight.copy_(tested)
+                kept = f"kept as tested: its refit on all {windows.shape[0]} windows scored {after_all:.4f}"
             note = (
                 f"repair: {r.label()} folded into {out_proj}{via} (ridge {ridge:g}): held-out loss "
-                f"{current:.4f} -> {after:.4f} on {n_held} windows (fitted without them; the fold kept is "
-                f"refit on all {windows.shape[0]} windows)"
+                f"{current:.4f} -> {after:.4f} on {n_held} windows ({kept})"
             )
             steps.append(RepairStep(r.ids, out_proj, ridge, gain, "folded", current, after, note))
             current = after
@@ -407,7 +415,9 @@ def _accumulate(
                     model(input_ids=windows[start : start + batch_size], use_cache=False)
                 except _Stop:
                     pass
-                stats.add(cur["A"], (cur["x1"] - cur["x0"]) / scale)
+                # token rows: some decoders (OPT) flatten the stream to [tokens, width] inside a layer
+                x0, x1, a = (cur[k].reshape(-1, cur[k].shape[-1]) for k in ("x0", "x1", "A"))
+                stats.add(a, (x1 - x0) / scale)
         finally:
             for h in handles:
                 h.remove()
