@@ -314,7 +314,8 @@ def test_one_window_leaves_none_to_hold_out_and_declines() -> None:
 def test_held_out_windows_are_disjoint_from_the_fit(n: int, counts: tuple[int, int]) -> None:
     fit, ridge, held = split_windows(n)
     assert (int(fit.sum()), int(held.sum())) == counts
-    assert torch.equal(ridge, held)  # the ridge is chosen on the held-out windows, never on the fit's
+    # the ridge is chosen on the held-out windows, never on the fit's (below 4 windows: the default strength)
+    assert torch.equal(ridge, held) if n >= 4 else not ridge.any()
     assert not (fit & held).any() and bool((fit | held).all())
 
 

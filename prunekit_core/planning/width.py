@@ -988,9 +988,12 @@ def plan_width(
     fast = not (estimate or ctx.streaming or trial_only or probe_fractions)
     if fast and (mixed or allocation == "uniform"):
         shapes = shape_costs(fams, orders, round_to)
-        if mixed:
-            return _plan_mixed(ctx, runner, shapes, target, repair, round_to)
-        options, more = uniform_frontier(shapes, ir, target, _describable(ctx))
+        try:
+            if mixed:
+                return _plan_mixed(ctx, runner, shapes, target, repair, round_to)
+            options, more = uniform_frontier(shapes, ir, target, _describable(ctx))
+        except PlanError as exc:  # name what the metric left unplanned, as the cost-model path does
+            raise PlanError(f"{exc}{_unplanned_hint(ir, orders, metric)}") from exc
         if not more:
             return _plan_uniform_measured(ctx, runner, shapes, options, repair, round_to)
     subs_with = {fams[fid][0].id for fid in orders}

@@ -223,7 +223,8 @@ def split_windows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index masks (fit, ridge, held) over ``n`` windows: every fourth window is held out (the last one of 2
     or 3 windows; none of 1); the fit uses the rest. The held-out windows choose the ridge strength (the
     reconstruction error of each strength's fit) and then test the fold end to end (the language-model
-    loss), so neither is measured on a window the fit has seen. ``ridge`` and ``held`` are the same mask.
+    loss), so neither is measured on a window the fit has seen. ``ridge`` and ``held`` are the same mask
+    (with fewer than 4 windows ``ridge`` is empty: the default strength, one window is too few to choose).
 
     Why the same windows: choosing the ridge on a separate quarter of the non-held windows left too few for
     either at the default 8 windows. On SmolLM2-135M at 10% (blocks 13-15, 8 x 256 c4 tokens) that picked
@@ -231,7 +232,8 @@ def split_windows(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     56.49; unrepaired 23.92)."""
     idx = torch.arange(n)
     held = (idx % 4 == 3) if n >= 4 else (idx == n - 1) & (idx > 0)
-    return ~held, held.clone(), held
+    # with fewer than 4 windows the one held out only tests the fold: the ridge is the default strength
+    return ~held, held.clone() if n >= 4 else torch.zeros(n, dtype=torch.bool), held
 
 
 @torch.inference_mode()
